@@ -1,0 +1,203 @@
+"""Typed configuration of every data stage, and the run spec that holds them (data_specs/*.yaml).
+
+One source of truth: each stage takes its own config object; `RunSpec` composes them. Unknown fields
+are errors (`extra="forbid"`), so a typo in a spec never silently falls back to a default.
+Use `pipeline.spec.load_spec(path)` to load a YAML file with errors that name the file and field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ingest + normalize
+# ----------------------------------------------------------------------------------------------
+class FieldMap(Strict):
+    """How a source's fields map to the normalized schema.
+
+    `instruction` / `response` are a field name, or a template with `{field}` placeholders
+    (anything containing '{' is a template; write '{{' for a literal brace). The others name a field
+    of the source row, or are left out."""
+
+    instruction: str = "instruction"
+    response: str = "response"
+    id: str | None = None  # field with the source's own row id; default: the row index
+    condition: str | None = None  # field with a per-row condition; default: the source's condition
+    domain: str | None = None  # field with a per-row domain; default: the source's domain
+    subset: str | None = None  # field naming the row's subset/task (its stratum key), e.g. FLAN task
+
+
+class SourceSpec(Strict):
+    name: str = Field(description="unique source name; prefix of every row id")
+    kind: Literal["hub", "local", "generator"]
+    # hub: a Hugging Face dataset id; local: a file, folder or glob of .jsonl/.parquet files
+    path: str | None = None
+    config: str | None = None  # hub config name
+    split: str = "train"  # hub split
+    revision: str | None = None  # hub revision (commit sha / tag); recorded in the ingest manifest
+    generator: str | None = None  # generator: the name of a built-in generator
+    params: dict[str, Any] = Field(default_factory=dict)  # generator parameters
+    fields: FieldMap = Field(default_factory=FieldMap)
+    condition: str = "direct"
+    domain: str = "general"
+    license: str | None = None
+    max_rows: int | None = Field(default=None, ge=1)  # take at most this many rows (in source order)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v) or "/" in v:
+            raise ValueError(f"source name {v!r} must match {NAME_RE.pattern} (it prefixes row ids)")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "SourceSpec":
+        if self.kind in ("hub", "local") and not self.path:
+            raise ValueError(f"source '{self.name}': kind '{self.kind}' needs 'path'")
+        if self.kind == "generator" and not self.generator:
+            raise ValueError(f"source '{self.name}': kind 'generator' needs 'generator' (a built-in name)")
+        if self.kind != "generator" and (self.generator or self.params):
+            raise ValueError(f"source '{self.name}': 'generator'/'params' only apply to kind 'generator'")
+        return self
+
+
+class NormalizeConfig(Strict):
+    max_instruction_chars: int = Field(default=100_000, ge=1)
+    max_response_chars: int = Field(default=100_000, ge=1)
+    conditions: list[str] = Field(default_factory=lambda: ["direct", "cot", "noisy", "synthetic"])
+    strip: bool = True  # strip surrounding whitespace from instruction and response
+
+
+# ----------------------------------------------------------------------------------------------
+# stratify + mix
+# ----------------------------------------------------------------------------------------------
+class StratumRule(Strict):
+    """First-match rule (the paper's prefix_config). `match` is a prefix of the row's origin key
+    ("<source>/<file or subset>"), or '*' for every row. The rule sets the stratum granularity, the
+    domain, and the stratum's cap, repeat factor and target ratio used by `mix`."""
+
+    match: str
+    name: str | None = None  # default: the match string
+    stratum: Literal["origin", "source", "rule"] = "origin"  # each file/task | each source | one per rule
+    domain: str | None = None  # overrides the row's domain
+    cap_rows: int | None = Field(default=None, ge=1)  # per stratum, per epoch
+    cap_tokens: int | None = Field(default=None, ge=1)  # per stratum, per epoch
+    repeat: float = Field(default=1.0, gt=0)  # upsampling factor per epoch (x10 for small HQ sets)
+    ratio: float | None = Field(default=None, gt=0, le=1)  # target share of seen tokens
+
+    @property
+    def label(self) -> str:
+        return self.name or self.match
+
+
+class StratifyConfig(Strict):
+    rules: list[StratumRule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, v: list[StratumRule]) -> list[StratumRule]:
+        labels = [r.label for r in v]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"rule names must be unique, repeated: {sorted(dup)}")
+        return v
+
+
+class MixConfig(Strict):
+    epochs: int = Field(default=1, ge=1)
+    token_budget: int | None = Field(default=None, ge=1)  # target seen tokens over all epochs
+    seed: int | None = None  # default: the spec's seed
+
+
+# ----------------------------------------------------------------------------------------------
+# dedup
+# ----------------------------------------------------------------------------------------------
+class DedupConfig(Strict):
+    exact: bool = True
+    near: bool = True
+    ngram: int = Field(default=5, ge=1)  # word n-gram shingles
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    threshold: float = Field(default=0.8, gt=0, lt=1)  # Jaccard similarity
+    bands: int | None = Field(default=None, ge=1)  # LSH bands; default: chosen from threshold
+    seed: int = 1
+    lowercase: bool = True
+    workers: int = Field(default=1, ge=1)  # processes for the signature step
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer + pack
+# ----------------------------------------------------------------------------------------------
+class TokenizerConfig(Strict):
+    kind: Literal["train", "pretrained"] = "train"
+    vocab_size: int = Field(default=8192, ge=300)
+    min_frequency: int = Field(default=2, ge=1)
+    sample_rows: int = Field(default=200_000, ge=1)  # rows sampled (seeded) to train on
+    name: str | None = None  # pretrained: a Hub tokenizer name or a local tokenizer.json
+
+    @model_validator(mode="after")
+    def _pretrained_name(self) -> "TokenizerConfig":
+        if self.kind == "pretrained" and not self.name:
+            raise ValueError("tokenizer kind 'pretrained' needs 'name'")
+        return self
+
+
+class PackConfig(Strict):
+    seq_len: int = Field(default=1024, ge=16)
+    min_response_tokens: int = Field(default=2, ge=1)
+    shard_tokens: int = Field(default=1 << 22, ge=1024)  # tokens per Arrow shard (about)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run spec
+# ----------------------------------------------------------------------------------------------
+class RunSpec(Strict):
+    name: str
+    description: str = ""
+    seed: int = 1234
+    sources: list[SourceSpec]
+    normalize: NormalizeConfig = Field(default_factory=NormalizeConfig)
+    stratify: StratifyConfig = Field(default_factory=StratifyConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"spec name {v!r} must match {NAME_RE.pattern}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunSpec":
+        if not self.sources:
+            raise ValueError("sources: at least one source is needed")
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: names must be unique, repeated: {dup}")
+        for s in self.sources:
+            if s.condition not in self.normalize.conditions:
+                raise ValueError(
+                    f"sources: '{s.name}' has condition {s.condition!r}, not among "
+                    f"normalize.conditions {self.normalize.conditions}"
+                )
+        ratios = [r.ratio for r in self.stratify.rules if r.ratio is not None]
+        if sum(ratios) > 1.0 + 1e-9:
+            raise ValueError(f"stratify.rules: target ratios add up to {sum(ratios):.4f} > 1")
+        return self
+
+    @property
+    def mix_seed(self) -> int:
+        return self.mix.seed if self.mix.seed is not None else self.seed

@@ -1,0 +1,161 @@
+"""File helpers shared by the stages: atomic writes, content hashes, manifests and completion.
+
+Conventions (every stage follows them, so any stage is idempotent and resumable):
+- A stage writes into its own output folder. Data files are Parquet (Arrow shards for `pack`),
+  written to a temporary name and renamed when complete.
+- `manifest.json` is written last (atomically). It records the stage, its fingerprint (a hash of the
+  stage's code, parameters and the content hashes of its inputs), every output file with its sha256
+  and row count, and the stage's counts. A folder whose manifest has the expected fingerprint and whose
+  files still hash as recorded is complete: rerunning the stage skips it.
+- Timings go to `timing.json` beside it, so manifests and data stay byte-identical across reruns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+TIMING = "timing.json"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, row_group_size: int = 64 * 1024) -> dict:
+    """Write a Parquet file deterministically and atomically; return its {sha256, rows, bytes}."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+    return file_record(path, rows=table.num_rows)
+
+
+def file_record(path: str | os.PathLike, rows: int | None = None) -> dict:
+    p = Path(path)
+    rec = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    if rows is not None:
+        rec["rows"] = int(rows)
+    return rec
+
+
+def read_parquet(path: str | os.PathLike) -> pa.Table:
+    return pq.read_table(path)
+
+
+def code_hash(*objs: Any) -> str:
+    """Hash of the source code of modules/functions: part of every stage fingerprint."""
+    h = hashlib.sha256()
+    for o in objs:
+        h.update(inspect.getsource(o).encode())
+    return h.hexdigest()[:16]
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """Content hash of an input: a file's sha256, or for a stage folder the hash of its manifest's
+    output records (cheap, and changes whenever any output file changes)."""
+    p = Path(path)
+    if p.is_dir():
+        m = p / MANIFEST
+        if not m.exists():
+            files = sorted(x for x in p.rglob("*") if x.is_file())
+            return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in files})
+        return sha256_json(read_json(m).get("outputs", {}))
+    return sha256_file(p)
+
+
+def fingerprint(stage: str, code: str, params: Any, inputs: dict[str, str | os.PathLike]) -> str:
+    return sha256_json(
+        {
+            "stage": stage,
+            "code": code,
+            "params": params,
+            "inputs": {k: content_hash(v) for k, v in sorted(inputs.items())},
+        }
+    )
+
+
+def completed_manifest(out_dir: str | os.PathLike, fp: str, verify: bool = True) -> dict | None:
+    """The manifest of a finished run of the same stage with the same fingerprint, else None.
+
+    With `verify`, every output file must still exist with the recorded sha256 (a file edited or
+    truncated since makes the stage run again)."""
+    m = Path(out_dir) / MANIFEST
+    if not m.exists():
+        return None
+    try:
+        man = read_json(m)
+    except (json.JSONDecodeError, OSError):
+        return None
+    if man.get("fingerprint") != fp:
+        return None
+    for name, rec in man.get("outputs", {}).items():
+        f = Path(out_dir) / name
+        if not f.exists() or f.stat().st_size != rec.get("bytes"):
+            return None
+        if verify and sha256_file(f) != rec.get("sha256"):
+            return None
+    return man
+
+
+def finish_stage(out_dir: str | os.PathLike, manifest: dict, timing: dict | None = None) -> dict:
+    out = Path(out_dir)
+    if timing is not None:
+        write_json(timing, out / TIMING)
+    write_json(manifest, out / MANIFEST)
+    return manifest
+
+
+def clear_manifest(out_dir: str | os.PathLike) -> None:
+    """Called when a stage starts (re)computing: a stale manifest must never outlive its files."""
+    m = Path(out_dir) / MANIFEST
+    if m.exists():
+        m.unlink()
