@@ -1,0 +1,1 @@
+"""Bundled data specs (YAML). `pipeline.spec.load_spec('demo')` finds them by name."""

@@ -37,6 +37,15 @@ class FieldMap(Strict):
     subset: str | None = None  # field naming the row's subset/task (its stratum key), e.g. FLAN task
 
 
+class SourceEstimate(Strict):
+    """Size hints for `hrm plan` (a dry run that downloads nothing): rows, mean tokens per row, and
+    how many strata (files/subsets) the rows spread over."""
+
+    rows: int = Field(ge=0)
+    tokens_per_row: float = Field(gt=0)
+    strata: int = Field(default=1, ge=1)
+
+
 class SourceSpec(Strict):
     name: str = Field(description="unique source name; prefix of every row id")
     kind: Literal["hub", "local", "generator"]
@@ -52,6 +61,9 @@ class SourceSpec(Strict):
     domain: str = "general"
     license: str | None = None
     max_rows: int | None = Field(default=None, ge=1)  # take at most this many rows (in source order)
+    # rows whose field holds one of the listed values are removed (counted, reason "excluded_by_spec")
+    exclude: dict[str, list[Any]] = Field(default_factory=dict)
+    estimate: SourceEstimate | None = None  # size hints for the dry run
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,59 @@
+"""A Prefect cache policy keyed on content, not on paths or run ids.
+
+Prefect's default policy includes the flow-run id, so every new run recomputes everything. The stages
+pass folder paths between them, and a path says nothing about what is in it, so `StageCache` hashes:
+- the content of every path argument (a stage folder by its manifest's output records, a file by its
+  sha256: `pipeline.io.content_hash`),
+- every other argument (configs by their JSON dump),
+- the source code of the task function and of the pipeline modules that do the work.
+An unchanged rerun hits the cache for every task; a changed dedup threshold changes the dedup task's
+key, its output manifest changes, and so does the key of every task downstream of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from pydantic import BaseModel
+
+from pipeline.io import code_hash, content_hash, sha256_json
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, BaseModel):
+        return v.model_dump(mode="json")
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in sorted(v.items())}
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+@dataclass
+class StageCache(CachePolicy):
+    path_params: tuple[str, ...] = ()  # arguments that are input paths: hashed by content
+    modules: tuple[str, ...] = ()  # modules whose source is part of the key
+    ignore: tuple[str, ...] = field(default=("progress",))
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        key: dict[str, Any] = {}
+        for name, val in sorted((inputs or {}).items()):
+            if name in self.ignore:
+                continue
+            if name in self.path_params and val is not None:
+                p = Path(val)
+                key[name] = content_hash(p) if p.exists() else f"missing:{p}"
+            else:
+                key[name] = _plain(val)
+        fn = task_ctx.task.fn
+        key["__task__"] = code_hash(fn)
+        key["__modules__"] = {m: code_hash(importlib.import_module(m)) for m in self.modules}
+        return sha256_json(key)

@@ -1,0 +1,166 @@
+"""The data flow: ingest -> normalize -> stratify -> dedup -> tokenizer -> mix -> pack, one task each.
+
+Tasks are thin: they call `pipeline.stages.*`, pass folder paths and return the stage manifests (small
+JSON), never the data. Caching (`flows.cache.StageCache`) is keyed on the content of the input folders,
+the stage parameters and the code, with results persisted under `<run dir>/.prefect/results`, so an
+unchanged rerun hits the cache for every task and a changed dedup threshold reruns dedup and what follows.
+A stage folder that was deleted or damaged since is recomputed (the cache is refreshed for it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline.config import (DedupConfig, MixConfig, NormalizeConfig, PackConfig, RunSpec, SourceSpec,
+                             StratumRule, TokenizerConfig)
+from pipeline.io import MANIFEST, read_json, sha256_file, write_json
+from pipeline.spec import load_spec
+from pipeline.stages.ingest import local_files
+
+from .cache import StageCache
+
+STAGES = ("ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack")
+
+
+def _opts(path_params: tuple[str, ...], *modules: str) -> dict:
+    return dict(cache_policy=StageCache(path_params=path_params, modules=modules), persist_result=True,
+                result_serializer="json")
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=10, **_opts((), "pipeline.stages.ingest", "pipeline.generators"))
+def ingest_task(sources: list[SourceSpec], output_dir: str, seed: int, local_file_hashes: dict[str, str],
+                progress: bool = True) -> dict:
+    from pipeline.stages import ingest
+
+    return ingest.run(sources, output_dir, seed=seed, progress=progress)
+
+
+@task(name="normalize", **_opts(("ingest_dir",), "pipeline.stages.normalize", "pipeline.rows"))
+def normalize_task(ingest_dir: str, output_dir: str, sources: list[SourceSpec], cfg: NormalizeConfig,
+                   progress: bool = True) -> dict:
+    from pipeline.stages import normalize
+
+    return normalize.run(ingest_dir, output_dir, sources, cfg, progress=progress)
+
+
+@task(name="stratify", **_opts(("input_dir",), "pipeline.stages.stratify", "pipeline.rows"))
+def stratify_task(input_dir: str, output_dir: str, rules: list[StratumRule], source_order: list[str],
+                  progress: bool = True) -> dict:
+    from pipeline.stages import stratify
+
+    return stratify.run(input_dir, output_dir, rules, source_order=source_order, progress=progress)
+
+
+@task(name="dedup", **_opts(("input_dir",), "pipeline.stages.dedup", "pipeline.minhash", "pipeline.rows"))
+def dedup_task(input_dir: str, output_dir: str, cfg: DedupConfig, progress: bool = True) -> dict:
+    from pipeline.stages import dedup
+
+    return dedup.run(input_dir, output_dir, cfg, progress=progress)
+
+
+@task(name="tokenizer", **_opts(("input_dir",), "pipeline.stages.tokenize", "pipeline.rows"))
+def tokenizer_task(input_dir: str, output_dir: str, cfg: TokenizerConfig, conditions: list[str], seed: int,
+                   progress: bool = True) -> dict:
+    from pipeline.stages import tokenize
+
+    return tokenize.run(input_dir, output_dir, cfg, conditions=conditions, seed=seed, progress=progress)
+
+
+@task(name="mix", **_opts(("input_dir",), "pipeline.stages.mix"))
+def mix_task(input_dir: str, output_dir: str, cfg: MixConfig, rules: list[StratumRule], seed: int,
+             progress: bool = True) -> dict:
+    from pipeline.stages import mix
+
+    return mix.run(input_dir, output_dir, cfg, rules=rules, seed=seed, progress=progress)
+
+
+@task(name="pack", **_opts(("tokenized_dir", "mix_dir"), "pipeline.stages.pack"))
+def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig, progress: bool = True) -> dict:
+    from pipeline.stages import pack
+
+    return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress)
+
+
+def stage_intact(out: Path) -> bool:
+    """The folder holds a manifest whose every output file exists with its recorded size and hash."""
+    m = out / MANIFEST
+    if not m.exists():
+        return False
+    try:
+        outputs = read_json(m).get("outputs", {})
+    except Exception:
+        return False
+    for name, rec in outputs.items():
+        f = out / name
+        if not f.exists() or f.stat().st_size != rec.get("bytes") or sha256_file(f) != rec.get("sha256"):
+            return False
+    return True
+
+
+def _local_hashes(spec: RunSpec) -> dict[str, str]:
+    """Local source files by content, so a changed file invalidates the ingest cache."""
+    return {s.name: json.dumps({str(f): sha256_file(f) for f in local_files(s.path)}, sort_keys=True)
+            for s in spec.sources if s.kind == "local"}
+
+
+def _summary_markdown(spec: RunSpec, manifests: dict[str, dict]) -> str:
+    lines = [f"# Data run `{spec.name}`", "", "| stage | counts |", "|---|---|"]
+    for st in STAGES:
+        if st in manifests:
+            c = {k: v for k, v in manifests[st].get("counts", {}).items() if not isinstance(v, dict)}
+            lines.append(f"| {st} | " + ", ".join(f"{k}={v}" for k, v in c.items()) + " |")
+    return "\n".join(lines)
+
+
+@flow(name="hrm-data", log_prints=True)
+def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str = "pack",
+              progress: bool = True) -> dict[str, Any]:
+    """Run the data stages of SPEC (a path or a bundled spec name) into OUTPUT_DIR (default runs/<name>).
+
+    `stop_after` ends the flow after that stage (one of ingest ... pack)."""
+    if stop_after not in STAGES:
+        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
+    s = load_spec(spec)
+    root = Path(output_dir or Path("runs") / s.name).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    results = root / ".prefect" / "results"
+    logger = get_run_logger()
+    t0 = time.time()
+    d = {st: str(root / st) for st in STAGES}
+
+    def call(t, **kw):
+        refresh = not stage_intact(Path(kw["output_dir"]))
+        return t.with_options(result_storage=results, refresh_cache=refresh)(progress=progress, **kw)
+
+    man: dict[str, dict] = {}
+    last = STAGES.index(stop_after)
+    steps = [
+        ("ingest", lambda: call(ingest_task, sources=s.sources, output_dir=d["ingest"], seed=s.seed,
+                                local_file_hashes=_local_hashes(s))),
+        ("normalize", lambda: call(normalize_task, ingest_dir=d["ingest"], output_dir=d["normalize"],
+                                   sources=s.sources, cfg=s.normalize)),
+        ("stratify", lambda: call(stratify_task, input_dir=d["normalize"], output_dir=d["stratify"],
+                                  rules=s.stratify.rules, source_order=[x.name for x in s.sources])),
+        ("dedup", lambda: call(dedup_task, input_dir=d["stratify"], output_dir=d["dedup"], cfg=s.dedup)),
+        ("tokenizer", lambda: call(tokenizer_task, input_dir=d["dedup"], output_dir=d["tokenizer"], cfg=s.tokenizer,
+                                   conditions=list(s.normalize.conditions), seed=s.seed)),
+        ("mix", lambda: call(mix_task, input_dir=d["tokenizer"], output_dir=d["mix"], cfg=s.mix,
+                             rules=s.stratify.rules, seed=s.mix_seed)),
+        ("pack", lambda: call(pack_task, tokenized_dir=d["tokenizer"], mix_dir=d["mix"], output_dir=d["pack"],
+                              cfg=s.pack)),
+    ]
+    for name, step in steps[: last + 1]:
+        man[name] = step()
+        logger.info("%s: %s", name, {k: v for k, v in man[name].get("counts", {}).items() if not isinstance(v, dict)})
+    write_json({"spec": s.model_dump(mode="json"), "stages": {k: v.get("fingerprint") for k, v in man.items()},
+                "output_dir": str(root)}, root / "run.json")
+    create_markdown_artifact(_summary_markdown(s, man), key=f"data-run-{s.name.lower().replace('_', '-')}".replace(".", "-"),
+                             description=f"data stages of {s.name}")
+    logger.info("data flow done in %.1f s: %s", time.time() - t0, root)
+    return {"output_dir": str(root), "manifests": man}

@@ -1,0 +1,214 @@
+"""The `hrm` command.
+
+  hrm run SPEC [--output DIR] [--stop-after STAGE]   the Prefect data flow (ephemeral Prefect unless
+                                                     PREFECT_API_URL points at a server)
+  hrm validate SPEC                                  load and check a spec, print its summary
+  hrm plan SPEC                                      dry run: strata, expected unique and seen tokens
+  hrm stage NAME --input PATH --output DIR [--spec SPEC] [--set key=value ...]
+                                                     one stage alone, on your files
+  hrm generators                                     the built-in data generators
+
+SPEC is a YAML path or the name of a bundled spec (demo, hrm_text_1b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"hrm: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            _die(f"--set expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _stage_cfg(model, section: Any, overrides: dict[str, Any], what: str):
+    from pydantic import ValidationError
+
+    data = section.model_dump() if section is not None else {}
+    data.update(overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False))
+        _die(f"{what}: invalid setting: {errs}")
+
+
+def cmd_validate(args) -> int:
+    from .spec import load_spec
+
+    s = load_spec(args.spec)
+    print(f"spec {s.name!r}: OK ({len(s.sources)} sources, {len(s.stratify.rules)} stratify rules)")
+    for i, src in enumerate(s.sources):
+        where = src.path or src.generator
+        print(f"  [{i}] {src.name:<28} {src.kind:<9} {where}  domain={src.domain} condition={src.condition}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan_spec, format_plan
+
+    from .spec import load_spec
+
+    s = load_spec(args.spec)
+    p = plan_spec(s)
+    if args.json:
+        print(json.dumps(p, indent=2, sort_keys=True))
+    else:
+        print(format_plan(p))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .spec import load_spec
+
+    load_spec(args.spec)  # fail before Prefect starts
+    from flows.data_flow import data_flow
+
+    res = data_flow(spec=str(args.spec), output_dir=args.output, stop_after=args.stop_after,
+                    progress=not args.no_progress)
+    print(json.dumps({"output_dir": res["output_dir"],
+                      "counts": {k: {a: b for a, b in v.get("counts", {}).items() if not isinstance(b, dict)}
+                                 for k, v in res["manifests"].items()}}, indent=2))
+    return 0
+
+
+def cmd_generators(args) -> int:
+    from .generators import GENERATORS
+
+    for name, fn in sorted(GENERATORS.items()):
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        print(f"{name:<16} {doc}")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from . import config as C
+    from .spec import load_spec
+
+    spec = load_spec(args.spec) if args.spec else None
+    ov = _overrides(args.set)
+    name = args.name
+    progress = not args.no_progress
+    if name in ("ingest", "normalize") and spec is None:
+        _die(f"stage {name} needs --spec (its sources)")
+    if name == "ingest":
+        from .stages import ingest
+
+        man = ingest.run(spec.sources, args.output, seed=spec.seed, progress=progress)
+    elif name == "normalize":
+        from .stages import normalize
+
+        if not args.input:
+            _die("stage normalize needs --input (an ingest folder)")
+        cfg = _stage_cfg(C.NormalizeConfig, spec.normalize, ov, "normalize")
+        man = normalize.run(args.input, args.output, spec.sources, cfg, progress=progress)
+    elif name == "stratify":
+        from .stages import stratify
+
+        rules = spec.stratify.rules if spec else []
+        order = [x.name for x in spec.sources] if spec else None
+        man = stratify.run(args.input, args.output, rules, source_order=order, progress=progress)
+    elif name == "dedup":
+        from .stages import dedup
+
+        cfg = _stage_cfg(C.DedupConfig, spec.dedup if spec else None, ov, "dedup")
+        man = dedup.run(args.input, args.output, cfg, progress=progress)
+    elif name == "tokenizer":
+        from .stages import tokenize
+
+        cfg = _stage_cfg(C.TokenizerConfig, spec.tokenizer if spec else None, ov, "tokenizer")
+        conds = list(spec.normalize.conditions if spec else C.NormalizeConfig().conditions)
+        man = tokenize.run(args.input, args.output, cfg, conditions=conds, seed=spec.seed if spec else 1234,
+                           progress=progress)
+    elif name == "mix":
+        from .stages import mix
+
+        cfg = _stage_cfg(C.MixConfig, spec.mix if spec else None, ov, "mix")
+        rules = spec.stratify.rules if spec else []
+        seed = spec.mix_seed if spec else (cfg.seed if cfg.seed is not None else 1234)
+        man = mix.run(args.input, args.output, cfg, rules=rules, seed=seed, progress=progress)
+    elif name == "pack":
+        from .stages import pack
+
+        if not args.mix:
+            _die("stage pack needs --mix (a mix folder) besides --input (a tokenizer folder)")
+        cfg = _stage_cfg(C.PackConfig, spec.pack if spec else None, ov, "pack")
+        man = pack.run(args.input, args.mix, args.output, cfg, progress=progress)
+    else:  # argparse restricts choices
+        raise AssertionError(name)
+    print(json.dumps({"stage": name, "output": str(Path(args.output).resolve()), "counts": man.get("counts")},
+                     indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hrm", description="HRM-Text pretraining pipeline",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the data flow of a spec under Prefect")
+    r.add_argument("spec")
+    r.add_argument("--output", "-o", default=None, help="run folder (default runs/<spec name>)")
+    r.add_argument("--stop-after", default="pack",
+                   choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack"])
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="load and check a spec")
+    v.add_argument("spec")
+    v.set_defaults(fn=cmd_validate)
+
+    pl = sub.add_parser("plan", help="dry run: print strata and expected unique/seen tokens, no downloads")
+    pl.add_argument("spec")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
+
+    st = sub.add_parser("stage", help="run one stage alone on your files")
+    st.add_argument("name", choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack"])
+    st.add_argument("--input", "-i", help="input: a stage folder, or a .jsonl/.parquet file of rows")
+    st.add_argument("--output", "-o", required=True, help="output folder")
+    st.add_argument("--spec", help="spec to take the stage's settings from (defaults otherwise)")
+    st.add_argument("--mix", help="pack only: the mix folder")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting of the stage, e.g. --set threshold=0.7 (repeatable)")
+    st.add_argument("--no-progress", action="store_true")
+    st.set_defaults(fn=cmd_stage)
+
+    g = sub.add_parser("generators", help="list the built-in generators")
+    g.set_defaults(fn=cmd_generators)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "stage" and args.name not in ("ingest",) and not args.input:
+        _die(f"stage {args.name} needs --input")
+    from .spec import SpecError
+
+    try:
+        return args.fn(args)
+    except SpecError as e:
+        _die(str(e))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        _die(f"{type(e).__name__}: {e}", 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Built-in generators of reasoning tasks: the offline embedded default needs nothing but the package.
+
+Each generator is a function `(n, seed, **params) -> Iterator[dict]` yielding rows with the fields
+`uid` (stable source row id), `task` (the subset: one stratum per task), `question`, `answer` and
+`condition` (direct = answer only, cot = worked steps). Rows are deterministic in (n, seed, params).
+
+`near_dup_rate` / `exact_dup_rate` plant realistic duplicates: a later row repeats an earlier one with
+light edits (a synonym, a changed filler phrase, extra punctuation or whitespace) or verbatim, as
+scraped instruction sets do. The dedup stage must find them.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from typing import Callable, Iterator
+
+GENERATORS: dict[str, Callable[..., Iterator[dict]]] = {}
+
+
+def generator(name: str):
+    def deco(fn):
+        GENERATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_generator(name: str) -> Callable[..., Iterator[dict]]:
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generator {name!r}; built-in generators: {sorted(GENERATORS)}")
+    return GENERATORS[name]
+
+
+def _rng(seed: int, name: str) -> random.Random:
+    return random.Random((seed * 1_000_003) ^ zlib.crc32(name.encode()))
+
+
+# ------------------------------------------------------------------------------------------------
+# arithmetic with and without worked steps
+# ------------------------------------------------------------------------------------------------
+def _digits(rng: random.Random, lo: int, hi: int) -> int:
+    d = rng.randint(lo, hi)
+    return rng.randint(10 ** (d - 1), 10**d - 1)
+
+
+def _add_steps(a: int, b: int) -> list[str]:
+    sa, sb = str(a)[::-1], str(b)[::-1]
+    carry, digits, steps = 0, [], []
+    for i in range(max(len(sa), len(sb))):
+        x = int(sa[i]) if i < len(sa) else 0
+        y = int(sb[i]) if i < len(sb) else 0
+        s = x + y + carry
+        place = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
+        pname = place[i] if i < len(place) else f"10^{i}"
+        steps.append(f"{pname}: {x} + {y}" + (f" + {carry} (carry)" if carry else "") + f" = {s}, write {s % 10}"
+                     + (f", carry {s // 10}" if s >= 10 else ""))
+        digits.append(s % 10)
+        carry = s // 10
+    if carry:
+        steps.append(f"final carry: write {carry}")
+    return steps
+
+
+def _mul_steps(a: int, b: int) -> list[str]:
+    steps, partials = [], []
+    for i, ch in enumerate(str(b)[::-1]):
+        d = int(ch)
+        p = a * d * 10**i
+        partials.append(p)
+        steps.append(f"{a} x {d}" + (f" x 10^{i}" if i else "") + f" = {p}")
+    if len(partials) > 1:
+        steps.append(" + ".join(str(p) for p in partials) + f" = {sum(partials)}")
+    return steps
+
+
+@generator("arithmetic")
+def arithmetic(n: int, seed: int, cot: bool = False, max_digits: int = 6, ops: str = "+-*") -> Iterator[dict]:
+    """Multi-digit +, - and x. cot=True writes the column-by-column or partial-product steps."""
+    rng = _rng(seed, f"arithmetic-{cot}-{max_digits}-{ops}")
+    phr = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "Find the value of {a} {op} {b}."]
+    for i in range(n):
+        op = ops[rng.randrange(len(ops))]
+        if op == "*":
+            a, b = _digits(rng, 2, max_digits), _digits(rng, 1, max(1, max_digits // 2))
+        else:
+            a, b = _digits(rng, 2, max_digits), _digits(rng, 2, max_digits)
+        if op == "-" and b > a:
+            a, b = b, a
+        res = a + b if op == "+" else a - b if op == "-" else a * b
+        sym = {"+": "+", "-": "-", "*": "x"}[op]
+        q = rng.choice(phr).format(a=a, op=sym, b=b)
+        if cot:
+            if op == "+":
+                steps = _add_steps(a, b)
+            elif op == "*":
+                steps = _mul_steps(a, b)
+            else:
+                steps = [f"{a} - {b}: subtract {b} from {a}", f"{a} - {b // 10 * 10} = {a - b // 10 * 10}",
+                         f"{a - b // 10 * 10} - {b % 10} = {res}"]
+            ans = "Let's work it out step by step.\n" + "\n".join(steps) + f"\nThe answer is {res}."
+        else:
+            ans = str(res)
+        task = {"+": "addition", "-": "subtraction", "*": "multiplication"}[op]
+        yield {"uid": f"{i}", "task": task, "question": q, "answer": ans, "condition": "cot" if cot else "direct"}
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-step word problems from templates
+# ------------------------------------------------------------------------------------------------
+NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jamal", "Kira", "Liam",
+         "Mona", "Nikhil", "Olga", "Pablo", "Quinn", "Rosa", "Sami", "Tara", "Uma", "Victor", "Wen", "Yusuf"]
+ITEMS = [("apples", "apple"), ("notebooks", "notebook"), ("pencils", "pencil"), ("tickets", "ticket"),
+         ("muffins", "muffin"), ("stickers", "sticker"), ("marbles", "marble"), ("books", "book"),
+         ("oranges", "orange"), ("candles", "candle"), ("plants", "plant"), ("cookies", "cookie")]
+PLACES = ["the market", "a fair", "the school shop", "a bakery", "the library sale", "a flea market"]
+
+
+def _wp_shopping(rng: random.Random) -> tuple[str, list[str], int]:
+    name = rng.choice(NAMES)
+    (items, item), place = rng.choice(ITEMS), rng.choice(PLACES)
+    k, price, extra, paid = rng.randint(2, 12), rng.randint(2, 15), rng.randint(1, 9), 0
+    total = k * price + extra
+    paid = (total // 10 + 1 + rng.randint(0, 3)) * 10
+    q = (f"{name} buys {k} {items} at {place} for ${price} each and pays a ${extra} fee. "
+         f"{name} hands over ${paid}. How much change does {name} get?")
+    steps = [f"The {items} cost {k} x ${price} = ${k * price}.",
+             f"With the fee the total is ${k * price} + ${extra} = ${total}.",
+             f"The change is ${paid} - ${total} = ${paid - total}."]
+    return q, steps, paid - total
+
+
+def _wp_rate(rng: random.Random) -> tuple[str, list[str], int]:
+    name = rng.choice(NAMES)
+    speed, h1, h2 = rng.randint(3, 80), rng.randint(1, 6), rng.randint(1, 6)
+    q = (f"{name} travels at {speed} km per hour for {h1} hours, rests, then travels {h2} more hours at the "
+         f"same speed. How many kilometers does {name} travel in total?")
+    steps = [f"First part: {speed} x {h1} = {speed * h1} km.", f"Second part: {speed} x {h2} = {speed * h2} km.",
+             f"Total: {speed * h1} + {speed * h2} = {speed * (h1 + h2)} km."]
+    return q, steps, speed * (h1 + h2)
+
+
+def _wp_share(rng: random.Random) -> tuple[str, list[str], int]:
+    a, b = rng.sample(NAMES, 2)
+    items, _ = rng.choice(ITEMS)
+    per, people, kept = rng.randint(2, 9), rng.randint(2, 8), rng.randint(1, 20)
+    total = per * people + kept
+    q = (f"{a} has {total} {items}. {a} keeps {kept} and shares the rest equally between {b} and "
+         f"{people - 1} other friends. How many {items} does each friend get?")
+    steps = [f"{a} shares {total} - {kept} = {total - kept} {items}.",
+             f"There are 1 + {people - 1} = {people} friends.",
+             f"Each friend gets {total - kept} / {people} = {per}."]
+    return q, steps, per
+
+
+def _wp_age(rng: random.Random) -> tuple[str, list[str], int]:
+    a, b = rng.sample(NAMES, 2)
+    age_b, diff, years = rng.randint(3, 40), rng.randint(1, 30), rng.randint(2, 15)
+    q = (f"{a} is {diff} years older than {b}. {b} is {age_b} years old now. "
+         f"How old will {a} be in {years} years?")
+    steps = [f"{a} is {age_b} + {diff} = {age_b + diff} now.",
+             f"In {years} years {a} will be {age_b + diff} + {years} = {age_b + diff + years}."]
+    return q, steps, age_b + diff + years
+
+
+def _wp_percent(rng: random.Random) -> tuple[str, list[str], int]:
+    name = rng.choice(NAMES)
+    items, _ = rng.choice(ITEMS)
+    price = rng.randint(2, 40) * 10
+    pct = rng.choice([10, 20, 25, 50])
+    q = f"A box of {items} costs ${price}. {name} gets a {pct}% discount. How much does {name} pay?"
+    off = price * pct // 100
+    steps = [f"The discount is {pct}% of ${price} = ${off}.", f"{name} pays ${price} - ${off} = ${price - off}."]
+    return q, steps, price - off
+
+
+WORD_PROBLEMS = {"shopping": _wp_shopping, "rate": _wp_rate, "share": _wp_share, "age": _wp_age,
+                 "percent": _wp_percent}
+
+
+@generator("word_problems")
+def word_problems(n: int, seed: int, cot: bool = True, kinds: str = "shopping,rate,share,age,percent") -> Iterator[dict]:
+    """Multi-step word problems from templates; cot=True writes the steps, then '#### answer'."""
+    rng = _rng(seed, f"word_problems-{cot}-{kinds}")
+    names = [k.strip() for k in kinds.split(",") if k.strip()]
+    for k in names:
+        if k not in WORD_PROBLEMS:
+            raise ValueError(f"word_problems: unknown kind {k!r}; known: {sorted(WORD_PROBLEMS)}")
+    for i in range(n):
+        kind = names[rng.randrange(len(names))]
+        q, steps, ans = WORD_PROBLEMS[kind](rng)
+        text = "\n".join(steps) + f"\n#### {ans}" if cot else str(ans)
+        yield {"uid": f"{i}", "task": kind, "question": q, "answer": text, "condition": "cot" if cot else "direct"}
+
+
+# ------------------------------------------------------------------------------------------------
+# sequences and comparisons (short direct answers)
+# ------------------------------------------------------------------------------------------------
+@generator("sequences")
+def sequences(n: int, seed: int) -> Iterator[dict]:
+    """Next terms of arithmetic, geometric and Fibonacci-like sequences, with a one-line rule."""
+    rng = _rng(seed, "sequences")
+    for i in range(n):
+        kind = rng.choice(["arithmetic", "geometric", "fibonacci"])
+        if kind == "arithmetic":
+            a, d = rng.randint(-50, 50), rng.randint(-12, 12) or 3
+            seq = [a + d * j for j in range(6)]
+            rule = f"Each term adds {d}."
+        elif kind == "geometric":
+            a, r = rng.randint(1, 9), rng.randint(2, 4)
+            seq = [a * r**j for j in range(6)]
+            rule = f"Each term is multiplied by {r}."
+        else:
+            x, y = rng.randint(1, 9), rng.randint(1, 9)
+            seq = [x, y]
+            while len(seq) < 6:
+                seq.append(seq[-1] + seq[-2])
+            rule = "Each term is the sum of the two before it."
+        q = f"What number comes next: {', '.join(map(str, seq[:5]))}, ...?"
+        yield {"uid": f"{i}", "task": f"seq_{kind}", "question": q, "answer": f"{rule} The next term is {seq[5]}.",
+               "condition": "cot"}
+
+
+@generator("comparisons")
+def comparisons(n: int, seed: int) -> Iterator[dict]:
+    """Which of two fractions/decimals is larger (direct answers)."""
+    rng = _rng(seed, "comparisons")
+    for i in range(n):
+        a, b, c, d = rng.randint(1, 30), rng.randint(2, 40), rng.randint(1, 30), rng.randint(2, 40)
+        while a * d == b * c:
+            c += 1
+        q = f"Which is larger, {a}/{b} or {c}/{d}?"
+        yield {"uid": f"{i}", "task": "fractions", "question": q, "answer": f"{a}/{b}" if a * d > b * c else f"{c}/{d}",
+               "condition": "direct"}
+
+
+# ------------------------------------------------------------------------------------------------
+# duplicates, as real scraped sets have them
+# ------------------------------------------------------------------------------------------------
+_EDITS = [("How much", "How much money"), ("travels", "drives"), ("shares", "splits"), ("buys", "purchases"),
+          ("What is", "What's"), ("Compute", "Please compute"), ("years old", "years of age"), ("?", "??"),
+          (". ", ".  "), ("each", "apiece")]
+
+
+def _light_edit(rng: random.Random, text: str) -> str:
+    """One or two small edits that keep the text a near-duplicate (high word 5-gram overlap)."""
+    out = text
+    for _ in range(rng.randint(1, 2)):
+        options = [e for e in _EDITS if e[0] in out]
+        if options:
+            a, b = rng.choice(options)
+            out = out.replace(a, b, 1)
+        else:
+            out = out + " Show your work."
+    return out if out != text else text + " Explain."
+
+
+def with_duplicates(rows: Iterator[dict], seed: int, near_dup_rate: float = 0.0, exact_dup_rate: float = 0.0,
+                    name: str = "") -> Iterator[dict]:
+    """Pass rows through; after each, with the given rates, emit a verbatim or lightly edited copy of
+    an earlier row (ids are new: the copy is a different source row, as in real data)."""
+    if near_dup_rate <= 0 and exact_dup_rate <= 0:
+        yield from rows
+        return
+    rng = _rng(seed, f"dups-{name}")
+    pool: list[dict] = []
+    k = 0
+    for row in rows:
+        yield row
+        # only rows long enough to carry 5-grams make useful near-duplicates
+        if len((row["question"] + " " + row["answer"]).split()) >= 20:
+            pool.append(row)
+        u = rng.random()
+        if pool and u < exact_dup_rate + near_dup_rate:
+            src = pool[rng.randrange(len(pool))]
+            copy = dict(src)
+            copy["uid"] = f"dup{k}"
+            k += 1
+            if u >= exact_dup_rate:
+                copy["question"] = _light_edit(rng, src["question"])
+            yield copy
+
+
+def generate(name: str, n: int, seed: int, **params) -> Iterator[dict]:
+    near = float(params.pop("near_dup_rate", 0.0))
+    exact = float(params.pop("exact_dup_rate", 0.0))
+    fn = get_generator(name)
+    try:
+        rows = fn(n, seed, **params)
+    except TypeError as e:
+        raise ValueError(f"generator {name!r}: bad params {sorted(params)}: {e}") from None
+    return with_duplicates(rows, seed, near, exact, name)

@@ -1,0 +1,261 @@
+"""Stage 2, normalize: map every source's fields to one schema, rejecting malformed rows with a reason.
+
+Output schema (`pipeline.schema.NORMALIZED_FULL_SCHEMA`): id, instruction, response, condition,
+source, domain, origin.
+- `id` is stable: "<source>/<source row id>" where the row id is the source's own id field when the
+  spec names one (`fields.id`), else the row index (JSONL: the line number; several files: "file:index").
+- `origin` is "<source>/<subset>": the subset field's value (`fields.subset`, e.g. a FLAN task), else
+  the file name (local sources), else the split (Hub), else "all". `stratify` matches rules on it.
+- Per-row `condition` / `domain` / `subset` fields fall back to the source's defaults where a row lacks
+  them; a per-row `id` field is required (a row without one is rejected).
+- `instruction` / `response` come from a field (must hold a string: a number is rejected as
+  `wrong_type`; use a template such as "{answer}" to format non-strings), or from a template with
+  `{field}` placeholders (any value but null is formatted).
+
+Rejections (`rejects.parquet`, `pipeline.schema.REMOVAL_SCHEMA`, stage "normalize"), one reason each:
+`bad_json`, `not_an_object`, `non_utf8`, `missing_field`, `wrong_type`, `empty_field`, `too_long`,
+`unknown_condition`, `duplicate_id`, and `excluded_by_spec` for rows a source's `exclude` filter removes. Every row in is kept or rejected: rows_in = kept + rejected, per source.
+A field missing from a whole Parquet/Hub source is a spec error, raised before any row is processed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from ..config import NormalizeConfig, SourceSpec
+from ..io import code_hash, completed_manifest, clear_manifest, finish_stage, fingerprint, write_parquet
+from ..rows import ROWS_FILE
+from ..schema import NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA
+
+STAGE = "normalize"
+REJECTS_FILE = "rejects.parquet"
+
+
+class NormalizeSpecError(ValueError):
+    pass
+
+
+class _Bad(Exception):
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+
+
+def is_template(s: str) -> bool:
+    return "{" in s
+
+
+def template_fields(tpl: str, where: str) -> list[str]:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(tpl) if f is not None]
+    except ValueError as e:
+        raise NormalizeSpecError(f"{where}: bad template {tpl!r}: {e}") from None
+    roots = []
+    for n in names:
+        root = re.split(r"[.\[]", n, maxsplit=1)[0]
+        if not root or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", root):
+            raise NormalizeSpecError(f"{where}: template {tpl!r} has an unsupported placeholder {{{n}}} "
+                                     "(use field names, optionally indexed: {messages[1][content]})")
+        roots.append(root)
+    return roots
+
+
+class _Mapper:
+    """Compiled field mapping of one source."""
+
+    def __init__(self, src: SourceSpec, cfg: NormalizeConfig, columns: list[str] | None, many_files: bool):
+        self.src, self.cfg, self.many_files = src, cfg, many_files
+        f = src.fields
+        self.needed: list[str] = []
+        self.parts = {}
+        for key in ("instruction", "response"):
+            spec = getattr(f, key)
+            if is_template(spec):
+                names = template_fields(spec, f"source '{src.name}': fields.{key}")
+                self.parts[key] = ("template", spec, names)
+                self.needed += names
+            else:
+                self.parts[key] = ("field", spec, [spec])
+                self.needed.append(spec)
+        for key in ("id", "condition", "domain", "subset"):
+            v = getattr(f, key)
+            if v:
+                self.needed.append(v)
+        self.needed += list(src.exclude)
+        if columns is not None:  # Parquet / Hub / generator: the columns are known up front
+            missing = sorted({c for c in self.needed if c not in columns})
+            if missing:
+                raise NormalizeSpecError(
+                    f"source '{src.name}': field(s) {missing} named in the spec's 'fields' are not columns of "
+                    f"the source; its columns are {sorted(c for c in columns if not c.startswith('_'))}"
+                )
+        self.seen_ids: set[str] = set()
+
+    def _text(self, key: str, row: dict) -> str:
+        kind, spec, names = self.parts[key]
+        if kind == "field":
+            if spec not in row or row[spec] is None:
+                raise _Bad("missing_field", f"field '{spec}' ({key}) is missing")
+            v = row[spec]
+            if not isinstance(v, str):
+                raise _Bad("wrong_type", f"field '{spec}' ({key}) must be a string, got {type(v).__name__}")
+        else:
+            vals = {}
+            for n in names:
+                if n not in row or row[n] is None:
+                    raise _Bad("missing_field", f"field '{n}' (in the {key} template) is missing")
+                vals[n] = row[n]
+            try:
+                v = spec.format(**vals)
+            except (IndexError, KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _Bad("missing_field", f"{key} template {spec!r} cannot be filled: {type(e).__name__}: {e}")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Bad("non_utf8", f"{key} is not valid UTF-8 text: {e.reason} at {e.start}")
+        if self.cfg.strip:
+            v = v.strip()
+        if not v.strip():
+            raise _Bad("empty_field", f"{key} is empty")
+        limit = self.cfg.max_instruction_chars if key == "instruction" else self.cfg.max_response_chars
+        if len(v) > limit:
+            raise _Bad("too_long", f"{key} has {len(v)} characters, over the limit of {limit}")
+        return v
+
+    def _opt_str(self, field: str | None, row: dict, what: str, default: str | None) -> str:
+        """A per-row field; absent or empty falls back to `default` (None: the field is required)."""
+        if not field:
+            return default
+        v = row.get(field)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            if default is not None:
+                return default
+            raise _Bad("missing_field", f"field '{field}' ({what}) is missing")
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise _Bad("wrong_type", f"field '{field}' ({what}) must be a string or integer, got {type(v).__name__}")
+        return str(v).strip()
+
+    def row_id(self, row: dict, file: str, idx: int) -> str:
+        f = self.src.fields
+        if f.id:
+            local = self._opt_str(f.id, row, "id", None)
+        else:
+            local = f"{file}:{idx}" if self.many_files else str(idx)
+        return f"{self.src.name}/{local}"
+
+    def map(self, row: dict, rid: str, file: str) -> dict:
+        s, f = self.src, self.src.fields
+        for field_name, values in s.exclude.items():
+            if row.get(field_name) in values:
+                raise _Bad("excluded_by_spec", f"field '{field_name}' = {row.get(field_name)!r} is excluded by the spec")
+        out = {"id": rid}
+        out["instruction"] = self._text("instruction", row)
+        out["response"] = self._text("response", row)
+        cond = self._opt_str(f.condition, row, "condition", s.condition)
+        if cond not in self.cfg.conditions:
+            raise _Bad("unknown_condition", f"condition {cond!r} is not one of {self.cfg.conditions}")
+        out["condition"] = cond
+        out["source"] = s.name
+        out["domain"] = self._opt_str(f.domain, row, "domain", s.domain)
+        default_sub = file if s.kind == "local" else s.split if s.kind == "hub" else "all"
+        sub = self._opt_str(f.subset, row, "subset", default_sub)
+        out["origin"] = f"{s.name}/{sub}"
+        if rid in self.seen_ids:
+            raise _Bad("duplicate_id", f"id {rid!r} appears more than once in the source")
+        self.seen_ids.add(rid)
+        return out
+
+
+def _iter_raw(table: pa.Table):
+    """Yield (row dict or _Bad, file, index) for a raw ingest table."""
+    files = table.column("_file").to_pylist()
+    idxs = table.column("_row").to_pylist()
+    if "_json" in table.column_names:
+        for raw, file, idx in zip(table.column("_json").to_pylist(), files, idxs):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield _Bad("non_utf8", f"line is not UTF-8: {e.reason} at byte {e.start}"), file, idx
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield _Bad("bad_json", f"{e.msg} at column {e.colno}"), file, idx
+                continue
+            if not isinstance(obj, dict):
+                yield _Bad("not_an_object", f"a JSON {type(obj).__name__}, not an object"), file, idx
+                continue
+            yield obj, file, idx
+    else:
+        data = table.drop_columns(["_file", "_row"]).to_pylist()
+        yield from zip(data, files, idxs)
+
+
+def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, progress: bool = False):
+    """Normalize one raw source table. Returns (rows: list[dict], rejects: list[dict])."""
+    columns = None if "_json" in table.column_names else table.column_names
+    many = len(table.column("_file").unique()) > 1
+    mapper = _Mapper(src, cfg, columns, many)
+    rows, rejects = [], []
+    it = _iter_raw(table)
+    if progress:
+        it = tqdm(it, total=table.num_rows, desc=f"normalize {src.name}", unit="row", file=sys.stderr,
+                  mininterval=1.0)
+    for obj, file, idx in it:
+        where = f"{file}:{idx}"
+        rid = f"{src.name}/{file}:{idx}" if many else f"{src.name}/{idx}"
+        try:
+            if isinstance(obj, _Bad):
+                raise obj
+            rid = mapper.row_id(obj, file, idx)
+            rows.append(mapper.map(obj, rid, file))
+        except _Bad as b:
+            rejects.append({"id": rid, "source": src.name, "stage": STAGE, "reason": b.reason,
+                            "detail": f"{where}: {b.detail}", "duplicate_of": None})
+    return rows, rejects
+
+
+def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: list[SourceSpec],
+        cfg: NormalizeConfig, *, progress: bool = True) -> dict:
+    ingest_dir, out = Path(ingest_dir), Path(output_dir)
+    inputs = {s.name: ingest_dir / f"{s.name}.parquet" for s in sources}
+    for name, p in inputs.items():
+        if not p.exists():
+            raise FileNotFoundError(f"normalize: no ingested data for source '{name}' ({p}); run ingest first")
+    params = {"sources": [s.model_dump() for s in sources], "cfg": cfg.model_dump()}
+    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {k: str(v) for k, v in inputs.items()})
+    done = completed_manifest(out, fp)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    clear_manifest(out)
+    t0 = time.time()
+    all_rows, all_rejects, per_source = [], [], {}
+    for s in sources:
+        table = pq.read_table(inputs[s.name])
+        rows, rejects = normalize_table(s, cfg, table, progress)
+        per_source[s.name] = {"in": table.num_rows, "kept": len(rows), "rejected": len(rejects),
+                              "reasons": dict(sorted(Counter(r["reason"] for r in rejects).items()))}
+        assert table.num_rows == len(rows) + len(rejects), s.name
+        all_rows += rows
+        all_rejects += rejects
+    outputs = {
+        ROWS_FILE: write_parquet(pa.Table.from_pylist(all_rows, schema=NORMALIZED_FULL_SCHEMA), out / ROWS_FILE),
+        REJECTS_FILE: write_parquet(pa.Table.from_pylist(all_rejects, schema=REMOVAL_SCHEMA), out / REJECTS_FILE),
+    }
+    counts = {"rows_in": sum(v["in"] for v in per_source.values()), "kept": len(all_rows),
+              "rejected": len(all_rejects),
+              "reasons": dict(sorted(Counter(r["reason"] for r in all_rejects).items())),
+              "per_source": per_source}
+    manifest = {"stage": STAGE, "fingerprint": fp, "params": params, "outputs": outputs, "counts": counts}
+    return finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})

@@ -1,0 +1,114 @@
+"""Stage 3, stratify: give every row a stratum, a rule and a domain by ordered first-match rules.
+
+As the paper's `prefix_config`: a rule matches when its `match` is a prefix of the row's origin
+("<source>/<file or subset>"), or is '*'. The first matching rule wins. Its `stratum` setting decides the
+granularity (each origin, each source, or the whole rule is one stratum), its `domain` overrides the
+row's domain, and its cap / repeat / ratio are applied later by `mix`. Rows matching no rule keep their
+origin as stratum under the rule "default" (no cap, repeat 1): nothing is dropped here.
+
+The row's `priority` is its source's position in the spec (0 = highest); dedup keeps the copy with the
+highest priority. Outputs: rows.parquet (`STRATIFIED_SCHEMA`), strata.json (per-stratum statistics)
+and manifest.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from ..config import StratumRule
+from ..io import clear_manifest, code_hash, completed_manifest, file_record, finish_stage, fingerprint
+from ..io import write_json, write_parquet
+from ..rows import ROWS_FILE, load_rows, resolve_rows_path
+from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
+
+STAGE = "stratify"
+DEFAULT_RULE = "default"
+STRATA_FILE = "strata.json"
+REJECTS_FILE = "rejects.parquet"
+
+
+def assign(df: pl.DataFrame, rules: list[StratumRule]) -> pl.DataFrame:
+    """Add stratum/rule columns (and override domain) by first-match rules. `df` needs origin, source, domain."""
+    for r in rules:
+        if r.label == DEFAULT_RULE:
+            raise ValueError(f"stratify.rules: the rule name {DEFAULT_RULE!r} is reserved for rows no rule matches")
+    rule_col = pl.lit(None, dtype=pl.String)
+    stratum_col = pl.lit(None, dtype=pl.String)
+    domain_col = pl.lit(None, dtype=pl.String)
+    # build a when/then chain in reverse so the first rule has the last word (first match wins)
+    for r in reversed(rules):
+        cond = pl.lit(True) if r.match == "*" else pl.col("origin").str.starts_with(r.match)
+        stratum = {"origin": pl.col("origin"), "source": pl.col("source"), "rule": pl.lit(r.label)}[r.stratum]
+        rule_col = pl.when(cond).then(pl.lit(r.label)).otherwise(rule_col)
+        stratum_col = pl.when(cond).then(stratum).otherwise(stratum_col)
+        domain_col = pl.when(cond).then(pl.lit(r.domain) if r.domain else pl.col("domain")).otherwise(domain_col)
+    return df.with_columns(
+        rule=rule_col.fill_null(DEFAULT_RULE),
+        stratum=stratum_col.fill_null(pl.col("origin")),
+        domain=domain_col.fill_null(pl.col("domain")),
+    )
+
+
+def strata_stats(df: pl.DataFrame) -> dict:
+    g = (
+        df.group_by("stratum")
+        .agg(
+            rows=pl.len(),
+            rule=pl.col("rule").first(),
+            domains=pl.col("domain").unique().sort(),
+            sources=pl.col("source").unique().sort(),
+            instruction_chars=pl.col("instruction").str.len_chars().sum(),
+            response_chars=pl.col("response").str.len_chars().sum(),
+        )
+        .sort("stratum")
+    )
+    return {r["stratum"]: {k: v for k, v in r.items() if k != "stratum"} for r in g.to_dicts()}
+
+
+def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: list[StratumRule], *,
+        source_order: list[str] | None = None, progress: bool = True) -> dict:
+    """`input_path`: the normalize folder, or a JSONL/Parquet file in the normalized schema (an
+    `origin` column is optional: it defaults to the source). `source_order`: source names by priority
+    (the spec's order); sources not listed come after, in order of first appearance."""
+    out = Path(output_dir)
+    src_file = resolve_rows_path(input_path)
+    params = {"rules": [r.model_dump() for r in rules], "source_order": source_order}
+    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {"rows": str(src_file)})
+    done = completed_manifest(out, fp)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    clear_manifest(out)
+    t0 = time.time()
+    loaded = load_rows(src_file, NORMALIZED_FIELDS, stage=STAGE)
+    df = pl.from_arrow(loaded.table)
+    if "origin" not in df.columns:
+        df = df.with_columns(origin=pl.col("source"))
+    order = list(source_order or [])
+    for s in df.get_column("source").unique(maintain_order=True).to_list():
+        if s not in order:
+            order.append(s)
+    prio = pl.DataFrame({"source": order, "priority": list(range(len(order)))},
+                        schema={"source": pl.String, "priority": pl.Int32})
+    df = assign(df, rules).join(prio, on="source", how="left", maintain_order="left")
+    df = df.select([f.name for f in STRATIFIED_SCHEMA])
+    table = df.to_arrow().cast(STRATIFIED_SCHEMA)
+    stats = strata_stats(df)
+    write_json(stats, out / STRATA_FILE)
+    outputs = {
+        ROWS_FILE: write_parquet(table, out / ROWS_FILE),
+        REJECTS_FILE: write_parquet(pa.Table.from_pylist(loaded.rejects, schema=REMOVAL_SCHEMA), out / REJECTS_FILE),
+        STRATA_FILE: file_record(out / STRATA_FILE),
+    }
+    by_rule = df.group_by("rule").len().sort("rule").to_dicts()
+    counts = {"rows_in": table.num_rows + len(loaded.rejects), "kept": table.num_rows,
+              "rejected": len(loaded.rejects), "strata": len(stats),
+              "rows_per_rule": {r["rule"]: r["len"] for r in by_rule}}
+    manifest = {"stage": STAGE, "fingerprint": fp, "params": params, "outputs": outputs, "counts": counts}
+    return finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})

@@ -1,0 +1,33 @@
+"""Test settings: every cache and Prefect home lives in a temporary or project-local folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HRM_SHARED_DIR", ROOT.parent / "shared")).resolve()
+
+_tmp = Path(tempfile.mkdtemp(prefix="hrm-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_tmp / "prefect"))
+os.environ.setdefault("HF_HOME", str(_tmp / "hf"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "data").exists():
+        pytest.fail(f"shared data folder not found at {SHARED} (set HRM_SHARED_DIR)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train(shared) -> Path:
+    return shared / "data" / "gsm8k" / "train.jsonl"
