@@ -1,0 +1,29 @@
+# Two commands for a newcomer on a fresh machine:
+#   make demo   set up .venv and run the pipeline end to end on the embedded default spec (offline)
+#   make test   set up .venv and run the test suite
+# Every cache stays inside the work tree (.cache/); nothing is written to $HOME.
+SHELL := /bin/bash
+export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
+export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
+export HF_HOME ?= $(CURDIR)/.cache/hf
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export TOKENIZERS_PARALLELISM ?= false
+SPEC ?= demo
+
+.PHONY: setup demo test lock bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/hrm run $(SPEC)
+
+test: setup
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lock:
+	@bash scripts/lock.sh
+
+bench: setup
+	.venv/bin/python benchmarks/dedup.py --docs 200000
