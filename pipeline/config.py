@@ -129,6 +129,9 @@ class MixConfig(Strict):
     epochs: int = Field(default=1, ge=1)
     token_budget: int | None = Field(default=None, ge=1)  # target seen tokens over all epochs
     seed: int | None = None  # default: the spec's seed
+    # the most times a stratum's rows may be seen per epoch window once a budget/ratio rescales its
+    # repeat (None: no limit); an unreachable ratio or budget fails early instead of repeating wildly
+    max_repeat: float | None = Field(default=50.0, gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +170,7 @@ class PackConfig(Strict):
     seq_len: int = Field(default=1024, ge=16)
     min_response_tokens: int = Field(default=2, ge=1)
     shard_tokens: int = Field(default=1 << 22, ge=1024)  # tokens per Arrow shard (about)
+    open_bins: int = Field(default=32, ge=1)  # first-fit packing: sequences kept open at once
 
 
 # ----------------------------------------------------------------------------------------------

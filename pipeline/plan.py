@@ -64,7 +64,7 @@ def _local_strata(spec: RunSpec) -> dict[str, StratumStats]:
 def plan_spec(spec: RunSpec) -> dict:
     stats = {**_estimated_strata(spec), **_local_strata(spec)}
     unplanned = [s.name for s in spec.sources if s.kind == "hub" and s.estimate is None]
-    p = mix_plan(stats, spec.mix, spec.stratify.rules)
+    p = mix_plan(stats, spec.mix, spec.stratify.rules, max_repeat=spec.mix.max_repeat)
     out = p.to_dict()
     out["spec"] = spec.name
     out["unplanned_sources"] = unplanned

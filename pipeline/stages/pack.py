@@ -1,0 +1,425 @@
+"""Stage `pack`: lay the mixed samples out in fixed-length sequences, written as Arrow IPC shards.
+
+Inputs: the tokenizer folder (`tokenized.parquet`, `tokenizer_meta.json`) and the mix folder
+(`mix.parquet`: epoch, order, id).
+
+Sample layout: prompt_ids + response_ids, i.e. [BOQ][condition] instruction [EOQ] response [EOA].
+- "Response tokens" means the response text's tokens, EOA excluded (= len(response_ids) - 1).
+  A row with fewer than `cfg.min_response_tokens` of them is dropped: reason "short_response".
+- A row whose prompt alone has >= seq_len - min_response_tokens tokens is dropped: reason
+  "prompt_too_long" (checked after "short_response"; each dropped row gets one reason).
+- A longer sample is truncated in the response: the prompt is kept whole, the response keeps its
+  first seq_len - prompt tokens (so at least min_response_tokens + 1) and then has no EOA (the text
+  did not end there). Truncated samples and cut tokens are counted.
+A dropped row is dropped with all its occurrences (epochs, repeats); removals.parquet has one line
+per row id (REMOVAL_SCHEMA, stage "pack"), so lineage adds up per row:
+rows_in (distinct ids in the mix) = rows_packed + rows removed by reason; the same holds per sample
+occurrence (samples_in = samples_packed + samples removed by reason).
+
+Packing: bounded first-fit in mix order, per epoch. Samples are taken in (epoch, order); each goes
+into the first of the (at most `open_bins`, default 32) open sequences with room for it, else a new
+sequence is opened (when `open_bins` are open, the oldest is closed first). Sequences are closed and
+written in the order they were opened, and a sequence holds only samples of one epoch, in mix order.
+A sample is never split across sequences; every sequence is padded at its tail with <|pad|> to
+exactly `cfg.seq_len`. Deterministic: same inputs and config -> byte-identical shards.
+
+Shards: `shard-00000.arrow`, ... (Arrow IPC file format, uncompressed, memory-mappable; written to a
+temp name and renamed), about `cfg.shard_tokens` tokens each (shard_tokens // seq_len sequences, at
+least one). One row per packed sequence:
+    input_ids       fixed_size_list<int32>[seq_len]  the tokens, pad after the last sample
+    sample_starts   list<int32>   offset of each sample in input_ids (0 for the first, increasing)
+    sample_lengths  list<int32>   tokens of each sample (prompt + kept response)
+    prompt_lengths  list<int32>   tokens of each sample's prompt ([BOQ][cond] instruction [EOQ])
+    sample_ids      list<string>  the tokenized row id of each sample (lineage)
+    epoch           int32
+The schema metadata holds seq_len and pad_id. For the trainer: for a sample at s with length L and
+prompt length p, position ids restart at s (0..L-1); the PrefixLM mask lets positions [s, s+p) see
+each other both ways and positions [s+p, s+L) see [s, s+p) plus earlier response positions; no
+position sees another sample or the padding. Answer-only labels: the token at position t+1 is the
+label of position t for t in [s+p-1, s+L-2] (the last prompt token predicts the first response
+token); every other label (prompt, last token of a sample, padding) is -100. Mask and labels come
+from the same prompt_lengths.
+
+Each shard also gets `shard-00000.json` (rows, tokens, non-pad tokens, samples, answer tokens,
+truncated samples, samples per source and sequences per epoch, sha256), and the same figures are in
+its entry of the stage manifest's outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.config import PackConfig
+from pipeline.schema import REMOVAL_SCHEMA
+
+STAGE = "pack"
+TOKENIZED_FILE = "tokenized.parquet"
+META_FILE = "tokenizer_meta.json"
+MIX_FILE = "mix.parquet"
+REMOVALS_FILE = "removals.parquet"
+OPEN_BINS = 32
+FORMAT = "hrm-pack/1"
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.arrow"
+
+
+def pack_schema(seq_len: int, pad_id: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("input_ids", pa.list_(pa.int32(), seq_len), nullable=False),
+            pa.field("sample_starts", pa.list_(pa.int32()), nullable=False),
+            pa.field("sample_lengths", pa.list_(pa.int32()), nullable=False),
+            pa.field("prompt_lengths", pa.list_(pa.int32()), nullable=False),
+            pa.field("sample_ids", pa.list_(pa.string()), nullable=False),
+            pa.field("epoch", pa.int32(), nullable=False),
+        ],
+        metadata={"format": FORMAT, "seq_len": str(seq_len), "pad_id": str(pad_id)},
+    )
+
+
+def read_shard(path: str | os.PathLike) -> pa.Table:
+    """Read one packed shard (memory-mapped)."""
+    with pa.memory_map(str(path), "r") as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list<int32> column, offsets starting at 0."""
+    arr = col.combine_chunks()
+    offsets = arr.offsets.to_numpy().astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    return values.astype(np.int32, copy=False), offsets - offsets[0]
+
+
+def _list(lengths: list[int], values: pa.Array) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("pack: a shard column has more than 2**31 values; lower shard_tokens")
+    offsets = offsets.astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
+
+
+class _ShardWriter:
+    """Collects packed sequences and writes a shard every `rows_per_shard` of them."""
+
+    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int):
+        self.out, self.seq_len, self.pad = out, seq_len, pad_id
+        self.rows_per_shard = rows_per_shard
+        self.schema = pack_schema(seq_len, pad_id)
+        self.records: list[tuple[str, dict]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens: list[np.ndarray] = []
+        self.starts: list[int] = []
+        self.lens: list[int] = []
+        self.plens: list[int] = []
+        self.ids: list[str] = []
+        self.per_row: list[int] = []
+        self.epochs: list[int] = []
+        self.sources: dict[str, int] = {}
+        self.answer = 0
+        self.truncated = 0
+
+    def add(self, seq: np.ndarray, starts, lens, plens, ids, srcs, epoch: int, truncated: int) -> None:
+        self.tokens.append(seq)
+        self.starts += starts
+        self.lens += lens
+        self.plens += plens
+        self.ids += ids
+        self.per_row.append(len(starts))
+        self.epochs.append(epoch)
+        for s in srcs:
+            self.sources[s] = self.sources.get(s, 0) + 1
+        self.answer += sum(lens) - sum(plens)
+        self.truncated += truncated
+        if len(self.tokens) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.tokens:
+            return
+        k = len(self.records)
+        rows = len(self.tokens)
+        flat = np.concatenate(self.tokens).astype(np.int32, copy=False)
+        assert flat.shape == (rows * self.seq_len,)
+        table = pa.Table.from_arrays(
+            [
+                pa.FixedSizeListArray.from_arrays(pa.array(flat), self.seq_len),
+                _list(self.per_row, pa.array(np.asarray(self.starts, dtype=np.int32))),
+                _list(self.per_row, pa.array(np.asarray(self.lens, dtype=np.int32))),
+                _list(self.per_row, pa.array(np.asarray(self.plens, dtype=np.int32))),
+                _list(self.per_row, pa.array(self.ids, pa.string())),
+                pa.array(np.asarray(self.epochs, dtype=np.int32)),
+            ],
+            schema=self.schema,
+        )
+        path = self.out / shard_name(k)
+        with io.atomic_path(path) as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as w:
+                w.write_table(table, max_chunksize=1024)
+        rec = io.file_record(path, rows=rows)
+        ep: dict[str, int] = {}
+        for e in self.epochs:
+            ep[str(e)] = ep.get(str(e), 0) + 1
+        rec.update(
+            {
+                "tokens": rows * self.seq_len,
+                "non_pad_tokens": int(sum(self.lens)),
+                "samples": len(self.lens),
+                "answer_tokens": int(self.answer),
+                "truncated_samples": int(self.truncated),
+                "sources": dict(sorted(self.sources.items())),
+                "epochs": ep,
+            }
+        )
+        io.write_json(
+            {"file": path.name, "seq_len": self.seq_len, "pad_id": self.pad, **rec}, path.with_suffix(".json")
+        )
+        self.records.append((path.name, rec))
+        self._reset()
+
+
+def _read_columns(path: Path, cols: list[str]) -> pa.Table:
+    schema = pq.read_schema(path)
+    missing = [c for c in cols if c not in schema.names]
+    if missing:
+        raise ValueError(f"pack: {path}: missing column(s) {missing}; found {schema.names}")
+    return pq.read_table(path, columns=cols)
+
+
+def _sum_sources(recs: list[dict]) -> dict[str, int]:
+    tot: dict[str, int] = {}
+    for r in recs:
+        for k, v in r["sources"].items():
+            tot[k] = tot.get(k, 0) + v
+    return dict(sorted(tot.items()))
+
+
+def run(
+    tokenized_dir: str | os.PathLike,
+    mix_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: PackConfig,
+    *,
+    progress: bool = True,
+) -> dict:
+    """Pack the mixed samples into fixed-length sequences; return the stage manifest."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    out = Path(output_dir)
+    tok_file, meta_file, mix_file = (
+        Path(tokenized_dir) / TOKENIZED_FILE,
+        Path(tokenized_dir) / META_FILE,
+        Path(mix_dir) / MIX_FILE,
+    )
+    for f in (tok_file, meta_file, mix_file):
+        if not f.exists():
+            raise FileNotFoundError(f"pack: {f} not found")
+    open_bins = cfg.open_bins
+    params = {"cfg": cfg.model_dump()}
+    inputs = {"tokenized": tokenized_dir, "mix": mix_dir}
+    fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
+    done = io.completed_manifest(out, fp)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    io.clear_manifest(out)
+    for stale in list(out.glob("shard-*.arrow")) + list(out.glob("shard-*.json")):
+        stale.unlink()
+
+    meta = io.read_json(meta_file)
+    pad, eoa = int(meta["pad_id"]), int(meta["eoa_id"])
+    seq_len, min_resp = cfg.seq_len, cfg.min_response_tokens
+
+    tok = _read_columns(tok_file, ["id", "source", "prompt_ids", "response_ids"])
+    mix = _read_columns(mix_file, ["epoch", "order", "id"])
+    mix = mix.sort_by([("epoch", "ascending"), ("order", "ascending")])
+
+    # rows: lengths and fate
+    p_vals, p_off = _flat(tok["prompt_ids"])
+    r_vals, r_off = _flat(tok["response_ids"])
+    P = np.diff(p_off)
+    R = np.diff(r_off)
+    n_rows = len(P)
+    last = r_vals[np.maximum(r_off[1:] - 1, 0)]
+    bad = np.flatnonzero((R == 0) | (last != eoa))
+    if len(bad):
+        raise ValueError(
+            f"pack: {tok_file}: row {tok['id'][int(bad[0])].as_py()!r} (and {len(bad) - 1} more): response_ids "
+            f"must end with <|eoa|> (id {eoa})"
+        )
+    resp_text = R - 1
+    short = resp_text < min_resp
+    too_long = ~short & (P >= seq_len - min_resp)
+    keep_r = np.minimum(R, seq_len - P)  # kept response tokens (only meaningful for kept rows)
+    L = P + keep_r
+    truncated = keep_r < R
+
+    # samples, in mix order
+    j_of = pc.index_in(mix["id"], value_set=tok["id"])
+    if j_of.null_count:
+        miss = mix.filter(pc.is_null(j_of))["id"]
+        raise ValueError(
+            f"pack: {mix_file} names {len(miss)} sample(s) not in {tok_file}, e.g. {miss.slice(0, 3).to_pylist()}: "
+            f"the mix was made from another tokenizer output"
+        )
+    J = j_of.to_numpy(zero_copy_only=False).astype(np.int64)
+    EP = mix["epoch"].to_numpy().astype(np.int64)
+    dropped = short | too_long
+    ids_list = tok["id"].to_pylist()
+    src_list = tok["source"].to_pylist()
+    keep_mask = ~dropped[J]
+    kept_lengths = L[J[keep_mask]]
+    min_len = int(kept_lengths.min()) if len(kept_lengths) else seq_len
+
+    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len))
+
+    def emit(rows: list[int], epoch: int) -> None:
+        seq = np.full(seq_len, pad, dtype=np.int32)
+        pos = 0
+        starts, lens, plens = [], [], []
+        for j in rows:
+            p0, p1 = p_off[j], p_off[j + 1]
+            seq[pos : pos + p1 - p0] = p_vals[p0:p1]
+            r0 = r_off[j]
+            k = int(keep_r[j])
+            seq[pos + p1 - p0 : pos + p1 - p0 + k] = r_vals[r0 : r0 + k]
+            starts.append(pos)
+            lens.append(int(L[j]))
+            plens.append(int(P[j]))
+            pos += int(L[j])
+        assert pos <= seq_len
+        writer.add(
+            seq,
+            starts,
+            lens,
+            plens,
+            [ids_list[j] for j in rows],
+            [src_list[j] for j in rows],
+            epoch,
+            int(sum(truncated[j] for j in rows)),
+        )
+
+    bins: list[list[int]] = []
+    free: list[int] = []
+    cur_epoch = None
+    Lp = L.tolist()
+    dropped_l = dropped.tolist()
+    for i in tqdm(range(len(J)), desc="pack", unit="sample", disable=not progress, mininterval=1.0):
+        j = int(J[i])
+        e = int(EP[i])
+        if e != cur_epoch:
+            for b in bins:
+                emit(b, cur_epoch)
+            bins, free, cur_epoch = [], [], e
+        if dropped_l[j]:
+            continue
+        need = Lp[j]
+        for k, f in enumerate(free):
+            if f >= need:
+                bins[k].append(j)
+                free[k] = f - need
+                break
+        else:
+            if len(bins) >= open_bins:
+                emit(bins.pop(0), cur_epoch)
+                free.pop(0)
+            bins.append([j])
+            free.append(seq_len - need)
+        while bins and free[0] < min_len:
+            emit(bins.pop(0), cur_epoch)
+            free.pop(0)
+    for b in bins:
+        emit(b, cur_epoch)
+    writer.flush()
+
+    # accounting
+    occ = np.bincount(J, minlength=n_rows)
+    in_mix = occ > 0
+    removals = []
+    reason_rows: dict[str, int] = {}
+    reason_samples: dict[str, int] = {}
+    for j in np.flatnonzero(in_mix & dropped):
+        if short[j]:
+            reason = "short_response"
+            detail = f"{int(resp_text[j])} response token(s) (EOA excluded) < min_response_tokens {min_resp}"
+        else:
+            reason = "prompt_too_long"
+            detail = f"prompt of {int(P[j])} tokens >= seq_len {seq_len} - min_response_tokens {min_resp}"
+        detail += f"; {int(occ[j])} occurrence(s) in the mix"
+        removals.append(
+            {
+                "id": ids_list[j],
+                "source": src_list[j],
+                "stage": STAGE,
+                "reason": reason,
+                "detail": detail,
+                "duplicate_of": None,
+            }
+        )
+        reason_rows[reason] = reason_rows.get(reason, 0) + 1
+        reason_samples[reason] = reason_samples.get(reason, 0) + int(occ[j])
+
+    outputs: dict[str, dict] = {}
+    for name, rec in writer.records:
+        outputs[name] = rec
+        js = Path(name).with_suffix(".json").name
+        outputs[js] = io.file_record(out / js)
+    outputs[REMOVALS_FILE] = io.write_parquet(
+        pa.Table.from_pylist(removals, schema=REMOVAL_SCHEMA), out / REMOVALS_FILE
+    )
+
+    recs = [r for _, r in writer.records]
+    samples_packed = int(sum(r["samples"] for r in recs))
+    rows_in = int(in_mix.sum())
+    rows_packed = int((in_mix & ~dropped).sum())
+    sequences = int(sum(r["rows"] for r in recs))
+    tokens = sequences * seq_len
+    non_pad = int(sum(r["non_pad_tokens"] for r in recs))
+    kept_occ = ~dropped[J]
+    assert samples_packed == int(kept_occ.sum())
+    assert rows_in == rows_packed + len(removals)
+    counts = {
+        "rows_in": rows_in,
+        "rows_packed": rows_packed,
+        "rows_removed": len(removals),
+        "removed_by_reason": dict(sorted(reason_rows.items())),
+        "samples_in": int(len(J)),
+        "samples_packed": samples_packed,
+        "samples_removed_by_reason": dict(sorted(reason_samples.items())),
+        "samples_truncated": int(truncated[J[kept_occ]].sum()),
+        "tokens_truncated": int((R - keep_r)[J[kept_occ]].sum()),
+        "sequences": sequences,
+        "shards": len(recs),
+        "tokens": tokens,
+        "non_pad_tokens": non_pad,
+        "answer_tokens": int(sum(r["answer_tokens"] for r in recs)),
+        "packing_efficiency": non_pad / tokens if tokens else 0.0,
+        "sources": _sum_sources(recs),
+    }
+    manifest = {
+        "stage": STAGE,
+        "fingerprint": fp,
+        "params": params,
+        "inputs": {k: str(v) for k, v in inputs.items()},
+        "outputs": outputs,
+        "shards": [name for name, _ in writer.records],
+        "counts": counts,
+        "seq_len": seq_len,
+        "pad_id": pad,
+    }
+    return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})

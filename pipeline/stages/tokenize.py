@@ -1,0 +1,449 @@
+"""Stage `tokenizer`: train (or load) a byte-level BPE tokenizer and tokenize every row.
+
+Input: a dedup/stratify stage folder (`rows.parquet`, STRATIFIED_SCHEMA), or a standalone .jsonl /
+.parquet file in the normalized schema (id, instruction, response, condition, source, domain).
+Missing `stratum` -> the row's source; missing `rule` -> "default".
+
+Tokenizer
+- kind "train": a byte-level BPE (`tokenizers` library: ByteLevel pre-tokenizer and decoder, the 256
+  byte alphabet always in the vocabulary, no normalizer, so decode(encode(text)) == text) trained on a
+  seeded sample of `cfg.sample_rows` rows (their instruction and response texts, fed in id order).
+  The special tokens get fixed ids at the start of the vocabulary:
+      0 <|pad|>   1 <|boq|>   2 <|eoq|>   3 <|eoa|>   4.. one <|{condition}|> per condition, in order.
+  Training is deterministic: the trainer's merge choice is a total order (count, then pair), and we
+  checked that repeated trainings (multi-threaded, separate processes, even with the input reversed)
+  give a byte-identical tokenizer.json; the sample is taken from the id-sorted rows, so it does not
+  depend on the input file's row order either. The tests re-check this on real data.
+- kind "pretrained": `cfg.name` is a local tokenizer.json (or a folder holding one), else a Hugging Face
+  Hub name (`Tokenizer.from_pretrained`, network; HF_HOME defaults to <repo>/.cache/hf). The special
+  tokens above are added as special tokens (ids wherever the tokenizer puts them; existing ones reused).
+
+Text is always encoded as text: a literal "<|eoq|>" inside a row is split into ordinary byte tokens
+(`encode_special_tokens = True`); special ids are only ever inserted by id. No post-processor tokens
+(BOS etc. of a pretrained tokenizer) are added.
+
+Outputs (in `output_dir`)
+- `tokenized.parquet`: one row per input row that passed the checks, in input order:
+  id, source, stratum, rule, domain, condition (string),
+  prompt_ids   list<int32>  [BOQ][condition] instruction [EOQ]
+  response_ids list<int32>  response [EOA]
+  prompt_tokens, response_tokens int32 (the two list lengths, specials included).
+- `tokenizer.json` (the `tokenizers` file), `tokenizer_meta.json` (kind, vocab size, special ids,
+  condition ids, sample size and the sha256 of the training sample's ids).
+- `removals.parquet` (REMOVAL_SCHEMA): rows the loader rejected (reason from pipeline.rows), duplicate
+  ids ("duplicate_id") and rows whose condition has no condition token ("unknown_condition").
+Counts: rows_in = rows_tokenized + rows_removed; tokens (and rows) per stratum.
+
+Later stages use `load_tokenizer(path)` and `special_ids(meta)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import io
+from pipeline.config import TokenizerConfig
+from pipeline.rows import load_rows
+from pipeline.schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA
+
+STAGE = "tokenizer"
+TOKENIZED_FILE = "tokenized.parquet"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+REMOVALS_FILE = "removals.parquet"
+
+PAD, BOQ, EOQ, EOA = "<|pad|>", "<|boq|>", "<|eoq|>", "<|eoa|>"
+BASE_SPECIALS: tuple[str, ...] = (PAD, BOQ, EOQ, EOA)
+BATCH_ROWS = 8192  # rows per encode_batch call and per Parquet row group
+
+TOKENIZED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("stratum", pa.string(), nullable=False),
+        pa.field("rule", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("condition", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("response_tokens", pa.int32(), nullable=False),
+    ]
+)
+_TEXT_COLS = ("id", "source", "stratum", "rule", "domain", "condition")
+
+
+# ----------------------------------------------------------------------------------------------
+# helper API for later stages
+# ----------------------------------------------------------------------------------------------
+def condition_token(condition: str) -> str:
+    return f"<|{condition}|>"
+
+
+def special_tokens(conditions: list[str]) -> list[str]:
+    """The special tokens in id order (trained tokenizers): pad, boq, eoq, eoa, then the conditions."""
+    if not conditions:
+        raise ValueError("tokenizer: `conditions` must name at least one condition (e.g. ['direct', 'cot'])")
+    bad = [c for c in conditions if not isinstance(c, str) or not c or "|" in c or c != c.strip()]
+    if bad:
+        raise ValueError(f"tokenizer: invalid condition name(s) {bad!r} (non-empty, no '|', no spaces at the ends)")
+    dup = sorted({c for c in conditions if conditions.count(c) > 1})
+    if dup:
+        raise ValueError(f"tokenizer: conditions repeated: {dup}")
+    toks = [condition_token(c) for c in conditions]
+    clash = [t for t in toks if t in BASE_SPECIALS]
+    if clash:
+        raise ValueError(f"tokenizer: condition token(s) {clash} clash with the reserved tokens {list(BASE_SPECIALS)}")
+    return list(BASE_SPECIALS) + toks
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    boq: int
+    eoq: int
+    eoa: int
+    conditions: dict[str, int] = field(default_factory=dict)
+
+    def condition(self, name: str) -> int:
+        try:
+            return self.conditions[name]
+        except KeyError:
+            raise KeyError(f"no condition token for {name!r}; known conditions: {sorted(self.conditions)}") from None
+
+    def all_ids(self) -> set[int]:
+        return {self.pad, self.boq, self.eoq, self.eoa, *self.conditions.values()}
+
+
+def special_ids(meta: dict) -> SpecialIds:
+    """The special token ids recorded in a `tokenizer_meta.json`."""
+    try:
+        return SpecialIds(
+            pad=int(meta["pad_id"]),
+            boq=int(meta["boq_id"]),
+            eoq=int(meta["eoq_id"]),
+            eoa=int(meta["eoa_id"]),
+            conditions={k: int(v) for k, v in meta["condition_ids"].items()},
+        )
+    except KeyError as e:
+        raise ValueError(f"tokenizer meta is missing field {e.args[0]!r}; found {sorted(meta)}") from None
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load (tokenizers.Tokenizer, meta) from a tokenizer stage folder or its tokenizer.json.
+
+    The meta's special ids are checked against the tokenizer. The tokenizer comes back with
+    `encode_special_tokens = True` (text is encoded as text; insert special ids by id)."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    tok_file = p / TOKENIZER_FILE if p.is_dir() else p
+    meta_file = folder / META_FILE
+    for f in (tok_file, meta_file):
+        if not f.exists():
+            raise FileNotFoundError(f"load_tokenizer: {f} not found (expected a tokenizer stage folder)")
+    tok = Tokenizer.from_file(str(tok_file))
+    meta = io.read_json(meta_file)
+    ids = special_ids(meta)
+    for name, tid in meta.get("special_tokens", {}).items():
+        got = tok.token_to_id(name)
+        if got != tid:
+            raise ValueError(f"load_tokenizer: {tok_file}: token {name!r} has id {got}, meta says {tid}")
+    if tok.token_to_id(PAD) != ids.pad:
+        raise ValueError(f"load_tokenizer: {tok_file}: pad id mismatch with {meta_file}")
+    tok.encode_special_tokens = True
+    return tok, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _removal(row_id: str, source: str, reason: str, detail: str | None) -> dict:
+    return {"id": row_id, "source": source, "stage": STAGE, "reason": reason, "detail": detail, "duplicate_of": None}
+
+
+def _prepare_rows(input_path, conditions: list[str]) -> tuple[pa.Table, list[dict], int]:
+    """Load rows, fill stratum/rule, reject duplicate ids and unknown conditions.
+    Returns (table with _TEXT_COLS + instruction/response, removals, rows_in)."""
+    loaded = load_rows(input_path, stage=STAGE)
+    removals = [dict(r, stage=STAGE) for r in loaded.rejects]
+    t = loaded.table
+    rows_in = t.num_rows + len(removals)
+    for c in NORMALIZED_FIELDS:
+        t = t.set_column(t.column_names.index(c), c, pc.cast(t[c], pa.string()))
+    n = t.num_rows
+    for col, default in (("stratum", t["source"]), ("rule", pa.array(["default"] * n, pa.string()))):
+        if col in t.column_names:
+            filled = pc.cast(t[col], pa.string())
+            blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(filled)), 0), True)
+            filled = pc.if_else(blank, default, filled)
+            t = t.set_column(t.column_names.index(col), col, filled)
+        else:
+            t = t.append_column(col, default)
+    t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
+
+    keep = np.ones(n, dtype=bool)
+    ids = t["id"].to_pylist()
+    sources = t["source"].to_pylist()
+    seen: dict[str, int] = {}
+    for i, rid in enumerate(ids):
+        if rid in seen:
+            keep[i] = False
+            r = _removal(rid, sources[i], "duplicate_id", f"row {i}: id already used by row {seen[rid]}")
+            r["duplicate_of"] = rid
+            removals.append(r)
+        else:
+            seen[rid] = i
+    known = set(conditions)
+    for i, cond in enumerate(t["condition"].to_pylist()):
+        if keep[i] and cond not in known:
+            keep[i] = False
+            removals.append(
+                _removal(ids[i], sources[i], "unknown_condition", f"condition {cond!r} not in {list(conditions)}")
+            )
+    if not keep.all():
+        t = t.filter(pa.array(keep))
+    return t, removals, rows_in
+
+
+def _sample_indices(ids: list[str], sample_rows: int, seed: int) -> np.ndarray:
+    """Seeded sample of row indices, chosen among the id-sorted rows (independent of input order);
+    returned in id order."""
+    order = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
+    if sample_rows >= len(ids):
+        return order
+    rng = np.random.default_rng([seed, 0x70C])
+    pick = np.sort(rng.choice(len(ids), size=sample_rows, replace=False))
+    return order[pick]
+
+
+def _check_vocab(cfg: TokenizerConfig, specials: list[str]) -> None:
+    if cfg.kind == "train" and cfg.vocab_size < 256 + len(specials):
+        raise ValueError(
+            f"tokenizer.vocab_size {cfg.vocab_size} is too small: the byte alphabet (256) and "
+            f"{len(specials)} special tokens need at least {256 + len(specials)}"
+        )
+
+
+def _train(texts: Iterable[str], n_texts: int, cfg: TokenizerConfig, specials: list[str], progress: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _check_vocab(cfg, specials)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=n_texts)
+    for i, s in enumerate(specials):
+        if tok.token_to_id(s) != i:
+            raise RuntimeError(f"tokenizer training put {s!r} at id {tok.token_to_id(s)}, expected {i}")
+    return tok
+
+
+def _load_pretrained(name: str, specials: list[str]):
+    from tokenizers import AddedToken, Tokenizer
+
+    p = Path(name)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if p.exists():
+        tok = Tokenizer.from_file(str(p))
+    else:
+        os.environ.setdefault("HF_HOME", str(_repo_root() / ".cache" / "hf"))
+        try:
+            tok = Tokenizer.from_pretrained(name)
+        except Exception as e:  # network / unknown name: say what was tried
+            raise RuntimeError(
+                f"tokenizer: {name!r} is not a local file and could not be loaded from the Hub: {e}"
+            ) from e
+    tok.no_truncation()
+    tok.no_padding()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return tok
+
+
+def _local_pretrained_file(cfg: TokenizerConfig) -> Path | None:
+    if cfg.kind != "pretrained" or not cfg.name:
+        return None
+    p = Path(cfg.name)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    return p if p.exists() else None
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    enc = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+    return [e.ids for e in enc(texts, add_special_tokens=False)]
+
+
+def _list_array(seqs: list[list[int]]) -> pa.Array:
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)), lengths
+
+
+def run(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: TokenizerConfig,
+    *,
+    conditions: list[str],
+    seed: int,
+    progress: bool = True,
+) -> dict:
+    """Train or load the tokenizer, tokenize every row; return the stage manifest."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    out = Path(output_dir)
+    specials = special_tokens(list(conditions))
+    _check_vocab(cfg, specials)
+    params = {"cfg": cfg.model_dump(), "conditions": list(conditions), "seed": int(seed)}
+    inputs: dict[str, str | os.PathLike] = {"input": input_path}
+    local = _local_pretrained_file(cfg)
+    if local is not None:
+        inputs["pretrained"] = local
+    fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
+    done = io.completed_manifest(out, fp)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    io.clear_manifest(out)
+
+    table, removals, rows_in = _prepare_rows(input_path, list(conditions))
+    if table.num_rows == 0:
+        raise ValueError(f"tokenizer: no usable rows in {input_path} ({len(removals)} rejected)")
+    ids = table["id"].to_pylist()
+
+    # 1. the tokenizer
+    t_train = time.time()
+    if cfg.kind == "train":
+        sample = _sample_indices(ids, cfg.sample_rows, seed)
+        sample_ids = [ids[i] for i in sample]
+        sample_sha = hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()
+        sub = table.select(["instruction", "response"]).take(pa.array(sample))
+        texts = chain.from_iterable(zip(sub["instruction"].to_pylist(), sub["response"].to_pylist()))
+        tok = _train(texts, 2 * len(sample), cfg, specials, progress)
+        del sub
+    else:
+        sample, sample_sha = np.zeros(0, dtype=np.int64), None
+        tok = _load_pretrained(cfg.name, specials)
+    tok.encode_special_tokens = True
+    train_s = time.time() - t_train
+    sid = {s: tok.token_to_id(s) for s in specials}
+    meta = {
+        "kind": cfg.kind,
+        "name": cfg.name,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "requested_vocab_size": cfg.vocab_size if cfg.kind == "train" else None,
+        "min_frequency": cfg.min_frequency if cfg.kind == "train" else None,
+        "special_tokens": sid,
+        "pad_id": sid[PAD],
+        "boq_id": sid[BOQ],
+        "eoq_id": sid[EOQ],
+        "eoa_id": sid[EOA],
+        "conditions": list(conditions),
+        "condition_ids": {c: sid[condition_token(c)] for c in conditions},
+        "seed": int(seed),
+        "sample_rows": int(len(sample)),
+        "sample_sha256": sample_sha,
+        "tokenizers_version": __import__("tokenizers").__version__,
+    }
+    tok_path = out / TOKENIZER_FILE
+    with io.atomic_path(tok_path) as tmp:
+        tmp.write_text(tok.to_str(pretty=True))
+    meta["tokenizer_sha256"] = io.sha256_file(tok_path)
+    io.write_json(meta, out / META_FILE)
+
+    # 2. tokenize every row, streamed to Parquet in row groups of BATCH_ROWS
+    boq, eoq, eoa = sid[BOQ], sid[EOQ], sid[EOA]
+    cond_id = meta["condition_ids"]
+    tokens_per_stratum: dict[str, int] = {}
+    rows_per_stratum: dict[str, int] = {}
+    total_prompt = total_response = 0
+    n = table.num_rows
+    tok_path_out = out / TOKENIZED_FILE
+    t_tok = time.time()
+    with io.atomic_path(tok_path_out) as tmp:
+        writer = pq.ParquetWriter(tmp, TOKENIZED_SCHEMA, compression="zstd")
+        try:
+            for start in tqdm(range(0, n, BATCH_ROWS), desc="tokenize", unit="batch", disable=not progress):
+                b = table.slice(start, BATCH_ROWS)
+                conds = b["condition"].to_pylist()
+                instr = _encode(tok, b["instruction"].to_pylist())
+                resp = _encode(tok, b["response"].to_pylist())
+                prompts = [[boq, cond_id[c], *x, eoq] for c, x in zip(conds, instr)]
+                for r in resp:
+                    r.append(eoa)
+                p_arr, p_len = _list_array(prompts)
+                r_arr, r_len = _list_array(resp)
+                cols = [b[c] for c in _TEXT_COLS] + [p_arr, r_arr, pa.array(p_len), pa.array(r_len)]
+                writer.write_table(pa.Table.from_arrays(cols, schema=TOKENIZED_SCHEMA), row_group_size=BATCH_ROWS)
+                total_prompt += int(p_len.sum())
+                total_response += int(r_len.sum())
+                per = p_len.astype(np.int64) + r_len
+                for s, k in zip(b["stratum"].to_pylist(), per.tolist()):
+                    tokens_per_stratum[s] = tokens_per_stratum.get(s, 0) + k
+                    rows_per_stratum[s] = rows_per_stratum.get(s, 0) + 1
+        finally:
+            writer.close()
+    tokenize_s = time.time() - t_tok
+
+    outputs = {
+        TOKENIZER_FILE: io.file_record(tok_path),
+        META_FILE: io.file_record(out / META_FILE),
+        TOKENIZED_FILE: io.file_record(tok_path_out, rows=n),
+        REMOVALS_FILE: io.write_parquet(pa.Table.from_pylist(removals, schema=REMOVAL_SCHEMA), out / REMOVALS_FILE),
+    }
+    reasons: dict[str, int] = {}
+    for r in removals:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    assert rows_in == n + len(removals)
+    counts = {
+        "rows_in": rows_in,
+        "rows_tokenized": n,
+        "rows_removed": len(removals),
+        "removed_by_reason": dict(sorted(reasons.items())),
+        "training_sample_rows": int(len(sample)),
+        "vocab_size": meta["vocab_size"],
+        "prompt_tokens": total_prompt,
+        "response_tokens": total_response,
+        "tokens": total_prompt + total_response,
+        "tokens_per_stratum": dict(sorted(tokens_per_stratum.items())),
+        "rows_per_stratum": dict(sorted(rows_per_stratum.items())),
+    }
+    manifest = {
+        "stage": STAGE,
+        "fingerprint": fp,
+        "params": params,
+        "inputs": {k: str(v) for k, v in inputs.items()},
+        "outputs": outputs,
+        "counts": counts,
+    }
+    timing = {"total_s": round(time.time() - t0, 3), "train_s": round(train_s, 3), "tokenize_s": round(tokenize_s, 3)}
+    return io.finish_stage(out, manifest, timing)
