@@ -9,6 +9,7 @@ export HF_HOME ?= $(CURDIR)/.cache/hf
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 SPEC ?= demo
 
 .PHONY: setup demo test lock bench

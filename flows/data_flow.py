@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pipeline.config import (DedupConfig, MixConfig, NormalizeConfig, PackConfig, RunSpec, SourceSpec,
                              StratumRule, TokenizerConfig)
-from pipeline.io import MANIFEST, read_json, sha256_file, write_json
+from pipeline.io import MANIFEST, content_hash, read_json, sha256_file, write_json
 from pipeline.spec import load_spec
 from pipeline.stages.ingest import local_files
 
@@ -85,6 +85,14 @@ def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig
     from pipeline.stages import pack
 
     return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress)
+
+
+@task(name="lineage", **_opts((), "pipeline.lineage"))
+def lineage_task(run_dir: str, output_dir: str, stage_hashes: dict[str, str], progress: bool = True) -> dict:
+    """`stage_hashes`: content hashes of the stage folders it reads (its cache key)."""
+    from pipeline import lineage
+
+    return lineage.run(run_dir, output_dir, progress=progress)
 
 
 def stage_intact(out: Path) -> bool:
@@ -158,6 +166,9 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
     for name, step in steps[: last + 1]:
         man[name] = step()
         logger.info("%s: %s", name, {k: v for k, v in man[name].get("counts", {}).items() if not isinstance(v, dict)})
+    if stop_after == "pack":
+        hashes = {st: content_hash(root / st) for st in STAGES if st != "ingest"}
+        man["lineage"] = call(lineage_task, run_dir=str(root), output_dir=str(root / "lineage"), stage_hashes=hashes)
     write_json({"spec": s.model_dump(mode="json"), "stages": {k: v.get("fingerprint") for k, v in man.items()},
                 "output_dir": str(root)}, root / "run.json")
     create_markdown_artifact(_summary_markdown(s, man), key=f"data-run-{s.name.lower().replace('_', '-')}".replace(".", "-"),

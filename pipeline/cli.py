@@ -195,7 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Quiet, offline-friendly Prefect defaults (a user's own settings win).
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
     if args.cmd == "stage" and args.name not in ("ingest",) and not args.input:
         _die(f"stage {args.name} needs --input")
@@ -206,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         _die(str(e))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        _die(f"{type(e).__name__}: {e}", 1)
+        if os.environ.get("HRM_DEBUG"):
+            raise
+        _die(f"{type(e).__name__}: {e} (set HRM_DEBUG=1 for the traceback)", 1)
     return 0
 
 

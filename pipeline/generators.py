@@ -203,15 +203,15 @@ def sequences(n: int, seed: int) -> Iterator[dict]:
     for i in range(n):
         kind = rng.choice(["arithmetic", "geometric", "fibonacci"])
         if kind == "arithmetic":
-            a, d = rng.randint(-50, 50), rng.randint(-12, 12) or 3
+            a, d = rng.randint(-200, 200), rng.randint(-25, 25) or 3
             seq = [a + d * j for j in range(6)]
             rule = f"Each term adds {d}."
         elif kind == "geometric":
-            a, r = rng.randint(1, 9), rng.randint(2, 4)
+            a, r = rng.randint(1, 99) * rng.choice([1, -1]), rng.randint(2, 7)
             seq = [a * r**j for j in range(6)]
             rule = f"Each term is multiplied by {r}."
         else:
-            x, y = rng.randint(1, 9), rng.randint(1, 9)
+            x, y = rng.randint(1, 60), rng.randint(1, 60)
             seq = [x, y]
             while len(seq) < 6:
                 seq.append(seq[-1] + seq[-2])

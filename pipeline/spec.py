@@ -64,7 +64,7 @@ def parse_spec(data: Any, origin: str = "<spec>") -> RunSpec:
 def resolve_spec_path(path_or_name: str | os.PathLike) -> Path:
     """A path to a YAML file, or the name of a bundled spec ('demo' -> data_specs/demo.yaml)."""
     p = Path(path_or_name)
-    if p.exists():
+    if p.is_file():
         return p
     bundled = SPEC_DIR / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
     if bundled.exists():

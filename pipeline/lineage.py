@@ -1,0 +1,151 @@
+"""Lineage of a data run: where every training row came from, and why every dropped row was dropped.
+
+Reads the stage folders of a run (`<run>/<stage>/`) and accounts for every row:
+- per source: rows ingested = rows normalized + rows rejected by normalize (by reason);
+- per stratum: rows stratified = rows packed + rows removed, by stage and reason (dedup's exact and
+  near duplicates with the id of the copy kept, tokenizer rejects, mix's capped rows, pack's short
+  responses and overlong prompts).
+Each row is removed at most once and never both removed and packed; a row that is neither is reported
+as unaccounted (the run's lineage then does not balance, and `check` says so).
+
+Outputs (`<run>/lineage/`): `lineage.parquet` (one line per stratified row: id, source, stratum, status,
+stage, reason, duplicate_of, times_packed) and `lineage.json` (the per-source and per-stratum tables).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from .io import code_hash, completed_manifest, clear_manifest, file_record, finish_stage, fingerprint
+from .io import read_json, write_json, write_parquet
+
+STAGE = "lineage"
+REMOVAL_STAGES = ("stratify", "dedup", "tokenizer", "mix", "pack")
+REMOVAL_FILES = ("rejects.parquet", "removals.parquet")
+
+
+class LineageError(RuntimeError):
+    pass
+
+
+def _removals(run: Path) -> pl.DataFrame:
+    frames = []
+    for st in REMOVAL_STAGES:
+        for name in REMOVAL_FILES:
+            f = run / st / name
+            if f.exists():
+                df = pl.read_parquet(f, columns=["id", "stage", "reason", "duplicate_of"])
+                frames.append(df.with_columns(stage=pl.lit(st)))
+    if not frames:
+        return pl.DataFrame(schema={"id": pl.String, "stage": pl.String, "reason": pl.String,
+                                    "duplicate_of": pl.String})
+    return pl.concat(frames)
+
+
+def _packed_counts(run: Path) -> pl.DataFrame:
+    ids: list[pa.Array] = []
+    for f in sorted((run / "pack").glob("shard-*.arrow")):
+        with ipc.open_file(pa.memory_map(str(f), "r")) as r:
+            t = r.read_all()
+        ids.append(t.column("sample_ids").combine_chunks().flatten())
+    if not ids:
+        return pl.DataFrame(schema={"id": pl.String, "times_packed": pl.UInt32})
+    s = pl.Series("id", pa.concat_arrays(ids))
+    return s.value_counts(name="times_packed").with_columns(pl.col("times_packed").cast(pl.UInt32))
+
+
+def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
+    """Per-row lineage and the summary tables of a run folder (stages through pack)."""
+    run = Path(run_dir)
+    for st in ("normalize", "stratify", "pack"):
+        if not (run / st / "manifest.json").exists():
+            raise LineageError(f"lineage: {run / st} is not a finished stage folder")
+    rows = pl.read_parquet(run / "stratify" / "rows.parquet", columns=["id", "source", "stratum"])
+    rem = _removals(run)
+    twice = rem.group_by("id").len().filter(pl.col("len") > 1)
+    packed = _packed_counts(run)
+    df = (rows.join(rem.unique("id", keep="first", maintain_order=True), on="id", how="left")
+          .join(packed, on="id", how="left")
+          .with_columns(times_packed=pl.col("times_packed").fill_null(0)))
+    df = df.with_columns(
+        status=pl.when(pl.col("reason").is_not_null() & (pl.col("times_packed") > 0)).then(pl.lit("conflict"))
+        .when(pl.col("reason").is_not_null()).then(pl.lit("removed"))
+        .when(pl.col("times_packed") > 0).then(pl.lit("packed"))
+        .otherwise(pl.lit("unaccounted")))
+    df = df.select("id", "source", "stratum", "status", "stage", "reason", "duplicate_of", "times_packed")
+
+    norm = read_json(run / "normalize" / "manifest.json")["counts"]["per_source"]
+    per_source = {}
+    for src, c in norm.items():
+        sub = df.filter(pl.col("source") == src)
+        per_source[src] = {
+            "ingested": c["in"], "rejected_at_normalize": c["reasons"], "stratified": sub.height,
+            "packed": sub.filter(pl.col("status") == "packed").height,
+            "removed": sub.filter(pl.col("status") == "removed").height,
+        }
+    per_stratum = {}
+    for key, sub in sorted(df.group_by("stratum"), key=lambda kv: kv[0][0]):
+        name = key[0]
+        reasons = (sub.filter(pl.col("status") == "removed").group_by("stage", "reason").len()
+                   .sort("stage", "reason").to_dicts())
+        entry = {
+            "in": sub.height,
+            "packed": sub.filter(pl.col("status") == "packed").height,
+            "times_packed": int(sub["times_packed"].sum()),
+            "removed": {f"{r['stage']}:{r['reason']}": r["len"] for r in reasons},
+            "unaccounted": sub.filter(pl.col("status") == "unaccounted").height,
+            "conflicts": sub.filter(pl.col("status") == "conflict").height,
+        }
+        entry["balanced"] = entry["in"] == entry["packed"] + sum(entry["removed"].values())
+        per_stratum[name] = entry
+    stray = packed.join(rows, on="id", how="anti").height  # packed ids that never were stratified rows
+    summary = {
+        "rows_stratified": rows.height,
+        "rows_packed": df.filter(pl.col("status") == "packed").height,
+        "rows_removed": df.filter(pl.col("status") == "removed").height,
+        "unaccounted": df.filter(pl.col("status") == "unaccounted")["id"].head(20).to_list(),
+        "conflicts": df.filter(pl.col("status") == "conflict")["id"].head(20).to_list(),
+        "removed_twice": twice["id"].head(20).to_list(),
+        "packed_ids_not_in_stratify": stray,
+        "per_source": per_source,
+        "per_stratum": per_stratum,
+    }
+    summary["balanced"] = (not summary["unaccounted"] and not summary["conflicts"] and not summary["removed_twice"]
+                           and stray == 0 and all(v["balanced"] for v in per_stratum.values()))
+    return df, summary
+
+
+def run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None, *, progress: bool = True) -> dict:
+    run = Path(run_dir)
+    out = Path(output_dir) if output_dir else run / STAGE
+    inputs = {st: str(run / st) for st in ("normalize", "stratify", *REMOVAL_STAGES)}
+    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {}, inputs)
+    done = completed_manifest(out, fp)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    clear_manifest(out)
+    t0 = time.time()
+    df, summary = build(run)
+    write_json(summary, out / "lineage.json")
+    outputs = {"lineage.parquet": write_parquet(df.to_arrow(), out / "lineage.parquet"),
+               "lineage.json": file_record(out / "lineage.json")}
+    counts = {k: summary[k] for k in ("rows_stratified", "rows_packed", "rows_removed", "balanced")}
+    manifest = {"stage": STAGE, "fingerprint": fp, "outputs": outputs, "counts": counts}
+    return finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
+
+
+def check(run_dir: str | os.PathLike) -> None:
+    """Raise LineageError unless every row of the run is accounted for exactly once."""
+    _, s = build(run_dir)
+    if not s["balanced"]:
+        bad = {k: v for k, v in s["per_stratum"].items() if not v["balanced"]}
+        raise LineageError(f"lineage does not balance: unaccounted={s['unaccounted']} conflicts={s['conflicts']} "
+                           f"removed_twice={s['removed_twice']} strata={list(bad)[:10]}")
