@@ -1,0 +1,86 @@
+"""The `hrm` command as a user types it (in-process, through pipeline.cli.main)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_and_plan(capsys):
+    code, out, _ = run_cli(capsys, "validate", "demo")
+    assert code == 0 and "spec 'demo': OK" in out
+    code, out, _ = run_cli(capsys, "plan", "hrm_text_1b", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["epochs"] == 4 and not plan["unplanned_sources"]
+    assert 30e9 < plan["unique_tokens"] < 50e9 and 45e9 < plan["seen_tokens"] < 70e9  # paper: 40B / 60B
+    assert plan["strata"]["gsm8k"]["repeat"] == 10
+    code, out, _ = run_cli(capsys, "plan", "demo")
+    assert code == 0 and "unique tok" in out and "word_problems/" in out
+
+
+def test_bad_spec_exits_with_clear_message(capsys, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nsources:\n  - {name: a, kind: local}\n")
+    code, _, err = run_cli(capsys, "validate", str(p))
+    assert code == 2 and str(p) in err and "sources[0]" in err and "needs 'path'" in err
+
+
+def test_every_stage_alone_on_user_files(capsys, tmp_path, gsm8k_train):
+    rows = tmp_path / "rows.jsonl"
+    with open(gsm8k_train) as f, open(rows, "w") as out:
+        for i, line in enumerate(f):
+            if i == 1500:
+                break
+            r = json.loads(line)
+            out.write(json.dumps({"id": f"gsm8k/{i}", "instruction": r["question"], "response": r["answer"],
+                                  "condition": "cot", "source": "gsm8k", "domain": "math"}) + "\n")
+            if i % 100 == 0:  # a planted exact duplicate from another source
+                out.write(json.dumps({"id": f"copy/{i}", "instruction": r["question"], "response": r["answer"],
+                                      "condition": "cot", "source": "copy", "domain": "math"}) + "\n")
+        out.write("not json at all\n")
+    d = tmp_path
+    assert run_cli(capsys, "stage", "stratify", "--input", str(rows), "--output", str(d / "s"), "--no-progress")[0] == 0
+    code, out, _ = run_cli(capsys, "stage", "dedup", "--input", str(d / "s"), "--output", str(d / "d"),
+                           "--set", "threshold=0.7", "--no-progress")
+    assert code == 0
+    counts = json.loads(out)["counts"]
+    assert counts["exact_duplicates"] == 15
+    removals = pq.read_table(d / "d" / "removals.parquet").to_pylist()
+    exact = [r for r in removals if r["reason"] == "exact_duplicate"]
+    assert all(r["id"].startswith("copy/") and r["duplicate_of"] == "gsm8k/" + r["id"].split("/")[1] for r in exact)
+    assert pq.read_table(d / "s" / "rejects.parquet").to_pylist()[0]["reason"] == "bad_json"
+    assert run_cli(capsys, "stage", "tokenizer", "--input", str(d / "d"), "--output", str(d / "t"),
+                   "--set", "vocab_size=700", "--no-progress")[0] == 0
+    assert run_cli(capsys, "stage", "mix", "--input", str(d / "t"), "--output", str(d / "m"),
+                   "--set", "epochs=2", "--no-progress")[0] == 0
+    code, out, _ = run_cli(capsys, "stage", "pack", "--input", str(d / "t"), "--mix", str(d / "m"),
+                           "--output", str(d / "p"), "--set", "seq_len=512", "--no-progress")
+    assert code == 0 and json.loads(out)["counts"]["shards"] >= 1
+    # a bad setting is named, before any work
+    code, _, err = run_cli(capsys, "stage", "dedup", "--input", str(d / "s"), "--output", str(d / "x"),
+                           "--set", "threshold=2")
+    assert code == 2 and "threshold" in err and not (d / "x").exists()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (("stage", "normalize", "--input", "x", "--output", "y"), "needs --spec"),
+    (("stage", "pack", "--input", "x", "--output", "y"), "needs --mix"),
+    (("stage", "dedup", "--output", "y"), "needs --input"),
+])
+def test_stage_argument_errors(capsys, argv, expect):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and expect in err
