@@ -128,12 +128,13 @@ def _ingest_hub(src: SourceSpec, progress: bool) -> tuple[pa.Table, dict]:
     table = ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
     table = _with_meta(table, f"{src.split}")
     resolved = None
-    try:
-        from huggingface_hub import HfApi
+    if not Path(src.path).exists():  # a Hub id, not a local dataset folder
+        try:
+            from huggingface_hub import HfApi
 
-        resolved = HfApi().dataset_info(src.path, revision=src.revision).sha
-    except Exception:
-        resolved = None  # offline with a cached copy: the requested revision is what we know
+            resolved = HfApi().dataset_info(src.path, revision=src.revision).sha
+        except Exception:
+            resolved = None  # offline with a cached copy: the requested revision is what we know
     lic = None
     try:
         lic = ds.info.license or None

@@ -139,3 +139,23 @@ def test_ingest_reuses_unchanged_sources(tmp_path, gsm8k_train):
     timing = read_json(tmp_path / "i" / "timing.json")
     assert timing["seq"] == "reused" and timing["loc"] != "reused"
     assert read_json(tmp_path / "i" / "manifest.json")["sources"]["loc"]["rows"] == 2
+
+
+def test_hub_code_path_on_a_local_dataset_folder(tmp_path, gsm8k_train):
+    """`kind: hub` goes through datasets.load_dataset; a local folder exercises the same path offline."""
+    import shutil
+
+    d = tmp_path / "hubdata"
+    d.mkdir()
+    shutil.copy(gsm8k_train, d / "train.jsonl")
+    src = SourceSpec(name="gsm", kind="hub", path=str(d), split="train", max_rows=300,
+                     fields={"instruction": "question", "response": "answer"})
+    man = ingest.run([src], tmp_path / "ingest", progress=False)
+    rec = man["sources"]["gsm"]
+    assert rec["rows"] == 300 and rec["hub"]["path"] == str(d) and rec["hub"]["split"] == "train"
+    nm = normalize.run(tmp_path / "ingest", tmp_path / "norm", [src], NormalizeConfig(), progress=False)
+    rows = pq.read_table(tmp_path / "norm" / "rows.parquet").to_pylist()
+    assert nm["counts"]["kept"] == 300 and rows[0]["id"] == "gsm/0" and rows[0]["origin"] == "gsm/train"
+    bad = SourceSpec(name="nope", kind="hub", path=str(tmp_path / "missing"), split="train")
+    with pytest.raises(IngestError, match="cannot load Hub dataset"):
+        ingest.run([bad], tmp_path / "ingest2", progress=False)
