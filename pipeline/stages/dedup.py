@@ -1,0 +1,465 @@
+"""dedup: exact dedup (normalized text) then MinHash-LSH near dedup, across all strata.
+
+Rows are ranked by `priority` (lower wins: the source's position in the spec) when the column exists,
+else by input order, ties broken by input order. Of each group of duplicates the best-ranked row is
+kept; every other row is written to removals.parquet with the id of the kept row.
+
+1. exact:  rows whose normalized text (instruction + SEP + response, lowercased when cfg.lowercase,
+           runs of whitespace collapsed, trimmed) equals a better-ranked row's.
+2. near:   among the exact survivors (text = instruction + newline + response), four steps that talk
+           through files in the output folder so each can be rerun or scaled out alone:
+   a. signatures  signatures/part-NNNNN.npy: (rows, num_perm) uint32 per part of PART_ROWS documents,
+                  computed by cfg.workers processes from signatures/docs.arrow (the texts, rank order).
+   b. buckets     buckets/candidates.parquet: pairs sharing an LSH bucket, their estimated Jaccard and
+                  whether it passes verification (>= threshold - VERIFY_Z standard errors).
+   c. clusters    union-find over the verified pairs -> clusters.parquet (id, cluster_id = kept id),
+                  one row per member of every cluster with more than one member.
+   d. filter      rows.parquet (kept rows, input columns and order), removals.parquet.
+
+Also written: rejects.parquet (rows the loader rejected), manifest.json (last) and timing.json.
+Verification accepts a pair a little below the threshold (VERIFY_Z standard errors of the estimate)
+so that pairs truly at the threshold are not lost to estimation noise; the banding is chosen so that
+such pairs become candidates with probability >= MIN_RECALL.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from .. import minhash
+from ..config import DedupConfig
+from ..io import (
+    atomic_path,
+    clear_manifest,
+    code_hash,
+    completed_manifest,
+    fingerprint,
+    finish_stage,
+    read_json,
+    write_json,
+    write_parquet,
+)
+from ..rows import load_rows
+from ..schema import REMOVAL_SCHEMA
+
+STAGE = "dedup"
+PART_ROWS = 32_768  # documents per signature part
+SEP = "\x1f"  # between instruction and response in the exact-dedup key
+VERIFY_Z = 2.0  # verification keeps pairs whose estimate is >= threshold - VERIFY_Z * std error
+MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
+DOCS_FILE = "docs.arrow"
+CLUSTERS_SCHEMA = pa.schema(
+    [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+def run(
+    input_path: str | os.PathLike, output_dir: str | os.PathLike, cfg: DedupConfig, *, progress: bool = True
+) -> dict:
+    """Deduplicate `input_path` (a stage folder, .parquet or .jsonl in the normalized schema) into
+    `output_dir`; returns the manifest (from a finished identical run without recomputing, if any).
+
+    With cfg.workers > 1 the signature parts are computed by processes started with multiprocessing's
+    forkserver method, so a script calling this must guard its entry point (if __name__ == "__main__").
+    cfg.workers is left out of the fingerprint: it never changes the outputs."""
+    out = Path(output_dir)
+    # workers only changes how fast the signatures are computed, never the outputs
+    params = cfg.model_dump(exclude={"workers"})
+    fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
+    done = completed_manifest(out, fp)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    clear_manifest(out)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    loaded = load_rows(input_path, stage=STAGE)
+    table, rejects = loaded.table, loaded.rejects
+    del loaded
+    n = table.num_rows
+    rank = priority_order(table)  # (n,) row indices, best first
+    timing["load"] = time.perf_counter() - t0
+
+    # 1. exact
+    t = time.perf_counter()
+    exact_of = np.full(n, -1, np.int64)  # row index of the best-ranked identical row, -1 for itself
+    if cfg.exact and n:
+        exact_of = exact_duplicates(table, rank, cfg.lowercase)
+    is_exact = exact_of >= 0
+    keep_of = exact_of.copy()  # row index of the kept row, -1 for kept rows
+    timing["exact"] = time.perf_counter() - t
+
+    # 2. near, over the exact survivors in rank order
+    t = time.perf_counter()
+    survivors = rank[~is_exact[rank]]
+    jaccard = np.ones(n, np.float32)
+    is_near = np.zeros(n, bool)
+    lsh_info: dict = {}
+    clusters = pa.Table.from_pylist([], schema=CLUSTERS_SCHEMA)
+    if cfg.near and survivors.size > 1:
+        docs = out / "signatures" / DOCS_FILE
+        write_docs(
+            (_joined_texts(table, survivors[s : s + PART_ROWS]) for s in range(0, survivors.size, PART_ROWS)), docs
+        )
+        res = near_duplicates(docs, out, cfg, key=fp, progress=progress)
+        lsh_info = res.info
+        dup = np.flatnonzero(res.root != np.arange(survivors.size))
+        keep_of[survivors[dup]] = survivors[res.root[dup]]
+        jaccard[survivors[dup]] = res.jaccard[dup]
+        is_near[survivors[dup]] = True
+        # an exact copy of a row removed as a near duplicate points at the row kept in its place
+        exact_rows = np.flatnonzero(is_exact)
+        keep_of[exact_rows] = np.where(
+            is_near[exact_of[exact_rows]], keep_of[exact_of[exact_rows]], keep_of[exact_rows]
+        )
+        clusters = _clusters_table(table["id"], survivors, res.root)
+        docs.unlink()  # a copy of the input text
+        timing.update({f"near_{k}": v for k, v in res.timing.items()})
+    else:  # no near step this time: no step files of an earlier run left behind
+        for step in ("signatures", "buckets"):
+            shutil.rmtree(out / step, ignore_errors=True)
+    timing["near"] = time.perf_counter() - t
+
+    # 3. filter + write
+    t = time.perf_counter()
+    kept_idx = np.flatnonzero(keep_of < 0)
+    outputs = {
+        "rows.parquet": write_parquet(table.take(kept_idx), out / "rows.parquet"),
+        "removals.parquet": write_parquet(
+            _removals(table, keep_of, exact_of, is_near, jaccard), out / "removals.parquet"
+        ),
+        "rejects.parquet": write_parquet(_rejects(rejects), out / "rejects.parquet"),
+        "clusters.parquet": write_parquet(clusters, out / "clusters.parquet"),
+    }
+    counts = {
+        "rows_in": n,
+        "kept": int(kept_idx.size),
+        "exact_duplicates": int(is_exact.sum()),
+        "near_duplicates": int(is_near.sum()),
+        "rejected": len(rejects),
+    }
+    assert counts["rows_in"] == counts["kept"] + counts["exact_duplicates"] + counts["near_duplicates"]
+    manifest = {
+        "stage": STAGE,
+        "fingerprint": fp,
+        "input": str(input_path),
+        "config": cfg.model_dump(),
+        "outputs": outputs,
+        "counts": counts,
+        "lsh": lsh_info,
+    }
+    if "stratum" in table.column_names:
+        manifest["strata"] = _strata_counts(table["stratum"], is_exact, is_near)
+    timing["write"] = time.perf_counter() - t
+    timing["total"] = time.perf_counter() - t0
+    return finish_stage(out, manifest, timing)
+
+
+def priority_order(table: pa.Table) -> np.ndarray:
+    """Row indices best first: by `priority` (lower first) when present, then by input order."""
+    n = table.num_rows
+    if "priority" not in table.column_names:
+        return np.arange(n, dtype=np.int64)
+    col = table["priority"]
+    if not pa.types.is_integer(col.type):
+        raise ValueError(f"dedup: column 'priority' must be an integer column, got {col.type}")
+    if col.null_count:  # a row without a priority comes after all the others
+        col = pc.fill_null(col, pa.scalar(np.iinfo(col.type.to_pandas_dtype()).max, col.type))
+    return np.argsort(col.to_numpy(), kind="stable").astype(np.int64)
+
+
+def normalized_text(table: pa.Table, lowercase: bool) -> pl.Series:
+    """The exact-dedup key: instruction + SEP + response, each lowercased (optionally), whitespace
+    runs collapsed to one space and trimmed."""
+
+    def norm(col: str) -> pl.Expr:
+        e = pl.col(col)
+        if lowercase:
+            e = e.str.to_lowercase()
+        # = replace_all(r"\s+", " "), 3x faster: single spaces (most matches of \s+) are left alone
+        return e.str.replace_all(r"\s{2,}|[^\S ]", " ").str.strip_chars(" ")
+
+    df = pl.from_arrow(table.select(["instruction", "response"]))
+    return df.select(pl.concat_str([norm("instruction"), norm("response")], separator=SEP)).to_series()
+
+
+def exact_duplicates(table: pa.Table, rank: np.ndarray, lowercase: bool, slice_rows: int = 65_536) -> np.ndarray:
+    """(n,) int64: for each row, the index of the best-ranked row with the same normalized text, or
+    -1 for that row itself (and for rows without a duplicate).
+
+    Rows are compared by a 128-bit hash of their normalized text (two seeded 64-bit hashes), computed a
+    slice of rows at a time so that the normalized copies of the text never all exist at once."""
+    n = table.num_rows
+    h = np.empty((2, n), np.uint64)  # (2, n)
+    for s in range(0, n, slice_rows):
+        key = normalized_text(table.slice(s, slice_rows), lowercase)
+        h[0, s : s + len(key)] = key.hash(seed=1).to_numpy()
+        h[1, s : s + len(key)] = key.hash(seed=2).to_numpy()
+    ranked = pl.DataFrame({"h0": h[0, rank], "h1": h[1, rank], "pos": np.arange(n, dtype=np.int64)})
+    first = ranked.select(pl.col("pos").min().over("h0", "h1")).to_series().to_numpy()  # (n,) rank position
+    keep_of = np.full(n, -1, np.int64)
+    dup = np.flatnonzero(first != np.arange(n))
+    keep_of[rank[dup]] = rank[first[dup]]
+    return keep_of
+
+
+def _joined_texts(table: pa.Table, rows: np.ndarray) -> pa.Array:
+    """instruction + newline + response of the given rows, as one large_string array."""
+    big = pa.large_string()  # either column may be string or large_string
+    joined = pc.binary_join_element_wise(
+        table["instruction"].take(rows).cast(big), table["response"].take(rows).cast(big), pa.scalar("\n", big)
+    )
+    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+
+
+# ------------------------------------------------------------------------------------------------
+# near dedup: signatures -> buckets -> clusters
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class NearResult:
+    root: np.ndarray  # (D,) int64: the document each one is a duplicate of (itself when kept)
+    jaccard: np.ndarray  # (D,) float32: estimated Jaccard with its root (1 for roots)
+    info: dict  # banding, verification threshold and pair counts, for the manifest
+    timing: dict  # seconds per step
+
+
+def lsh_params(cfg: DedupConfig) -> tuple[int, int, float]:
+    """(bands, rows, verify_threshold) for a config: cfg.bands if given, else the banding with
+    candidate probability >= MIN_RECALL at the threshold that minimises false positives + negatives."""
+    if cfg.bands is not None:
+        if cfg.bands > cfg.num_perm:
+            raise ValueError(f"dedup: bands={cfg.bands} exceeds num_perm={cfg.num_perm}")
+        bands, rows = cfg.bands, cfg.num_perm // cfg.bands
+    else:
+        bands, rows = minhash.optimal_bands(cfg.threshold, cfg.num_perm, min_recall=MIN_RECALL)
+    std = math.sqrt(cfg.threshold * (1 - cfg.threshold) / cfg.num_perm)
+    return bands, rows, max(0.0, cfg.threshold - VERIFY_Z * std)
+
+
+def write_docs(texts: pa.Array | pa.ChunkedArray | Iterable[pa.Array], path: Path) -> int:
+    """Write texts (an array, or batches of them) to an Arrow IPC file with one column `text`, the input
+    of `near_duplicates`; returns the number of texts."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.chunks
+    elif isinstance(texts, pa.Array):
+        texts = [texts]
+    schema = pa.schema([("text", pa.large_string())])
+    rows = 0
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for batch in texts:
+            writer.write_table(pa.table({"text": batch.cast(pa.large_string())}), max_chunksize=PART_ROWS)
+            rows += len(batch)
+    return rows
+
+
+def near_duplicates(
+    docs: Path,
+    work_dir: str | os.PathLike,
+    cfg: DedupConfig,
+    *,
+    key: str | None = None,
+    part_rows: int | None = None,
+    progress: bool = False,
+) -> NearResult:
+    """Near-duplicate clusters of the texts in `docs` (see `write_docs`; best-ranked first): writes
+    signatures/ and buckets/ into work_dir. With `key`, signature parts of an interrupted run with the
+    same key are reused."""
+    work = Path(work_dir)
+    part_rows = part_rows or PART_ROWS
+    t0 = time.perf_counter()
+    parts = signature_step(docs, work / "signatures", cfg, key=key, part_rows=part_rows, progress=progress)
+    t1 = time.perf_counter()
+    bands, rows, verify_at = lsh_params(cfg)
+    cand = bucket_step(parts, work / "buckets", bands, rows, verify_at)
+    t2 = time.perf_counter()
+    n_docs = sum(np.load(p, mmap_mode="r").shape[0] for p in parts)
+    verified = cand.filter(cand["verified"])
+    pairs = (
+        np.stack([verified["a"].to_numpy(), verified["b"].to_numpy()], axis=1)
+        if verified.num_rows
+        else np.zeros((0, 2), np.int64)
+    )
+    root = minhash.union_find(n_docs, pairs)  # (D,)
+    jaccard = np.ones(n_docs, np.float32)
+    dup = np.flatnonzero(root != np.arange(n_docs))
+    if dup.size:
+        store = SignatureStore(parts)
+        jaccard[dup] = minhash.estimated_jaccard(store.rows(dup), store.rows(root[dup]))
+    info = {
+        "bands": bands,
+        "rows": rows,
+        "verify_threshold": round(verify_at, 6),
+        "documents": n_docs,
+        "signature_parts": len(parts),
+        "candidate_pairs": cand.num_rows,
+        "verified_pairs": verified.num_rows,
+    }
+    timing = {"signatures": t1 - t0, "buckets": t2 - t1, "clusters": time.perf_counter() - t2}
+    return NearResult(root, jaccard, info, timing)
+
+
+def signature_step(
+    docs: Path, sig_dir: Path, cfg: DedupConfig, *, key: str | None, part_rows: int, progress: bool
+) -> list[Path]:
+    """One signature part per `part_rows` documents of the docs file, computed by cfg.workers processes
+    (parts of a run with the same `key` already there are kept); returns the part paths in order."""
+    with pa.memory_map(str(docs)) as src:
+        n_docs = pa.ipc.open_file(src).read_all().num_rows
+    meta = {"key": key, "docs": n_docs, "part_rows": part_rows}
+    sig_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = sig_dir / "meta.json"
+    if key is None or not meta_path.exists() or read_json(meta_path) != meta:
+        for old in sig_dir.glob("part-*.npy"):
+            old.unlink()
+    write_json(meta, meta_path)
+    bounds = [(s, min(s + part_rows, n_docs)) for s in range(0, n_docs, part_rows)]
+    parts = [sig_dir / f"part-{i:05d}.npy" for i in range(len(bounds))]
+    todo = [i for i, p in enumerate(parts) if not p.exists()]
+    if todo:
+        job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
+        bar = tqdm(total=len(todo), desc="dedup signatures", unit="part", disable=not progress)
+        if cfg.workers == 1 or len(todo) == 1:
+            for i in todo:
+                signature_part(docs, *bounds[i], parts[i], **job)
+                bar.update()
+        else:
+            # workers fork from a fresh server process that has imported this module: they start at
+            # once, never inherit the parent's memory or its Arrow/polars threads
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+            with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
+                futures = [pool.submit(signature_part, docs, *bounds[i], parts[i], **job) for i in todo]
+                for f in as_completed(futures):
+                    f.result()
+                    bar.update()
+        bar.close()
+    return parts
+
+
+def signature_part(
+    docs: Path, start: int, stop: int, out_path: Path, *, num_perm: int, ngram: int, seed: int, lowercase: bool
+) -> None:
+    """One part: documents [start, stop) of the docs file -> out_path, (stop-start, num_perm) uint32."""
+    hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
+    with pa.memory_map(str(docs)) as src:  # only this part's pages are read; unmapped when done
+        sig = hasher.signatures(pa.ipc.open_file(src).read_all()["text"].slice(start, stop - start))
+    assert sig.shape == (stop - start, num_perm)
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        np.save(f, sig)
+
+
+class SignatureStore:
+    """Row access to the signature parts without loading them all (memory-mapped)."""
+
+    def __init__(self, parts: list[Path]):
+        self.parts = [np.load(p, mmap_mode="r") for p in parts]
+        self.starts = np.cumsum([0] + [p.shape[0] for p in self.parts])
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        P = self.parts[0].shape[1]
+        out = np.empty((idx.size, P), np.uint32)
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        for k in np.unique(which):
+            m = which == k
+            out[m] = self.parts[k][idx[m] - self.starts[k]]
+        return out
+
+
+def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int, verify_at: float) -> pa.Table:
+    """LSH buckets of all parts -> bucket_dir/candidates.parquet (a, b, jaccard, verified), a < b."""
+    keys, valid = [np.zeros((bands, 0), np.uint64)], [np.zeros(0, bool)]
+    for p in parts:
+        sig = np.load(p)
+        keys.append(minhash.band_keys(sig, bands, rows))
+        valid.append(sig[:, 0] != minhash.EMPTY)  # no shingle: never a near duplicate
+    pairs = minhash.candidate_pairs(np.concatenate(keys, axis=1), np.concatenate(valid))
+    store = SignatureStore(parts)
+    est = minhash.estimated_jaccard(store.rows(pairs[:, 0]), store.rows(pairs[:, 1]))
+    cand = pa.table(
+        {
+            "a": pa.array(pairs[:, 0], pa.int64()),
+            "b": pa.array(pairs[:, 1], pa.int64()),
+            "jaccard": pa.array(est, pa.float32()),
+            "verified": pa.array(est >= np.float32(verify_at) - np.float32(1e-6)),
+        }
+    )
+    write_parquet(cand, bucket_dir / "candidates.parquet")
+    return cand
+
+
+# ------------------------------------------------------------------------------------------------
+# output tables
+# ------------------------------------------------------------------------------------------------
+def _clusters_table(ids: pa.ChunkedArray, survivors: np.ndarray, root: np.ndarray) -> pa.Table:
+    """(id, cluster_id = id of the kept row) for every member of a cluster with 2+ members, in
+    the input order of the members."""
+    in_cluster = np.zeros(root.size, bool)
+    in_cluster[root != np.arange(root.size)] = True
+    in_cluster[root[in_cluster]] = True
+    members = np.flatnonzero(in_cluster)
+    order = np.argsort(survivors[members], kind="stable")
+    members = members[order]
+    return pa.table(
+        {"id": ids.take(survivors[members]), "cluster_id": ids.take(survivors[root[members]])},
+        schema=CLUSTERS_SCHEMA,
+    )
+
+
+def _removals(
+    table: pa.Table, keep_of: np.ndarray, exact_of: np.ndarray, is_near: np.ndarray, jaccard: np.ndarray
+) -> pa.Table:
+    removed = np.flatnonzero(keep_of >= 0)  # input order
+    ids = table["id"]
+    detail = []
+    for r in removed.tolist():
+        if is_near[r]:
+            detail.append(f"estimated_jaccard={jaccard[r]:.3f}")
+        elif exact_of[r] == keep_of[r]:
+            detail.append("same normalized text")
+        else:  # its identical row was itself removed as a near duplicate of the kept row
+            detail.append(f"same normalized text as {ids[int(exact_of[r])].as_py()}")
+    near = is_near[removed]
+    return pa.table(
+        {
+            "id": ids.take(removed),
+            "source": table["source"].take(removed),
+            "stage": pa.array([STAGE] * removed.size, pa.string()),
+            "reason": pa.array(np.where(near, "near_duplicate", "exact_duplicate").tolist(), pa.string()),
+            "detail": pa.array(detail, pa.string()),
+            "duplicate_of": ids.take(keep_of[removed]),
+        },
+        schema=REMOVAL_SCHEMA,
+    )
+
+
+def _rejects(rejects: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{**r, "stage": STAGE} for r in rejects], schema=REMOVAL_SCHEMA)
+
+
+def _strata_counts(stratum: pa.ChunkedArray, is_exact: np.ndarray, is_near: np.ndarray) -> dict:
+    names = pl.from_arrow(stratum).cast(pl.String).fill_null("")
+    df = pl.DataFrame({"stratum": names, "exact": is_exact, "near": is_near})
+    agg = df.group_by("stratum").agg(pl.len().alias("in"), pl.col("exact").sum(), pl.col("near").sum()).sort("stratum")
+    return {
+        r["stratum"]: {"in": r["in"], "kept": r["in"] - r["exact"] - r["near"], "exact": r["exact"], "near": r["near"]}
+        for r in agg.iter_rows(named=True)
+    }

@@ -1,0 +1,434 @@
+"""dedup stage and MinHash kernel, on real GSM8K rows with planted duplicates."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import minhash
+from pipeline.config import DedupConfig
+from pipeline.io import sha256_file, write_parquet
+from pipeline.schema import REMOVAL_SCHEMA
+from pipeline.stages import dedup
+
+GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
+pytestmark = pytest.mark.skipif(not GSM8K.exists(), reason=f"{GSM8K} not available")
+
+WORD = re.compile(r"\w+")
+
+
+def gsm8k_rows(limit: int | None = None) -> list[dict]:
+    rows = []
+    with open(GSM8K) as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                break
+            o = json.loads(line)
+            rows.append(
+                {
+                    "id": f"gsm8k/{i}",
+                    "instruction": o["question"],
+                    "response": o["answer"],
+                    "condition": "cot",
+                    "source": "gsm8k",
+                    "domain": "math",
+                }
+            )
+    return rows
+
+
+def ref_shingles(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    w = WORD.findall(text.lower())
+    return {tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1))} if w else set()
+
+
+def ref_jaccard(r1: dict, r2: dict) -> float:
+    a = ref_shingles(r1["instruction"] + "\n" + r1["response"])
+    b = ref_shingles(r2["instruction"] + "\n" + r2["response"])
+    return len(a & b) / len(a | b)
+
+
+def near_copy(rng: random.Random, row: dict, new_id: str, edits: int) -> dict:
+    """The row with `edits` single-word substitutions/insertions in its answer, far apart."""
+    words = row["response"].split(" ")
+    step = max(1, len(words) // (edits + 1))
+    for k in range(edits, 0, -1):
+        pos = k * step
+        if rng.random() < 0.5:
+            words[pos] = "banana"
+        else:
+            words.insert(pos, "really")
+    return {**row, "id": new_id, "source": "copies", "response": " ".join(words)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage on GSM8K with planted duplicates
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    rng = random.Random(0)
+    rows = gsm8k_rows()
+    by_id = {r["id"]: r for r in rows}
+    originals = rng.sample(rows, 120)
+    exact, near, original_of = [], [], {}
+    for i, r in enumerate(originals[:30]):  # same text up to case and whitespace
+        original_of[f"exact/{i}"] = r["id"]
+        exact.append(
+            {
+                **r,
+                "id": f"exact/{i}",
+                "source": "copies",
+                "instruction": "  " + r["instruction"].upper().replace(" ", "   "),
+                "response": r["response"].replace(" ", "\t") + "\n",
+            }
+        )
+    for r in originals[30:]:
+        if len(WORD.findall(r["instruction"] + " " + r["response"])) < 120:
+            continue  # long enough that two edits keep the Jaccard well above 0.8
+        c = near_copy(rng, r, f"near/{len(near)}", edits=rng.choice([1, 2]))
+        if ref_jaccard(r, c) >= 0.85:
+            near.append(c)
+            original_of[c["id"]] = r["id"]
+    copies = exact + near
+    rng.shuffle(copies)
+    path = tmp_path_factory.mktemp("planted") / "rows.jsonl"
+    with open(path, "w") as f:
+        for r in rows + copies:  # copies after their originals: the originals are kept
+            f.write(json.dumps(r) + "\n")
+    out = tmp_path_factory.mktemp("planted_out")
+    man = dedup.run(path, out, DedupConfig(), progress=False)
+    removals = pq.read_table(out / "removals.parquet").to_pylist()
+    return {
+        "rows": rows,
+        "by_id": {**by_id, **{c["id"]: c for c in copies}},
+        "exact": exact,
+        "near": near,
+        "original_of": original_of,
+        "out": out,
+        "manifest": man,
+        "removals": removals,
+        "input": path,
+    }
+
+
+def test_planted_duplicates_removed_and_point_at_the_original(planted):
+    assert len(planted["near"]) >= 20
+    rem = {r["id"]: r for r in planted["removals"]}
+    for c in planted["exact"]:
+        r = rem[c["id"]]
+        assert (r["reason"], r["stage"], r["source"]) == ("exact_duplicate", "dedup", "copies")
+        assert r["duplicate_of"] == planted["original_of"][c["id"]]
+    for c in planted["near"]:
+        r = rem[c["id"]]
+        assert r["reason"] == "near_duplicate", c["id"]
+        assert r["duplicate_of"] == planted["original_of"][c["id"]]
+        assert float(r["detail"].split("=")[1]) >= 0.7  # the estimated Jaccard
+    kept = set(pq.read_table(planted["out"] / "rows.parquet")["id"].to_pylist())
+    assert set(planted["original_of"].values()) <= kept
+
+
+def test_unrelated_rows_kept_few_false_positives(planted):
+    planted_ids = {c["id"] for c in planted["exact"] + planted["near"]}
+    extra = [r for r in planted["removals"] if r["id"] not in planted_ids]
+    assert len(extra) <= 5, extra  # of 7,473 GSM8K rows
+    for r in extra:  # any other removal is a genuine near duplicate inside GSM8K
+        assert ref_jaccard(planted["by_id"][r["id"]], planted["by_id"][r["duplicate_of"]]) >= 0.65
+
+
+def test_outputs_counts_and_schema(planted):
+    out, man = planted["out"], planted["manifest"]
+    c = man["counts"]
+    n_in = len(planted["rows"]) + len(planted["exact"]) + len(planted["near"])
+    assert c["rows_in"] == n_in == c["kept"] + c["exact_duplicates"] + c["near_duplicates"]
+    assert c["exact_duplicates"] == len(planted["exact"]) and c["rejected"] == 0
+    rows = pq.read_table(out / "rows.parquet")
+    assert rows.num_rows == c["kept"]
+    assert rows.column_names == ["id", "instruction", "response", "condition", "source", "domain"]
+    ids = rows["id"].to_pylist()
+    order = {r["id"]: i for i, r in enumerate(planted["rows"])}
+    assert [order[i] for i in ids if i in order] == sorted(order[i] for i in ids if i in order)  # input order
+    assert pq.read_schema(out / "removals.parquet").equals(REMOVAL_SCHEMA)
+    assert pq.read_schema(out / "rejects.parquet").equals(REMOVAL_SCHEMA)
+    clusters = pq.read_table(out / "clusters.parquet").to_pylist()
+    assert {r["id"] for r in clusters} >= {c["id"] for c in planted["near"]}
+    assert set(man["outputs"]) == {"rows.parquet", "removals.parquet", "rejects.parquet", "clusters.parquet"}
+    for name, rec in man["outputs"].items():
+        assert sha256_file(out / name) == rec["sha256"]
+    assert (out / "signatures" / "part-00000.npy").exists()
+    assert (out / "buckets" / "candidates.parquet").exists()
+    assert not (out / "signatures" / dedup.DOCS_FILE).exists()
+    assert (out / "timing.json").exists()
+
+
+def test_idempotent_rerun_returns_manifest_without_recomputing(planted, monkeypatch):
+    out = planted["out"]
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(dedup, "near_duplicates", boom)
+    monkeypatch.setattr(dedup, "load_rows", boom)
+    man = dedup.run(planted["input"], out, DedupConfig(workers=2), progress=False)  # workers: same outputs
+    assert man == planted["manifest"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+    with pytest.raises(AssertionError, match="recomputed"):  # another threshold is another run
+        dedup.run(planted["input"], out, DedupConfig(threshold=0.7), progress=False)
+
+
+def test_deterministic_across_runs_and_workers(tmp_path, monkeypatch):
+    rows = gsm8k_rows(3000)
+    rows += [{**r, "id": f"copy/{i}", "response": r["response"] + " Done."} for i, r in enumerate(rows[:200:7])]
+    src = tmp_path / "rows.parquet"
+    table = pa.Table.from_pylist(rows)
+    write_parquet(table.set_column(2, "response", table["response"].cast(pa.large_string())), src)
+    monkeypatch.setattr(dedup, "PART_ROWS", 700)  # several parts, shared by the two workers
+    m1 = dedup.run(src, tmp_path / "a", DedupConfig(workers=1), progress=False)
+    m2 = dedup.run(src, tmp_path / "b", DedupConfig(workers=2), progress=False)
+    assert m2["counts"] == m1["counts"]
+    assert m1["lsh"]["signature_parts"] == 5
+    assert m1["counts"]["near_duplicates"] >= 25
+    for name in ("rows.parquet", "removals.parquet", "clusters.parquet"):
+        assert sha256_file(tmp_path / "a" / name) == sha256_file(tmp_path / "b" / name)
+    for k in range(5):
+        part = f"signatures/part-{k:05d}.npy"
+        assert np.array_equal(np.load(tmp_path / "a" / part), np.load(tmp_path / "b" / part))
+
+
+def test_priority_wins_and_strata_counts(tmp_path):
+    base = gsm8k_rows(400)
+    rows = []
+    for i, r in enumerate(base):
+        rows.append({**r, "source": "low", "stratum": "low/all", "priority": 1})
+    # the same problems again from a better source, later in the file: exact copies and near copies
+    rng = random.Random(1)
+    for i, r in enumerate(base[:60]):
+        c = {**r, "id": f"high/{i}", "source": "high", "stratum": "high/all", "priority": 0}
+        if i % 2:
+            c = near_copy(rng, c, f"high/{i}", edits=1)
+            c["source"], c["stratum"], c["priority"] = "high", "high/all", 0
+        rows.append(c)
+    rows.append({**base[100], "id": "low/tie", "source": "low", "stratum": "low/all", "priority": 1})  # tie
+    rows.append({**base[1], "id": "low/again", "source": "low", "stratum": "low/all", "priority": 1})
+    src = tmp_path / "rows.parquet"
+    table = pa.Table.from_pylist(rows).cast(
+        pa.schema([(f.name, pa.int32() if f.name == "priority" else f.type) for f in pa.Table.from_pylist(rows).schema])
+    )
+    write_parquet(table, src)
+    man = dedup.run(src, tmp_path / "out", DedupConfig(), progress=False)
+    rem = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "removals.parquet").to_pylist()}
+    kept = pq.read_table(tmp_path / "out" / "rows.parquet")
+    kept_ids = set(kept["id"].to_pylist())
+    for i in range(60):
+        assert f"high/{i}" in kept_ids
+        r = rem[f"gsm8k/{i}"]
+        assert r["duplicate_of"] == f"high/{i}"
+        assert r["reason"] == ("near_duplicate" if i % 2 else "exact_duplicate")
+    assert rem["low/tie"]["duplicate_of"] == "gsm8k/100"  # same priority: the earlier row wins
+    # an exact copy of gsm8k/1, itself a near duplicate of high/1, points at the kept row
+    assert rem["low/again"]["duplicate_of"] == "high/1"
+    assert rem["low/again"]["reason"] == "exact_duplicate" and rem["low/again"]["detail"].endswith("gsm8k/1")
+    assert kept.column_names == table.column_names
+    strata = man["strata"]
+    assert strata["high/all"] == {"in": 60, "kept": 60, "exact": 0, "near": 0}
+    assert strata["low/all"]["in"] == 402
+    assert strata["low/all"]["exact"] == 32 and strata["low/all"]["near"] >= 30
+    assert sum(s["kept"] for s in strata.values()) == man["counts"]["kept"]
+
+
+def test_malformed_input_rejected_and_counted(tmp_path):
+    good = gsm8k_rows(50)
+    lines = [json.dumps(r) for r in good]
+    lines += [
+        '{"id": "bad/json", "instruction": "x", ',  # truncated JSON
+        json.dumps({"id": "bad/missing", "instruction": "q", "condition": "cot", "source": "s", "domain": "d"}),
+        json.dumps({**good[0], "id": "bad/type", "response": 5}),
+        json.dumps({**good[1], "id": "bad/empty", "response": "   "}),
+        "[1, 2, 3]",
+        json.dumps({**good[2], "id": "dup/2"}),  # a valid exact duplicate
+    ]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    man = dedup.run(src, tmp_path / "out", DedupConfig(), progress=False)
+    c = man["counts"]
+    assert c["rejected"] == 5 and c["rows_in"] == 51 and c["exact_duplicates"] == 1 and c["kept"] == 50
+    rejects = pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    assert {r["reason"] for r in rejects} == {"bad_json", "missing_field", "wrong_type", "empty_field", "not_an_object"}
+    assert all(r["stage"] == "dedup" for r in rejects)
+
+
+def test_empty_and_tiny_inputs(tmp_path):
+    src = tmp_path / "one.jsonl"
+    src.write_text(json.dumps(gsm8k_rows(1)[0]) + "\n")
+    man = dedup.run(src, tmp_path / "out", DedupConfig(), progress=False)
+    assert man["counts"] == {"rows_in": 1, "kept": 1, "exact_duplicates": 0, "near_duplicates": 0, "rejected": 0}
+    rows = [
+        {"id": f"p/{i}", "instruction": "?", "response": "!!", "condition": "c", "source": "s", "domain": "d"}
+        for i in range(2)
+    ]
+    rows.append({**rows[0], "id": "p/x", "instruction": "¿?"})  # no word at all: never a near duplicate
+    src = tmp_path / "punct.parquet"
+    write_parquet(pa.Table.from_pylist(rows), src)
+    man = dedup.run(src, tmp_path / "out2", DedupConfig(), progress=False)
+    assert man["counts"]["exact_duplicates"] == 1 and man["counts"]["near_duplicates"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel
+# ------------------------------------------------------------------------------------------------
+TRICKY = [
+    "Hello, World! hello WORLD",
+    "",
+    "!!! ... ---",
+    "one",
+    "naïve café — Ünïcode wörds; don’t STOP",
+    "x" * 30 + " " + "y" * 17 + " " + "z" * 8 + " " + "z" * 9 + " " + "w" * 16,
+    "ÉCOLE école Straße",
+    "under_score snake_case 123 4.5 a-b",
+    "tail",
+    "word",
+]
+
+
+def test_word_hashes_match_python_words():
+    wh, wo = minhash.word_hashes(TRICKY)
+    seen: dict[str, int] = {}
+    for d, text in enumerate(TRICKY):
+        ref = WORD.findall(text.lower())
+        got = wh[wo[d] : wo[d + 1]].tolist()
+        assert len(got) == len(ref), text
+        for w, h in zip(ref, got):
+            assert seen.setdefault(w, h) == h, w
+    assert len(set(seen.values())) == len(seen)  # different words, different hashes
+    wh2, _ = minhash.word_hashes(pa.array(TRICKY, pa.large_string()))  # same hashes in another call/type
+    assert np.array_equal(wh, wh2)
+    wh3, wo3 = minhash.word_hashes(TRICKY, lowercase=False)
+    assert wh3[wo3[0]] != wh3[wo3[0] + 2]  # Hello vs hello
+    sliced = pa.array([None] + TRICKY).slice(3, 5)  # an Arrow slice (offset != 0) after a null
+    wh4, wo4 = minhash.word_hashes(sliced)
+    assert np.array_equal(wh4, wh[wo[2] : wo[7]]) and np.array_equal(wo4, wo[2:8] - wo[2])
+
+
+def test_shingles_count_and_identity():
+    texts = ["a b c d e f g", "a b c", "", "c d e f g a b c d e", "x y"]
+    wh, wo = minhash.word_hashes(texts)
+    sh, so = minhash.shingle_hashes(wh, wo, 5)
+    assert np.diff(so).tolist() == [3, 1, 0, 6, 1]
+    assert sh.max() < 2**32
+    assert sh[so[0] + 2] == sh[so[3]]  # the 5-gram "c d e f g" in both
+    assert sh[so[0]] == sh[so[3] + 5]  # "a b c d e"
+    assert len(set(sh[so[3] : so[4]].tolist())) == 6
+    assert sh[so[1]] not in set(sh[so[0] : so[1]].tolist())  # "a b c" (a short doc) is not a 5-gram
+
+
+def test_minhash_matches_definition():
+    a, b = minhash.permutations(32, seed=3)
+    rng = np.random.default_rng(0)
+    sizes = [5, 0, 1, 300, 9000]  # includes a document longer than a block
+    sh = rng.integers(0, 2**32, sum(sizes), dtype=np.uint64)
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    sig = minhash.minhash(sh, off, a, b, block=2048)
+    mask = (1 << 64) - 1
+    for d in range(len(sizes)):
+        xs = [int(x) for x in sh[off[d] : off[d + 1]]]
+        if not xs:
+            assert (sig[d] == minhash.EMPTY).all()
+            continue
+        ref = [min((int(ai) * x + int(bi)) & mask for x in xs) >> 33 for ai, bi in zip(a, b)]
+        assert sig[d].tolist() == ref
+
+
+def test_estimated_jaccard_close_to_true_jaccard():
+    rng = np.random.default_rng(1)
+    a, b = minhash.permutations(128, seed=1)
+    docs, true_j = [], []
+    for _ in range(200):
+        n = int(rng.integers(50, 400))
+        j = rng.uniform(0.0, 1.0)
+        common = int(round(n * 2 * j / (1 + j)))
+        pool = rng.choice(2**32, 2 * n, replace=False).astype(np.uint64)
+        docs += [pool[:n], np.concatenate([pool[:common], pool[n : 2 * n - common]])]
+        true_j.append(common / (2 * n - common))
+    off = np.concatenate([[0], np.cumsum([d.size for d in docs])]).astype(np.int64)
+    sig = minhash.minhash(np.concatenate(docs), off, a, b)
+    est = minhash.estimated_jaccard(sig[0::2], sig[1::2])
+    err = est - np.array(true_j)
+    assert abs(err.mean()) < 0.01
+    assert np.sqrt((err**2).mean()) < 0.05  # binomial std <= sqrt(0.25 / 128) = 0.044
+    assert np.abs(err).max() < 0.16
+
+
+def test_lsh_recall_above_threshold_and_few_random_candidates():
+    rng = np.random.default_rng(2)
+    hasher = minhash.MinHasher(num_perm=128, seed=1)
+    bands, rows = minhash.optimal_bands(0.8, 128, min_recall=0.99)
+    assert bands * rows <= 128 and minhash.candidate_probability(0.8, bands, rows) >= 0.99
+    vocab = np.array([f"w{i}" for i in range(5000)])
+    texts, pairs, true_j = [], [], []
+    for k in range(300):
+        words = list(vocab[rng.integers(0, 5000, 200)])
+        copy = list(words)
+        for pos in rng.choice(200, int(rng.integers(0, 5)), replace=False):
+            copy[pos] = "edited"
+        texts += [" ".join(words), " ".join(copy)]
+        pairs.append((2 * k, 2 * k + 1))
+        true_j.append(
+            len(ref_shingles(texts[-2]) & ref_shingles(texts[-1]))
+            / len(ref_shingles(texts[-2]) | ref_shingles(texts[-1]))
+        )
+    sig = hasher.signatures(texts)
+    cand = {tuple(p) for p in minhash.candidate_pairs(minhash.band_keys(sig, bands, rows)).tolist()}
+    above = [p for p, j in zip(pairs, true_j) if j >= 0.8]
+    assert len(above) >= 100
+    assert sum(p in cand for p in above) / len(above) >= 0.98
+    unrelated = [p for p in cand if p not in set(pairs)]
+    assert len(unrelated) <= 3
+
+
+def test_union_find_components_rooted_at_smallest():
+    rng = np.random.default_rng(3)
+    n = 2000
+    pairs = rng.integers(0, n, (1500, 2))
+    root = minhash.union_find(n, pairs)
+    parent = list(range(n))  # plain reference union-find
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for u, v in pairs.tolist():
+        ru, rv = find(u), find(v)
+        parent[max(ru, rv)] = min(ru, rv)
+    assert root.tolist() == [find(x) for x in range(n)]
+    assert minhash.union_find(5, np.zeros((0, 2), np.int64)).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_optimal_bands_like_datasketch_and_min_recall():
+    # datasketch 2.0's _optimal_param(threshold, num_perm, 0.5, 0.5) gives these
+    assert minhash.optimal_bands(0.8, 128) == (9, 13)
+    assert minhash.optimal_bands(0.5, 128) == (25, 5)
+    assert minhash.optimal_bands(0.9, 256) == (9, 28)
+    bands, rows = minhash.optimal_bands(0.8, 128, min_recall=0.99)
+    assert minhash.candidate_probability(0.8, bands, rows) >= 0.99 and bands * rows <= 128
+    assert dedup.lsh_params(DedupConfig(bands=32))[:2] == (32, 4)
+
+
+def test_candidate_pairs_are_bucket_stars():
+    keys = np.arange(16 * 12, dtype=np.uint64).reshape(16, 12) * np.uint64(0x9E3779B97F4A7C15)
+    keys[:, 7] = keys[:, 5]  # 5 and 7 share every band
+    keys[3, 9] = keys[3, 5]  # bucket {5, 7, 9} in band 3
+    keys[2, [3, 10]] = keys[2, 5]  # bucket {3, 5, 7, 10} in band 2
+    assert minhash.candidate_pairs(keys).tolist() == [[3, 5], [3, 7], [3, 10], [5, 7], [5, 9]]
+    valid = np.ones(12, bool)
+    valid[3] = False
+    assert minhash.candidate_pairs(keys, valid).tolist() == [[5, 7], [5, 9], [5, 10]]
+    assert minhash.candidate_pairs(keys[:, :3]).shape == (0, 2)
