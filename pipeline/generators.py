@@ -118,7 +118,7 @@ PLACES = ["the market", "a fair", "the school shop", "a bakery", "the library sa
 
 def _wp_shopping(rng: random.Random) -> tuple[str, list[str], int]:
     name = rng.choice(NAMES)
-    (items, item), place = rng.choice(ITEMS), rng.choice(PLACES)
+    (items, _), place = rng.choice(ITEMS), rng.choice(PLACES)
     k, price, extra, paid = rng.randint(2, 12), rng.randint(2, 15), rng.randint(1, 9), 0
     total = k * price + extra
     paid = (total // 10 + 1 + rng.randint(0, 3)) * 10

@@ -149,6 +149,17 @@ def completed_manifest(out_dir: str | os.PathLike, fp: str, verify: bool = True)
     return man
 
 
+def begin_stage(out_dir: str | os.PathLike, fp: str) -> dict | None:
+    """Start of every stage: the manifest of a finished run with the same fingerprint (the caller
+    returns it and skips the work), else None after preparing the folder for a fresh run (a stale
+    manifest is removed first, so it never outlives the files it describes)."""
+    done = completed_manifest(out_dir, fp)
+    if done is None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        clear_manifest(out_dir)
+    return done
+
+
 def finish_stage(out_dir: str | os.PathLike, manifest: dict, timing: dict | None = None) -> dict:
     out = Path(out_dir)
     if timing is not None:

@@ -23,7 +23,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .io import code_hash, completed_manifest, clear_manifest, file_record, finish_stage, fingerprint
+from .io import begin_stage, code_hash, file_record, finish_stage, fingerprint
 from .io import read_json, write_json, write_parquet
 
 STAGE = "lineage"
@@ -127,11 +127,9 @@ def run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
     out = Path(output_dir) if output_dir else run / STAGE
     inputs = {st: str(run / st) for st in ("normalize", "stratify", *REMOVAL_STAGES)}
     fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {}, inputs)
-    done = completed_manifest(out, fp)
+    done = begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    clear_manifest(out)
     t0 = time.time()
     df, summary = build(run)
     write_json(summary, out / "lineage.json")

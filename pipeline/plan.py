@@ -84,7 +84,7 @@ def format_plan(p: dict, max_rows: int = 40) -> str:
     lines = [f"plan for spec {p['spec']!r}: {p['epochs']} epoch(s)"
              + (f", token budget {_fmt(p['token_budget'])}" if p.get("token_budget") else "")]
     by_rule: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-    for name, s in p["strata"].items():
+    for s in p["strata"].values():
         r = by_rule[s["rule"]]
         r["strata"] += 1
         for k in ("rows", "unique_tokens", "seen_tokens", "unique_rows", "seen_rows"):

@@ -45,9 +45,8 @@ from .. import minhash
 from ..config import DedupConfig
 from ..io import (
     atomic_path,
-    clear_manifest,
+    begin_stage,
     code_hash,
-    completed_manifest,
     fingerprint,
     finish_stage,
     read_json,
@@ -84,11 +83,9 @@ def run(
     # workers only changes how fast the signatures are computed, never the outputs
     params = cfg.model_dump(exclude={"workers"})
     fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
-    done = completed_manifest(out, fp)
+    done = begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    clear_manifest(out)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .. import generators
 from ..config import SourceSpec
-from ..io import code_hash, completed_manifest, file_record, finish_stage, read_json, sha256_file, sha256_json
+from ..io import code_hash, completed_manifest, finish_stage, read_json, sha256_file, sha256_json
 from ..io import MANIFEST, write_parquet
 
 STAGE = "ingest"

@@ -382,11 +382,9 @@ def run(
         "max_repeat": max_repeat,
     }
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, {"tokenized": src})
-    done = io.completed_manifest(out, fp)
+    done = io.begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    io.clear_manifest(out)
 
     cols = ["id", "source", "stratum", "rule", "prompt_tokens", "response_tokens"]
     names = pq.read_schema(src).names

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..config import NormalizeConfig, SourceSpec
-from ..io import code_hash, completed_manifest, clear_manifest, finish_stage, fingerprint, write_parquet
+from ..io import begin_stage, code_hash, finish_stage, fingerprint, write_parquet
 from ..rows import ROWS_FILE
 from ..schema import NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA
 
@@ -118,11 +118,11 @@ class _Mapper:
             try:
                 v = spec.format(**vals)
             except (IndexError, KeyError, TypeError, AttributeError, ValueError) as e:
-                raise _Bad("missing_field", f"{key} template {spec!r} cannot be filled: {type(e).__name__}: {e}")
+                raise _Bad("missing_field", f"{key} template {spec!r} cannot be filled: {type(e).__name__}: {e}") from None
         try:
             v.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise _Bad("non_utf8", f"{key} is not valid UTF-8 text: {e.reason} at {e.start}")
+            raise _Bad("non_utf8", f"{key} is not valid UTF-8 text: {e.reason} at {e.start}") from None
         if self.cfg.strip:
             v = v.strip()
         if not v.strip():
@@ -234,11 +234,9 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
             raise FileNotFoundError(f"normalize: no ingested data for source '{name}' ({p}); run ingest first")
     params = {"sources": [s.model_dump() for s in sources], "cfg": cfg.model_dump()}
     fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {k: str(v) for k, v in inputs.items()})
-    done = completed_manifest(out, fp)
+    done = begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    clear_manifest(out)
     t0 = time.time()
     all_rows, all_rejects, per_source = [], [], {}
     for s in sources:

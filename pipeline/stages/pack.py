@@ -233,11 +233,9 @@ def run(
     params = {"cfg": cfg.model_dump()}
     inputs = {"tokenized": tokenized_dir, "mix": mix_dir}
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
-    done = io.completed_manifest(out, fp)
+    done = io.begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    io.clear_manifest(out)
     for stale in list(out.glob("shard-*.arrow")) + list(out.glob("shard-*.json")):
         stale.unlink()
 

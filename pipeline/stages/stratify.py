@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from ..config import StratumRule
-from ..io import clear_manifest, code_hash, completed_manifest, file_record, finish_stage, fingerprint
+from ..io import begin_stage, code_hash, file_record, finish_stage, fingerprint
 from ..io import write_json, write_parquet
 from ..rows import ROWS_FILE, load_rows, resolve_rows_path
 from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
@@ -80,11 +80,9 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     src_file = resolve_rows_path(input_path)
     params = {"rules": [r.model_dump() for r in rules], "source_order": source_order}
     fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {"rows": str(src_file)})
-    done = completed_manifest(out, fp)
+    done = begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    clear_manifest(out)
     t0 = time.time()
     loaded = load_rows(src_file, NORMALIZED_FIELDS, stage=STAGE)
     df = pl.from_arrow(loaded.table)

@@ -329,11 +329,9 @@ def run(
     if local is not None:
         inputs["pretrained"] = local
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
-    done = io.completed_manifest(out, fp)
+    done = io.begin_stage(out, fp)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    io.clear_manifest(out)
 
     table, removals, rows_in = _prepare_rows(input_path, list(conditions))
     if table.num_rows == 0:

@@ -13,7 +13,7 @@ def measured(model, bp, **batch):
     """FLOPs torch sees (math SDPA so attention shows up as matmuls): (forward, backward)."""
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as fwd:
-            out = model(**batch, bp=bp)
+            model(**batch, bp=bp)
         with FlopCounterMode(display=False) as both:
             model(**batch, bp=bp).loss.backward()
     f = fwd.get_total_flops()
