@@ -6,6 +6,10 @@
   hrm plan SPEC                                      dry run: strata, expected unique and seen tokens
   hrm stage NAME --input PATH --output DIR [--spec SPEC] [--set key=value ...]
                                                      one stage alone, on your files
+  hrm stage contamination --input TOKENIZER_DIR --benchmarks DIR --output DIR
+                                                     n-gram contamination check against benchmarks
+  hrm train --shards PACK_DIR --out DIR ...          train on packed shards (DeepSpeed); see hrm train -h
+  hrm eval ...                                       lm-evaluation-harness on a checkpoint; see hrm eval -h
   hrm generators                                     the built-in data generators
 
 SPEC is a YAML path or the name of a bundled spec (demo, hrm_text_1b).
@@ -157,6 +161,20 @@ def cmd_stage(args) -> int:
     return 0
 
 
+# Commands with their own argument parsers: everything after the command name is passed on.
+PASSTHROUGH = {
+    "train": ("training.cli", "train the model on packed shards with DeepSpeed"),
+    "eval": ("evaluation.run", "evaluate a checkpoint with lm-evaluation-harness"),
+}
+STAGE_PASSTHROUGH = {"contamination": "pipeline.stages.contamination"}
+
+
+def _passthrough(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hrm", description="HRM-Text pretraining pipeline",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -180,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_plan)
 
     st = sub.add_parser("stage", help="run one stage alone on your files")
-    st.add_argument("name", choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack"])
+    st.add_argument("name", choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack",
+                                     "contamination"])
     st.add_argument("--input", "-i", help="input: a stage folder, or a .jsonl/.parquet file of rows")
     st.add_argument("--output", "-o", required=True, help="output folder")
     st.add_argument("--spec", help="spec to take the stage's settings from (defaults otherwise)")
@@ -190,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-progress", action="store_true")
     st.set_defaults(fn=cmd_stage)
 
+    for name, (_, helptext) in PASSTHROUGH.items():
+        sub.add_parser(name, help=helptext + f" (hrm {name} -h)", add_help=False)
     g = sub.add_parser("generators", help="list the built-in generators")
     g.set_defaults(fn=cmd_generators)
     return p
@@ -207,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return _passthrough(PASSTHROUGH[argv[0]][0], argv[1:])
+    if len(argv) > 1 and argv[0] == "stage" and argv[1] in STAGE_PASSTHROUGH:
+        return _passthrough(STAGE_PASSTHROUGH[argv[1]], argv[2:])
     args = build_parser().parse_args(argv)
     if args.cmd == "stage" and args.name not in ("ingest",) and not args.input:
         _die(f"stage {args.name} needs --input")

@@ -1,0 +1,186 @@
+"""lm-evaluation-harness adapter for HRM-Text checkpoints (`@register_model("hrm")`).
+
+Prompt layout (the training layout of pipeline/stages/tokenize.py, PrefixLM semantics):
+
+    [BOQ][condition] context [EOQ] continuation
+    '---- prompt: bidirectional ----' '-- causal --'
+
+- loglikelihood(context, continuation): the harness context (few-shot examples included) is the
+  instruction; the continuation is the response. The sum of log p(continuation token | prompt, earlier
+  continuation tokens) is returned, where [EOQ] predicts the first continuation token, exactly as the
+  answer-only loss is computed in training. The harness separates context and continuation with a
+  target delimiter (" " for multiple choice); training responses never start with that space, so one
+  leading space of the continuation is moved into nothing (stripped) - the same for every choice.
+  `is_greedy` compares each continuation token with the argmax. A context too long for `max_length`
+  loses tokens from its start ([BOQ][condition] kept).
+- generate_until(context, {until, max_gen_toks}): the prompt is [BOQ][condition] context [EOQ]; requests
+  are sorted by prompt length and batched (`batch_size`), decoded greedily with the KV cache
+  (model.generate), stopping at [EOA], at any `until` string (checked on the decoded text; the text
+  is cut before it), or after max_gen_toks tokens.
+- loglikelihood_rolling(text): an empty instruction, [BOQ][condition][EOQ], and the text as the
+  response, scored in disjoint windows of max_length - 3 tokens (each window a fresh sample).
+- condition: the condition token used in the prompt ("direct" by default; evaluation.run uses "cot"
+  for the chain-of-thought tasks).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from model import generate, load_checkpoint
+from pipeline.stages.tokenize import load_tokenizer, special_ids
+
+
+@register_model("hrm")
+class HRMLM(LM):
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str | None = None,
+        condition: str = "direct",
+        batch_size: int | str = 8,
+        max_length: int = 3072,
+        max_gen_toks: int = 256,
+        device: str = "cpu",
+        dtype: str | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        self.model = load_checkpoint(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
+        self.tok, self.meta = load_tokenizer(tokenizer or Path(pretrained))
+        self.ids = special_ids(self.meta)
+        self.condition = condition
+        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self.max_length = min(int(max_length), int(self.model.cfg.max_seq_len))  # what training fed at most
+        self.max_gen_toks = int(max_gen_toks)
+        self.use_cache = bool(use_cache)
+        self._device = torch.device(device)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, context: str, room: int = 0) -> list[int]:
+        """[BOQ][condition] context [EOQ], the context cut from its start to leave `room` tokens."""
+        head = [self.ids.boq, self.ids.condition(self.condition)]
+        ctx = self.encode(context)
+        keep = max(self.max_length - room - len(head) - 1, 0)
+        ctx = ctx[len(ctx) - keep :] if len(ctx) > keep else ctx
+        return head + ctx + [self.ids.eoq]
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum log p(response | prompt), all greedy) per (prompt ids, response ids), one batch."""
+        B = len(pairs)
+        T = max(len(p) + len(r) for p, r in pairs)
+        ids = torch.full((B, T), self.ids.pad, dtype=torch.long)
+        seg = torch.zeros(B, T, dtype=torch.long)
+        prm = torch.zeros(B, T, dtype=torch.bool)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        for b, (p, r) in enumerate(pairs):
+            L = len(p) + len(r)
+            ids[b, :L] = torch.tensor(p + r)
+            seg[b, :L] = 1
+            prm[b, : len(p)] = True
+            pos[b, :L] = torch.arange(L)
+        dev = self._device
+        logits = self.model(ids.to(dev), segment_ids=seg.to(dev), position_ids=pos.to(dev), is_prompt=prm.to(dev),
+                            attn_backend="sdpa").logits.float()  # (B, T, V)
+        logp = F.log_softmax(logits, dim=-1)
+        out = []
+        for b, (p, r) in enumerate(pairs):
+            at = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=logp.device)  # positions predicting r
+            tgt = torch.tensor(r, device=logp.device)
+            lp = logp[b, at].gather(-1, tgt[:, None]).squeeze(-1)  # (len(r),)
+            greedy = bool((logp[b, at].argmax(-1) == tgt).all())
+            out.append((float(lp.sum()), greedy))
+        return out
+
+    def _batched_scores(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        res: list = [None] * len(pairs)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            for i, v in zip(idx, self.score([pairs[i] for i in idx])):
+                res[i] = v
+        return res
+
+    # --- the LM interface --------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for req in requests:
+            context, continuation = req.args
+            cont = self.encode(continuation[1:] if continuation.startswith(" ") else continuation)
+            if not cont:
+                raise ValueError(f"hrm: empty continuation for context {context[-80:]!r}")
+            cont = cont[-(self.max_length - 3) :]
+            pairs.append((self.prompt_ids(context, room=len(cont)), cont))
+        res = self._batched_scores(pairs)
+        for req, r in zip(requests, res):
+            self.cache_hook.add_partial("loglikelihood", req.args, r)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        head = [self.ids.boq, self.ids.condition(self.condition), self.ids.eoq]
+        W = self.max_length - len(head)
+        out = []
+        for req in requests:
+            (text,) = req.args[:1]
+            toks = self.encode(text)
+            pairs = [(head, toks[s : s + W]) for s in range(0, len(toks), W)]
+            total = sum(lp for lp, _ in self._batched_scores(pairs)) if pairs else 0.0
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        reqs = []
+        for req in requests:
+            context, kw = req.args
+            kw = dict(kw or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            reqs.append((self.prompt_ids(context, room=max_new), until, max_new))
+        # batch requests of equal settings, longest prompts first
+        order = sorted(range(len(reqs)), key=lambda i: (tuple(reqs[i][1]), reqs[i][2], -len(reqs[i][0])))
+        res: list = [None] * len(reqs)
+        s = 0
+        while s < len(order):
+            key = (tuple(reqs[order[s]][1]), reqs[order[s]][2])
+            idx = [order[s]]
+            while len(idx) < self.batch_size and s + len(idx) < len(order) and \
+                    (tuple(reqs[order[s + len(idx)]][1]), reqs[order[s + len(idx)]][2]) == key:
+                idx.append(order[s + len(idx)])
+            s += len(idx)
+            for i, text in zip(idx, self.generate_batch([reqs[i][0] for i in idx], list(key[0]), key[1])):
+                res[i] = text
+        for req, r in zip(requests, res):
+            self.cache_hook.add_partial("generate_until", req.args, r)
+        return res
+
+    def generate_batch(self, prompts: list[list[int]], until: list[str], max_new: int) -> list[str]:
+        """Greedy continuations of the prompts, cut before the first `until` string."""
+        def stop_fn(row: int, toks: list[int]) -> bool:
+            if not until:
+                return False
+            tail = self.decode(toks[-32:])  # stop strings are short: only the tail needs a look
+            return any(u in tail for u in until)
+
+        outs = generate(self.model, prompts, max_new, stop_token_ids=[self.ids.eoa], stop_fn=stop_fn,
+                        use_cache=self.use_cache, pad_id=self.ids.pad)
+        texts = []
+        for o in outs:
+            t = self.decode(o)
+            cut = min((t.find(u) for u in until if u and u in t), default=-1)
+            texts.append(t[:cut] if cut >= 0 else t)
+        return texts

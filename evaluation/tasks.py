@@ -1,0 +1,185 @@
+"""The six benchmark tasks: standard harness names online, local-file variants offline.
+
+Offline, `write_local_tasks(benchmarks_dir, out)` writes task YAMLs into `out` that `include:` the
+harness's own task YAML and point it at the local JSONL files (`dataset_path: json`,
+`dataset_kwargs.data_files`), so prompts, answer extraction and metrics are the harness's. Local task
+names are `hrm_<name>`; MMLU becomes 57 per-subject tasks (the local test/dev files split by
+`subject`, written under `out/data/mmlu/`) grouped as `hrm_mmlu` with the macro average over subjects.
+
+Few-shot (`PAPER_FEWSHOT`, the paper's settings): MMLU 5, ARC-C 25, HellaSwag 10, DROP 3, GSM8K 0,
+MATH 0. Few-shot examples come from: MMLU dev (first 5 of the subject, harness `first_n`), ARC-C
+validation, HellaSwag validation and DROP validation_subset (random, the evaluated item excluded by the
+harness when the few-shot split is the evaluated split). GSM8K and MATH keep the harness prompts
+("Question: ...\\nAnswer:" and Minerva's "Problem: ...\\nSolution:") at 0 shots; the paper's CoT
+prompt with the answer in \\boxed{} is a different prompt (not reproduced here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import re
+
+import yaml
+
+import lm_eval
+
+TASKS_DIR = Path(lm_eval.__file__).parent / "tasks"
+PAPER_FEWSHOT = {"mmlu": 5, "arc_challenge": 25, "hellaswag": 10, "drop": 3, "gsm8k": 0, "minerva_math": 0}
+HARNESS_NAMES = {"mmlu": "mmlu", "arc_challenge": "arc_challenge", "hellaswag": "hellaswag", "drop": "drop",
+                 "gsm8k": "gsm8k", "minerva_math": "minerva_math"}
+# task name -> benchmark folder name used by the contamination check
+BENCHMARK_OF = {"mmlu": "mmlu", "arc_challenge": "arc_challenge", "hellaswag": "hellaswag", "drop": "drop",
+                "gsm8k": "gsm8k", "minerva_math": "math"}
+COT_TASKS = {"gsm8k", "minerva_math"}
+
+
+def _harness_fn(folder: str, name: str):
+    """A function of a harness task's utils.py (loaded by file path: task folders are not packages)."""
+    import importlib.util
+
+    path = TASKS_DIR / folder / "utils.py"
+    mod_name = f"_hrm_harness_{folder}_utils"
+    mod = sys.modules.get(mod_name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[mod_name] = mod
+    return getattr(mod, name)
+
+
+# The harness resolves `!function` of an included YAML to a plain string when the including YAML
+# lives elsewhere, so the local YAMLs name these wrappers (hrm_task_utils.py beside them) instead.
+def hellaswag_process_docs(dataset):
+    return _harness_fn("hellaswag", "process_docs")(dataset)
+
+
+def math_process_docs(dataset):
+    return _harness_fn("minerva_math", "process_docs")(dataset)
+
+
+def math_doc_to_text(doc):
+    return _harness_fn("minerva_math", "doc_to_text")(doc)
+
+
+def math_process_results(doc, results):
+    return _harness_fn("minerva_math", "process_results")(doc, results)
+
+
+def math_fewshot_samples():
+    return _harness_fn("minerva_math", "list_fewshot_samples")()
+
+
+def drop_process_results(doc, results):
+    return _harness_fn("drop", "process_results")(doc, results)
+
+
+def drop_process_docs(dataset):
+    """DROP in the local layout (passage, question, answers: list of answer span lists)."""
+
+    def _process(doc):
+        answers = [tuple(a) if isinstance(a, (list, tuple)) else (str(a),) for a in doc["answers"]]
+        return {"id": doc["query_id"], "passage": doc["passage"], "question": doc["question"], "answers": answers,
+                "answer": list(answers[0]) if answers else []}  # the target of few-shot examples
+
+    return dataset.map(_process)
+
+
+_UTILS = "hrm_task_utils"
+
+
+def _write(path: Path, obj: dict) -> None:
+    """Write a task YAML; string values "!fn NAME" become `!function hrm_task_utils.NAME`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
+    text = re.sub(r"'!fn (\w+)'", rf"!function {_UTILS}.\1", text)
+    path.write_text(text)
+    names = ", ".join(n for n in globals() if n.startswith(("drop_", "hellaswag_", "math_")))
+    (path.parent / f"{_UTILS}.py").write_text(f"from evaluation.tasks import {names}  # noqa: F401\n")
+
+
+def _files(bench: Path, name: str, splits: list[str]) -> dict[str, str]:
+    out = {}
+    for s in splits:
+        f = bench / name / f"{s}.jsonl"
+        if not f.exists():
+            raise FileNotFoundError(f"evaluation: {f} not found")
+        out[s] = str(f.resolve())
+    return out
+
+
+def write_local_tasks(benchmarks_dir: str | os.PathLike, out: str | os.PathLike, tasks: list[str]) -> dict[str, str]:
+    """Write local task YAMLs for `tasks` into `out`; returns {task: local task or group name}."""
+    bench, out = Path(benchmarks_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {}
+    local = {"dataset_path": "json", "dataset_name": None, "training_split": None}
+    for t in tasks:
+        name = f"hrm_{t}"
+        if t == "arc_challenge":
+            _write(out / f"{name}.yaml", {
+                "include": str(TASKS_DIR / "arc" / "arc_challenge.yaml"), "task": name, "tag": [], **local,
+                "dataset_kwargs": {"data_files": _files(bench, "arc_challenge", ["validation", "test"])},
+                "validation_split": "validation", "test_split": "test", "fewshot_split": "validation"})
+        elif t == "hellaswag":
+            _write(out / f"{name}.yaml", {
+                "include": str(TASKS_DIR / "hellaswag" / "hellaswag.yaml"), "task": name, "tag": [], **local,
+                "dataset_kwargs": {"data_files": _files(bench, "hellaswag", ["validation"])},
+                "validation_split": "validation", "fewshot_split": "validation",
+                "process_docs": "!fn hellaswag_process_docs"})
+        elif t == "gsm8k":
+            _write(out / f"{name}.yaml", {
+                "include": str(TASKS_DIR / "gsm8k" / "gsm8k.yaml"), "task": name, "tag": [], **local,
+                "dataset_kwargs": {"data_files": _files(bench, "gsm8k", ["test"])},
+                "test_split": "test", "fewshot_split": "test"})
+        elif t == "minerva_math":
+            _write(out / f"{name}.yaml", {
+                "include": str(TASKS_DIR / "minerva_math" / "minerva_math_algebra.yaml"), "task": name, "tag": [],
+                **local, "dataset_kwargs": {"data_files": _files(bench, "math", ["test"])}, "test_split": "test",
+                "process_docs": "!fn math_process_docs", "doc_to_text": "!fn math_doc_to_text",
+                "process_results": "!fn math_process_results",
+                "fewshot_config": {"sampler": "first_n", "samples": "!fn math_fewshot_samples"}})
+        elif t == "drop":
+            _write(out / f"{name}.yaml", {
+                "include": str(TASKS_DIR / "drop" / "default.yaml"), "task": name, **local,
+                "dataset_kwargs": {"data_files": _files(bench, "drop", ["validation_subset"])},
+                "validation_split": "validation_subset", "fewshot_split": "validation_subset",
+                "process_docs": "!fn drop_process_docs", "process_results": "!fn drop_process_results"})
+        elif t == "mmlu":
+            subjects = _split_mmlu(bench, out / "data" / "mmlu")
+            subtasks = []
+            for s in subjects:
+                d = out / "data" / "mmlu" / s
+                _write(out / "mmlu" / f"{name}_{s}.yaml", {
+                    "include": str(TASKS_DIR / "mmlu" / "default" / "_default_template_yaml"),
+                    "task": f"{name}_{s}", "task_alias": s, **local,
+                    "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
+                    "dataset_kwargs": {"data_files": {"test": str(d / "test.jsonl"), "dev": str(d / "dev.jsonl")}},
+                    "test_split": "test", "fewshot_split": "dev"})
+                subtasks.append(f"{name}_{s}")
+            _write(out / "mmlu" / f"{name}.yaml", {
+                "group": name, "task": subtasks,
+                "aggregate_metric_list": [{"metric": "acc", "weight_by_size": False}],  # macro average
+                "metadata": {"version": 1}})
+        else:
+            raise ValueError(f"evaluation: unknown task {t!r}; known: {sorted(PAPER_FEWSHOT)}")
+        names[t] = name
+    return names
+
+
+def _split_mmlu(bench: Path, out: Path) -> list[str]:
+    by: dict[str, dict[str, list[str]]] = {}
+    for split in ("test", "dev"):
+        for line in (bench / "mmlu" / f"{split}.jsonl").read_text().split("\n"):
+            if line.strip():
+                by.setdefault(json.loads(line)["subject"], {"test": [], "dev": []})[split].append(line)
+    for s, parts in by.items():
+        for split, lines in parts.items():
+            f = out / s / f"{split}.jsonl"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("".join(x + "\n" for x in lines))
+    return sorted(s for s, p in by.items() if p["test"])

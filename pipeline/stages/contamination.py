@@ -1,0 +1,653 @@
+"""Stage `contamination`: Llama-2 style n-gram contamination check of benchmarks against training data.
+
+Inputs
+- training data: a tokenizer stage folder (`tokenized.parquet` + `tokenizer_meta.json`), a
+  tokenized.parquet file (give `tokenizer_path`), or a rows .jsonl/.parquet in the normalized schema
+  (tokenized first with the tokenizer at `tokenizer_path`, via the tokenizer stage in "pretrained" mode).
+  Both the prompt (instruction) and the response tokens of every training row count; special tokens
+  ([BOQ], condition, [EOQ], [EOA]) are not text and no n-gram contains one; n-grams never cross the
+  prompt/response boundary.
+- benchmarks: a folder in the layout of the shared benchmark data (`<name>/<split>.jsonl`, Hub field
+  layouts), read by `load_benchmarks`. Only the question side of each item is checked (few-shot
+  exemplars are separate items of other splits and are not checked):
+      gsm8k question | arc_challenge question + choices | hellaswag ctx | mmlu question + choices |
+      math problem | drop passage + question
+  (`item_text(name, doc)`; the evaluation package uses the same function to map its samples back).
+
+Method (per n in cfg.ngram_sizes, default 13 and 8)
+- Every benchmark item is tokenized with the pipeline's tokenizer (no special tokens). Its token
+  n-grams are hashed (64-bit polynomial hash of the window, then a splitmix64 finaliser) into one sorted
+  uint64 array U of distinct hashes: the index (a few million entries for all six benchmarks).
+- The training tokens are streamed in row batches as one flat int array with offsets; every window is
+  hashed in one vectorised pass (n multiply-adds over shifted views of the flat array), filtered
+  through a 2^26-bit table of U's top bits and looked up with np.searchsorted. Hits are kept as
+  (index into U, training row) pairs, at most `cfg.max_rows_per_ngram` rows per n-gram (attribution).
+  Indexing the (small) benchmark side and streaming the (large) training side gives exactly the set
+  "benchmark n-grams that occur in training" that an index of the training data would, with memory
+  bounded by one batch instead of the whole corpus.
+- An item token is covered when some n-gram of the item that contains it occurs in training.
+  coverage = covered tokens / item tokens; longest_span = the longest run of covered tokens.
+  An item shorter than n tokens has no n-grams: coverage 0 at that n (counted as `too_short`).
+- Buckets (fractions of item tokens covered, Llama-2's four buckets with these exact edges):
+      clean      coverage <  0.20
+      not_clean  0.20 <= coverage < 0.50
+      not_dirty  0.50 <= coverage < 0.80
+      dirty      coverage >= 0.80
+  The item's `bucket` column uses `cfg.primary_n` (13); every n gets its own columns too.
+- Attribution of a dirty item: each training row that holds some of its matched n-grams covers part
+  of it; rows are ranked by the tokens they cover alone. The `responsible` rows are taken greedily in
+  that order until together they cover the dirty threshold (so one verbatim copy is one row); the report
+  lists them and the next few (`top_rows`) with id, source and own coverage.
+
+Outputs (in output_dir)
+- `items.parquet`: benchmark, item_id, key (sha1 of the item text), tokens, coverage, longest_span,
+  bucket (at primary_n), and coverage_<n>, longest_span_<n>, bucket_<n> for every n.
+- `report.json`: per benchmark and n: checked, too_short, bucket counts and percentages, and the dirty
+  items (primary n) with coverage, longest span, and their responsible / top training rows.
+- with `cfg.decontaminate`: `tokenized.parquet` (the training rows minus every row responsible for a
+  dirty item, same schema), `removals.parquet` (REMOVAL_SCHEMA, stage "contamination", reason
+  "benchmark_contamination", detail naming the benchmark item), and copies of tokenizer.json /
+  tokenizer_meta.json, so the folder is a valid tokenizer folder for `pack`. rows_in = rows_kept +
+  rows_removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from pipeline import io
+from pipeline.config import Strict
+from pipeline.schema import REMOVAL_SCHEMA
+
+STAGE = "contamination"
+TOKENIZED_FILE = "tokenized.parquet"
+TOKENIZER_FILE = "tokenizer.json"
+META_FILE = "tokenizer_meta.json"
+ITEMS_FILE = "items.parquet"
+REPORT_FILE = "report.json"
+REMOVALS_FILE = "removals.parquet"
+REASON = "benchmark_contamination"
+BUCKETS = ("clean", "not_clean", "not_dirty", "dirty")
+
+# benchmark name -> default split checked (the split evaluated)
+DEFAULT_SPLITS = {
+    "gsm8k": "test",
+    "arc_challenge": "test",
+    "hellaswag": "validation",
+    "mmlu": "test",
+    "math": "test",
+    "drop": "validation_subset",
+}
+HUB = {  # name -> (hub path, config, split) for `load_benchmarks` with names when online (untested)
+    "gsm8k": ("openai/gsm8k", "main", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+    "mmlu": ("cais/mmlu", "all", "test"),
+    "math": ("EleutherAI/hendrycks_math", None, "test"),
+    "drop": ("ucinlp/drop", None, "validation"),
+}
+
+_MASK64 = (1 << 64) - 1
+_BASE = np.uint64(0x9E3779B97F4A7C15 | 1)  # odd 64-bit multiplier of the polynomial hash
+_TABLE_BITS = 26  # prefilter: one byte per 2^26 buckets of the hash's top bits (64 MiB)
+
+
+class ContaminationConfig(Strict):
+    ngram_sizes: tuple[int, ...] = (13, 8)
+    primary_n: int = 13  # the n whose coverage gives the item's bucket (and drives decontamination)
+    clean_below: float = Field(default=0.2, gt=0, lt=1)
+    not_clean_below: float = Field(default=0.5, gt=0, lt=1)
+    dirty_at: float = Field(default=0.8, gt=0, le=1)
+    benchmarks: tuple[str, ...] | None = None  # names to check (default: every folder found)
+    splits: dict[str, str] = Field(default_factory=dict)  # name -> split, overrides DEFAULT_SPLITS
+    max_rows_per_ngram: int = Field(default=32, ge=1)  # training rows remembered per matched n-gram
+    top_rows: int = Field(default=5, ge=1)  # rows listed per dirty item
+    batch_rows: int = Field(default=32768, ge=1)  # training rows hashed per batch
+    decontaminate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ContaminationConfig":
+        if not self.ngram_sizes or any(n < 2 for n in self.ngram_sizes):
+            raise ValueError(f"contamination.ngram_sizes must be sizes >= 2, got {self.ngram_sizes}")
+        if self.primary_n not in self.ngram_sizes:
+            raise ValueError(f"contamination.primary_n {self.primary_n} is not in ngram_sizes {self.ngram_sizes}")
+        if not (self.clean_below <= self.not_clean_below <= self.dirty_at):
+            raise ValueError("contamination: need clean_below <= not_clean_below <= dirty_at")
+        return self
+
+
+def bucket_of(coverage: np.ndarray, cfg: ContaminationConfig) -> np.ndarray:
+    """Bucket names for coverage fractions (edges in the module docstring)."""
+    edges = np.array([cfg.clean_below, cfg.not_clean_below, cfg.dirty_at])
+    return np.array(BUCKETS, dtype=object)[np.searchsorted(edges, np.asarray(coverage, dtype=float), side="right")]
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks
+# ----------------------------------------------------------------------------------------------
+def _choices_text(choices) -> list[str]:
+    if isinstance(choices, dict):  # ARC: {"text": [...], "label": [...]}
+        return [str(x) for x in choices.get("text", [])]
+    return [str(x) for x in (choices or [])]
+
+
+def item_text(name: str, doc: dict) -> str:
+    """The question side of a benchmark item (what the contamination check matches)."""
+    if name == "gsm8k":
+        return doc["question"]
+    if name in ("arc_challenge", "arc_easy", "mmlu"):
+        return "\n".join([doc["question"], *_choices_text(doc["choices"])])
+    if name == "hellaswag":
+        return doc["ctx"] if doc.get("ctx") else f"{doc['ctx_a']} {doc['ctx_b']}".strip()
+    if name == "math":
+        return doc["problem"]
+    if name == "drop":
+        return f"{doc['passage']}\n{doc['question']}"
+    for k in ("question", "problem", "prompt", "text"):  # an unknown benchmark: its first question-like field
+        if isinstance(doc.get(k), str):
+            return doc[k]
+    raise ValueError(f"item_text: unknown benchmark {name!r} and no question/problem/prompt/text field in {sorted(doc)}")
+
+
+def item_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Benchmark:
+    name: str
+    split: str
+    item_ids: list[str]
+    texts: list[str]
+
+
+def load_benchmarks(
+    dir_or_names: str | os.PathLike | Iterable[str],
+    names: Iterable[str] | None = None,
+    splits: dict[str, str] | None = None,
+) -> dict[str, Benchmark]:
+    """Benchmarks from a local folder (`<dir>/<name>/<split>.jsonl`) or, given names, from the Hub.
+
+    Item ids are "<name>/<split>/<line index>" (the document order of lm-eval's tasks)."""
+    splits = {**DEFAULT_SPLITS, **(splits or {})}
+    if isinstance(dir_or_names, (str, os.PathLike)) and Path(dir_or_names).is_dir():
+        root = Path(dir_or_names)
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        wanted = list(names) if names is not None else [n for n in found if n in splits or any(root.joinpath(n).glob("*.jsonl"))]
+        out: dict[str, Benchmark] = {}
+        for name in wanted:
+            split = splits.get(name)
+            f = root / name / f"{split}.jsonl" if split else None
+            if f is None or not f.exists():
+                have = sorted(p.stem for p in (root / name).glob("*.jsonl")) if (root / name).is_dir() else []
+                raise FileNotFoundError(f"load_benchmarks: {root}/{name}/{split}.jsonl not found (splits there: {have})")
+            docs = [json.loads(line) for line in f.read_text().split("\n") if line.strip()]
+            out[name] = Benchmark(name, split, [f"{name}/{split}/{i}" for i in range(len(docs))],
+                                  [item_text(name, d) for d in docs])
+        return out
+    # names: the Hub (needs network; not exercised by the tests)
+    from datasets import load_dataset
+
+    out = {}
+    for name in ([dir_or_names] if isinstance(dir_or_names, str) else list(dir_or_names)):
+        if name not in HUB:
+            raise ValueError(f"load_benchmarks: {name!r} is not a folder and not a known benchmark {sorted(HUB)}")
+        path, config, split = HUB[name]
+        ds = load_dataset(path, config, split=split)
+        out[name] = Benchmark(name, split, [f"{name}/{split}/{i}" for i in range(len(ds))], [item_text(name, d) for d in ds])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# hashing
+# ----------------------------------------------------------------------------------------------
+def _fmix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, in place."""
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int, bad: np.ndarray | None = None):
+    """Hashes of every n-token window of the segments laid out flat in `tokens` (lengths per segment).
+
+    Windows that cross a segment end or contain a `bad` position are dropped. Returns
+    (hashes uint64 (W,), start positions int64 (W,), segment index int64 (W,))."""
+    N = int(tokens.shape[0])
+    if N < n:
+        e = np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint64), e, e
+    t = tokens.astype(np.uint64) + np.uint64(1)  # (N,), 0 never appears as a token value
+    W = N - n + 1
+    h = np.zeros(W, dtype=np.uint64)
+    for k in range(n):  # h = sum_k t[i+k] * B^(n-1-k)  (mod 2^64)
+        h *= _BASE
+        h += t[k : k + W]
+    _fmix(h)
+    seg = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)  # (N,)
+    ok = seg[:W] == seg[n - 1 :]
+    if bad is not None and bad.any():
+        cs = np.zeros(N + 1, dtype=np.int64)
+        np.cumsum(bad, out=cs[1:])
+        ok &= (cs[n:] - cs[:W]) == 0
+    starts = np.flatnonzero(ok)
+    return h[starts], starts, seg[starts]
+
+
+class NgramIndex:
+    """Sorted distinct n-gram hashes of the benchmark items, with a top-bits prefilter table."""
+
+    def __init__(self, hashes: np.ndarray) -> None:
+        order = np.argsort(hashes, kind="stable")
+        h = hashes[order]
+        new = np.r_[True, h[1:] != h[:-1]] if h.size else np.zeros(0, bool)
+        self.keys = h[new]  # (U,) sorted distinct
+        self.inverse = np.empty(hashes.size, dtype=np.int64)  # hashes[i] == keys[inverse[i]]
+        self.inverse[order] = np.cumsum(new) - 1
+        self.table = np.zeros(1 << _TABLE_BITS, dtype=bool)
+        self.table[self.keys >> np.uint64(64 - _TABLE_BITS)] = True
+
+    def lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in h that are in the index, their index in keys)."""
+        cand = np.flatnonzero(self.table[h >> np.uint64(64 - _TABLE_BITS)])
+        if cand.size == 0 or self.keys.size == 0:
+            return cand, cand
+        hc = h[cand]
+        j = np.searchsorted(self.keys, hc)
+        j[j == self.keys.size] = 0
+        hit = self.keys[j] == hc
+        return cand[hit], j[hit]
+
+
+# ----------------------------------------------------------------------------------------------
+# training data
+# ----------------------------------------------------------------------------------------------
+def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+    return values, lengths
+
+
+def iter_training(path: Path, batch_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row index, flat tokens, segment lengths) per batch of m rows, rows in file order.
+
+    Each row gives two segments: the m prompts come first, then the m responses, so segment s belongs
+    to row s % m of the batch."""
+    pf = pq.ParquetFile(path)
+    row0 = 0
+    for b in pf.iter_batches(batch_size=batch_rows, columns=["prompt_ids", "response_ids"]):
+        pv, pl = _flat(b.column("prompt_ids"))
+        rv, rl = _flat(b.column("response_ids"))
+        yield row0, np.concatenate([pv, rv]), np.concatenate([pl, rl])
+        row0 += b.num_rows
+
+
+def _resolve_training(train_path, tokenizer_path, out: Path, progress: bool) -> tuple[Path, Path]:
+    """(tokenized.parquet, tokenizer folder or file) for the input; rows files are tokenized first."""
+    p = Path(train_path)
+    if p.is_dir():
+        f = p / TOKENIZED_FILE
+        if not f.exists():
+            raise FileNotFoundError(f"contamination: {p} is not a tokenizer stage folder (no {TOKENIZED_FILE})")
+        return f, Path(tokenizer_path) if tokenizer_path else p
+    if not p.exists():
+        raise FileNotFoundError(f"contamination: input not found: {p}")
+    if tokenizer_path is None:
+        raise ValueError(f"contamination: {p} is a file: give tokenizer_path (--tokenizer) too")
+    if p.name.endswith(".parquet") and "prompt_ids" in pq.read_schema(p).names:
+        return p, Path(tokenizer_path)
+    # rows in the normalized schema: tokenize them with the given tokenizer
+    from pipeline.config import TokenizerConfig
+    from pipeline.stages import tokenize
+
+    tp = Path(tokenizer_path)
+    tok_file = tp / TOKENIZER_FILE if tp.is_dir() else tp
+    meta = io.read_json(tok_file.parent / META_FILE)
+    tok_dir = out / "input_tokenized"
+    tokenize.run(p, tok_dir, TokenizerConfig(kind="pretrained", name=str(tok_file)),
+                 conditions=meta["conditions"], seed=int(meta.get("seed", 0)), progress=progress)
+    return tok_dir / TOKENIZED_FILE, tp
+
+
+# ----------------------------------------------------------------------------------------------
+# the check
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Items:
+    names: list[str]  # benchmark of each item
+    item_ids: list[str]
+    keys: list[str]
+    tokens: np.ndarray  # flat (T,)
+    lengths: np.ndarray  # (I,)
+
+
+def _tokenize_items(tok, benches: dict[str, Benchmark]) -> _Items:
+    names, ids, keys, texts = [], [], [], []
+    for b in benches.values():
+        names += [b.name] * len(b.texts)
+        ids += b.item_ids
+        texts += b.texts
+        keys += [item_key(t) for t in b.texts]
+    enc = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+    lengths = np.array([len(e) for e in enc], dtype=np.int64)
+    flat = np.fromiter((t for e in enc for t in e), dtype=np.int64, count=int(lengths.sum()))
+    return _Items(names, ids, keys, flat, lengths)
+
+
+def _cap_pairs(pairs: np.ndarray, k: int) -> np.ndarray:
+    """Distinct (key index << 32 | row) pairs, sorted, at most k rows per key (the first rows)."""
+    if pairs.size == 0:
+        return pairs
+    pairs = np.sort(pairs)
+    pairs = pairs[np.r_[True, pairs[1:] != pairs[:-1]]]
+    key = pairs >> np.int64(32)
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    rank = np.arange(pairs.size) - np.repeat(first, np.diff(np.r_[first, pairs.size]))
+    return pairs[rank < k]
+
+
+def _runs(mask: np.ndarray) -> int:
+    """Longest run of True."""
+    if not mask.any():
+        return 0
+    d = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return int((np.flatnonzero(d == -1) - np.flatnonzero(d == 1)).max())
+
+
+def check(
+    train_file: Path,
+    items: _Items,
+    special: set[int],
+    cfg: ContaminationConfig,
+    progress: bool = False,
+) -> dict[int, dict]:
+    """Per n: coverage (I,), longest span (I,), and for attribution the item windows and hit pairs."""
+    from tqdm.auto import tqdm
+
+    res: dict[int, dict] = {}
+    spec_arr = np.array(sorted(special), dtype=np.int64)
+    for n in cfg.ngram_sizes:
+        ih, istart, iseg = window_hashes(items.tokens, items.lengths, n)
+        index = NgramIndex(ih)
+        res[n] = {"index": index, "ih": ih, "istart": istart, "iseg": iseg, "pairs": [], "found": np.zeros(index.keys.size, bool)}
+    n_rows = pq.ParquetFile(train_file).metadata.num_rows
+    pbar = tqdm(total=n_rows, desc="contamination", unit="row", disable=not progress)
+    for row0, tokens, lengths in iter_training(train_file, cfg.batch_rows):
+        bad = np.isin(tokens, spec_arr) if spec_arr.size else None
+        for n in cfg.ngram_sizes:
+            r = res[n]
+            h, _, seg = window_hashes(tokens, lengths, n, bad)
+            pos, key = r["index"].lookup(h)
+            if pos.size:
+                r["found"][key] = True
+                rows = row0 + seg[pos] % (len(lengths) // 2)  # two segments per row
+                r["pairs"].append((key.astype(np.int64) << np.int64(32)) | rows.astype(np.int64))
+                if sum(x.size for x in r["pairs"]) > 4_000_000:
+                    r["pairs"] = [_cap_pairs(np.concatenate(r["pairs"]), cfg.max_rows_per_ngram)]
+        pbar.update(len(lengths) // 2)
+    pbar.close()
+
+    I = items.lengths.size
+    item_off = np.r_[0, np.cumsum(items.lengths)]
+    for n in cfg.ngram_sizes:
+        r = res[n]
+        r["pairs"] = _cap_pairs(np.concatenate(r["pairs"]) if r["pairs"] else np.zeros(0, np.int64), cfg.max_rows_per_ngram)
+        wkey = r["index"].inverse  # index of each item window in keys
+        r["wkey"] = wkey
+        hit = r["found"][wkey] if wkey.size else np.zeros(0, bool)
+        # covered token positions: union of [start, start + n) over the windows found in training
+        diff = np.zeros(items.tokens.size + 1, dtype=np.int64)
+        np.add.at(diff, r["istart"][hit], 1)
+        np.add.at(diff, r["istart"][hit] + n, -1)
+        covered = np.cumsum(diff[:-1]) > 0
+        ccount = np.add.reduceat(covered.astype(np.int64), item_off[:-1]) if I else np.zeros(0, np.int64)
+        ccount[items.lengths == 0] = 0
+        cov = np.where(items.lengths > 0, ccount / np.maximum(items.lengths, 1), 0.0)
+        longest = np.zeros(I, dtype=np.int64)
+        for i in np.flatnonzero(ccount):
+            longest[i] = _runs(covered[item_off[i] : item_off[i + 1]])
+        r.update(covered=covered, coverage=cov, longest=longest, hit=hit)
+    return res
+
+
+def _attribute(i: int, n: int, r: dict, items: _Items, item_off: np.ndarray, cfg: ContaminationConfig):
+    """Training rows covering item i at size n: [(row, covered tokens)] best first, and the greedy
+    responsible set reaching the dirty threshold."""
+    L = int(items.lengths[i])
+    sel = np.flatnonzero((r["iseg"] == i) & r["hit"])
+    pairs = r["pairs"]
+    pkey = pairs >> np.int64(32)
+    per_row: dict[int, np.ndarray] = {}
+    for w in sel:
+        k = int(r["wkey"][w])
+        lo, hi = np.searchsorted(pkey, k), np.searchsorted(pkey, k, side="right")
+        s = int(r["istart"][w] - item_off[i])
+        for row in (pairs[lo:hi] & np.int64(0xFFFFFFFF)).tolist():
+            m = per_row.get(row)
+            if m is None:
+                m = per_row[row] = np.zeros(L, dtype=bool)
+            m[s : s + n] = True
+    ranked = sorted(((row, int(m.sum())) for row, m in per_row.items()), key=lambda x: (-x[1], x[0]))
+    union = np.zeros(L, dtype=bool)
+    responsible = []
+    for row, _ in ranked:
+        if union.sum() >= cfg.dirty_at * L:
+            break
+        union |= per_row[row]
+        responsible.append(row)
+    return ranked, responsible
+
+
+def _fingerprint(train_file: Path, tok_path: Path, benchmarks_dir, cfg: ContaminationConfig) -> str:
+    tok_file = tok_path / TOKENIZER_FILE if tok_path.is_dir() else tok_path
+    inputs: dict[str, str | os.PathLike] = {"train": train_file, "tokenizer": tok_file}
+    if Path(benchmarks_dir).is_dir():
+        inputs["benchmarks"] = benchmarks_dir
+    return io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), cfg.model_dump(mode="json"), inputs)
+
+
+def run(
+    train_path: str | os.PathLike,
+    benchmarks_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cfg: ContaminationConfig | None = None,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Check every benchmark item against the training data; return the stage manifest."""
+    from pipeline.stages.tokenize import load_tokenizer, special_ids
+
+    cfg = cfg or ContaminationConfig()
+    t0 = time.time()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_file, tok_path = _resolve_training(train_path, tokenizer_path, out, progress)
+    fp = _fingerprint(train_file, tok_path, benchmarks_dir, cfg)
+    done = io.begin_stage(out, fp)
+    if done is not None:
+        return done
+
+    tok, meta = load_tokenizer(tok_path)
+    special = special_ids(meta).all_ids()
+    t_load = time.time()
+    benches = load_benchmarks(benchmarks_dir, names=cfg.benchmarks, splits=cfg.splits)
+    items = _tokenize_items(tok, benches)
+    load_s = time.time() - t_load
+    t_check = time.time()
+    res = check(train_file, items, special, cfg, progress)
+    check_s = time.time() - t_check
+
+    # items.parquet
+    cols: dict[str, pa.Array] = {
+        "benchmark": pa.array(items.names, pa.string()),
+        "item_id": pa.array(items.item_ids, pa.string()),
+        "key": pa.array(items.keys, pa.string()),
+        "tokens": pa.array(items.lengths.astype(np.int32)),
+    }
+    buckets = {n: bucket_of(res[n]["coverage"], cfg) for n in cfg.ngram_sizes}
+    p = cfg.primary_n
+    cols["coverage"] = pa.array(res[p]["coverage"], pa.float64())
+    cols["longest_span"] = pa.array(res[p]["longest"].astype(np.int32))
+    cols["bucket"] = pa.array(buckets[p].tolist(), pa.string())
+    for n in cfg.ngram_sizes:
+        cols[f"coverage_{n}"] = pa.array(res[n]["coverage"], pa.float64())
+        cols[f"longest_span_{n}"] = pa.array(res[n]["longest"].astype(np.int32))
+        cols[f"bucket_{n}"] = pa.array(buckets[n].tolist(), pa.string())
+    items_table = pa.table(cols)
+
+    # report + attribution (primary n)
+    pf = pq.ParquetFile(train_file)
+    id_src = pq.read_table(train_file, columns=["id", "source"])
+    row_ids, row_src = id_src["id"], id_src["source"]
+    item_off = np.r_[0, np.cumsum(items.lengths)]
+    names_arr = np.array(items.names, dtype=object)
+    report: dict = {"primary_n": p, "ngram_sizes": list(cfg.ngram_sizes), "train_rows": pf.metadata.num_rows,
+                    "bucket_edges": {"clean": f"< {cfg.clean_below}", "not_clean": f"[{cfg.clean_below}, {cfg.not_clean_below})",
+                                     "not_dirty": f"[{cfg.not_clean_below}, {cfg.dirty_at})", "dirty": f">= {cfg.dirty_at}"},
+                    "benchmarks": {}}
+    drop: dict[int, str] = {}
+    for name, b in benches.items():
+        sel = np.flatnonzero(names_arr == name)
+        entry: dict = {"split": b.split, "checked": int(sel.size), "by_n": {}}
+        for n in cfg.ngram_sizes:
+            bk = buckets[n][sel]
+            counts = {k: int((bk == k).sum()) for k in BUCKETS}
+            entry["by_n"][str(n)] = {
+                "too_short": int((items.lengths[sel] < n).sum()),
+                "counts": counts,
+                "percent": {k: round(100.0 * v / max(sel.size, 1), 3) for k, v in counts.items()},
+            }
+        dirty = []
+        for i in sel[buckets[p][sel] == "dirty"]:
+            ranked, responsible = _attribute(int(i), p, res[p], items, item_off, cfg)
+            L = int(items.lengths[i])
+
+            def row_rec(row: int, c: int | None = None) -> dict:
+                rec = {"row": row, "id": row_ids[row].as_py(), "source": row_src[row].as_py()}
+                if c is not None:
+                    rec["coverage"] = round(c / max(L, 1), 4)
+                return rec
+
+            own = dict(ranked)
+            dirty.append({
+                "item_id": items.item_ids[i],
+                "coverage": round(float(res[p]["coverage"][i]), 4),
+                "longest_span": int(res[p]["longest"][i]),
+                "tokens": L,
+                "responsible": [row_rec(r_, own[r_]) for r_ in responsible],
+                "top_rows": [row_rec(r_, c) for r_, c in ranked[: cfg.top_rows]],
+            })
+            for r_ in responsible:
+                drop.setdefault(r_, items.item_ids[i])
+        entry["dirty_items"] = dirty
+        report["benchmarks"][name] = entry
+
+    outputs = {ITEMS_FILE: io.write_parquet(items_table, out / ITEMS_FILE)}
+    counts = {"items": int(items.lengths.size), "train_rows": pf.metadata.num_rows,
+              "dirty": {nm: len(e["dirty_items"]) for nm, e in report["benchmarks"].items()},
+              "rows_responsible": len(drop)}
+    if cfg.decontaminate:
+        outputs.update(_decontaminate(train_file, tok_path, out, drop))
+        counts.update(rows_in=pf.metadata.num_rows, rows_removed=len(drop), rows_kept=pf.metadata.num_rows - len(drop))
+    report["counts"] = counts
+    io.write_json(report, out / REPORT_FILE)
+    outputs[REPORT_FILE] = io.file_record(out / REPORT_FILE)
+    manifest = {
+        "stage": STAGE,
+        "fingerprint": fp,
+        "params": cfg.model_dump(mode="json"),
+        "inputs": {"train": str(train_file), "tokenizer": str(tok_path), "benchmarks": str(benchmarks_dir)},
+        "outputs": outputs,
+        "counts": counts,
+    }
+    timing = {"total_s": round(time.time() - t0, 3), "benchmarks_s": round(load_s, 3), "check_s": round(check_s, 3)}
+    return io.finish_stage(out, manifest, timing)
+
+
+def _decontaminate(train_file: Path, tok_path: Path, out: Path, drop: dict[int, str]) -> dict:
+    pf = pq.ParquetFile(train_file)
+    n = pf.metadata.num_rows
+    keep = np.ones(n, dtype=bool)
+    keep[list(drop)] = False
+    outputs = {}
+    with io.atomic_path(out / TOKENIZED_FILE) as tmp:
+        w = pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd")
+        try:
+            row0 = 0
+            for b in pf.iter_batches(batch_size=65536):
+                k = keep[row0 : row0 + b.num_rows]
+                w.write_table(pa.Table.from_batches([b]).filter(pa.array(k)))
+                row0 += b.num_rows
+        finally:
+            w.close()
+    outputs[TOKENIZED_FILE] = io.file_record(out / TOKENIZED_FILE, rows=int(keep.sum()))
+    ids = pq.read_table(train_file, columns=["id", "source"])
+    rows = sorted(drop)
+    removals = pa.Table.from_pylist(
+        [{"id": ids["id"][r].as_py(), "source": ids["source"][r].as_py(), "stage": STAGE, "reason": REASON,
+          "detail": f"makes benchmark item {drop[r]} dirty", "duplicate_of": None} for r in rows],
+        schema=REMOVAL_SCHEMA)
+    outputs[REMOVALS_FILE] = io.write_parquet(removals, out / REMOVALS_FILE)
+    folder = tok_path if tok_path.is_dir() else tok_path.parent
+    for f in (TOKENIZER_FILE, META_FILE):
+        if (folder / f).exists():
+            shutil.copyfile(folder / f, out / f)
+            outputs[f] = io.file_record(out / f)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: hrm stage contamination --input TOKENIZER_DIR_OR_ROWS --benchmarks DIR --output DIR
+# ----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="hrm stage contamination", description=__doc__.split("\n")[0])
+    ap.add_argument("--input", required=True, help="tokenizer stage folder, tokenized.parquet, or rows .jsonl/.parquet")
+    ap.add_argument("--benchmarks", required=True, help="folder of <name>/<split>.jsonl benchmark files")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (needed for file inputs)")
+    ap.add_argument("--decontaminate", action="store_true", help="also write the training rows without the dirty-making ones")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    over = {}
+    for s in a.set:
+        if "=" not in s:
+            ap.error(f"--set expects key=value, got {s!r}")
+        k, v = s.split("=", 1)
+        over[k.strip()] = yaml.safe_load(v)
+    if a.decontaminate:
+        over["decontaminate"] = True
+    try:
+        cfg = ContaminationConfig(**over)
+    except Exception as e:  # pydantic error naming the field
+        print(f"hrm: error: contamination: {e}", file=sys.stderr)
+        return 2
+    man = run(a.input, a.benchmarks, a.output, cfg, tokenizer_path=a.tokenizer, progress=not a.no_progress)
+    print(json.dumps({"stage": STAGE, "output": a.output, "counts": man["counts"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""End to end on CPU: a debug checkpoint trained a few steps on GSM8K, evaluated through lm-eval on
+small slices of the real local benchmarks."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model, save_checkpoint
+from pipeline.config import TokenizerConfig
+from pipeline.stages import contamination as C
+from pipeline.stages import tokenize
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, gsm8k_train):
+    d = tmp_path_factory.mktemp("eval")
+    rows = d / "rows.jsonl"
+    with open(gsm8k_train) as f, open(rows, "w") as out:
+        for i, line in enumerate(f):
+            if i == 1500:
+                break
+            r = json.loads(line)
+            out.write(json.dumps({"id": f"gsm8k/{i}", "instruction": r["question"], "response": r["answer"],
+                                  "condition": "cot", "source": "gsm8k", "domain": "math"}) + "\n")
+    tokenize.run(rows, d / "tok", TokenizerConfig(vocab_size=600, sample_rows=1500), conditions=["direct", "cot"],
+                 seed=0, progress=False)
+    meta = json.loads((d / "tok" / "tokenizer_meta.json").read_text())
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("debug", vocab_size=meta["vocab_size"], max_seq_len=512))
+    t = pq.read_table(d / "tok" / "tokenized.parquet", columns=["prompt_ids", "response_ids"]).slice(0, 64)
+    seqs = [(p, r[: max(160 - len(p), 2)]) for p, r in zip(t["prompt_ids"].to_pylist(), t["response_ids"].to_pylist())]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(4):  # a few plain PyTorch steps with the answer-only PrefixLM layout
+        batch = seqs[step * 4 : step * 4 + 4]
+        T = max(len(p) + len(r) for p, r in batch)
+        ids = torch.zeros(4, T, dtype=torch.long)
+        seg = torch.zeros(4, T, dtype=torch.long)
+        prm = torch.zeros(4, T, dtype=torch.bool)
+        lab = torch.full((4, T), -100, dtype=torch.long)
+        for b, (p, r) in enumerate(batch):
+            x = p + r
+            ids[b, : len(x)] = torch.tensor(x)
+            seg[b, : len(x)] = 1
+            prm[b, : len(p)] = True
+            lab[b, len(p) - 1 : len(x) - 1] = torch.tensor(r)
+        out = model(ids, segment_ids=seg, is_prompt=prm, labels=lab, attn_backend="sdpa")
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    save_checkpoint(model, d / "ckpt")
+    return d
+
+
+def test_adapter_loglikelihood_matches_direct_computation(trained):
+    from lm_eval.api.instance import Instance
+
+    from evaluation.lm import HRMLM
+
+    lm = HRMLM(str(trained / "ckpt"), tokenizer=str(trained / "tok"), batch_size=3)
+    reqs = [Instance("loglikelihood", {}, ("Question: 2+3?\nAnswer:", c), i) for i, c in enumerate([" 5", " 7 apples", " x"])]
+    got = lm.loglikelihood(reqs)
+    ids = lm.ids
+    for (ctx, cont), (lp, _) in zip([r.args for r in reqs], got):
+        p = [ids.boq, ids.condition("direct"), *lm.tok.encode(ctx, add_special_tokens=False).ids, ids.eoq]
+        r = lm.tok.encode(cont[1:], add_special_tokens=False).ids
+        x = torch.tensor([p + r])
+        prm = torch.zeros_like(x, dtype=torch.bool)
+        prm[0, : len(p)] = True
+        with torch.no_grad():
+            logp = F.log_softmax(lm.model(x, is_prompt=prm, attn_backend="sdpa").logits.float(), -1)[0]
+        want = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(r))
+        assert lp == pytest.approx(want, abs=1e-4)
+    # batching does not change scores; rolling loglikelihood is a finite negative number
+    lm.batch_size = 1
+    assert [x[0] for x in lm.loglikelihood(reqs)] == pytest.approx([x[0] for x in got], abs=1e-4)
+    roll = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Natalia sold clips.",), 0)])
+    assert roll[0] < 0
+    # generate_until honours until and max_gen_toks, cached and uncached agree (greedy)
+    g = [Instance("generate_until", {}, ("Question: How many clips?\nAnswer:", {"until": ["\n\n"], "max_gen_toks": 12}), i)
+         for i in range(3)]
+    a = lm.generate_until(g)
+    lm.use_cache = False
+    assert lm.generate_until(g) == a and all("\n\n" not in x for x in a)
+
+
+def test_end_to_end_with_clean_subset(trained, shared, tmp_path):
+    import evaluation
+
+    bench = shared / "data" / "benchmarks"
+    # contamination items for the clean-subset scores (training rows: GSM8K train)
+    C.run(trained / "tok", bench, tmp_path / "contam", C.ContaminationConfig(benchmarks=("gsm8k", "arc_challenge", "hellaswag", "drop")),
+          progress=False)
+    res = evaluation.run(trained / "ckpt", trained / "tok", bench, tmp_path / "eval", tasks=["arc_challenge", "gsm8k", "hellaswag", "drop"],
+                         limit=6, contamination_items=tmp_path / "contam",
+                         num_fewshot={"arc_challenge": 2, "hellaswag": 1, "drop": 1},
+                         max_gen_toks=24)
+    arc, gsm = res["tasks"]["arc_challenge"], res["tasks"]["gsm8k"]
+    assert 0.0 <= arc["full"]["acc,none"] <= 1.0 and 0.0 <= arc["full"]["acc_norm,none"] <= 1.0
+    assert 0.0 <= gsm["full"]["exact_match,strict-match"] <= 1.0
+    assert 0.0 <= res["tasks"]["hellaswag"]["full"]["acc_norm,none"] <= 1.0
+    assert 0.0 <= res["tasks"]["drop"]["full"]["f1,none"] <= 1.0
+    for e in res["tasks"].values():
+        sub = next(iter(e["subtasks"].values()))
+        assert sub["unmatched_docs"] == 0 and sub["n_clean"] == 6  # every doc mapped back; all clean
+        assert e["clean"] == e["full"]
+    assert arc["full"]["acc,none"] == pytest.approx(arc["harness_results"]["acc,none"])
+    for f in ("results.json", "results.md", "lm_eval_arc_challenge.json", "samples_gsm8k.jsonl"):
+        assert (tmp_path / "eval" / f).exists()
+    assert "arc_challenge" in (tmp_path / "eval" / "results.md").read_text()

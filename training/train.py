@@ -1,0 +1,390 @@
+"""The training loop: `train(cfg) -> summary dict`.
+
+Run folder layout (cfg.out):
+  run.json             exact config, DeepSpeed config, model config, git sha, data manifest sha256
+  metrics.jsonl        one line per step (loss, answer tokens, grad norm, lr, bp, tokens/s, MFU)
+  tensorboard/         the same scalars (when the tensorboard package is installed)
+  checkpoints/         DeepSpeed checkpoints (tags step-00000010, ...; `latest`), each with the
+                       EMA weights, loader position, RNG states and recent losses as client state
+  export/step-N/{raw,ema}/   consolidated safetensors (model.save_checkpoint) written with each checkpoint
+  final/{raw,ema}/     the same for the last step
+
+Resume: rerunning the same command finds checkpoints/latest and continues from it; the data stream,
+LR, bp schedule, EMA and RNG continue exactly, so the final weights equal an uninterrupted run's.
+
+Loss normalisation: each micro batch's summed loss is divided by the answer tokens of the whole
+optimizer step (all ranks, all micro batches; computed from the data, no collective), times
+world * grad_accum to undo DeepSpeed's own averaging: the gradient is d(sum loss) / (answer tokens).
+
+Safety: a non-finite loss or grad norm, or a loss above spike_factor x the recent median, stops the
+run with TrainingDiverged naming the step and the batch's sample ids; a checkpoint is written only
+after checking the weights are finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import bp_schedule, build_model, count_flops, save_checkpoint
+from training.config import TrainConfig
+from training.data import Batch, Loader, PackedShards, manifest_sha
+from training.distributed import REPO, init_distributed, resolve_device
+from training.optim import EMA, build_optimizer, lr_lambda
+
+H100_PEAK_BF16 = 989e12
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# run records
+# ----------------------------------------------------------------------------------------------
+def git_version() -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return {"git_sha": sha.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "dirty": None}
+
+
+def tokenizer_vocab(shards: PackedShards) -> int | None:
+    tok = shards.manifest.get("inputs", {}).get("tokenized")
+    meta = Path(tok) / "tokenizer_meta.json" if tok else None
+    if meta and meta.exists():
+        return int(json.loads(meta.read_text())["vocab_size"])
+    return None
+
+
+def default_peak_flops(device: str) -> float | None:
+    if device == "cuda" and "H100" in torch.cuda.get_device_name():
+        return H100_PEAK_BF16
+    return None
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# engines: DeepSpeed and the plain PyTorch reference share one interface
+# ----------------------------------------------------------------------------------------------
+class TorchEngine:
+    """The plain PyTorch loop (reference for tests and benchmarks; no checkpoint resume)."""
+
+    def __init__(self, model, optimizer, scheduler, grad_clip: float) -> None:
+        self.module, self.optimizer, self.scheduler, self.grad_clip = model, optimizer, scheduler, grad_clip
+        self._norm: float | None = None
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def micro_step(self) -> None:
+        pass  # gradients accumulate in .grad until finish_step
+
+    def finish_step(self) -> None:
+        # A parameter without a gradient this step (the embedding at bp=2) is stepped with a zero
+        # gradient, as DeepSpeed's flat fp32 buffers do: weight decay applies, Adam's step advances.
+        for p in self.module.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            self._norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        else:
+            self._norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_norm(self) -> float | None:
+        return self._norm
+
+
+class DeepSpeedEngine:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.module = engine.module
+        self.optimizer = engine.optimizer
+
+    def __call__(self, **kw):
+        return self.engine(**kw)
+
+    def backward(self, loss) -> None:
+        self.engine.backward(loss)
+
+    def micro_step(self) -> None:
+        self.engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+
+    def finish_step(self) -> None:
+        self._norm = None
+        if self.engine.zero_optimization_stage() == 0 and self.engine.gradient_clipping() <= 0:
+            # DeepSpeed computes no norm without ZeRO or clipping: take it from the .grad tensors
+            grads = [p.grad.float().norm() for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                self._norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+        self.engine.step()
+
+    def grad_norm(self) -> float | None:
+        n = self.engine.get_global_grad_norm()
+        return self._norm if n is None else float(n)
+
+
+def _build_deepspeed(cfg: TrainConfig, model, world: int, device: str):
+    import deepspeed
+
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio))
+    ds_cfg = cfg.deepspeed_config(world, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    return DeepSpeedEngine(engine), ds_cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) the run described by cfg; returns a summary (final loss, steps, paths)."""
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    if cfg.engine == "deepspeed":
+        rank, world, local_rank = init_distributed(device, cfg.shm_comm)
+    else:
+        rank, world, local_rank = 0, 1, 0
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    is_main = rank == 0
+    out.mkdir(parents=True, exist_ok=True)
+
+    shards = PackedShards(cfg.shards)
+    mcfg = cfg.model_config(cfg.vocab_size or tokenizer_vocab(shards))
+    if shards.seq_len > mcfg.max_seq_len:
+        mcfg = mcfg.replace(max_seq_len=shards.seq_len)
+    loader = Loader(shards, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, rank=rank,
+                    world_size=world, seed=cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg)
+    if cfg.resolved_precision(device) == "bf16" and cfg.engine == "torch":
+        model = model.to(torch.bfloat16)
+    model = model.to(dev)
+    ds_cfg = None
+    if cfg.engine == "deepspeed":
+        engine, ds_cfg = _build_deepspeed(cfg, model, world, device)
+        model = engine.module
+    else:
+        opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio))
+        engine = TorchEngine(model, opt, sched, cfg.grad_clip)
+    ema = EMA(model, cfg.ema_decay)
+
+    ckdir = out / "checkpoints"
+    start_step, recent = 0, []
+    resumed_from = None
+    if cfg.engine == "deepspeed" and (ckdir / "latest").exists():
+        path, client = engine.engine.load_checkpoint(str(ckdir))
+        if path is None:
+            raise RuntimeError(f"could not load the checkpoint named by {ckdir / 'latest'}")
+        start_step = int(client["step"])
+        loader.load_state_dict(client["loader"])
+        ema.load_state_dict(client["ema"])
+        _set_rng_state(client["rng"][rank] if isinstance(client["rng"], list) else client["rng"])
+        recent = list(client.get("recent_losses", []))
+        resumed_from = path
+        if is_main:
+            print(f"resuming from {path} at step {start_step}", file=sys.stderr, flush=True)
+
+    if is_main:
+        record = {
+            "config": cfg.to_dict(), "deepspeed_config": ds_cfg, "model_config": mcfg.to_dict(),
+            "code": git_version(), "data": {"shards": str(Path(cfg.shards).resolve()),
+                                           "manifest_sha256": manifest_sha(cfg.shards),
+                                           "sequences": len(shards), "seq_len": shards.seq_len},
+            "world_size": world, "device": device, "resumed_from": resumed_from,
+            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        }
+        if cfg.engine == "deepspeed":
+            import deepspeed
+
+            record["versions"]["deepspeed"] = deepspeed.__version__
+        _write_json(out / "run.json", record)
+
+    peak = cfg.peak_flops or default_peak_flops(device)
+    writer = _tensorboard(out / "tensorboard") if (is_main and cfg.tensorboard) else None
+    log = open(out / "metrics.jsonl", "a") if is_main else None
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    last_loss = float("nan")
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            bp = bp_schedule(step, cfg.steps, cfg.bp_start, cfg.bp_end, cfg.bp_warmup_frac) if mcfg.arch == "hrm" else None
+            lr = engine.optimizer.param_groups[0]["lr"]
+            micro, n_global = loader.next_step()
+            scale = world * cfg.grad_accum / max(n_global, 1) if cfg.engine == "deepspeed" else 1.0 / max(n_global, 1)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            flops = 0.0
+            for j, mb in enumerate(micro):
+                b = mb.packed.to(dev)
+                o = engine(**b.as_kwargs(), bp=bp)
+                if cfg.fail_at_step is not None and step == cfg.fail_at_step:  # testing hook
+                    o.loss_sum = o.loss_sum * float("nan")
+                loss = o.loss_sum * scale
+                engine.backward(loss)
+                loss_sum += o.loss_sum.detach().double().cpu()
+                flops += count_flops(mcfg, segment_ids=mb.packed.segment_ids, is_prompt=mb.packed.is_prompt, bp=bp).total
+                if j < len(micro) - 1:
+                    engine.micro_step()
+            if world > 1:
+                import torch.distributed as dist
+
+                t = torch.tensor([loss_sum.item(), flops], dtype=torch.float64, device=dev)
+                dist.all_reduce(t)
+                loss_sum, flops = t[0].cpu(), float(t[1])
+            step_loss = float(loss_sum) / max(n_global, 1)
+            _check(step, step_loss, recent, cfg, micro, "loss")
+            engine.finish_step()
+            gn = engine.grad_norm()
+            if gn is not None and not math.isfinite(gn):
+                _check(step, float("nan"), recent, cfg, micro, "grad norm")
+            ema.update(model)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tokens = cfg.global_batch(world) * shards.seq_len
+            rec = {"step": step + 1, "loss": step_loss, "answer_tokens": n_global, "grad_norm": gn, "lr": lr,
+                   "bp": bp, "tokens_per_s": tokens / dt, "step_s": dt, "flops": flops,
+                   "mfu": (flops / dt / (peak * world)) if peak else None}
+            recent = (recent + [step_loss])[-cfg.spike_window:]
+            last_loss = step_loss
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if writer is not None:
+                for k in ("loss", "answer_tokens", "grad_norm", "lr", "bp", "tokens_per_s", "mfu"):
+                    if rec[k] is not None:
+                        writer.add_scalar(f"train/{k}", rec[k], step + 1)
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}", bp=bp, tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.update(1)
+            done = step + 1
+            if cfg.engine == "deepspeed" and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
+                _save(engine, ema, loader, mcfg, ckdir, out, done, recent, cfg, world, rank)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        if writer is not None:
+            writer.close()
+
+    final = out / "final"
+    if is_main:
+        _export(model, ema, mcfg, final)
+    return {"final_loss": last_loss, "steps": cfg.steps, "start_step": start_step, "out": str(out),
+            "final_raw": str(final / "raw"), "final_ema": str(final / "ema"), "metrics": str(out / "metrics.jsonl"),
+            "checkpoints": str(ckdir) if cfg.engine == "deepspeed" else None, "world_size": world}
+
+
+def _check(step: int, loss: float, recent: list[float], cfg: TrainConfig, micro: list[Batch], what: str) -> None:
+    ids = [sid for mb in micro for row in mb.sample_ids for sid in row]
+    seqs = [i for mb in micro for i in mb.seq_index]
+    where = f"at step {step + 1} (sequences {seqs[:16]}{' ...' if len(seqs) > 16 else ''}; sample ids {ids[:16]}{' ...' if len(ids) > 16 else ''})"
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"non-finite {what} {where}; stopping without writing a checkpoint")
+    if len(recent) >= cfg.spike_window:
+        med = statistics.median(recent)
+        if loss > cfg.spike_factor * med:
+            raise TrainingDiverged(
+                f"loss spike {loss:.4f} > {cfg.spike_factor} x median {med:.4f} of the last {len(recent)} steps "
+                f"{where}; stopping without writing a checkpoint")
+
+
+def _params_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _save(engine, ema, loader, mcfg, ckdir, out, step, recent, cfg, world, rank) -> None:
+    if not _params_finite(engine.module):
+        raise TrainingDiverged(f"non-finite weights after step {step}; not writing a checkpoint")
+    tag = f"step-{step:08d}"
+    client = {"step": step, "loader": loader.state_dict(), "ema": ema.state_dict(), "rng": _rng_state(),
+              "recent_losses": recent}
+    if world > 1:
+        import torch.distributed as dist
+
+        rngs = [None] * world
+        dist.all_gather_object(rngs, client["rng"])
+        client["rng"] = rngs
+    # DeepSpeed writes `latest` by truncate-then-write; a kill in between would leave it empty.
+    # We write it ourselves, atomically, after every rank has finished its files.
+    engine.engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
+    if rank == 0:
+        tmp = ckdir / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckdir / "latest")
+        _export(engine.module, ema, mcfg, out / "export" / tag)
+        tags = sorted(p.name for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in tags[: -cfg.keep_checkpoints]:
+            shutil.rmtree(ckdir / old, ignore_errors=True)
+            shutil.rmtree(out / "export" / old, ignore_errors=True)
+
+
+def _export(model, ema, mcfg, folder: Path) -> None:
+    """Consolidated safetensors of the raw and of the EMA weights (model.save_checkpoint)."""
+    raw = build_model(mcfg)
+    raw.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    save_checkpoint(raw, folder / "raw")
+    raw.load_state_dict(ema.state_dict())
+    save_checkpoint(raw, folder / "ema")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard not installed: metrics go to metrics.jsonl only", file=sys.stderr)
+        return None
+    return SummaryWriter(str(folder))
