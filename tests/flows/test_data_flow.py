@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+import time
 
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -50,15 +51,22 @@ def harness():
         yield
 
 
-def states(flow_state) -> dict[str, str]:
+def states(flow_state, timeout: float = 60.0) -> dict[str, str]:
+    """Task-run state names of one flow run, keyed by task name.
+
+    Prefect 3 records task-run states through its event pipeline, asynchronously: right after a flow
+    returns, the API may still show a task as Pending. Poll until every task run is in a final state.
+    """
     fr = flow_state.state_details.flow_run_id
-    with get_client(sync_client=True) as c:
-        trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr])))
-    out = {}
-    for tr in trs:
-        name = tr.name.rsplit("-", 1)[0]
-        out[name] = tr.state.name
-    return out
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as c:
+            trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr])))
+        out = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in trs}
+        settled = set(out) >= set(STAGES) and all(tr.state is not None and tr.state.is_final() for tr in trs)
+        if settled or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
 
 
 def check_lineage(out, man):
