@@ -11,6 +11,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 SPEC ?= demo
+# optional: a folder of benchmark files (<name>/<split>.jsonl) to check the training data against, e.g.
+#   make demo BENCHMARKS=../shared/data/benchmarks DEMO_ARGS=--decontaminate
+BENCHMARKS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup demo test lock bench
 
@@ -18,7 +22,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/hrm run $(SPEC)
+	.venv/bin/hrm run $(SPEC) $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS)) $(DEMO_ARGS)
 
 test: setup
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)

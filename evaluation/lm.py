@@ -12,7 +12,15 @@ Prompt layout (the training layout of pipeline/stages/tokenize.py, PrefixLM sema
   target delimiter (" " for multiple choice); training responses never start with that space, so one
   leading space of the continuation is moved into nothing (stripped) - the same for every choice.
   `is_greedy` compares each continuation token with the argmax. A context too long for `max_length`
-  loses tokens from its start ([BOQ][condition] kept).
+  loses tokens from its start ([BOQ][condition] kept), the same tokens for every continuation of that
+  context (room is left for the longest), so the choices of an item are scored against one prompt.
+  Shared prompts: under the PrefixLM mask the prompt attends only to itself, so its keys and values
+  (in every HRM module call) do not depend on the continuation. Requests with the same context (the
+  choices of a multiple-choice item) are scored from one prefill of the prompt into the KV cache: the
+  last prompt position's logits score the first continuation token, and the rest of each continuation
+  runs as one chunk against the cache (rewound to the prompt between choices). MMLU's four one-token
+  choices cost one forward instead of four. `share_prompts=False` scores every request on its own (the
+  reference; the two agree to float rounding).
 - generate_until(context, {until, max_gen_toks}): the prompt is [BOQ][condition] context [EOQ]; requests
   are sorted by prompt length and batched (`batch_size`), decoded greedily with the KV cache
   (model.generate), stopping at [EOA], at any `until` string (checked on the decoded text; the text
@@ -29,10 +37,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from model import generate, load_checkpoint
+from model.generate import _left_pad
 from pipeline.stages.tokenize import load_tokenizer, special_ids
 
 
@@ -49,6 +59,9 @@ class HRMLM(LM):
         device: str = "cpu",
         dtype: str | None = None,
         use_cache: bool = True,
+        share_prompts: bool = True,
+        cache_budget_gb: float = 4.0,
+        progress: bool = True,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -60,6 +73,10 @@ class HRMLM(LM):
         self.max_length = min(int(max_length), int(self.model.cfg.max_seq_len))  # what training fed at most
         self.max_gen_toks = int(max_gen_toks)
         self.use_cache = bool(use_cache)
+        self.share_prompts = bool(share_prompts)
+        self.progress = bool(progress)
+        self._quiet = not self.progress
+        self.cache_budget = float(cache_budget_gb) * 2**30  # bytes of KV cache per prefill batch
         self._device = torch.device(device)
 
     # --- helpers -------------------------------------------------------------------------------
@@ -108,28 +125,98 @@ class HRMLM(LM):
     def _batched_scores(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         res: list = [None] * len(pairs)
+        bar = tqdm(total=len(pairs), desc="score", unit="seq", disable=self._quiet or len(pairs) < 2 * self.batch_size,
+                   leave=False)
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             for i, v in zip(idx, self.score([pairs[i] for i in idx])):
                 res[i] = v
+            bar.update(len(idx))
+        bar.close()
+        return res
+
+    @torch.no_grad()
+    def _shared_prompt_scores(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """The scores of `_batched_scores`, one prefill per distinct prompt (see the module docstring)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (p, _) in enumerate(pairs):
+            groups.setdefault(tuple(p), []).append(i)
+        prompts = sorted(groups, key=len, reverse=True)
+        cfg = self.model.cfg
+        p_ = self.model.lm_head.weight
+        per_pos = 2 * cfg.num_calls * cfg.layers_per_call * cfg.num_heads * cfg.head_dim * p_.element_size()
+        dev = p_.device
+        res: list = [None] * len(pairs)
+        s = 0
+        bar = tqdm(total=len(pairs), desc="loglikelihood", unit="req", disable=self._quiet, leave=False)
+        while s < len(prompts):
+            # as many prompts as batch_size and the cache budget allow (the longest come first)
+            longest = len(prompts[s]) + max(len(pairs[i][1]) for i in groups[prompts[s]])
+            rows = max(1, min(self.batch_size, int(self.cache_budget // max(per_pos * longest, 1))))
+            batch = prompts[s : s + rows]
+            s += len(batch)
+            members = [groups[p] for p in batch]
+            B = len(batch)
+            L = max(len(pairs[i][1]) for m in members for i in m) - 1  # continuation tokens fed as input
+            ids, seg, pos, prm, lengths = _left_pad(batch, self.ids.pad, dev)
+            cache = self.model.new_cache(B, ids.shape[1] + max(L, 0))
+            first = F.log_softmax(self.model(ids, segment_ids=seg, position_ids=pos, is_prompt=prm, cache=cache,
+                                             last_logits_only=True).logits[:, -1].float(), dim=-1)  # (B, V)
+            prompt_len = cache.length
+            for j in range(max(len(m) for m in members)):
+                todo = [(b, m[j]) for b, m in enumerate(members) if j < len(m)]
+                Lj = max(len(pairs[i][1]) for _, i in todo) - 1
+                if Lj > 0:
+                    cache.length = prompt_len  # rewind: this choice overwrites the previous one's positions
+                    x = torch.full((B, Lj), self.ids.pad, dtype=torch.long)
+                    for b, i in todo:
+                        r = pairs[i][1]
+                        x[b, : len(r) - 1] = torch.tensor(r[:-1])
+                    # every row of the chunk is a causal continuation (segment 1); rows without a j-th
+                    # choice and positions past a choice's end are never read
+                    cpos = lengths[:, None] + torch.arange(Lj, device=dev)[None, :]
+                    logits = self.model(x.to(dev), segment_ids=torch.ones(B, Lj, dtype=torch.long, device=dev),
+                                        position_ids=cpos, is_prompt=torch.zeros(B, Lj, dtype=torch.bool, device=dev),
+                                        cache=cache).logits.float()
+                    lp = F.log_softmax(logits, dim=-1)  # (B, Lj, V)
+                for b, i in todo:
+                    r = pairs[i][1]
+                    total = float(first[b, r[0]])
+                    greedy = int(first[b].argmax()) == r[0]
+                    if len(r) > 1:
+                        tgt = torch.tensor(r[1:], device=dev)
+                        rows_lp = lp[b, : len(r) - 1]
+                        total += float(rows_lp.gather(-1, tgt[:, None]).sum())
+                        greedy = greedy and bool((rows_lp.argmax(-1) == tgt).all())
+                    res[i] = (total, greedy)
+            bar.update(sum(len(m) for m in members))
+        bar.close()
         return res
 
     # --- the LM interface --------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = []
+        self._quiet = disable_tqdm or not self.progress
+        conts = []
+        room: dict[str, int] = {}  # per context: the longest of its continuations
         for req in requests:
             context, continuation = req.args
             cont = self.encode(continuation[1:] if continuation.startswith(" ") else continuation)
             if not cont:
                 raise ValueError(f"hrm: empty continuation for context {context[-80:]!r}")
             cont = cont[-(self.max_length - 3) :]
-            pairs.append((self.prompt_ids(context, room=len(cont)), cont))
-        res = self._batched_scores(pairs)
+            conts.append(cont)
+            room[context] = max(room.get(context, 0), len(cont))
+        # a context too long is cut the same way for all its continuations (the choices of one item see
+        # the same prompt, and share one prefill)
+        prompts = {c: self.prompt_ids(c, room=n) for c, n in room.items()}
+        pairs = [(prompts[req.args[0]], cont) for req, cont in zip(requests, conts)]
+        res = self._shared_prompt_scores(pairs) if self.share_prompts else self._batched_scores(pairs)
         for req, r in zip(requests, res):
             self.cache_hook.add_partial("loglikelihood", req.args, r)
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        self._quiet = disable_tqdm or not self.progress
         head = [self.ids.boq, self.ids.condition(self.condition), self.ids.eoq]
         W = self.max_length - len(head)
         out = []
@@ -143,6 +230,7 @@ class HRMLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self._quiet = disable_tqdm or not self.progress
         reqs = []
         for req in requests:
             context, kw = req.args
@@ -155,6 +243,7 @@ class HRMLM(LM):
         order = sorted(range(len(reqs)), key=lambda i: (tuple(reqs[i][1]), reqs[i][2], -len(reqs[i][0])))
         res: list = [None] * len(reqs)
         s = 0
+        bar = tqdm(total=len(reqs), desc="generate_until", unit="req", disable=self._quiet, leave=False)
         while s < len(order):
             key = (tuple(reqs[order[s]][1]), reqs[order[s]][2])
             idx = [order[s]]
@@ -164,6 +253,8 @@ class HRMLM(LM):
             s += len(idx)
             for i, text in zip(idx, self.generate_batch([reqs[i][0] for i in idx], list(key[0]), key[1])):
                 res[i] = text
+            bar.update(len(idx))
+        bar.close()
         for req, r in zip(requests, res):
             self.cache_hook.add_partial("generate_until", req.args, r)
         return res

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def run(
                max_length=max_length, device=device)
     buckets = _clean_keys(contamination_items) if contamination_items else None
     results: dict = {"checkpoint": str(checkpoint), "limit": limit, "online": online, "tasks": {}}
-    for t in tasks:
+    for k, t in enumerate(tasks):
         t0 = time.time()
+        print(f"[eval {k + 1}/{len(tasks)}] {t} ({names[t]}, {shots[t]}-shot, limit {limit})", file=sys.stderr, flush=True)
         lm.condition = "cot" if t in COT_TASKS else "direct"
         r = simple_evaluate(model=lm, tasks=[names[t]], num_fewshot=shots[t], limit=limit, log_samples=True,
                             task_manager=tm, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
@@ -125,6 +127,8 @@ def run(
             entry["clean"] = {k: sum(v) / len(v) for k, v in all_clean.items()}
         entry["harness_results"] = r["results"].get(names[t]) or {}
         results["tasks"][t] = entry
+        print(f"[eval {k + 1}/{len(tasks)}] {t} done in {entry['seconds']:.1f} s: "
+              + ", ".join(f"{m}={100 * v:.2f}" for m, v in sorted(entry["full"].items())), file=sys.stderr, flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(table(results))
     return results
@@ -150,11 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contamination", default=None, help="contamination stage folder or items.parquet")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-gen-toks", type=int, default=256)
+    ap.add_argument("--fewshot", action="append", default=[], metavar="TASK=N",
+                    help="override a task's few-shot count (default: the paper's, in the report)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--online", action="store_true", help="standard harness tasks from the Hub")
     a = ap.parse_args(argv)
+    tasks = [t for t in a.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in BENCHMARK_OF]
+    if unknown:
+        ap.error(f"--tasks: unknown {unknown}; known: {sorted(BENCHMARK_OF)}")
+    if a.benchmarks is None and not a.online:
+        ap.error("give --benchmarks DIR (local benchmark files) or --online (the harness tasks from the Hub)")
+    shots: dict[str, int] = {}
+    for kv in a.fewshot:
+        t, _, n = kv.partition("=")
+        if t not in BENCHMARK_OF or not n.isdigit():
+            ap.error(f"--fewshot expects TASK=N with TASK in {sorted(BENCHMARK_OF)}, got {kv!r}")
+        shots[t] = int(n)
     limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
-    res = run(a.checkpoint, a.tokenizer, a.benchmarks, a.output, tasks=[t for t in a.tasks.split(",") if t],
-              limit=limit, contamination_items=a.contamination, batch_size=a.batch_size,
-              max_gen_toks=a.max_gen_toks, online=a.online)
+    res = run(a.checkpoint, a.tokenizer, a.benchmarks, a.output, tasks=tasks,
+              limit=limit, contamination_items=a.contamination, num_fewshot=shots, batch_size=a.batch_size,
+              max_gen_toks=a.max_gen_toks, online=a.online, device=a.device)
     print(table(res))
     return 0

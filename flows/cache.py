@@ -48,7 +48,7 @@ class StageCache(CachePolicy):
         for name, val in sorted((inputs or {}).items()):
             if name in self.ignore:
                 continue
-            if name in self.path_params and val is not None:
+            if name in self.path_params and isinstance(val, (str, Path)):
                 p = Path(val)
                 key[name] = content_hash(p) if p.exists() else f"missing:{p}"
             else:

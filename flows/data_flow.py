@@ -1,4 +1,11 @@
-"""The data flow: ingest -> normalize -> stratify -> dedup -> tokenizer -> mix -> pack, one task each.
+"""The data flow: ingest -> normalize -> stratify -> dedup -> tokenizer -> [contamination] -> mix -> pack
+-> lineage, one task each.
+
+The contamination check runs when the spec has a `contamination:` section with benchmarks (a local
+`benchmarks_dir`, or `hub: true`), or when the flow is given `benchmarks=DIR`; otherwise it is skipped
+with a log line saying how to turn it on. With `decontaminate: true`, mix and pack read the
+contamination folder (the training rows minus those that make a benchmark item dirty), and the lineage
+counts the dropped rows under `contamination:benchmark_contamination`.
 
 Tasks are thin: they call `pipeline.stages.*`, pass folder paths and return the stage manifests (small
 JSON), never the data. Caching (`flows.cache.StageCache`) is keyed on the content of the input folders,
@@ -17,15 +24,16 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.config import (DedupConfig, MixConfig, NormalizeConfig, PackConfig, RunSpec, SourceSpec,
-                             StratumRule, TokenizerConfig)
+from pipeline.config import (ContaminationConfig, ContaminationSpec, DedupConfig, MixConfig, NormalizeConfig,
+                             PackConfig, RunSpec, SourceSpec, StratumRule, TokenizerConfig)
 from pipeline.io import MANIFEST, content_hash, read_json, sha256_file, write_json
 from pipeline.spec import load_spec
 from pipeline.stages.ingest import local_files
 
 from .cache import StageCache
 
-STAGES = ("ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack")
+STAGES = ("ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack")
+OPTIONAL = ("contamination",)  # stages that run only when the spec asks for them
 
 
 def _opts(path_params: tuple[str, ...], *modules: str) -> dict:
@@ -70,6 +78,15 @@ def tokenizer_task(input_dir: str, output_dir: str, cfg: TokenizerConfig, condit
     from pipeline.stages import tokenize
 
     return tokenize.run(input_dir, output_dir, cfg, conditions=conditions, seed=seed, progress=progress)
+
+
+@task(name="contamination", **_opts(("input_dir", "benchmarks"), "pipeline.stages.contamination"))
+def contamination_task(input_dir: str, benchmarks: str | list[str], output_dir: str, cfg: ContaminationConfig,
+                       progress: bool = True) -> dict:
+    """`benchmarks`: a local benchmark folder (hashed by content for the cache) or Hub names."""
+    from pipeline.stages import contamination
+
+    return contamination.run(input_dir, benchmarks, output_dir, cfg, progress=progress)
 
 
 @task(name="mix", **_opts(("input_dir",), "pipeline.stages.mix"))
@@ -123,18 +140,48 @@ def _summary_markdown(spec: RunSpec, manifests: dict[str, dict]) -> str:
         if st in manifests:
             c = {k: v for k, v in manifests[st].get("counts", {}).items() if not isinstance(v, dict)}
             lines.append(f"| {st} | " + ", ".join(f"{k}={v}" for k, v in c.items()) + " |")
+    if "contamination" in manifests:
+        dirty = manifests["contamination"].get("counts", {}).get("dirty", {})
+        lines += ["", "Dirty benchmark items (13-gram coverage >= 80%): "
+                  + ", ".join(f"{k}={v}" for k, v in dirty.items())]
+    if "lineage" in manifests:
+        c = manifests["lineage"].get("counts", {})
+        lines += ["", f"Lineage: {c.get('rows_stratified')} rows stratified = {c.get('rows_packed')} packed + "
+                  f"{c.get('rows_removed')} removed; balanced: {c.get('balanced')} (lineage/lineage.json)"]
     return "\n".join(lines)
+
+
+def contamination_settings(s: RunSpec, benchmarks: str | None, decontaminate: bool | None) -> ContaminationSpec | None:
+    """The spec's contamination section with the flow's overrides applied; None when it is off."""
+    if benchmarks is None and decontaminate is None:
+        c = s.contamination
+    else:
+        data = s.contamination.model_dump() if s.contamination is not None else {}
+        if benchmarks is not None:
+            data["benchmarks_dir"] = str(benchmarks)
+        if decontaminate is not None:
+            data["decontaminate"] = bool(decontaminate)
+        c = ContaminationSpec.model_validate(data)
+    if c is not None and c.decontaminate and not c.enabled:
+        raise ValueError("decontaminate needs benchmarks: set contamination.benchmarks_dir (or hub: true) in the "
+                         "spec, or pass --benchmarks DIR")
+    return c if c is not None and c.enabled else None
 
 
 @flow(name="hrm-data", log_prints=True)
 def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str = "pack",
+              benchmarks: str | None = None, decontaminate: bool | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run the data stages of SPEC (a path or a bundled spec name) into OUTPUT_DIR (default runs/<name>).
 
-    `stop_after` ends the flow after that stage (one of ingest ... pack)."""
+    `stop_after` ends the flow after that stage (one of ingest ... pack). `benchmarks` (a local
+    benchmark folder) and `decontaminate` override the spec's contamination section."""
     if stop_after not in STAGES:
         raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
     s = load_spec(spec)
+    contam = contamination_settings(s, benchmarks, decontaminate)
+    if contam is not None and contam.benchmarks_dir is not None and not Path(contam.benchmarks_dir).is_dir():
+        raise FileNotFoundError(f"contamination.benchmarks_dir: {contam.benchmarks_dir} is not a folder")
     root = Path(output_dir or Path("runs") / s.name).resolve()
     root.mkdir(parents=True, exist_ok=True)
     results = root / ".prefect" / "results"
@@ -145,6 +192,25 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
     def call(t, **kw):
         refresh = not stage_intact(Path(kw["output_dir"]))
         return t.with_options(result_storage=results, refresh_cache=refresh)(progress=progress, **kw)
+
+    # the rows mix and pack read: the tokenizer's, or the decontaminated ones
+    train_dir = d["contamination"] if contam is not None and contam.decontaminate else d["tokenizer"]
+
+    def contamination_step() -> dict | None:
+        if contam is None:
+            logger.info("contamination: skipped (no benchmarks: set contamination.benchmarks_dir or hub: true "
+                        "in the spec, or pass --benchmarks DIR)")
+            return None
+        cfg = ContaminationConfig(**contam.model_dump(exclude={"benchmarks_dir", "hub"}))
+        bench: str | list[str]
+        if contam.benchmarks_dir is not None:
+            bench = str(Path(contam.benchmarks_dir).resolve())
+        else:
+            from pipeline.stages.contamination import HUB
+
+            bench = list(cfg.benchmarks or HUB)
+        return call(contamination_task, input_dir=d["tokenizer"], benchmarks=bench, output_dir=d["contamination"],
+                    cfg=cfg)
 
     man: dict[str, dict] = {}
     last = STAGES.index(stop_after)
@@ -158,18 +224,23 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
         ("dedup", lambda: call(dedup_task, input_dir=d["stratify"], output_dir=d["dedup"], cfg=s.dedup)),
         ("tokenizer", lambda: call(tokenizer_task, input_dir=d["dedup"], output_dir=d["tokenizer"], cfg=s.tokenizer,
                                    conditions=list(s.normalize.conditions), seed=s.seed)),
-        ("mix", lambda: call(mix_task, input_dir=d["tokenizer"], output_dir=d["mix"], cfg=s.mix,
+        ("contamination", contamination_step),
+        ("mix", lambda: call(mix_task, input_dir=train_dir, output_dir=d["mix"], cfg=s.mix,
                              rules=s.stratify.rules, seed=s.mix_seed)),
-        ("pack", lambda: call(pack_task, tokenized_dir=d["tokenizer"], mix_dir=d["mix"], output_dir=d["pack"],
+        ("pack", lambda: call(pack_task, tokenized_dir=train_dir, mix_dir=d["mix"], output_dir=d["pack"],
                               cfg=s.pack)),
     ]
     for name, step in steps[: last + 1]:
-        man[name] = step()
-        logger.info("%s: %s", name, {k: v for k, v in man[name].get("counts", {}).items() if not isinstance(v, dict)})
+        m = step()
+        if m is None:
+            continue
+        man[name] = m
+        logger.info("%s: %s", name, {k: v for k, v in m.get("counts", {}).items() if not isinstance(v, dict)})
     if stop_after == "pack":
-        hashes = {st: content_hash(root / st) for st in STAGES if st != "ingest"}
+        hashes = {st: content_hash(root / st) for st in STAGES if st != "ingest" and st in man}
         man["lineage"] = call(lineage_task, run_dir=str(root), output_dir=str(root / "lineage"), stage_hashes=hashes)
     write_json({"spec": s.model_dump(mode="json"), "stages": {k: v.get("fingerprint") for k, v in man.items()},
+                "contamination": contam.model_dump(mode="json") if contam is not None else None,
                 "output_dir": str(root)}, root / "run.json")
     create_markdown_artifact(_summary_markdown(s, man), key=f"data-run-{s.name.lower().replace('_', '-')}".replace(".", "-"),
                              description=f"data stages of {s.name}")

@@ -1,6 +1,7 @@
 """The `hrm` command.
 
-  hrm run SPEC [--output DIR] [--stop-after STAGE]   the Prefect data flow (ephemeral Prefect unless
+  hrm run SPEC [--output DIR] [--stop-after STAGE] [--benchmarks DIR [--decontaminate]]
+                                                     the Prefect data flow (ephemeral Prefect unless
                                                      PREFECT_API_URL points at a server)
   hrm validate SPEC                                  load and check a spec, print its summary
   hrm plan SPEC                                      dry run: strata, expected unique and seen tokens
@@ -84,7 +85,10 @@ def cmd_run(args) -> int:
     load_spec(args.spec)  # fail before Prefect starts
     from flows.data_flow import data_flow
 
+    if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
+        _die(f"--benchmarks: {args.benchmarks} is not a folder")
     res = data_flow(spec=str(args.spec), output_dir=args.output, stop_after=args.stop_after,
+                    benchmarks=args.benchmarks, decontaminate=True if args.decontaminate else None,
                     progress=not args.no_progress)
     print(json.dumps({"output_dir": res["output_dir"],
                       "counts": {k: {a: b for a, b in v.get("counts", {}).items() if not isinstance(b, dict)}
@@ -184,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec")
     r.add_argument("--output", "-o", default=None, help="run folder (default runs/<spec name>)")
     r.add_argument("--stop-after", default="pack",
-                   choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack"])
+                   choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack"])
+    r.add_argument("--benchmarks", default=None, metavar="DIR",
+                   help="check the training data against the benchmarks in DIR (<name>/<split>.jsonl); "
+                        "overrides contamination.benchmarks_dir of the spec")
+    r.add_argument("--decontaminate", action="store_true",
+                   help="drop the training rows that make a benchmark item dirty before mixing (needs benchmarks)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_run)
 

@@ -176,6 +176,50 @@ class PackConfig(Strict):
 # ----------------------------------------------------------------------------------------------
 # the run spec
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# contamination
+# ----------------------------------------------------------------------------------------------
+class ContaminationConfig(Strict):
+    ngram_sizes: tuple[int, ...] = (13, 8)
+    primary_n: int = 13  # the n whose coverage gives the item's bucket (and drives decontamination)
+    clean_below: float = Field(default=0.2, gt=0, lt=1)
+    not_clean_below: float = Field(default=0.5, gt=0, lt=1)
+    dirty_at: float = Field(default=0.8, gt=0, le=1)
+    benchmarks: tuple[str, ...] | None = None  # names to check (default: every folder found)
+    splits: dict[str, str] = Field(default_factory=dict)  # name -> split, overrides DEFAULT_SPLITS
+    max_rows_per_ngram: int = Field(default=32, ge=1)  # training rows remembered per matched n-gram
+    top_rows: int = Field(default=5, ge=1)  # rows listed per dirty item
+    batch_rows: int = Field(default=32768, ge=1)  # training rows hashed per batch
+    decontaminate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "ContaminationConfig":
+        if not self.ngram_sizes or any(n < 2 for n in self.ngram_sizes):
+            raise ValueError(f"contamination.ngram_sizes must be sizes >= 2, got {self.ngram_sizes}")
+        if self.primary_n not in self.ngram_sizes:
+            raise ValueError(f"contamination.primary_n {self.primary_n} is not in ngram_sizes {self.ngram_sizes}")
+        if not (self.clean_below <= self.not_clean_below <= self.dirty_at):
+            raise ValueError("contamination: need clean_below <= not_clean_below <= dirty_at")
+        return self
+
+
+class ContaminationSpec(ContaminationConfig):
+    """The spec's `contamination:` section: the check's settings plus where the benchmarks come from.
+
+    `benchmarks_dir` is a local folder of `<name>/<split>.jsonl` files (Hub field layouts); with `hub:
+    true` and no folder the benchmarks are downloaded from the Hugging Face Hub by name. With neither,
+    the data flow skips the check and says so. `decontaminate: true` drops the training rows that make
+    a benchmark item dirty before mixing and packing; the lineage counts them under
+    `contamination:benchmark_contamination`."""
+
+    benchmarks_dir: str | None = None
+    hub: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.benchmarks_dir is not None or self.hub
+
+
 class RunSpec(Strict):
     name: str
     description: str = ""
@@ -187,6 +231,7 @@ class RunSpec(Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
+    contamination: ContaminationSpec | None = None
 
     @field_validator("name")
     @classmethod

@@ -3,13 +3,14 @@
 Reads the stage folders of a run (`<run>/<stage>/`) and accounts for every row:
 - per source: rows ingested = rows normalized + rows rejected by normalize (by reason);
 - per stratum: rows stratified = rows packed + rows removed, by stage and reason (dedup's exact and
-  near duplicates with the id of the copy kept, tokenizer rejects, mix's capped rows, pack's short
-  responses and overlong prompts).
+  near duplicates with the id of the copy kept, tokenizer rejects, rows dropped by decontamination
+  because they make a benchmark item dirty, mix's capped rows, pack's short responses and overlong
+  prompts).
 Each row is removed at most once and never both removed and packed; a row that is neither is reported
 as unaccounted (the run's lineage then does not balance, and `check` says so).
 
 Outputs (`<run>/lineage/`): `lineage.parquet` (one line per stratified row: id, source, stratum, status,
-stage, reason, duplicate_of, times_packed) and `lineage.json` (the per-source and per-stratum tables).
+stage, reason, detail, duplicate_of, times_packed) and `lineage.json` (the per-source and per-stratum tables).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .io import begin_stage, code_hash, file_record, finish_stage, fingerprint
 from .io import read_json, write_json, write_parquet
 
 STAGE = "lineage"
-REMOVAL_STAGES = ("stratify", "dedup", "tokenizer", "mix", "pack")
+REMOVAL_STAGES = ("stratify", "dedup", "tokenizer", "contamination", "mix", "pack")
 REMOVAL_FILES = ("rejects.parquet", "removals.parquet")
 
 
@@ -35,17 +36,33 @@ class LineageError(RuntimeError):
     pass
 
 
+def removal_stages(run: Path) -> list[str]:
+    """The removal stages of this run. The contamination folder counts only when pack read its rows
+    (decontamination on); a check-only contamination folder, or one left from an earlier run, removes
+    nothing."""
+    out = []
+    for st in REMOVAL_STAGES:
+        if st == "contamination":
+            pm = run / "pack" / "manifest.json"
+            used = pm.exists() and str(read_json(pm).get("inputs", {}).get("tokenized", "")) != "" and \
+                Path(read_json(pm)["inputs"]["tokenized"]).resolve() == (run / st).resolve()
+            if not used:
+                continue
+        out.append(st)
+    return out
+
+
 def _removals(run: Path) -> pl.DataFrame:
     frames = []
-    for st in REMOVAL_STAGES:
+    for st in removal_stages(run):
         for name in REMOVAL_FILES:
             f = run / st / name
             if f.exists():
-                df = pl.read_parquet(f, columns=["id", "stage", "reason", "duplicate_of"])
+                df = pl.read_parquet(f, columns=["id", "stage", "reason", "detail", "duplicate_of"])
                 frames.append(df.with_columns(stage=pl.lit(st)))
     if not frames:
         return pl.DataFrame(schema={"id": pl.String, "stage": pl.String, "reason": pl.String,
-                                    "duplicate_of": pl.String})
+                                    "detail": pl.String, "duplicate_of": pl.String})
     return pl.concat(frames)
 
 
@@ -79,7 +96,7 @@ def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
         .when(pl.col("reason").is_not_null()).then(pl.lit("removed"))
         .when(pl.col("times_packed") > 0).then(pl.lit("packed"))
         .otherwise(pl.lit("unaccounted")))
-    df = df.select("id", "source", "stratum", "status", "stage", "reason", "duplicate_of", "times_packed")
+    df = df.select("id", "source", "stratum", "status", "stage", "reason", "detail", "duplicate_of", "times_packed")
 
     norm = read_json(run / "normalize" / "manifest.json")["counts"]["per_source"]
     per_source = {}
@@ -125,7 +142,7 @@ def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
 def run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None, *, progress: bool = True) -> dict:
     run = Path(run_dir)
     out = Path(output_dir) if output_dir else run / STAGE
-    inputs = {st: str(run / st) for st in ("normalize", "stratify", *REMOVAL_STAGES)}
+    inputs = {st: str(run / st) for st in ("normalize", "stratify", *removal_stages(run)) if (run / st).exists()}
     fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {}, inputs)
     done = begin_stage(out, fp)
     if done is not None:

@@ -80,6 +80,8 @@ def test_every_stage_alone_on_user_files(capsys, tmp_path, gsm8k_train):
     (("stage", "normalize", "--input", "x", "--output", "y"), "needs --spec"),
     (("stage", "pack", "--input", "x", "--output", "y"), "needs --mix"),
     (("stage", "dedup", "--output", "y"), "needs --input"),
+    (("run", "demo", "--benchmarks", "/nonexistent/benchmarks"), "--benchmarks: /nonexistent/benchmarks is not a folder"),
+    (("stage", "contamination", "--input", "x", "--output", "y"), "give --benchmarks DIR"),
 ])
 def test_stage_argument_errors(capsys, argv, expect):
     code, _, err = run_cli(capsys, *argv)

@@ -1,7 +1,7 @@
-"""`python -m training` (the lead wires it as `hrm train`): train or resume one run.
+"""`hrm train` (or `python -m training`, the form the deepspeed launcher runs): train or resume one run.
 
 Single process (no launcher; torch.distributed is set up with world size 1):
-    python -m training --shards runs/demo/pack --out runs/demo/train --preset debug --steps 200
+    hrm train --shards runs/demo/pack --out runs/demo/train --preset debug --steps 200
 Several local ranks (DeepSpeed launcher; the same command resumes after a crash):
     deepspeed --num_gpus 8 -m training --shards ... --out ... --preset XL --bf16 --zero-stage 2
     (on CPU: deepspeed --num_accelerators 2 -m training ...; the CPU ranks use gloo + shm_comm)
@@ -18,8 +18,8 @@ import sys
 from training.config import TrainConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+def build_parser(prog: str = "hrm train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", required=True, help="pack stage folder (shard-*.arrow + manifest.json)")
     p.add_argument("--out", required=True, help="run folder (config, metrics, checkpoints, exports)")
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["adam_atan2", "adamw"], default="adam_atan2")
     p.add_argument("--lr", type=float, default=2.2e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=2000)
+    p.add_argument("--warmup-steps", type=int, default=2000,
+                   help="linear LR warmup steps (default 2000; lower it for short runs)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--grad-clip", type=float, default=0.0)
@@ -76,13 +77,17 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
+def main(argv: list[str] | None = None, prog: str = "hrm train") -> int:
+    p = build_parser(prog)
     a = p.parse_args(argv)
     try:
         cfg = config_from_args(a)
     except (ValueError, TypeError) as e:
         p.error(str(e))
+    if cfg.warmup_steps >= cfg.steps:
+        print(f"warning: --warmup-steps {cfg.warmup_steps} >= --steps {cfg.steps}: the learning rate never reaches "
+              f"{cfg.lr:g} (it ends at {cfg.lr * cfg.steps / max(cfg.warmup_steps, 1):.3g}); pass a smaller "
+              "--warmup-steps for a short run", file=sys.stderr)
     from training.train import TrainingDiverged, train
     from training.data import ShardChecksumError
 

@@ -68,10 +68,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
 
 from pipeline import io
-from pipeline.config import Strict
+from pipeline.config import ContaminationConfig
 from pipeline.schema import REMOVAL_SCHEMA
 
 STAGE = "contamination"
@@ -105,30 +104,6 @@ HUB = {  # name -> (hub path, config, split) for `load_benchmarks` with names wh
 _MASK64 = (1 << 64) - 1
 _BASE = np.uint64(0x9E3779B97F4A7C15 | 1)  # odd 64-bit multiplier of the polynomial hash
 _TABLE_BITS = 26  # prefilter: one byte per 2^26 buckets of the hash's top bits (64 MiB)
-
-
-class ContaminationConfig(Strict):
-    ngram_sizes: tuple[int, ...] = (13, 8)
-    primary_n: int = 13  # the n whose coverage gives the item's bucket (and drives decontamination)
-    clean_below: float = Field(default=0.2, gt=0, lt=1)
-    not_clean_below: float = Field(default=0.5, gt=0, lt=1)
-    dirty_at: float = Field(default=0.8, gt=0, le=1)
-    benchmarks: tuple[str, ...] | None = None  # names to check (default: every folder found)
-    splits: dict[str, str] = Field(default_factory=dict)  # name -> split, overrides DEFAULT_SPLITS
-    max_rows_per_ngram: int = Field(default=32, ge=1)  # training rows remembered per matched n-gram
-    top_rows: int = Field(default=5, ge=1)  # rows listed per dirty item
-    batch_rows: int = Field(default=32768, ge=1)  # training rows hashed per batch
-    decontaminate: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> "ContaminationConfig":
-        if not self.ngram_sizes or any(n < 2 for n in self.ngram_sizes):
-            raise ValueError(f"contamination.ngram_sizes must be sizes >= 2, got {self.ngram_sizes}")
-        if self.primary_n not in self.ngram_sizes:
-            raise ValueError(f"contamination.primary_n {self.primary_n} is not in ngram_sizes {self.ngram_sizes}")
-        if not (self.clean_below <= self.not_clean_below <= self.dirty_at):
-            raise ValueError("contamination: need clean_below <= not_clean_below <= dirty_at")
-        return self
 
 
 def bucket_of(coverage: np.ndarray, cfg: ContaminationConfig) -> np.ndarray:
@@ -460,21 +435,27 @@ def _attribute(i: int, n: int, r: dict, items: _Items, item_off: np.ndarray, cfg
 def _fingerprint(train_file: Path, tok_path: Path, benchmarks_dir, cfg: ContaminationConfig) -> str:
     tok_file = tok_path / TOKENIZER_FILE if tok_path.is_dir() else tok_path
     inputs: dict[str, str | os.PathLike] = {"train": train_file, "tokenizer": tok_file}
-    if Path(benchmarks_dir).is_dir():
+    params = cfg.model_dump(mode="json")
+    if isinstance(benchmarks_dir, (str, os.PathLike)) and Path(benchmarks_dir).is_dir():
         inputs["benchmarks"] = benchmarks_dir
-    return io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), cfg.model_dump(mode="json"), inputs)
+    else:  # Hub benchmarks by name
+        params["hub_benchmarks"] = sorted(benchmarks_dir)
+    return io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
 
 
 def run(
     train_path: str | os.PathLike,
-    benchmarks_dir: str | os.PathLike,
+    benchmarks_dir: str | os.PathLike | list[str],
     output_dir: str | os.PathLike,
     cfg: ContaminationConfig | None = None,
     *,
     tokenizer_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    """Check every benchmark item against the training data; return the stage manifest."""
+    """Check every benchmark item against the training data; return the stage manifest.
+
+    `benchmarks_dir`: a local benchmark folder, or a list of benchmark names to download from the Hub
+    (see `HUB`)."""
     from pipeline.stages.tokenize import load_tokenizer, special_ids
 
     cfg = cfg or ContaminationConfig()
@@ -490,7 +471,10 @@ def run(
     tok, meta = load_tokenizer(tok_path)
     special = special_ids(meta).all_ids()
     t_load = time.time()
-    benches = load_benchmarks(benchmarks_dir, names=cfg.benchmarks, splits=cfg.splits)
+    if isinstance(benchmarks_dir, (str, os.PathLike)) and Path(benchmarks_dir).is_dir():
+        benches = load_benchmarks(benchmarks_dir, names=cfg.benchmarks, splits=cfg.splits)
+    else:
+        benches = load_benchmarks(list(benchmarks_dir))
     items = _tokenize_items(tok, benches)
     load_s = time.time() - t_load
     t_check = time.time()
@@ -576,7 +560,7 @@ def run(
         "stage": STAGE,
         "fingerprint": fp,
         "params": cfg.model_dump(mode="json"),
-        "inputs": {"train": str(train_file), "tokenizer": str(tok_path), "benchmarks": str(benchmarks_dir)},
+        "inputs": {"train": str(train_file), "tokenizer": str(tok_path), "benchmarks": str(benchmarks_dir) if isinstance(benchmarks_dir, (str, os.PathLike)) else list(benchmarks_dir)},
         "outputs": outputs,
         "counts": counts,
     }
@@ -624,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="hrm stage contamination", description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, help="tokenizer stage folder, tokenized.parquet, or rows .jsonl/.parquet")
-    ap.add_argument("--benchmarks", required=True, help="folder of <name>/<split>.jsonl benchmark files")
+    ap.add_argument("--benchmarks", default=None, help="folder of <name>/<split>.jsonl benchmark files")
+    ap.add_argument("--hub", action="store_true", help="download the benchmarks from the Hugging Face Hub instead")
     ap.add_argument("--output", required=True)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (needed for file inputs)")
     ap.add_argument("--decontaminate", action="store_true", help="also write the training rows without the dirty-making ones")
@@ -644,7 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pydantic error naming the field
         print(f"hrm: error: contamination: {e}", file=sys.stderr)
         return 2
-    man = run(a.input, a.benchmarks, a.output, cfg, tokenizer_path=a.tokenizer, progress=not a.no_progress)
+    if a.benchmarks is None and not a.hub:
+        ap.error("give --benchmarks DIR (local benchmark files) or --hub (download them)")
+    bench = a.benchmarks if a.benchmarks is not None else list(cfg.benchmarks or HUB)
+    man = run(a.input, bench, a.output, cfg, tokenizer_path=a.tokenizer, progress=not a.no_progress)
     print(json.dumps({"stage": STAGE, "output": a.output, "counts": man["counts"]}, indent=2))
     return 0
 

@@ -78,6 +78,20 @@ def test_adapter_loglikelihood_matches_direct_computation(trained):
     # batching does not change scores; rolling loglikelihood is a finite negative number
     lm.batch_size = 1
     assert [x[0] for x in lm.loglikelihood(reqs)] == pytest.approx([x[0] for x in got], abs=1e-4)
+    # one prefill per shared prompt (contexts of different lengths, 1-4 choices of 1-6 tokens, interleaved)
+    # gives the scores and greedy flags of scoring every request on its own
+    ctxs = ["Q: 1+1?\nA:", "Question: Natalia sold 48 clips in April and half as many in May. How many?\nAnswer:",
+            "Which is larger, 7 or 9?"]
+    conts = [[" 2"], [" 72", " 24 clips in May", " 48", " 96 and then some more"], [" 9", " seven"]]
+    mixed = [Instance("loglikelihood", {}, (ctxs[c], conts[c][k]), n)
+             for n, (c, k) in enumerate((c, k) for k in range(4) for c in range(3) if k < len(conts[c]))]
+    lm.batch_size = 2
+    shared_scores = lm.loglikelihood(mixed)
+    lm.share_prompts = False
+    alone = lm.loglikelihood(mixed)
+    lm.share_prompts = True
+    assert [x[0] for x in shared_scores] == pytest.approx([x[0] for x in alone], abs=1e-4)
+    assert [x[1] for x in shared_scores] == [x[1] for x in alone]
     roll = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Natalia sold clips.",), 0)])
     assert roll[0] < 0
     # generate_until honours until and max_gen_toks, cached and uncached agree (greedy)

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.data_flow import STAGES, data_flow
+from flows.data_flow import OPTIONAL, STAGES, data_flow
 from pipeline.io import read_json
 
 SPEC = """
@@ -45,25 +45,29 @@ pack: {seq_len: 256, shard_tokens: 16384}
 """
 
 
+BASE = (set(STAGES) - set(OPTIONAL)) | {"lineage"}  # the task runs of a flow without contamination check
+
+
 @pytest.fixture(scope="module")
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
 
-def states(flow_state, timeout: float = 60.0) -> dict[str, str]:
+def states(flow_state, expect: set[str] | None = None, timeout: float = 60.0) -> dict[str, str]:
     """Task-run state names of one flow run, keyed by task name.
 
     Prefect 3 records task-run states through its event pipeline, asynchronously: right after a flow
     returns, the API may still show a task as Pending. Poll until every task run is in a final state.
     """
+    expect = BASE if expect is None else expect
     fr = flow_state.state_details.flow_run_id
     deadline = time.monotonic() + timeout
     while True:
         with get_client(sync_client=True) as c:
             trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr])))
         out = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in trs}
-        settled = set(out) >= set(STAGES) and all(tr.state is not None and tr.state.is_final() for tr in trs)
+        settled = set(out) >= expect and all(tr.state is not None and tr.state.is_final() for tr in trs)
         if settled or time.monotonic() > deadline:
             return out
         time.sleep(0.2)
@@ -108,7 +112,7 @@ def test_cache_behaviour_from_task_states(harness, tmp_path, gsm8k_train):
     first = data_flow(spec=str(spec), output_dir=str(out), progress=False, return_state=True)
     assert first.is_completed(), first
     s1 = states(first)
-    assert set(s1) == set(STAGES) | {"lineage"} and all(v == "Completed" for v in s1.values()), s1
+    assert set(s1) == BASE and all(v == "Completed" for v in s1.values()), s1
     man1 = first.result()["manifests"]
     assert man1["pack"]["counts"]["shards"] >= 1
     check_lineage(out, man1)
@@ -134,3 +138,68 @@ def test_cache_behaviour_from_task_states(harness, tmp_path, gsm8k_train):
     assert s4["pack"] == "Completed" and s4["mix"] == "Cached", s4
     assert (out / "pack" / "manifest.json").exists()
     assert fourth.result()["manifests"]["pack"]["outputs"] == man3["pack"]["outputs"]
+
+
+def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gsm8k_train):
+    """Benchmark questions planted in the training data: the check finds them, decontamination drops
+    exactly those rows before mixing, and the lineage counts them with the reason and the item."""
+    import json
+
+    test_rows = [json.loads(x) for x in (shared / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()[:300]]
+    bench = tmp_path / "bench" / "gsm8k"
+    bench.mkdir(parents=True)
+    (bench / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test_rows))
+    planted = tmp_path / "planted.jsonl"
+    picks = [3, 50, 120]
+    planted.write_text("".join(json.dumps({"question": test_rows[i]["question"], "answer": test_rows[i]["answer"]}) + "\n"
+                               for i in picks))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: decon
+        seed: 3
+        sources:
+          - {{name: gsm8k, kind: local, path: {gsm8k_train}, max_rows: 300,
+              fields: {{instruction: question, response: answer}}, condition: cot}}
+          - {{name: planted, kind: local, path: {planted}, fields: {{instruction: question, response: answer}},
+              condition: cot}}
+        tokenizer: {{vocab_size: 800, sample_rows: 2000}}
+        contamination: {{benchmarks_dir: {tmp_path / "bench"}, decontaminate: true}}
+        pack: {{seq_len: 512, shard_tokens: 16384}}
+        """))
+    out = tmp_path / "run"
+    first = data_flow(spec=str(spec), output_dir=str(out), progress=False, return_state=True)
+    assert first.is_completed(), first
+    s1 = states(first, BASE | {"contamination"})
+    assert s1["contamination"] == "Completed", s1
+    man = first.result()["manifests"]
+    assert man["contamination"]["counts"]["dirty"] == {"gsm8k": 3}
+    assert man["contamination"]["counts"]["rows_removed"] == 3
+    assert man["pack"]["inputs"]["tokenized"] == str(out / "contamination")
+
+    lin = read_json(out / "lineage" / "lineage.json")
+    assert lin["balanced"]
+    assert lin["per_source"]["planted"] == {"ingested": 3, "rejected_at_normalize": {}, "stratified": 3,
+                                            "packed": 0, "removed": 3}
+    removed = pq.read_table(out / "lineage" / "lineage.parquet").to_pylist()
+    dropped = [r for r in removed if r["stage"] == "contamination"]
+    assert len(dropped) == 3 and all(r["reason"] == "benchmark_contamination" for r in dropped)
+    assert sorted(r["detail"] for r in dropped) == sorted(f"makes benchmark item gsm8k/test/{i} dirty" for i in picks)
+    assert {r["source"] for r in dropped} == {"planted"}
+    assert sum(v.get("contamination:benchmark_contamination", 0) for v in
+               (st["removed"] for st in lin["per_stratum"].values())) == 3
+
+    # check only (no decontamination): the same dirty items are reported, nothing is dropped for them,
+    # and the contamination folder of the earlier run does not leak into the lineage
+    second = data_flow(spec=str(spec), output_dir=str(out), decontaminate=False, progress=False, return_state=True)
+    s2 = states(second, BASE | {"contamination"})
+    assert s2["contamination"] == "Completed" and s2["mix"] == "Completed", s2
+    man2 = second.result()["manifests"]
+    assert man2["contamination"]["counts"]["dirty"] == {"gsm8k": 3} and "rows_removed" not in man2["contamination"]["counts"]
+    lin2 = read_json(out / "lineage" / "lineage.json")
+    assert lin2["balanced"] and lin2["per_source"]["planted"]["packed"] == 3
+    assert not any(r.startswith("contamination:") for st in lin2["per_stratum"].values() for r in st["removed"])
+
+
+def test_decontaminate_without_benchmarks_is_an_error(harness, tmp_path):
+    with pytest.raises(ValueError, match="decontaminate needs benchmarks"):
+        data_flow(spec="demo", output_dir=str(tmp_path / "run"), decontaminate=True, progress=False)
