@@ -87,9 +87,9 @@ def run(
                max_length=max_length, device=device)
     buckets = _clean_keys(contamination_items) if contamination_items else None
     results: dict = {"checkpoint": str(checkpoint), "limit": limit, "online": online, "tasks": {}}
-    for k, t in enumerate(tasks):
+    for ti, t in enumerate(tasks):
         t0 = time.time()
-        print(f"[eval {k + 1}/{len(tasks)}] {t} ({names[t]}, {shots[t]}-shot, limit {limit})", file=sys.stderr, flush=True)
+        print(f"[eval {ti + 1}/{len(tasks)}] {t} ({names[t]}, {shots[t]}-shot, limit {limit})", file=sys.stderr, flush=True)
         lm.condition = "cot" if t in COT_TASKS else "direct"
         r = simple_evaluate(model=lm, tasks=[names[t]], num_fewshot=shots[t], limit=limit, log_samples=True,
                             task_manager=tm, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
@@ -127,7 +127,7 @@ def run(
             entry["clean"] = {k: sum(v) / len(v) for k, v in all_clean.items()}
         entry["harness_results"] = r["results"].get(names[t]) or {}
         results["tasks"][t] = entry
-        print(f"[eval {k + 1}/{len(tasks)}] {t} done in {entry['seconds']:.1f} s: "
+        print(f"[eval {ti + 1}/{len(tasks)}] {t} done in {entry['seconds']:.1f} s: "
               + ", ".join(f"{m}={100 * v:.2f}" for m, v in sorted(entry["full"].items())), file=sys.stderr, flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(table(results))

@@ -109,7 +109,11 @@ def lineage_task(run_dir: str, output_dir: str, stage_hashes: dict[str, str], pr
     """`stage_hashes`: content hashes of the stage folders it reads (its cache key)."""
     from pipeline import lineage
 
-    return lineage.run(run_dir, output_dir, progress=progress)
+    man = lineage.run(run_dir, output_dir, progress=progress)
+    if not man["counts"]["balanced"]:  # the report is written first, so the rows at fault can be read
+        raise lineage.LineageError(f"lineage does not balance: some rows are unaccounted for, removed twice or both "
+                                   f"removed and packed; see {Path(output_dir) / 'lineage.json'}")
+    return man
 
 
 def stage_intact(out: Path) -> bool:

@@ -199,6 +199,22 @@ def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gs
     assert lin2["balanced"] and lin2["per_source"]["planted"]["packed"] == 3
     assert not any(r.startswith("contamination:") for st in lin2["per_stratum"].values() for r in st["removed"])
 
+    # a row both packed and removed: the lineage task writes its report, then fails naming it
+    import pyarrow as pa
+
+    from flows.data_flow import lineage_task
+    from pipeline.lineage import LineageError
+
+    rem = pq.read_table(out / "mix" / "removals.parquet")
+    packed_row = next(r for r in pq.read_table(out / "lineage" / "lineage.parquet").to_pylist() if r["status"] == "packed")
+    extra = pa.Table.from_pylist([{"id": packed_row["id"], "source": packed_row["source"], "stage": "mix",
+                                   "reason": "capped", "detail": None, "duplicate_of": None}], schema=rem.schema)
+    pq.write_table(pa.concat_tables([rem, extra]), out / "mix" / "removals.parquet")
+    with pytest.raises(LineageError, match="does not balance"):
+        lineage_task.fn(run_dir=str(out), output_dir=str(tmp_path / "lin-bad"), stage_hashes={}, progress=False)
+    bad = read_json(tmp_path / "lin-bad" / "lineage.json")
+    assert not bad["balanced"] and bad["conflicts"] == [packed_row["id"]]
+
 
 def test_decontaminate_without_benchmarks_is_an_error(harness, tmp_path):
     with pytest.raises(ValueError, match="decontaminate needs benchmarks"):

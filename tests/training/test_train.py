@@ -45,7 +45,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def test_deepspeed_lowers_loss_and_matches_plain_pytorch(packed, tmp_path):
     ds = train(cfg(packed, tmp_path / "ds", engine="deepspeed", zero_stage=1))
-    pt = train(cfg(packed, tmp_path / "pt", engine="torch"))
+    train(cfg(packed, tmp_path / "pt", engine="torch"))
     a, b = losses(tmp_path / "ds"), losses(tmp_path / "pt")
     assert len(a) == len(b) == 30 and ds["steps"] == 30
     assert sum(a[-5:]) / 5 < a[0] - 1.0, f"answer loss did not fall: {a[0]:.3f} -> {a[-5:]}"
