@@ -16,21 +16,7 @@ import time
 
 import torch
 
-from model import ModelConfig, build_model, count_flops, pack_samples
-
-
-def packed_batch(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    lo, hi = max(2, seq_len // 32), max(4, seq_len // 4)
-    while True:
-        p, r = torch.randint(lo, hi, (2,), generator=g).tolist()
-        samples.append((torch.randint(0, cfg.vocab_size, (p,), generator=g).tolist(),
-                        torch.randint(0, cfg.vocab_size, (r,), generator=g).tolist()))
-        b = pack_samples(samples, seq_len)
-        if b.input_ids.shape[0] > rows:
-            t = (b.input_ids, b.segment_ids, b.position_ids, b.is_prompt, b.labels)
-            return type(b)(*(x[:rows] for x in t))
+from model import ModelConfig, build_model, count_flops, random_packed_batch
 
 
 def main() -> None:
@@ -51,7 +37,7 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = ModelConfig.preset(args.preset, arch=arch)
         model = build_model(cfg).to(args.device)
-        batch = packed_batch(cfg, args.batch, args.seq_len).to(args.device)
+        batch = random_packed_batch(cfg.vocab_size, args.batch, args.seq_len).to(args.device)
         flops = count_flops(cfg, segment_ids=batch.segment_ids, is_prompt=batch.is_prompt, bp=args.bp)
 
         def step():

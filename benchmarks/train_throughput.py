@@ -23,23 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import ModelConfig, build_model, count_flops, pack_samples  # noqa: E402
+from model import ModelConfig, build_model, count_flops, random_packed_batch  # noqa: E402
 from training.distributed import init_distributed  # noqa: E402
 from training.optim import build_optimizer, lr_lambda  # noqa: E402
-
-
-def packed_batch(cfg: ModelConfig, rows: int, seq_len: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    lo, hi = max(2, seq_len // 32), max(4, seq_len // 4)
-    while True:
-        p, r = torch.randint(lo, hi, (2,), generator=g).tolist()
-        samples.append((torch.randint(8, cfg.vocab_size, (p,), generator=g).tolist(),
-                        torch.randint(8, cfg.vocab_size, (r,), generator=g).tolist()))
-        b = pack_samples(samples, seq_len)
-        if b.input_ids.shape[0] > rows:
-            t = (b.input_ids, b.segment_ids, b.position_ids, b.is_prompt, b.labels)
-            return type(b)(*(x[:rows] for x in t))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ModelConfig.preset(a.preset, arch=a.arch, max_seq_len=max(a.seq_len, 256))
     if a.device == "cuda":
         cfg = cfg.replace(attn_backend="flex")
-    batch = packed_batch(cfg, a.batch, a.seq_len).to(dev)
+    batch = random_packed_batch(cfg.vocab_size, a.batch, a.seq_len, low_id=8).to(dev)
     bp = a.bp if a.arch == "hrm" else None
     flops = count_flops(cfg, segment_ids=batch.segment_ids, is_prompt=batch.is_prompt, bp=bp).total
     n_ans = int((batch.labels != -100).sum())

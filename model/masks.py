@@ -129,6 +129,22 @@ def pack_samples(
     return PackedBatch(input_ids, segment_ids, position_ids, is_prompt, labels)
 
 
+def random_packed_batch(vocab_size: int, rows: int, seq_len: int, *, seed: int = 0, low_id: int = 0) -> PackedBatch:
+    """`rows` packed sequences of random samples (prompt and response lengths uniform in
+    [seq_len/32, seq_len/4), token ids in [low_id, vocab_size)): synthetic input for benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    samples: list[tuple[list[int], list[int]]] = []
+    lo, hi = max(2, seq_len // 32), max(4, seq_len // 4)
+    while True:
+        p, r = torch.randint(lo, hi, (2,), generator=g).tolist()
+        samples.append((torch.randint(low_id, vocab_size, (p,), generator=g).tolist(),
+                        torch.randint(low_id, vocab_size, (r,), generator=g).tolist()))
+        b = pack_samples(samples, seq_len)
+        if b.input_ids.shape[0] > rows:
+            t = (b.input_ids, b.segment_ids, b.position_ids, b.is_prompt, b.labels)
+            return PackedBatch(*(x[:rows] for x in t))
+
+
 def default_metadata(input_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One sample per row, no prompt: plain causal LM metadata."""
     B, T = input_ids.shape

@@ -32,3 +32,23 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def gsm8k_train(shared) -> Path:
     return shared / "data" / "gsm8k" / "train.jsonl"
+
+
+def write_gsm8k_rows(gsm8k_train: Path, dest: Path, n: int) -> Path:
+    """The first n GSM8K train rows as normalized rows (id gsm8k/<i>, condition cot) in a JSONL file."""
+    import json
+
+    with open(gsm8k_train) as f, open(dest, "w") as out:
+        for i, line in enumerate(f):
+            if i == n:
+                break
+            r = json.loads(line)
+            out.write(json.dumps({"id": f"gsm8k/{i}", "instruction": r["question"], "response": r["answer"],
+                                  "condition": "cot", "source": "gsm8k", "domain": "math"}) + "\n")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def gsm8k_rows(gsm8k_train):
+    """gsm8k_rows(dest, n) writes the first n GSM8K train rows in the normalized schema to dest."""
+    return lambda dest, n: write_gsm8k_rows(gsm8k_train, Path(dest), n)

@@ -17,16 +17,9 @@ from pipeline.stages import tokenize
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, gsm8k_train):
+def trained(tmp_path_factory, gsm8k_rows):
     d = tmp_path_factory.mktemp("eval")
-    rows = d / "rows.jsonl"
-    with open(gsm8k_train) as f, open(rows, "w") as out:
-        for i, line in enumerate(f):
-            if i == 1500:
-                break
-            r = json.loads(line)
-            out.write(json.dumps({"id": f"gsm8k/{i}", "instruction": r["question"], "response": r["answer"],
-                                  "condition": "cot", "source": "gsm8k", "domain": "math"}) + "\n")
+    rows = gsm8k_rows(d / "rows.jsonl", 1500)
     tokenize.run(rows, d / "tok", TokenizerConfig(vocab_size=600, sample_rows=1500), conditions=["direct", "cot"],
                  seed=0, progress=False)
     meta = json.loads((d / "tok" / "tokenizer_meta.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -41,18 +40,11 @@ def _stage(*argv: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def packed(tmp_path_factory, gsm8k_train) -> Path:
+def packed(tmp_path_factory, gsm8k_rows) -> Path:
     """A pack folder: 400 GSM8K train rows -> stratify -> dedup -> tokenizer (vocab 512) -> mix -> pack
     (seq_len 256, ~32 sequences per shard)."""
     d = tmp_path_factory.mktemp("gsm8k-pack")
-    rows = d / "rows.jsonl"
-    with open(gsm8k_train) as f, open(rows, "w") as out:
-        for i, line in enumerate(f):
-            if i == 400:
-                break
-            r = json.loads(line)
-            out.write(json.dumps({"id": f"gsm8k/{i}", "instruction": r["question"], "response": r["answer"],
-                                  "condition": "cot", "source": "gsm8k", "domain": "math"}) + "\n")
+    rows = gsm8k_rows(d / "rows.jsonl", 400)
     _stage("stage", "stratify", "--input", str(rows), "--output", str(d / "s"), "--no-progress")
     _stage("stage", "dedup", "--input", str(d / "s"), "--output", str(d / "d"), "--no-progress")
     _stage("stage", "tokenizer", "--input", str(d / "d"), "--output", str(d / "t"), "--set", "vocab_size=512",
