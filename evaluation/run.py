@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tasks: unknown {unknown}; known: {sorted(BENCHMARK_OF)}")
     if a.benchmarks is None and not a.online:
         ap.error("give --benchmarks DIR (local benchmark files) or --online (the harness tasks from the Hub)")
+    if not (Path(a.checkpoint) / "config.json").exists():
+        ap.error(f"--checkpoint: {a.checkpoint} is not a checkpoint folder (no config.json; e.g. RUN/final/ema)")
+    if not (Path(a.tokenizer) / "tokenizer.json").exists() and not Path(a.tokenizer).is_file():
+        ap.error(f"--tokenizer: {a.tokenizer} is not a tokenizer stage folder (no tokenizer.json)")
+    if a.benchmarks is not None and not Path(a.benchmarks).is_dir():
+        ap.error(f"--benchmarks: {a.benchmarks} is not a folder")
     shots: dict[str, int] = {}
     for kv in a.fewshot:
         t, _, n = kv.partition("=")

@@ -175,8 +175,15 @@ STAGE_PASSTHROUGH = {"contamination": "pipeline.stages.contamination"}
 
 def _passthrough(module: str, argv: list[str]) -> int:
     import importlib
+    import os
 
-    return int(importlib.import_module(module).main(argv) or 0)
+    try:
+        return int(importlib.import_module(module).main(argv) or 0)
+    except (FileNotFoundError, ValueError) as e:  # bad paths and settings: one line, not a traceback
+        if os.environ.get("HRM_DEBUG"):
+            raise
+        _die(f"{type(e).__name__}: {e} (set HRM_DEBUG=1 for the traceback)", 1)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,12 @@ def test_every_stage_alone_on_user_files(capsys, tmp_path, gsm8k_train):
     (("stage", "dedup", "--output", "y"), "needs --input"),
     (("run", "demo", "--benchmarks", "/nonexistent/benchmarks"), "--benchmarks: /nonexistent/benchmarks is not a folder"),
     (("stage", "contamination", "--input", "x", "--output", "y"), "give --benchmarks DIR"),
+    (("eval", "--checkpoint", "x", "--tokenizer", "y", "--output", "z", "--benchmarks", "b", "--tasks", "mmlu,foo"),
+     "unknown ['foo']"),
+    (("eval", "--checkpoint", "x", "--tokenizer", "y", "--output", "z"), "give --benchmarks DIR"),
+    (("eval", "--checkpoint", "/nonexistent", "--tokenizer", "y", "--output", "z", "--benchmarks", "b"),
+     "--checkpoint: /nonexistent is not a checkpoint folder"),
+    (("train", "--shards", "x", "--out", "y", "--zero-stage", "3"), "invalid choice: 3"),
 ])
 def test_stage_argument_errors(capsys, argv, expect):
     code, _, err = run_cli(capsys, *argv)
