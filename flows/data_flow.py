@@ -138,6 +138,11 @@ def _local_hashes(spec: RunSpec) -> dict[str, str]:
             for s in spec.sources if s.kind == "local"}
 
 
+def _key(name: str) -> str:
+    """An artifact key from a spec name (lowercase letters, digits and dashes)."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
 def _summary_markdown(spec: RunSpec, manifests: dict[str, dict]) -> str:
     lines = [f"# Data run `{spec.name}`", "", "| stage | counts |", "|---|---|"]
     for st in STAGES:
@@ -243,10 +248,13 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
     if stop_after == "pack":
         hashes = {st: content_hash(root / st) for st in STAGES if st != "ingest" and st in man}
         man["lineage"] = call(lineage_task, run_dir=str(root), output_dir=str(root / "lineage"), stage_hashes=hashes)
+        create_markdown_artifact((root / "lineage" / "lineage.md").read_text(), key=f"lineage-{_key(s.name)}",
+                                 description=f"lineage of {s.name}: where every row came from, why every dropped "
+                                             "row was dropped")
     write_json({"spec": s.model_dump(mode="json"), "stages": {k: v.get("fingerprint") for k, v in man.items()},
                 "contamination": contam.model_dump(mode="json") if contam is not None else None,
                 "output_dir": str(root)}, root / "run.json")
-    create_markdown_artifact(_summary_markdown(s, man), key=f"data-run-{s.name.lower().replace('_', '-')}".replace(".", "-"),
+    create_markdown_artifact(_summary_markdown(s, man), key=f"data-run-{_key(s.name)}",
                              description=f"data stages of {s.name}")
     logger.info("data flow done in %.1f s: %s", time.time() - t0, root)
     return {"output_dir": str(root), "manifests": man}

@@ -10,7 +10,8 @@ Each row is removed at most once and never both removed and packed; a row that i
 as unaccounted (the run's lineage then does not balance, and `check` says so).
 
 Outputs (`<run>/lineage/`): `lineage.parquet` (one line per stratified row: id, source, stratum, status,
-stage, reason, detail, duplicate_of, times_packed) and `lineage.json` (the per-source and per-stratum tables).
+stage, reason, detail, duplicate_of, times_packed), `lineage.json` (the per-source and per-stratum tables,
+with examples of removed rows per stage and reason) and `lineage.md` (the same as a readable report).
 """
 
 from __future__ import annotations
@@ -102,10 +103,13 @@ def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
     per_source = {}
     for src, c in norm.items():
         sub = df.filter(pl.col("source") == src)
+        by = (sub.filter(pl.col("status") == "removed").group_by("stage", "reason").len()
+              .sort("stage", "reason").to_dicts())
         per_source[src] = {
             "ingested": c["in"], "rejected_at_normalize": c["reasons"], "stratified": sub.height,
             "packed": sub.filter(pl.col("status") == "packed").height,
             "removed": sub.filter(pl.col("status") == "removed").height,
+            "removed_by": {f"{r['stage']}:{r['reason']}": r["len"] for r in by},
         }
     per_stratum = {}
     for key, sub in sorted(df.group_by("stratum"), key=lambda kv: kv[0][0]):
@@ -134,6 +138,11 @@ def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
         "per_source": per_source,
         "per_stratum": per_stratum,
     }
+    examples = {}
+    removed = df.filter(pl.col("status") == "removed")
+    for key, sub in sorted(removed.group_by("stage", "reason"), key=lambda kv: kv[0]):
+        examples[f"{key[0]}:{key[1]}"] = sub.head(3).select("id", "source", "detail", "duplicate_of").to_dicts()
+    summary["examples"] = examples
     summary["balanced"] = (not summary["unaccounted"] and not summary["conflicts"] and not summary["removed_twice"]
                            and stray == 0 and all(v["balanced"] for v in per_stratum.values()))
     return df, summary
@@ -150,11 +159,44 @@ def run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None,
     t0 = time.time()
     df, summary = build(run)
     write_json(summary, out / "lineage.json")
+    (out / "lineage.md").write_text(report_markdown(summary, f"Lineage of {run.name}"))
     outputs = {"lineage.parquet": write_parquet(df.to_arrow(), out / "lineage.parquet"),
-               "lineage.json": file_record(out / "lineage.json")}
+               "lineage.json": file_record(out / "lineage.json"), "lineage.md": file_record(out / "lineage.md")}
     counts = {k: summary[k] for k in ("rows_stratified", "rows_packed", "rows_removed", "balanced")}
     manifest = {"stage": STAGE, "fingerprint": fp, "outputs": outputs, "counts": counts}
     return finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in d.items()) or "-"
+
+
+def report_markdown(summary: dict, title: str = "Lineage") -> str:
+    """A readable lineage report: totals, per source, per stratum, and example removed rows."""
+    s = summary
+    lines = [f"# {title}", "",
+             f"**{s['rows_stratified']:,}** rows stratified = **{s['rows_packed']:,}** packed + "
+             f"**{s['rows_removed']:,}** removed. Balanced: **{s['balanced']}**"
+             + ("" if s["balanced"] else f" (unaccounted {s['unaccounted']}, conflicts {s['conflicts']}, "
+                f"removed twice {s['removed_twice']})"), "",
+             "## Per source", "",
+             "| source | ingested | rejected at normalize | stratified | packed | removed |", "|---|---:|---|---:|---:|---|"]
+    for src, c in s["per_source"].items():
+        rej = c["rejected_at_normalize"]
+        lines.append(f"| {src} | {c['ingested']:,} | {sum(rej.values()):,} ({_fmt(rej)}) | {c['stratified']:,} | "
+                     f"{c['packed']:,} | {c['removed']:,} ({_fmt(c.get('removed_by', {}))}) |")
+    lines += ["", "## Per stratum", "", "| stratum | in | packed | times packed | removed |", "|---|---:|---:|---:|---|"]
+    for name, st in s["per_stratum"].items():
+        lines.append(f"| {name} | {st['in']:,} | {st['packed']:,} | {st['times_packed']:,} | "
+                     f"{sum(st['removed'].values()):,} ({_fmt(st['removed'])}) |")
+    if s.get("examples"):
+        lines += ["", "## Examples of removed rows", "", "| stage:reason | id | source | detail | duplicate of |",
+                  "|---|---|---|---|---|"]
+        for why, rows in s["examples"].items():
+            for r in rows:
+                detail = (r.get("detail") or "").replace("|", "\\|")[:120]
+                lines.append(f"| {why} | {r['id']} | {r['source']} | {detail} | {r.get('duplicate_of') or ''} |")
+    return "\n".join(lines) + "\n"
 
 
 def check(run_dir: str | os.PathLike) -> None:

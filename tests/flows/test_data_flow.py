@@ -179,7 +179,11 @@ def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gs
     lin = read_json(out / "lineage" / "lineage.json")
     assert lin["balanced"]
     assert lin["per_source"]["planted"] == {"ingested": 3, "rejected_at_normalize": {}, "stratified": 3,
-                                            "packed": 0, "removed": 3}
+                                            "packed": 0, "removed": 3,
+                                            "removed_by": {"contamination:benchmark_contamination": 3}}
+    assert lin["examples"]["contamination:benchmark_contamination"][0]["detail"].startswith("makes benchmark item")
+    md = (out / "lineage" / "lineage.md").read_text()
+    assert "| planted | 3 | 0 (-) | 3 | 0 | 3 (contamination:benchmark_contamination 3) |" in md, md
     removed = pq.read_table(out / "lineage" / "lineage.parquet").to_pylist()
     dropped = [r for r in removed if r["stage"] == "contamination"]
     assert len(dropped) == 3 and all(r["reason"] == "benchmark_contamination" for r in dropped)
