@@ -3,7 +3,8 @@
 Inputs
 - training data: a tokenizer stage folder (`tokenized.parquet` + `tokenizer_meta.json`), a
   tokenized.parquet file (give `tokenizer_path`), or a rows .jsonl/.parquet in the normalized schema
-  (tokenized first with the tokenizer at `tokenizer_path`, via the tokenizer stage in "pretrained" mode).
+  (tokenized first with the tokenizer at `tokenizer_path`, via the tokenizer stage in "pretrained" mode;
+  without one, the pipeline's tokenizer with default settings is trained on the rows).
   Both the prompt (instruction) and the response tokens of every training row count; special tokens
   ([BOQ], condition, [EOQ], [EOA]) are not text and no n-gram contains one; n-grams never cross the
   prompt/response boundary.
@@ -286,18 +287,27 @@ def _resolve_training(train_path, tokenizer_path, out: Path, progress: bool) -> 
         return f, Path(tokenizer_path) if tokenizer_path else p
     if not p.exists():
         raise FileNotFoundError(f"contamination: input not found: {p}")
-    if tokenizer_path is None:
-        raise ValueError(f"contamination: {p} is a file: give tokenizer_path (--tokenizer) too")
-    if p.name.endswith(".parquet") and "prompt_ids" in pq.read_schema(p).names:
+    is_tokenized = p.name.endswith(".parquet") and "prompt_ids" in pq.read_schema(p).names
+    if is_tokenized:
+        if tokenizer_path is None:
+            raise ValueError(f"contamination: {p} holds token ids: give the tokenizer that made them "
+                             "(tokenizer_path, --tokenizer)")
         return p, Path(tokenizer_path)
-    # rows in the normalized schema: tokenize them with the given tokenizer
-    from pipeline.config import TokenizerConfig
+    # rows in the normalized schema: tokenize them with the given tokenizer, or without one with the
+    # pipeline's own tokenizer (a byte-level BPE with the default settings) trained on these rows
+    from pipeline.config import NormalizeConfig, TokenizerConfig
     from pipeline.stages import tokenize
 
+    tok_dir = out / "input_tokenized"
+    if tokenizer_path is None:
+        print(f"contamination: no tokenizer given: training the pipeline's tokenizer on {p} ({tok_dir})",
+              file=sys.stderr)
+        tokenize.run(p, tok_dir, TokenizerConfig(), conditions=list(NormalizeConfig().conditions), seed=0,
+                     progress=progress)
+        return tok_dir / TOKENIZED_FILE, tok_dir
     tp = Path(tokenizer_path)
     tok_file = tp / TOKENIZER_FILE if tp.is_dir() else tp
     meta = io.read_json(tok_file.parent / META_FILE)
-    tok_dir = out / "input_tokenized"
     tokenize.run(p, tok_dir, TokenizerConfig(kind="pretrained", name=str(tok_file)),
                  conditions=meta["conditions"], seed=int(meta.get("seed", 0)), progress=progress)
     return tok_dir / TOKENIZED_FILE, tp
@@ -611,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benchmarks", default=None, help="folder of <name>/<split>.jsonl benchmark files")
     ap.add_argument("--hub", action="store_true", help="download the benchmarks from the Hugging Face Hub instead")
     ap.add_argument("--output", required=True)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (needed for file inputs)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer folder or tokenizer.json of the training run (rows files without it: the "
+                         "pipeline's tokenizer is trained on the rows)")
     ap.add_argument("--decontaminate", action="store_true", help="also write the training rows without the dirty-making ones")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--no-progress", action="store_true")

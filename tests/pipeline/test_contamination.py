@@ -122,6 +122,16 @@ def test_cli_on_rows_file(planted, tmp_path, capsys):
     assert items["math/test/7"]["bucket"] == "dirty"
     assert C.main(["--input", str(rows), "--benchmarks", str(bench), "--output", str(tmp_path / "p"),
                    "--set", "primary_n=5"]) == 2
+    # the command, without a tokenizer: the pipeline's tokenizer is trained on the rows themselves
+    capsys.readouterr()
+    code = C.main(["--input", str(d / "rows.jsonl"), "--benchmarks", str(bench), "--output", str(tmp_path / "q"),
+                   "--set", "benchmarks=[gsm8k, arc_challenge, mmlu]", "--no-progress"])
+    assert code == 0
+    cap = capsys.readouterr()
+    assert "training the pipeline's tokenizer" in cap.err
+    report = json.loads((tmp_path / "q" / C.REPORT_FILE).read_text())
+    assert (tmp_path / "q" / "input_tokenized" / "tokenizer.json").exists()
+    assert report["counts"]["dirty"]["gsm8k"] >= 1
 
 
 def test_window_hashes_and_buckets():
