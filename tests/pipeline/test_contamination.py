@@ -143,3 +143,24 @@ def test_window_hashes_and_buckets():
     cfg = C.ContaminationConfig()
     got = C.bucket_of(np.array([0.0, 0.1999, 0.2, 0.4999, 0.5, 0.7999, 0.8, 1.0]), cfg).tolist()
     assert got == ["clean", "clean", "not_clean", "not_clean", "not_dirty", "not_dirty", "dirty", "dirty"]
+
+
+def test_hub_benchmarks_code_path_on_local_dataset_folders(planted, tmp_path, monkeypatch):
+    """Benchmarks by name go through datasets.load_dataset (the Hub path); local dataset folders in
+    place of the Hub names exercise the same code offline, through the flow-facing `run`."""
+    d, bench, _ = planted
+    hub = {}
+    for name, split in (("gsm8k", "test"), ("arc_challenge", "test")):
+        folder = tmp_path / "hub" / name
+        folder.mkdir(parents=True)
+        (folder / f"{split}.jsonl").write_text((bench / name / f"{split}.jsonl").read_text())
+        hub[name] = (str(folder), None, split)
+    monkeypatch.setattr(C, "HUB", hub)
+    man = C.run(d / "tok", ["gsm8k", "arc_challenge"], tmp_path / "o", C.ContaminationConfig(), progress=False)
+    assert man["counts"]["dirty"] == {"gsm8k": 1, "arc_challenge": 1}
+    local = C.run(d / "tok", bench, tmp_path / "l", C.ContaminationConfig(benchmarks=("gsm8k", "arc_challenge")),
+                  progress=False)
+    a, b = _items(tmp_path / "o"), _items(tmp_path / "l")
+    assert a.keys() == b.keys() and all(a[k]["coverage"] == b[k]["coverage"] for k in a)
+    with pytest.raises(ValueError, match="not a known benchmark"):
+        C.run(d / "tok", ["squad"], tmp_path / "x", C.ContaminationConfig(), progress=False)
