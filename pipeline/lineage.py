@@ -41,16 +41,10 @@ def removal_stages(run: Path) -> list[str]:
     """The removal stages of this run. The contamination folder counts only when pack read its rows
     (decontamination on); a check-only contamination folder, or one left from an earlier run, removes
     nothing."""
-    out = []
-    for st in REMOVAL_STAGES:
-        if st == "contamination":
-            pm = run / "pack" / "manifest.json"
-            used = pm.exists() and str(read_json(pm).get("inputs", {}).get("tokenized", "")) != "" and \
-                Path(read_json(pm)["inputs"]["tokenized"]).resolve() == (run / st).resolve()
-            if not used:
-                continue
-        out.append(st)
-    return out
+    pm = run / "pack" / "manifest.json"
+    packed_from = read_json(pm).get("inputs", {}).get("tokenized") if pm.exists() else None
+    used = packed_from is not None and Path(packed_from).resolve() == (run / "contamination").resolve()
+    return [st for st in REMOVAL_STAGES if st != "contamination" or used]
 
 
 def _removals(run: Path) -> pl.DataFrame:
