@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from _common import random_checkpoint  # noqa: E402
 from evaluation.lm import HRMLM  # noqa: E402
-from model import ModelConfig, build_model, save_checkpoint  # noqa: E402
-from pipeline.stages.tokenize import load_tokenizer  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,16 +35,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-gen-toks", type=int, default=32)
     a = ap.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    _, meta = load_tokenizer(a.tokenizer)
-    ck = Path(tempfile.mkdtemp(prefix="evalgen-")) / "ckpt"
-    save_checkpoint(build_model(ModelConfig.preset(a.preset, vocab_size=meta["vocab_size"])), ck)
+    ck = random_checkpoint(a.tokenizer, a.preset, prefix="evalgen-")
     qs = [json.loads(x)["question"] for x in (Path(a.benchmarks) / "gsm8k" / "test.jsonl").read_text().split("\n")
           if x.strip()][: a.prompts]
     reqs = [Instance("generate_until", {}, (f"Question: {q}\nAnswer:", {"until": ["Question:"], "max_gen_toks": a.max_gen_toks}), i)
             for i, q in enumerate(qs)]
-    lm = HRMLM(str(ck), tokenizer=a.tokenizer, condition="cot")
+    lm = HRMLM(str(ck), tokenizer=a.tokenizer, condition="cot", progress=False)
     base = None
     print(f"preset {a.preset}, {len(qs)} prompts, {a.max_gen_toks} new tokens each, torch threads 2")
     rates = {}

@@ -16,19 +16,16 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from _common import random_checkpoint  # noqa: E402
 from evaluation.lm import HRMLM  # noqa: E402
-from model import ModelConfig, build_model, save_checkpoint  # noqa: E402
-from pipeline.stages.tokenize import load_tokenizer  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:
@@ -74,11 +71,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    _, meta = load_tokenizer(a.tokenizer)
-    ck = Path(tempfile.mkdtemp(prefix="evalll-")) / "ckpt"
-    save_checkpoint(build_model(ModelConfig.preset(a.preset, vocab_size=meta["vocab_size"])), ck)
+    ck = random_checkpoint(a.tokenizer, a.preset, prefix="evalll-")
     lm = HRMLM(str(ck), tokenizer=a.tokenizer, batch_size=a.batch, progress=False)
     bench = Path(a.benchmarks)
     print(f"preset {a.preset}, batch {a.batch}, torch threads 2, median of {a.repeats}")
