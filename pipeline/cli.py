@@ -173,17 +173,28 @@ PASSTHROUGH = {
 STAGE_PASSTHROUGH = {"contamination": "pipeline.stages.contamination"}
 
 
-def _passthrough(module: str, argv: list[str]) -> int:
-    import importlib
+def _reporting_errors(fn, *args) -> int:
+    """Run a command; a bad spec, path or setting ends it with one `hrm: error:` line, not a traceback
+    (HRM_DEBUG=1 shows the traceback)."""
     import os
 
+    from .spec import SpecError
+
     try:
-        return int(importlib.import_module(module).main(argv) or 0)
-    except (FileNotFoundError, ValueError) as e:  # bad paths and settings: one line, not a traceback
+        return int(fn(*args) or 0)
+    except SpecError as e:
+        _die(str(e))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         if os.environ.get("HRM_DEBUG"):
             raise
         _die(f"{type(e).__name__}: {e} (set HRM_DEBUG=1 for the traceback)", 1)
     return 1
+
+
+def _passthrough(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return _reporting_errors(importlib.import_module(module).main, argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,17 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "stage" and args.name not in ("ingest",) and not args.input:
         _die(f"stage {args.name} needs --input")
-    from .spec import SpecError
-
-    try:
-        return args.fn(args)
-    except SpecError as e:
-        _die(str(e))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        if os.environ.get("HRM_DEBUG"):
-            raise
-        _die(f"{type(e).__name__}: {e} (set HRM_DEBUG=1 for the traceback)", 1)
-    return 0
+    return _reporting_errors(args.fn, args)
 
 
 if __name__ == "__main__":

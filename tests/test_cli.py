@@ -92,3 +92,10 @@ def test_every_stage_alone_on_user_files(capsys, tmp_path, gsm8k_train):
 def test_stage_argument_errors(capsys, argv, expect):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and expect in err
+
+
+def test_missing_benchmark_folder_is_one_line_before_any_work(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "stage", "contamination", "--input", "x", "--benchmarks", "/nonexistent/b",
+                           "--output", str(tmp_path / "y"))
+    assert code == 1 and "benchmark folder not found: /nonexistent/b" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()

@@ -442,11 +442,21 @@ def _attribute(i: int, n: int, r: dict, items: _Items, item_off: np.ndarray, cfg
     return ranked, responsible
 
 
-def _fingerprint(train_file: Path, tok_path: Path, benchmarks_dir, cfg: ContaminationConfig) -> str:
+def _local_benchmarks(benchmarks: str | os.PathLike | list[str]) -> bool:
+    """True for a local benchmark folder, False for a list of Hub names; a path that is not a folder
+    is an error (never read as a list of names)."""
+    if isinstance(benchmarks, (str, os.PathLike)):
+        if not Path(benchmarks).is_dir():
+            raise FileNotFoundError(f"contamination: benchmark folder not found: {benchmarks}")
+        return True
+    return False
+
+
+def _fingerprint(train_file: Path, tok_path: Path, benchmarks_dir, local: bool, cfg: ContaminationConfig) -> str:
     tok_file = tok_path / TOKENIZER_FILE if tok_path.is_dir() else tok_path
     inputs: dict[str, str | os.PathLike] = {"train": train_file, "tokenizer": tok_file}
     params = cfg.model_dump(mode="json")
-    if isinstance(benchmarks_dir, (str, os.PathLike)) and Path(benchmarks_dir).is_dir():
+    if local:
         inputs["benchmarks"] = benchmarks_dir
     else:  # Hub benchmarks by name
         params["hub_benchmarks"] = sorted(benchmarks_dir)
@@ -470,10 +480,11 @@ def run(
 
     cfg = cfg or ContaminationConfig()
     t0 = time.time()
+    local = _local_benchmarks(benchmarks_dir)  # checked before any work
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_file, tok_path = _resolve_training(train_path, tokenizer_path, out, progress)
-    fp = _fingerprint(train_file, tok_path, benchmarks_dir, cfg)
+    fp = _fingerprint(train_file, tok_path, benchmarks_dir, local, cfg)
     done = io.begin_stage(out, fp)
     if done is not None:
         return done
@@ -481,7 +492,7 @@ def run(
     tok, meta = load_tokenizer(tok_path)
     special = special_ids(meta).all_ids()
     t_load = time.time()
-    if isinstance(benchmarks_dir, (str, os.PathLike)) and Path(benchmarks_dir).is_dir():
+    if local:
         benches = load_benchmarks(benchmarks_dir, names=cfg.benchmarks, splits=cfg.splits)
     else:
         benches = load_benchmarks(list(benchmarks_dir))
@@ -570,7 +581,7 @@ def run(
         "stage": STAGE,
         "fingerprint": fp,
         "params": cfg.model_dump(mode="json"),
-        "inputs": {"train": str(train_file), "tokenizer": str(tok_path), "benchmarks": str(benchmarks_dir) if isinstance(benchmarks_dir, (str, os.PathLike)) else list(benchmarks_dir)},
+        "inputs": {"train": str(train_file), "tokenizer": str(tok_path), "benchmarks": str(benchmarks_dir) if local else list(benchmarks_dir)},
         "outputs": outputs,
         "counts": counts,
     }

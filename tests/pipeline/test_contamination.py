@@ -158,7 +158,7 @@ def test_hub_benchmarks_code_path_on_local_dataset_folders(planted, tmp_path, mo
     monkeypatch.setattr(C, "HUB", hub)
     man = C.run(d / "tok", ["gsm8k", "arc_challenge"], tmp_path / "o", C.ContaminationConfig(), progress=False)
     assert man["counts"]["dirty"] == {"gsm8k": 1, "arc_challenge": 1}
-    local = C.run(d / "tok", bench, tmp_path / "l", C.ContaminationConfig(benchmarks=("gsm8k", "arc_challenge")),
+    C.run(d / "tok", bench, tmp_path / "l", C.ContaminationConfig(benchmarks=("gsm8k", "arc_challenge")),
                   progress=False)
     a, b = _items(tmp_path / "o"), _items(tmp_path / "l")
     assert a.keys() == b.keys() and all(a[k]["coverage"] == b[k]["coverage"] for k in a)
