@@ -36,11 +36,16 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _content(path: str | Path) -> str:
+    p = Path(path)
+    return content_hash(p) if p.exists() else f"missing:{p}"
+
+
 @dataclass
 class StageCache(CachePolicy):
     path_params: tuple[str, ...] = ()  # arguments that are input paths: hashed by content
     modules: tuple[str, ...] = ()  # modules whose source is part of the key
-    ignore: tuple[str, ...] = field(default=("progress",))
+    ignore: tuple[str, ...] = field(default=("progress", "force"))
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> Optional[str]:
@@ -49,8 +54,9 @@ class StageCache(CachePolicy):
             if name in self.ignore:
                 continue
             if name in self.path_params and isinstance(val, (str, Path)):
-                p = Path(val)
-                key[name] = content_hash(p) if p.exists() else f"missing:{p}"
+                key[name] = _content(val)
+            elif name in self.path_params and isinstance(val, dict):
+                key[name] = {str(k): _content(v) for k, v in sorted(val.items())}
             else:
                 key[name] = _plain(val)
         fn = task_ctx.task.fn

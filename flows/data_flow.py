@@ -1,39 +1,57 @@
 """The data flow: ingest -> normalize -> stratify -> dedup -> tokenizer -> [contamination] -> mix -> pack
 -> lineage, one task each.
 
+Outputs are content-addressed: each stage writes `<run>/<stage>/<version>/`, where the version is the
+first 16 hex digits of the stage's fingerprint (its code, its parameters and the content of its inputs;
+see `pipeline.io.open_stage`), and the run manifest `<run>/run.json` names the version every stage of
+the last run used (`pipeline.runs`). A folder is never reused unless its name and manifest carry the
+fingerprint the run asks for: reverting a parameter finds the version computed before and recomputes
+nothing; a folder written with other settings is never taken for it.
+
+Caching (`flows.cache.StageCache`) is keyed on the content of the input folders, the stage parameters
+and the code, with results persisted under `<run>/.prefect/results`. A cached result (a stage manifest)
+is used only when the version folder it names is still there with the same fingerprint; otherwise the
+task runs again.
+
+Reruns: `overrides` (`["dedup.threshold=0.7"]`) change spec settings, typed and validated like the
+spec; `from_stage` starts at a stage and `only` runs one stage, both reading the outputs of the stages
+before it from the run manifest; `refresh` recomputes the named stages even when cached. A run holds the
+run folder's lock (`pipeline.runs.run_lock`): a second concurrent run on the same folder fails at once.
+
 The contamination check runs when the spec has a `contamination:` section with benchmarks (a local
 `benchmarks_dir`, or `hub: true`), or when the flow is given `benchmarks=DIR`; otherwise it is skipped
 with a log line saying how to turn it on. With `decontaminate: true`, mix and pack read the
 contamination folder (the training rows minus those that make a benchmark item dirty), and the lineage
 counts the dropped rows under `contamination:benchmark_contamination`.
 
-Tasks are thin: they call `pipeline.stages.*`, pass folder paths and return the stage manifests (small
-JSON), never the data. Caching (`flows.cache.StageCache`) is keyed on the content of the input folders,
-the stage parameters and the code, with results persisted under `<run dir>/.prefect/results`, so an
-unchanged rerun hits the cache for every task and a changed dedup threshold reruns dedup and what follows.
-A stage folder that was deleted or damaged since is recomputed (the cache is refreshed for it).
+Retries are for network reads only (the ingest of Hub sources); a deterministic error (a bad setting,
+a missing file) fails the task at once with its one-line message.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from pipeline.config import (ContaminationConfig, ContaminationSpec, DedupConfig, MixConfig, NormalizeConfig,
                              PackConfig, RunSpec, SourceSpec, StratumRule, TokenizerConfig)
-from pipeline.io import MANIFEST, content_hash, read_json, sha256_file, write_json
+from pipeline.io import completed_manifest, sha256_file
+from pipeline.runs import RunError, read_run, run_lock, stage_dir, stage_entry, write_run, RUN_MANIFEST
 from pipeline.spec import load_spec
 from pipeline.stages.ingest import local_files
 
 from .cache import StageCache
+from .errors import retry_on_network_errors
 
 STAGES = ("ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack")
 OPTIONAL = ("contamination",)  # stages that run only when the spec asks for them
+ALL_STAGES = (*STAGES, "lineage")
 
 
 def _opts(path_params: tuple[str, ...], *modules: str) -> dict:
@@ -41,95 +59,95 @@ def _opts(path_params: tuple[str, ...], *modules: str) -> dict:
                 result_serializer="json")
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=10, **_opts((), "pipeline.stages.ingest", "pipeline.generators"))
+@task(name="ingest", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_on_network_errors,
+      **_opts((), "pipeline.stages.ingest", "pipeline.generators"))
 def ingest_task(sources: list[SourceSpec], output_dir: str, seed: int, local_file_hashes: dict[str, str],
-                progress: bool = True) -> dict:
+                progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
     from pipeline.stages import ingest
 
-    return ingest.run(sources, output_dir, seed=seed, progress=progress)
+    return ingest.run(sources, output_dir, seed=seed, progress=progress, versioned=versioned, force=force)
 
 
 @task(name="normalize", **_opts(("ingest_dir",), "pipeline.stages.normalize", "pipeline.rows"))
 def normalize_task(ingest_dir: str, output_dir: str, sources: list[SourceSpec], cfg: NormalizeConfig,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
     from pipeline.stages import normalize
 
-    return normalize.run(ingest_dir, output_dir, sources, cfg, progress=progress)
+    return normalize.run(ingest_dir, output_dir, sources, cfg, progress=progress, versioned=versioned, force=force)
 
 
 @task(name="stratify", **_opts(("input_dir",), "pipeline.stages.stratify", "pipeline.rows"))
 def stratify_task(input_dir: str, output_dir: str, rules: list[StratumRule], source_order: list[str],
-                  progress: bool = True) -> dict:
+                  progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
     from pipeline.stages import stratify
 
-    return stratify.run(input_dir, output_dir, rules, source_order=source_order, progress=progress)
+    return stratify.run(input_dir, output_dir, rules, source_order=source_order, progress=progress,
+                        versioned=versioned, force=force)
 
 
 @task(name="dedup", **_opts(("input_dir",), "pipeline.stages.dedup", "pipeline.minhash", "pipeline.rows"))
-def dedup_task(input_dir: str, output_dir: str, cfg: DedupConfig, progress: bool = True) -> dict:
+def dedup_task(input_dir: str, output_dir: str, cfg: DedupConfig, progress: bool = True, versioned: bool = True,
+               force: bool = False) -> dict:
     from pipeline.stages import dedup
 
-    return dedup.run(input_dir, output_dir, cfg, progress=progress)
+    return dedup.run(input_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force)
 
 
 @task(name="tokenizer", **_opts(("input_dir",), "pipeline.stages.tokenize", "pipeline.rows"))
 def tokenizer_task(input_dir: str, output_dir: str, cfg: TokenizerConfig, conditions: list[str], seed: int,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
     from pipeline.stages import tokenize
 
-    return tokenize.run(input_dir, output_dir, cfg, conditions=conditions, seed=seed, progress=progress)
+    return tokenize.run(input_dir, output_dir, cfg, conditions=conditions, seed=seed, progress=progress,
+                        versioned=versioned, force=force)
 
 
 @task(name="contamination", **_opts(("input_dir", "benchmarks"), "pipeline.stages.contamination"))
 def contamination_task(input_dir: str, benchmarks: str | list[str], output_dir: str, cfg: ContaminationConfig,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
     """`benchmarks`: a local benchmark folder (hashed by content for the cache) or Hub names."""
     from pipeline.stages import contamination
 
-    return contamination.run(input_dir, benchmarks, output_dir, cfg, progress=progress)
+    return contamination.run(input_dir, benchmarks, output_dir, cfg, progress=progress, versioned=versioned,
+                             force=force)
 
 
 @task(name="mix", **_opts(("input_dir",), "pipeline.stages.mix"))
 def mix_task(input_dir: str, output_dir: str, cfg: MixConfig, rules: list[StratumRule], seed: int,
-             progress: bool = True) -> dict:
+             progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
     from pipeline.stages import mix
 
-    return mix.run(input_dir, output_dir, cfg, rules=rules, seed=seed, progress=progress)
+    return mix.run(input_dir, output_dir, cfg, rules=rules, seed=seed, progress=progress, versioned=versioned,
+                   force=force)
 
 
 @task(name="pack", **_opts(("tokenized_dir", "mix_dir"), "pipeline.stages.pack"))
-def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig, progress: bool = True) -> dict:
+def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig, progress: bool = True,
+              versioned: bool = True, force: bool = False) -> dict:
     from pipeline.stages import pack
 
-    return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress)
+    return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force)
 
 
-@task(name="lineage", **_opts((), "pipeline.lineage"))
-def lineage_task(run_dir: str, output_dir: str, stage_hashes: dict[str, str], progress: bool = True) -> dict:
-    """`stage_hashes`: content hashes of the stage folders it reads (its cache key)."""
+@task(name="lineage", **_opts(("stage_dirs",), "pipeline.lineage"))
+def lineage_task(stage_dirs: dict[str, str], output_dir: str, title: str, progress: bool = True,
+                 versioned: bool = True, force: bool = False) -> dict:
+    """`stage_dirs`: {stage: version folder} of the stages it reads (hashed by content for the cache)."""
     from pipeline import lineage
 
-    man = lineage.run(run_dir, output_dir, progress=progress)
+    man = lineage.run(stage_dirs, output_dir, progress=progress, title=title, versioned=versioned, force=force)
     if not man["counts"]["balanced"]:  # the report is written first, so the rows at fault can be read
         raise lineage.LineageError(f"lineage does not balance: some rows are unaccounted for, removed twice or both "
-                                   f"removed and packed; see {Path(output_dir) / 'lineage.json'}")
+                                   f"removed and packed; see {Path(man['path']) / 'lineage.json'}")
     return man
 
 
-def stage_intact(out: Path) -> bool:
-    """The folder holds a manifest whose every output file exists with its recorded size and hash."""
-    m = out / MANIFEST
-    if not m.exists():
+def result_intact(m: Any) -> bool:
+    """A (possibly cached) stage result may be used: it names a version folder that still holds a
+    finished run of the same fingerprint, with every output file present at its recorded size."""
+    if not isinstance(m, dict) or not m.get("path") or not m.get("fingerprint"):
         return False
-    try:
-        outputs = read_json(m).get("outputs", {})
-    except Exception:
-        return False
-    for name, rec in outputs.items():
-        f = out / name
-        if not f.exists() or f.stat().st_size != rec.get("bytes") or sha256_file(f) != rec.get("sha256"):
-            return False
-    return True
+    return completed_manifest(m["path"], m["fingerprint"], verify=False) is not None
 
 
 def _local_hashes(spec: RunSpec) -> dict[str, str]:
@@ -138,17 +156,22 @@ def _local_hashes(spec: RunSpec) -> dict[str, str]:
             for s in spec.sources if s.kind == "local"}
 
 
-def _key(name: str) -> str:
-    """An artifact key from a spec name (lowercase letters, digits and dashes)."""
-    return name.lower().replace("_", "-").replace(".", "-")
+def artifact_key(*parts: str) -> str:
+    """An artifact key (lowercase letters, digits and dashes)."""
+    import re
+
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
 
 
-def _summary_markdown(spec: RunSpec, manifests: dict[str, dict]) -> str:
-    lines = [f"# Data run `{spec.name}`", "", "| stage | counts |", "|---|---|"]
-    for st in STAGES:
+def _summary_markdown(spec: RunSpec, root: Path, manifests: dict[str, dict], ran: list[str]) -> str:
+    lines = [f"# Data run `{spec.name}`", "", f"Run folder: `{root}`", "",
+             "| stage | version | counts |", "|---|---|---|"]
+    for st in ALL_STAGES:
         if st in manifests:
             c = {k: v for k, v in manifests[st].get("counts", {}).items() if not isinstance(v, dict)}
-            lines.append(f"| {st} | " + ", ".join(f"{k}={v}" for k, v in c.items()) + " |")
+            how = "" if st in ran else " (from the run manifest)"
+            lines.append(f"| {st} | `{Path(manifests[st]['path']).name}`{how} | "
+                         + ", ".join(f"{k}={v}" for k, v in c.items()) + " |")
     if "contamination" in manifests:
         dirty = manifests["contamination"].get("counts", {}).get("dirty", {})
         lines += ["", "Dirty benchmark items (13-gram coverage >= 80%): "
@@ -156,7 +179,8 @@ def _summary_markdown(spec: RunSpec, manifests: dict[str, dict]) -> str:
     if "lineage" in manifests:
         c = manifests["lineage"].get("counts", {})
         lines += ["", f"Lineage: {c.get('rows_stratified')} rows stratified = {c.get('rows_packed')} packed + "
-                  f"{c.get('rows_removed')} removed; balanced: {c.get('balanced')} (lineage/lineage.json)"]
+                  f"{c.get('rows_removed')} removed; balanced: {c.get('balanced')} "
+                  f"({Path(manifests['lineage']['path']) / 'lineage.json'})"]
     return "\n".join(lines)
 
 
@@ -177,84 +201,195 @@ def contamination_settings(s: RunSpec, benchmarks: str | None, decontaminate: bo
     return c if c is not None and c.enabled else None
 
 
+def plan_stages(stop_after: str, from_stage: str | None, only: str | None, contam_on: bool) -> list[str]:
+    """The stages this run executes, in order."""
+    for name, val in (("stop_after", stop_after), ("from_stage", from_stage), ("only", only)):
+        if val is not None and val not in ALL_STAGES:
+            raise ValueError(f"{name} must be one of {', '.join(ALL_STAGES)}, got {val!r}")
+    if from_stage and only:
+        raise ValueError("give either from_stage (--from) or only (--only), not both")
+    if only:
+        if only == "contamination" and not contam_on:
+            raise ValueError("only=contamination needs benchmarks: set contamination.benchmarks_dir (or hub: true) "
+                             "in the spec, or pass --benchmarks DIR")
+        return [only]
+    last = ALL_STAGES.index("lineage" if stop_after == "pack" else stop_after)
+    first = ALL_STAGES.index(from_stage) if from_stage else 0
+    if first > last:
+        raise ValueError(f"from_stage {from_stage!r} comes after stop_after {stop_after!r}")
+    return [st for st in ALL_STAGES[first:last + 1] if st != "contamination" or contam_on]
+
+
+def _mark_stale(stages: dict[str, dict]) -> None:
+    """Flag run-manifest entries made from another version of a stage than the one the run now has."""
+    for st, ent in stages.items():
+        ent.pop("stale", None)
+        for up, ver in (ent.get("inputs") or {}).items():
+            cur = stages.get(up, {}).get("version")
+            if cur is not None and cur != ver:
+                ent["stale"] = f"made from {up} version {ver}, the run now has {up} version {cur}"
+                break
+
+
 @flow(name="hrm-data", log_prints=True)
 def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str = "pack",
               benchmarks: str | None = None, decontaminate: bool | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              overrides: list[str] | None = None, from_stage: str | None = None, only: str | None = None,
+              refresh: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the data stages of SPEC (a path or a bundled spec name) into OUTPUT_DIR (default runs/<name>).
 
-    `stop_after` ends the flow after that stage (one of ingest ... pack). `benchmarks` (a local
-    benchmark folder) and `decontaminate` override the spec's contamination section."""
-    if stop_after not in STAGES:
-        raise ValueError(f"stop_after must be one of {STAGES}, got {stop_after!r}")
-    s = load_spec(spec)
+    `stop_after` ends the flow after that stage (ingest ... pack; pack is followed by lineage).
+    `overrides`: spec settings as KEY=VALUE (`dedup.threshold=0.7`), validated like the spec.
+    `from_stage` starts at that stage, `only` runs that stage alone: both read the outputs of the stages
+    before it from the run manifest. `refresh` recomputes the named stages even if cached.
+    `benchmarks` (a local benchmark folder) and `decontaminate` override the spec's contamination section."""
+    refresh = list(refresh or [])
+    bad = [r for r in refresh if r not in ALL_STAGES]
+    if bad:
+        raise ValueError(f"refresh: unknown stage(s) {bad}; stages are {', '.join(ALL_STAGES)}")
+    s = load_spec(spec, overrides)
     contam = contamination_settings(s, benchmarks, decontaminate)
     if contam is not None and contam.benchmarks_dir is not None and not Path(contam.benchmarks_dir).is_dir():
         raise FileNotFoundError(f"contamination.benchmarks_dir: {contam.benchmarks_dir} is not a folder")
+    todo = plan_stages(stop_after, from_stage, only, contam is not None)
     root = Path(output_dir or Path("runs") / s.name).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    results = root / ".prefect" / "results"
     logger = get_run_logger()
+    with run_lock(root, what=f"hrm run {spec}") as lock:
+        if lock.get("taken_over"):
+            h = lock["taken_over"]
+            logger.warning("took over the lock of %s left by PID %s (%s, started %s), which is no longer running",
+                           root, h.get("pid"), h.get("what"), h.get("started"))
+        return _run(s, spec, root, todo, contam, refresh, overrides, progress, logger)
+
+
+def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: ContaminationSpec | None,
+         refresh: list[str], overrides: list[str] | None, progress: bool, logger) -> dict[str, Any]:
+    results = root / ".prefect" / "results"
     t0 = time.time()
-    d = {st: str(root / st) for st in STAGES}
-
-    def call(t, **kw):
-        refresh = not stage_intact(Path(kw["output_dir"]))
-        return t.with_options(result_storage=results, refresh_cache=refresh)(progress=progress, **kw)
-
-    # the rows mix and pack read: the tokenizer's, or the decontaminated ones
-    train_dir = d["contamination"] if contam is not None and contam.decontaminate else d["tokenizer"]
-
-    def contamination_step() -> dict | None:
-        if contam is None:
-            logger.info("contamination: skipped (no benchmarks: set contamination.benchmarks_dir or hub: true "
-                        "in the spec, or pass --benchmarks DIR)")
-            return None
-        cfg = ContaminationConfig(**contam.model_dump(exclude={"benchmarks_dir", "hub"}))
-        bench: str | list[str]
-        if contam.benchmarks_dir is not None:
-            bench = str(Path(contam.benchmarks_dir).resolve())
-        else:
-            from pipeline.stages.contamination import HUB
-
-            bench = list(cfg.benchmarks or HUB)
-        return call(contamination_task, input_dir=d["tokenizer"], benchmarks=bench, output_dir=d["contamination"],
-                    cfg=cfg)
-
+    prev = read_run(root) if (root / RUN_MANIFEST).exists() else {}
+    entries: dict[str, dict] = dict(prev.get("stages") or {})
     man: dict[str, dict] = {}
-    last = STAGES.index(stop_after)
-    steps = [
-        ("ingest", lambda: call(ingest_task, sources=s.sources, output_dir=d["ingest"], seed=s.seed,
-                                local_file_hashes=_local_hashes(s))),
-        ("normalize", lambda: call(normalize_task, ingest_dir=d["ingest"], output_dir=d["normalize"],
-                                   sources=s.sources, cfg=s.normalize)),
-        ("stratify", lambda: call(stratify_task, input_dir=d["normalize"], output_dir=d["stratify"],
-                                  rules=s.stratify.rules, source_order=[x.name for x in s.sources])),
-        ("dedup", lambda: call(dedup_task, input_dir=d["stratify"], output_dir=d["dedup"], cfg=s.dedup)),
-        ("tokenizer", lambda: call(tokenizer_task, input_dir=d["dedup"], output_dir=d["tokenizer"], cfg=s.tokenizer,
-                                   conditions=list(s.normalize.conditions), seed=s.seed)),
-        ("contamination", contamination_step),
-        ("mix", lambda: call(mix_task, input_dir=train_dir, output_dir=d["mix"], cfg=s.mix,
-                             rules=s.stratify.rules, seed=s.mix_seed)),
-        ("pack", lambda: call(pack_task, tokenized_dir=train_dir, mix_dir=d["mix"], output_dir=d["pack"],
-                              cfg=s.pack)),
-    ]
-    for name, step in steps[: last + 1]:
-        m = step()
+    paths: dict[str, str] = {}
+    ran: list[str] = []
+
+    def record(st: str, m: dict, inputs: dict[str, str]) -> None:
+        man[st] = m
+        paths[st] = m["path"]
+        entries[st] = stage_entry(root, st, m, {k: Path(v).name for k, v in inputs.items()})
+        _mark_stale(entries)
+        write_run(root, _run_manifest(s, spec_arg, root, entries, contam, overrides, prev))
+
+    def upstream(st: str) -> str:
+        """The folder of an earlier stage: from this run, else from the run manifest."""
+        if st not in paths:
+            d = stage_dir(root, st) if (root / RUN_MANIFEST).exists() else None
+            if d is None:
+                raise RunError(f"{root}: no {st} output to start from (no run manifest): run the whole flow first")
+            m = completed_manifest(d, json.loads((d / "manifest.json").read_text()).get("fingerprint", ""),
+                                   verify=False)
+            if m is None:
+                raise RunError(f"{root}: the {st} output {d} is incomplete: rerun `hrm run` from {st}")
+            man[st] = {**m, "path": str(d.resolve())}
+            paths[st] = str(d.resolve())
+        return paths[st]
+
+    def call(t, st: str, inputs: dict[str, Any], ups: list[str], **kw) -> dict:
+        """Run (or take from the cache) stage ST's task; INPUTS are its folder arguments, UPS the stages
+        they come from (recorded with their versions in the run manifest)."""
+        force = st in refresh
+        common = dict(progress=progress, versioned=True, output_dir=str(root / st), **inputs, **kw)
+        m = t.with_options(result_storage=results, refresh_cache=force)(force=force, **common)
+        if not result_intact(m):
+            logger.warning("%s: the cached result names %s, which is gone or changed since: recomputing", st,
+                           m.get("path") if isinstance(m, dict) else m)
+            m = t.with_options(result_storage=results, refresh_cache=True)(force=False, **common)
+        ran.append(st)
+        record(st, m, {u: paths[u] for u in ups})
+        return m
+
+    decon = contam is not None and contam.decontaminate
+
+    def train_rows() -> tuple[str, str]:
+        """(stage, folder) of the rows mix and pack read: the tokenizer's, or the decontaminated ones."""
+        st = "contamination" if decon else "tokenizer"
+        return st, upstream(st)
+
+    def step(st: str) -> dict | None:
+        if st == "ingest":
+            return call(ingest_task, st, {}, [], sources=s.sources, seed=s.seed, local_file_hashes=_local_hashes(s))
+        if st == "normalize":
+            return call(normalize_task, st, {"ingest_dir": upstream("ingest")}, ["ingest"], sources=s.sources, cfg=s.normalize)
+        if st == "stratify":
+            return call(stratify_task, st, {"input_dir": upstream("normalize")}, ["normalize"], rules=s.stratify.rules,
+                        source_order=[x.name for x in s.sources])
+        if st == "dedup":
+            return call(dedup_task, st, {"input_dir": upstream("stratify")}, ["stratify"], cfg=s.dedup)
+        if st == "tokenizer":
+            return call(tokenizer_task, st, {"input_dir": upstream("dedup")}, ["dedup"], cfg=s.tokenizer,
+                        conditions=list(s.normalize.conditions), seed=s.seed)
+        if st == "contamination":
+            assert contam is not None
+            cfg = ContaminationConfig(**contam.model_dump(exclude={"benchmarks_dir", "hub"}))
+            bench: str | list[str]
+            if contam.benchmarks_dir is not None:
+                bench = str(Path(contam.benchmarks_dir).resolve())
+            else:
+                from pipeline.stages.contamination import HUB
+
+                bench = list(cfg.benchmarks or HUB)
+            return call(contamination_task, st, {"input_dir": upstream("tokenizer")}, ["tokenizer"], benchmarks=bench, cfg=cfg)
+        if st == "mix":
+            src, rows = train_rows()
+            return call(mix_task, st, {"input_dir": rows}, [src], cfg=s.mix, rules=s.stratify.rules, seed=s.mix_seed)
+        if st == "pack":
+            src, rows = train_rows()
+            return call(pack_task, st, {"tokenized_dir": rows, "mix_dir": upstream("mix")}, [src, "mix"], cfg=s.pack)
+        if st == "lineage":
+            dirs = {x: upstream(x) for x in ("normalize", "stratify", "dedup", "tokenizer", "mix", "pack")}
+            if decon:
+                dirs["contamination"] = upstream("contamination")
+            m = call(lineage_task, st, {"stage_dirs": dirs}, list(dirs), title=f"{s.name} ({root})")
+            create_markdown_artifact((Path(m["path"]) / "lineage.md").read_text(),
+                                     key=artifact_key("lineage", s.name, Path(m["path"]).name),
+                                     description=f"lineage of {s.name} in {root}: where every row came from, why "
+                                                 "every dropped row was dropped")
+            return m
+        raise AssertionError(st)
+
+    if contam is None and "contamination" not in todo and todo[-1] in ("mix", "pack", "lineage"):
+        logger.info("contamination: skipped (no benchmarks: set contamination.benchmarks_dir or hub: true "
+                    "in the spec, or pass --benchmarks DIR)")
+    for st in todo:
+        m = step(st)
         if m is None:
             continue
-        man[name] = m
-        logger.info("%s: %s", name, {k: v for k, v in m.get("counts", {}).items() if not isinstance(v, dict)})
-    if stop_after == "pack":
-        hashes = {st: content_hash(root / st) for st in STAGES if st != "ingest" and st in man}
-        man["lineage"] = call(lineage_task, run_dir=str(root), output_dir=str(root / "lineage"), stage_hashes=hashes)
-        create_markdown_artifact((root / "lineage" / "lineage.md").read_text(), key=f"lineage-{_key(s.name)}",
-                                 description=f"lineage of {s.name}: where every row came from, why every dropped "
-                                             "row was dropped")
-    write_json({"spec": s.model_dump(mode="json"), "stages": {k: v.get("fingerprint") for k, v in man.items()},
-                "contamination": contam.model_dump(mode="json") if contam is not None else None,
-                "output_dir": str(root)}, root / "run.json")
-    create_markdown_artifact(_summary_markdown(s, man), key=f"data-run-{_key(s.name)}",
-                             description=f"data stages of {s.name}")
+        logger.info("%s: %s -> %s", st, {k: v for k, v in m.get("counts", {}).items() if not isinstance(v, dict)},
+                    m["path"])
+    create_markdown_artifact(_summary_markdown(s, root, man, ran), key=artifact_key("data-run", s.name),
+                             description=f"data stages of {s.name} in {root}")
     logger.info("data flow done in %.1f s: %s", time.time() - t0, root)
-    return {"output_dir": str(root), "manifests": man}
+    stale = {k: v["stale"] for k, v in entries.items() if v.get("stale")}
+    if stale:
+        logger.warning("stages of %s not rerun and now stale: %s (rerun with --from the first of them)", root,
+                       ", ".join(stale))
+    return {"output_dir": str(root), "manifests": man, "ran": ran, "stale": stale}
+
+
+def _run_manifest(s: RunSpec, spec_arg: str, root: Path, entries: dict[str, dict], contam, overrides,
+                  prev: dict) -> dict:
+    run = {k: v for k, v in prev.items() if k not in ("stages",)}  # keeps train/eval records of other commands
+    run.update({
+        "format": 1,
+        "name": s.name,
+        "spec_arg": str(spec_arg),
+        "overrides": list(overrides or []),
+        "spec": s.model_dump(mode="json"),
+        "contamination": contam.model_dump(mode="json") if contam is not None else None,
+        "output_dir": str(root),
+        "updated": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "stages": {st: entries[st] for st in ALL_STAGES if st in entries},
+    })
+    return run
+
+
+__all__ = ["data_flow", "STAGES", "OPTIONAL", "ALL_STAGES", "plan_stages", "result_intact", "artifact_key"]

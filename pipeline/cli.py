@@ -1,8 +1,10 @@
 """The `hrm` command.
 
   hrm run SPEC [--output DIR] [--stop-after STAGE] [--benchmarks DIR [--decontaminate]]
+               [--set KEY=VALUE ...] [--from STAGE | --only STAGE] [--refresh STAGE ...]
                                                      the Prefect data flow (ephemeral Prefect unless
                                                      PREFECT_API_URL points at a server)
+  hrm gc RUN [--apply]                               remove stage versions no run manifest names
   hrm validate SPEC                                  load and check a spec, print its summary
   hrm plan SPEC                                      dry run: strata, expected unique and seen tokens
   hrm stage NAME --input PATH --output DIR [--spec SPEC] [--set key=value ...]
@@ -55,9 +57,11 @@ def _stage_cfg(model, section: Any, overrides: dict[str, Any], what: str):
 
 
 def cmd_validate(args) -> int:
-    from .spec import load_spec
+    from .checks import require_ok
+    from .spec import load_spec, resolve_spec_path
 
     s = load_spec(args.spec)
+    require_ok(s, str(resolve_spec_path(args.spec)))  # paths that match no file, unknown generator params
     print(f"spec {s.name!r}: OK ({len(s.sources)} sources, {len(s.stratify.rules)} stratify rules)")
     for i, src in enumerate(s.sources):
         where = src.path or src.generator
@@ -82,18 +86,44 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from .spec import load_spec
 
-    load_spec(args.spec)  # fail before Prefect starts
-    from flows.data_flow import data_flow
-
+    load_spec(args.spec, args.set)  # fail before Prefect starts
     if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
         _die(f"--benchmarks: {args.benchmarks} is not a folder")
+    from flows.data_flow import data_flow, plan_stages
+    from flows.errors import quiet_user_errors_on_console
+
+    plan_stages(args.stop_after, args.from_stage, args.only, True)  # bad stage choices: before Prefect starts
+    quiet_user_errors_on_console()
     res = data_flow(spec=str(args.spec), output_dir=args.output, stop_after=args.stop_after,
                     benchmarks=args.benchmarks, decontaminate=True if args.decontaminate else None,
-                    progress=not args.no_progress)
-    print(json.dumps({"output_dir": res["output_dir"],
-                      "counts": {k: {a: b for a, b in v.get("counts", {}).items() if not isinstance(b, dict)}
-                                 for k, v in res["manifests"].items()}}, indent=2))
+                    overrides=args.set or None, from_stage=args.from_stage, only=args.only,
+                    refresh=args.refresh or None, progress=not args.no_progress)
+    print(json.dumps({"output_dir": res["output_dir"], "ran": res["ran"],
+                      "stages": {k: {"dir": v["path"],
+                                     "counts": {a: b for a, b in v.get("counts", {}).items() if not isinstance(b, dict)}}
+                                 for k, v in res["manifests"].items()},
+                      **({"stale": res["stale"]} if res["stale"] else {})}, indent=2))
+    out = res["output_dir"]
+    if "pack" in res["manifests"]:
+        print(f"\nnext: hrm train {out} --preset cpu-small --steps 200 --warmup-steps 20", file=sys.stderr)
     return 0
+
+
+def cmd_gc(args) -> int:
+    from .runs import gc
+
+    res = gc(args.run, apply=args.apply)
+    for path, size in res["remove"]:
+        print(f"{'removed' if args.apply else 'would remove'} {path} ({_mb(size)})")
+    verb = "freed" if args.apply else "would free"
+    print(f"{verb} {_mb(res['bytes'])} in {len(res['remove'])} folders; kept {len(res['keep'])} versions named by "
+          f"{Path(args.run) / 'run.json'} ({_mb(res['kept_bytes'])})"
+          + ("" if args.apply or not res["remove"] else "; run with --apply to remove them"))
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 def cmd_generators(args) -> int:
@@ -105,20 +135,42 @@ def cmd_generators(args) -> int:
     return 0
 
 
+def _row_defaults(spec):
+    """Defaults for the columns a user's rows file leaves out: the spec's default condition (the first
+    of its normalize.conditions), else NormalizeConfig's."""
+    from .config import NormalizeConfig
+    from .rows import RowDefaults
+
+    return RowDefaults(condition=(spec.normalize if spec else NormalizeConfig()).conditions[0])
+
+
 def cmd_stage(args) -> int:
-    from . import config as C
+    from .rows import row_defaults
     from .spec import load_spec
 
     spec = load_spec(args.spec) if args.spec else None
+    if args.name in ("ingest", "normalize") and spec is None:
+        _die(f"stage {args.name} needs --spec (its sources)")
+    with row_defaults(_row_defaults(spec)):
+        man = _run_stage(args, spec)
+    print(json.dumps({"stage": args.name, "output": str(Path(args.output).resolve()), "counts": man.get("counts")},
+                     indent=2, default=str))
+    return 0
+
+
+def _run_stage(args, spec) -> dict:
+    from . import config as C
+
     ov = _overrides(args.set)
     name = args.name
     progress = not args.no_progress
-    if name in ("ingest", "normalize") and spec is None:
-        _die(f"stage {name} needs --spec (its sources)")
     if name == "ingest":
         from .stages import ingest
 
-        man = ingest.run(spec.sources, args.output, seed=spec.seed, progress=progress)
+        try:
+            man = ingest.run(spec.sources, args.output, seed=spec.seed, progress=progress)
+        except ingest.SourceFetchError as e:  # a network read: worth running again, not a traceback
+            _die(f"{e} (a network error: run the command again to retry)", 1)
     elif name == "normalize":
         from .stages import normalize
 
@@ -160,9 +212,7 @@ def cmd_stage(args) -> int:
         man = pack.run(args.input, args.mix, args.output, cfg, progress=progress)
     else:  # argparse restricts choices
         raise AssertionError(name)
-    print(json.dumps({"stage": name, "output": str(Path(args.output).resolve()), "counts": man.get("counts")},
-                     indent=2, default=str))
-    return 0
+    return man
 
 
 # Commands with their own argument parsers: everything after the command name is passed on.
@@ -212,8 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "overrides contamination.benchmarks_dir of the spec")
     r.add_argument("--decontaminate", action="store_true",
                    help="drop the training rows that make a benchmark item dirty before mixing (needs benchmarks)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec setting, e.g. --set dedup.threshold=0.7 --set mix.epochs=2 (repeatable; "
+                        "validated like the spec)")
+    stage_names = ["ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack", "lineage"]
+    r.add_argument("--from", dest="from_stage", choices=stage_names, default=None,
+                   help="start at this stage; the stages before it are read from the run manifest")
+    r.add_argument("--only", choices=stage_names, default=None,
+                   help="run this stage alone on the latest outputs of the stages before it (from the run manifest)")
+    r.add_argument("--refresh", action="append", default=[], choices=stage_names, metavar="STAGE",
+                   help="recompute this stage even if a cached result exists (repeatable)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_run)
+
+    gcp = sub.add_parser("gc", help="remove stage versions that the run manifest does not reference")
+    gcp.add_argument("run", help="run folder (runs/<name>)")
+    gcp.add_argument("--apply", action="store_true", help="remove them (default: only print what would be freed)")
+    gcp.set_defaults(fn=cmd_gc)
 
     v = sub.add_parser("validate", help="load and check a spec")
     v.add_argument("spec")

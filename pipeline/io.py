@@ -17,6 +17,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -160,12 +161,56 @@ def begin_stage(out_dir: str | os.PathLike, fp: str) -> dict | None:
     return done
 
 
+VERSION_LEN = 16  # a stage version folder is named by the first 16 hex digits of its fingerprint
+TMP_PREFIX = ".tmp-"  # a version being written: `.tmp-<version>`, renamed to `<version>` when complete
+
+
+def open_stage(output_dir: str | os.PathLike, fp: str, *, versioned: bool = False,
+               force: bool = False) -> tuple[Path, dict | None]:
+    """Start of every stage: returns (folder to write into, finished manifest or None).
+
+    Plain (versioned=False): OUTPUT_DIR itself, as `begin_stage`.
+    Versioned: OUTPUT_DIR is a stage root holding one folder per version, `<root>/<fp[:16]>/`. A
+    complete folder of this fingerprint is returned as done; otherwise the stage writes into
+    `<root>/.tmp-<version>/` (kept across a crash, so a rerun resumes there) and `finish_stage` renames
+    it into place. A version folder is only ever written by its own fingerprint.
+    `force` recomputes even when a finished run exists (the old version is replaced when done).
+    The returned manifest carries `path`: the folder that holds the outputs."""
+    root = Path(output_dir)
+    if not versioned:
+        if force:
+            clear_manifest(root)
+        done = begin_stage(root, fp)
+        return root, (None if done is None else {**done, "path": str(root.resolve())})
+    final = root / fp[:VERSION_LEN]
+    if not force:
+        done = completed_manifest(final, fp)
+        if done is not None:
+            return final, {**done, "path": str(final.resolve())}
+    work = root / f"{TMP_PREFIX}{fp[:VERSION_LEN]}"
+    work.mkdir(parents=True, exist_ok=True)
+    clear_manifest(work)
+    return work, None
+
+
 def finish_stage(out_dir: str | os.PathLike, manifest: dict, timing: dict | None = None) -> dict:
+    """Write timing and (last) the manifest; a versioned stage's temporary folder is then renamed into
+    place. Returns the manifest with `path`, the folder holding the outputs."""
     out = Path(out_dir)
     if timing is not None:
         write_json(timing, out / TIMING)
     write_json(manifest, out / MANIFEST)
-    return manifest
+    if out.name.startswith(TMP_PREFIX):
+        final = out.parent / out.name[len(TMP_PREFIX):]
+        if final.exists():  # forced recompute: replace the old version
+            old = out.parent / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(out, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(out, final)
+        out = final
+    return {**manifest, "path": str(out.resolve())}
 
 
 def clear_manifest(out_dir: str | os.PathLike) -> None:

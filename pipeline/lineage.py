@@ -25,8 +25,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .io import begin_stage, code_hash, file_record, finish_stage, fingerprint
+from .io import code_hash, file_record, finish_stage, fingerprint, open_stage
 from .io import read_json, write_json, write_parquet
+from .runs import RUN_MANIFEST, read_run, stage_dir
 
 STAGE = "lineage"
 REMOVAL_STAGES = ("stratify", "dedup", "tokenizer", "contamination", "mix", "pack")
@@ -37,21 +38,38 @@ class LineageError(RuntimeError):
     pass
 
 
-def removal_stages(run: Path) -> list[str]:
+Stages = dict[str, Path]
+
+
+def stage_dirs(run: str | os.PathLike | Stages) -> Stages:
+    """The stage folders of a run: given as {stage: folder}, or found from a run folder (its run
+    manifest names each stage's version; a folder without one is read as `<run>/<stage>/`)."""
+    if isinstance(run, dict):
+        return {k: Path(v) for k, v in run.items()}
+    run = Path(run)
+    if (run / RUN_MANIFEST).exists():
+        ents = read_run(run).get("stages", {})
+        return {st: stage_dir(run, st, check=False) for st in ents if st in ("normalize", *REMOVAL_STAGES)}
+    return {st: run / st for st in ("normalize", *REMOVAL_STAGES) if (run / st).exists()}
+
+
+def removal_stages(run: str | os.PathLike | Stages) -> list[str]:
     """The removal stages of this run. The contamination folder counts only when pack read its rows
     (decontamination on); a check-only contamination folder, or one left from an earlier run, removes
     nothing."""
-    pm = run / "pack" / "manifest.json"
-    packed_from = read_json(pm).get("inputs", {}).get("tokenized") if pm.exists() else None
-    used = packed_from is not None and Path(packed_from).resolve() == (run / "contamination").resolve()
-    return [st for st in REMOVAL_STAGES if st != "contamination" or used]
+    d = stage_dirs(run)
+    pm = d["pack"] / "manifest.json" if "pack" in d else None
+    packed_from = read_json(pm).get("inputs", {}).get("tokenized") if pm is not None and pm.exists() else None
+    used = (packed_from is not None and "contamination" in d
+            and Path(packed_from).resolve() == d["contamination"].resolve())
+    return [st for st in REMOVAL_STAGES if st in d and (st != "contamination" or used)]
 
 
-def _removals(run: Path) -> pl.DataFrame:
+def _removals(d: Stages) -> pl.DataFrame:
     frames = []
-    for st in removal_stages(run):
+    for st in removal_stages(d):
         for name in REMOVAL_FILES:
-            f = run / st / name
+            f = d[st] / name
             if f.exists():
                 df = pl.read_parquet(f, columns=["id", "stage", "reason", "detail", "duplicate_of"])
                 frames.append(df.with_columns(stage=pl.lit(st)))
@@ -61,9 +79,9 @@ def _removals(run: Path) -> pl.DataFrame:
     return pl.concat(frames)
 
 
-def _packed_counts(run: Path) -> pl.DataFrame:
+def _packed_counts(d: Stages) -> pl.DataFrame:
     ids: list[pa.Array] = []
-    for f in sorted((run / "pack").glob("shard-*.arrow")):
+    for f in sorted(d["pack"].glob("shard-*.arrow")):
         with ipc.open_file(pa.memory_map(str(f), "r")) as r:
             t = r.read_all()
         ids.append(t.column("sample_ids").combine_chunks().flatten())
@@ -73,16 +91,17 @@ def _packed_counts(run: Path) -> pl.DataFrame:
     return s.value_counts(name="times_packed").with_columns(pl.col("times_packed").cast(pl.UInt32))
 
 
-def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
-    """Per-row lineage and the summary tables of a run folder (stages through pack)."""
-    run = Path(run_dir)
+def build(run_dir: str | os.PathLike | Stages) -> tuple[pl.DataFrame, dict]:
+    """Per-row lineage and the summary tables of a run (stages through pack): a run folder or
+    {stage: folder}."""
+    d = stage_dirs(run_dir)
     for st in ("normalize", "stratify", "pack"):
-        if not (run / st / "manifest.json").exists():
-            raise LineageError(f"lineage: {run / st} is not a finished stage folder")
-    rows = pl.read_parquet(run / "stratify" / "rows.parquet", columns=["id", "source", "stratum"])
-    rem = _removals(run)
+        if st not in d or not (d[st] / "manifest.json").exists():
+            raise LineageError(f"lineage: no finished {st} stage folder ({d.get(st, 'missing')})")
+    rows = pl.read_parquet(d["stratify"] / "rows.parquet", columns=["id", "source", "stratum"])
+    rem = _removals(d)
     twice = rem.group_by("id").len().filter(pl.col("len") > 1)
-    packed = _packed_counts(run)
+    packed = _packed_counts(d)
     df = (rows.join(rem.unique("id", keep="first", maintain_order=True), on="id", how="left")
           .join(packed, on="id", how="left")
           .with_columns(times_packed=pl.col("times_packed").fill_null(0)))
@@ -93,7 +112,7 @@ def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
         .otherwise(pl.lit("unaccounted")))
     df = df.select("id", "source", "stratum", "status", "stage", "reason", "detail", "duplicate_of", "times_packed")
 
-    norm = read_json(run / "normalize" / "manifest.json")["counts"]["per_source"]
+    norm = read_json(d["normalize"] / "manifest.json")["counts"]["per_source"]
     per_source = {}
     for src, c in norm.items():
         sub = df.filter(pl.col("source") == src)
@@ -142,18 +161,23 @@ def build(run_dir: str | os.PathLike) -> tuple[pl.DataFrame, dict]:
     return df, summary
 
 
-def run(run_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None, *, progress: bool = True) -> dict:
-    run = Path(run_dir)
-    out = Path(output_dir) if output_dir else run / STAGE
-    inputs = {st: str(run / st) for st in ("normalize", "stratify", *removal_stages(run)) if (run / st).exists()}
+def run(run_dir: str | os.PathLike | Stages, output_dir: str | os.PathLike | None = None, *, progress: bool = True,
+        title: str | None = None, versioned: bool = False, force: bool = False) -> dict:
+    """Account for every row of a run (a run folder, or {stage: folder}) into OUTPUT_DIR (default
+    `<run>/lineage`)."""
+    if output_dir is None and isinstance(run_dir, dict):
+        raise ValueError("lineage: give output_dir when the stage folders are given one by one")
+    d = stage_dirs(run_dir)
+    name = title or (Path(run_dir).name if not isinstance(run_dir, dict) else "run")
+    inputs = {st: str(d[st]) for st in ("normalize", "stratify", *removal_stages(d)) if st in d}
     fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {}, inputs)
-    done = begin_stage(out, fp)
+    out, done = open_stage(output_dir or Path(run_dir) / STAGE, fp, versioned=versioned, force=force)
     if done is not None:
         return done
     t0 = time.time()
-    df, summary = build(run)
+    df, summary = build(d)
     write_json(summary, out / "lineage.json")
-    (out / "lineage.md").write_text(report_markdown(summary, f"Lineage of {run.name}"))
+    (out / "lineage.md").write_text(report_markdown(summary, f"Lineage of {name}"))
     outputs = {"lineage.parquet": write_parquet(df.to_arrow(), out / "lineage.parquet"),
                "lineage.json": file_record(out / "lineage.json"), "lineage.md": file_record(out / "lineage.md")}
     counts = {k: summary[k] for k in ("rows_stratified", "rows_packed", "rows_removed", "balanced")}
@@ -179,6 +203,11 @@ def report_markdown(summary: dict, title: str = "Lineage") -> str:
         rej = c["rejected_at_normalize"]
         lines.append(f"| {src} | {c['ingested']:,} | {sum(rej.values()):,} ({_fmt(rej)}) | {c['stratified']:,} | "
                      f"{c['packed']:,} | {c['removed']:,} ({_fmt(c.get('removed_by', {}))}) |")
+    # the normalize manifest's warnings when the summary carries them, else the sources it counts as empty
+    warns = [w["message"] if isinstance(w, dict) else str(w) for w in s.get("warnings") or []] or [
+        f"source '{src}' is empty: 0 rows" for src, c in s["per_source"].items() if c["ingested"] == 0]
+    if warns:
+        lines += ["", "## Warnings", "", *(f"- {w}" for w in warns)]
     lines += ["", "## Per stratum", "", "| stratum | in | packed | times packed | removed |", "|---|---:|---:|---:|---|"]
     for name, st in s["per_stratum"].items():
         lines.append(f"| {name} | {st['in']:,} | {st['packed']:,} | {st['times_packed']:,} | "

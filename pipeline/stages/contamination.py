@@ -470,7 +470,7 @@ def run(
     cfg: ContaminationConfig | None = None,
     *,
     tokenizer_path: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool = True, versioned: bool = False, force: bool = False,
 ) -> dict:
     """Check every benchmark item against the training data; return the stage manifest.
 
@@ -485,7 +485,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     train_file, tok_path = _resolve_training(train_path, tokenizer_path, out, progress)
     fp = _fingerprint(train_file, tok_path, benchmarks_dir, local, cfg)
-    done = io.begin_stage(out, fp)
+    out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
 

@@ -365,7 +365,7 @@ def run(
     *,
     rules: list[StratumRule],
     seed: int,
-    progress: bool = True,
+    progress: bool = True, versioned: bool = False, force: bool = False,
 ) -> dict:
     """Select and order the samples of every epoch; return the stage manifest."""
     from tqdm.auto import tqdm
@@ -382,7 +382,7 @@ def run(
         "max_repeat": max_repeat,
     }
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, {"tokenized": src})
-    done = io.begin_stage(out, fp)
+    out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
 

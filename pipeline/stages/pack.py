@@ -214,7 +214,7 @@ def run(
     output_dir: str | os.PathLike,
     cfg: PackConfig,
     *,
-    progress: bool = True,
+    progress: bool = True, versioned: bool = False, force: bool = False,
 ) -> dict:
     """Pack the mixed samples into fixed-length sequences; return the stage manifest."""
     from tqdm.auto import tqdm
@@ -233,7 +233,7 @@ def run(
     params = {"cfg": cfg.model_dump()}
     inputs = {"tokenized": tokenized_dir, "mix": mix_dir}
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
-    done = io.begin_stage(out, fp)
+    out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
     for stale in list(out.glob("shard-*.arrow")) + list(out.glob("shard-*.json")):

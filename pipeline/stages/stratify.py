@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 
 from ..config import StratumRule
-from ..io import begin_stage, code_hash, file_record, finish_stage, fingerprint
+from ..io import open_stage, code_hash, file_record, finish_stage, fingerprint
 from ..io import write_json, write_parquet
 from ..rows import ROWS_FILE, load_rows, resolve_rows_path
 from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
@@ -72,7 +72,7 @@ def strata_stats(df: pl.DataFrame) -> dict:
 
 
 def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: list[StratumRule], *,
-        source_order: list[str] | None = None, progress: bool = True) -> dict:
+        source_order: list[str] | None = None, progress: bool = True, versioned: bool = False, force: bool = False) -> dict:
     """`input_path`: the normalize folder, or a JSONL/Parquet file in the normalized schema (an
     `origin` column is optional: it defaults to the source). `source_order`: source names by priority
     (the spec's order); sources not listed come after, in order of first appearance."""
@@ -80,7 +80,7 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     src_file = resolve_rows_path(input_path)
     params = {"rules": [r.model_dump() for r in rules], "source_order": source_order}
     fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {"rows": str(src_file)})
-    done = begin_stage(out, fp)
+    out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
     t0 = time.time()

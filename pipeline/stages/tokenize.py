@@ -314,7 +314,7 @@ def run(
     *,
     conditions: list[str],
     seed: int,
-    progress: bool = True,
+    progress: bool = True, versioned: bool = False, force: bool = False,
 ) -> dict:
     """Train or load the tokenizer, tokenize every row; return the stage manifest."""
     from tqdm.auto import tqdm
@@ -329,7 +329,7 @@ def run(
     if local is not None:
         inputs["pretrained"] = local
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
-    done = io.begin_stage(out, fp)
+    out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
 
