@@ -11,6 +11,7 @@ scraped instruction sets do. The dedup stage must find them.
 
 from __future__ import annotations
 
+import inspect
 import random
 import zlib
 from typing import Callable, Iterator
@@ -279,6 +280,41 @@ def with_duplicates(rows: Iterator[dict], seed: int, near_dup_rate: float = 0.0,
             if u >= exact_dup_rate:
                 copy["question"] = _light_edit(rng, src["question"])
             yield copy
+
+
+# parameters every generator takes besides its own: row count, seed, planted duplicates
+COMMON_PARAMS = ("n", "seed", "near_dup_rate", "exact_dup_rate")
+
+
+def accepted_params(name: str) -> list[str] | None:
+    """The parameter names a spec may give generator `name` (None: any, it takes **kwargs)."""
+    sig = inspect.signature(get_generator(name))
+    own = list(sig.parameters.values())[2:]  # after (n, seed)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own):
+        return None
+    return sorted({*COMMON_PARAMS, *(p.name for p in own)})
+
+
+def check_params(name: str, params: dict) -> list[str]:
+    """Problems with a spec's `params` for generator `name`, one message each (empty: fine)."""
+    if name not in GENERATORS:
+        return [f"unknown generator {name!r}; built-in generators: {sorted(GENERATORS)}"]
+    problems = []
+    n = params.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        problems.append(f"generator {name!r} needs an integer 'n' >= 0 (rows), got {n!r}")
+    if "seed" in params and (not isinstance(params["seed"], int) or isinstance(params["seed"], bool)):
+        problems.append(f"generator {name!r}: 'seed' must be an integer, got {params['seed']!r}")
+    for k in ("near_dup_rate", "exact_dup_rate"):
+        v = params.get(k, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            problems.append(f"generator {name!r}: {k!r} must be a number in [0, 1], got {v!r}")
+    accepted = accepted_params(name)
+    if accepted is not None:
+        for k in params:
+            if k not in accepted:
+                problems.append(f"generator {name!r} has no parameter {k!r}; accepted: {accepted}")
+    return problems
 
 
 def generate(name: str, n: int, seed: int, **params) -> Iterator[dict]:

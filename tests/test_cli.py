@@ -99,3 +99,65 @@ def test_missing_benchmark_folder_is_one_line_before_any_work(capsys, tmp_path):
                            "--output", str(tmp_path / "y"))
     assert code == 1 and "benchmark folder not found: /nonexistent/b" in err and "Traceback" not in err
     assert not (tmp_path / "y").exists()
+
+
+def test_validate_lists_every_missing_path_and_unknown_generator_param(capsys, tmp_path):
+    p = tmp_path / "spec.yaml"
+    p.write_text(
+        "name: checks\nsources:\n"
+        f"  - {{name: docs, kind: local, path: '{tmp_path}/nowhere/*.jsonl'}}\n"
+        "  - {name: sums, kind: generator, generator: arithmetic, params: {n: 10, digits: 4}}\n"
+        "  - {name: seqs, kind: generator, generator: sequences, params: {n: 10}}\n"
+    )
+    code, out, err = run_cli(capsys, "validate", str(p))
+    assert code == 2 and "OK" not in out
+    lines = err.splitlines()
+    assert "2 problem(s)" in lines[0] and str(p) in lines[0]
+    assert any(x.startswith("  - sources[0]: source 'docs'") and f"{tmp_path}/nowhere/*.jsonl" in x for x in lines)
+    assert any(x.startswith("  - sources[1]: source 'sums'") and "'digits'" in x and "'max_digits'" in x
+               for x in lines)
+    (tmp_path / "nowhere").mkdir()
+    (tmp_path / "nowhere" / "a.jsonl").write_text('{"instruction": "q", "response": "r"}\n')
+    p.write_text(p.read_text().replace("digits: 4", "max_digits: 4"))
+    code, out, _ = run_cli(capsys, "validate", str(p))
+    assert code == 0 and "spec 'checks': OK" in out
+
+
+def test_stage_alone_on_rows_with_only_instruction_and_response(capsys, tmp_path):
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text(
+        json.dumps({"instruction": "What is 2+2?", "response": "4"}) + "\n"
+        + json.dumps({"instruction": "Name a prime.", "response": "7", "condition": "cot", "domain": "math"}) + "\n"
+        + json.dumps({"instruction": "Spell cat.", "response": "c-a-t", "id": "own-id", "source": ""}) + "\n"
+    )
+    code, out, _ = run_cli(capsys, "stage", "stratify", "--input", str(rows), "--output", str(tmp_path / "s"),
+                           "--no-progress")
+    assert code == 0 and json.loads(out)["counts"]["rejected"] == 0
+    got = pq.read_table(tmp_path / "s" / "rows.parquet").to_pylist()
+    assert [(r["id"], r["condition"], r["source"], r["domain"]) for r in got] == [
+        ("mine/1", "direct", "mine", "mine"), ("mine/2", "cot", "mine", "math"), ("own-id", "direct", "mine", "mine")]
+    # the spec's default condition (the first of its normalize.conditions)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: s\nnormalize: {conditions: [cot, direct]}\nsources:\n"
+                    "  - {name: g, kind: generator, generator: sequences, params: {n: 1}, condition: cot}\n")
+    code, out, _ = run_cli(capsys, "stage", "dedup", "--input", str(rows), "--output", str(tmp_path / "d"),
+                           "--spec", str(spec), "--no-progress")
+    assert code == 0 and json.loads(out)["counts"]["kept"] == 3
+    conds = pq.read_table(tmp_path / "d" / "rows.parquet").column("condition").to_pylist()
+    assert sorted(conds) == ["cot", "cot", "cot"]
+    # Parquet with only the content columns: ids from the stem and the 0-based row index
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"instruction": ["a b c", "d e f"], "response": ["x", "y"]}), tmp_path / "p.parquet")
+    assert run_cli(capsys, "stage", "stratify", "--input", str(tmp_path / "p.parquet"), "--output",
+                   str(tmp_path / "s2"), "--no-progress")[0] == 0
+    got = pq.read_table(tmp_path / "s2" / "rows.parquet").to_pylist()
+    assert [(r["id"], r["source"], r["condition"]) for r in got] == [("p/0", "p", "direct"), ("p/1", "p", "direct")]
+
+
+def test_stage_input_without_content_columns_names_them(capsys, tmp_path):
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text(json.dumps({"question": "2+2?", "response": "4"}) + "\n")
+    code, _, err = run_cli(capsys, "stage", "stratify", "--input", str(rows), "--output", str(tmp_path / "s"))
+    assert code == 1 and "missing column(s) ['instruction']" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

@@ -16,6 +16,10 @@ Rejections (`rejects.parquet`, `pipeline.schema.REMOVAL_SCHEMA`, stage "normaliz
 `bad_json`, `not_an_object`, `non_utf8`, `missing_field`, `wrong_type`, `empty_field`, `too_long`,
 `unknown_condition`, `duplicate_id`, and `excluded_by_spec` for rows a source's `exclude` filter removes. Every row in is kept or rejected: rows_in = kept + rejected, per source.
 A field missing from a whole Parquet/Hub source is a spec error, raised before any row is processed.
+
+Empty sources: the manifest's `warnings` lists the ingest warnings (empty sources and empty files,
+from the ingest folder's manifest) and every source with 0 rows in; each is printed to stderr. When
+every source is empty the stage fails (`EmptySourcesError`, naming them).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..config import NormalizeConfig, SourceSpec
-from ..io import begin_stage, code_hash, finish_stage, fingerprint, write_parquet
+from ..io import MANIFEST, open_stage, code_hash, finish_stage, fingerprint, read_json, write_parquet
 from ..rows import ROWS_FILE
 from ..schema import NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA
+from .ingest import EmptySourcesError
 
 STAGE = "normalize"
 REJECTS_FILE = "rejects.parquet"
@@ -203,7 +208,8 @@ def _iter_raw(table: pa.Table):
 
 def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, progress: bool = False):
     """Normalize one raw source table. Returns (rows: list[dict], rejects: list[dict])."""
-    columns = None if "_json" in table.column_names else table.column_names
+    # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
+    columns = None if "_json" in table.column_names or table.num_rows == 0 else table.column_names
     many = len(table.column("_file").unique()) > 1
     mapper = _Mapper(src, cfg, columns, many)
     rows, rejects = [], []
@@ -225,16 +231,30 @@ def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, prog
     return rows, rejects
 
 
+def _ingest_warnings(ingest_dir: Path, names: set[str]) -> list[dict]:
+    """The warnings the ingest manifest records for these sources (none without a manifest)."""
+    m = ingest_dir / MANIFEST
+    if not m.exists():
+        return []
+    try:
+        warnings = read_json(m).get("warnings") or []
+    except (ValueError, OSError):
+        return []
+    return [w for w in warnings if w.get("source") in names]
+
+
 def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: list[SourceSpec],
-        cfg: NormalizeConfig, *, progress: bool = True) -> dict:
+        cfg: NormalizeConfig, *, progress: bool = True, versioned: bool = False, force: bool = False) -> dict:
     ingest_dir, out = Path(ingest_dir), Path(output_dir)
     inputs = {s.name: ingest_dir / f"{s.name}.parquet" for s in sources}
     for name, p in inputs.items():
         if not p.exists():
             raise FileNotFoundError(f"normalize: no ingested data for source '{name}' ({p}); run ingest first")
     params = {"sources": [s.model_dump() for s in sources], "cfg": cfg.model_dump()}
-    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {k: str(v) for k, v in inputs.items()})
-    done = begin_stage(out, fp)
+    ingest_warnings = _ingest_warnings(ingest_dir, {s.name for s in sources})
+    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {**params, "ingest_warnings": ingest_warnings},
+                     {k: str(v) for k, v in inputs.items()})
+    out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
     t0 = time.time()
@@ -247,6 +267,14 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
         assert table.num_rows == len(rows) + len(rejects), s.name
         all_rows += rows
         all_rejects += rejects
+    warnings = list(ingest_warnings)
+    warned = {w["source"] for w in warnings if w.get("kind") == "empty_source"}
+    warnings += [{"source": k, "file": None, "kind": "empty_source", "message": f"source '{k}' is empty: 0 rows"}
+                 for k, v in per_source.items() if v["in"] == 0 and k not in warned]
+    for w in warnings:
+        print(f"[normalize] warning: {w['message']}", file=sys.stderr, flush=True)
+    if all(v["in"] == 0 for v in per_source.values()):
+        raise EmptySourcesError(f"every source is empty (0 rows): {sorted(per_source)}; nothing to normalize")
     outputs = {
         ROWS_FILE: write_parquet(pa.Table.from_pylist(all_rows, schema=NORMALIZED_FULL_SCHEMA), out / ROWS_FILE),
         REJECTS_FILE: write_parquet(pa.Table.from_pylist(all_rejects, schema=REMOVAL_SCHEMA), out / REJECTS_FILE),
@@ -255,5 +283,6 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
               "rejected": len(all_rejects),
               "reasons": dict(sorted(Counter(r["reason"] for r in all_rejects).items())),
               "per_source": per_source}
-    manifest = {"stage": STAGE, "fingerprint": fp, "params": params, "outputs": outputs, "counts": counts}
+    manifest = {"stage": STAGE, "fingerprint": fp, "params": params, "outputs": outputs, "counts": counts,
+                "warnings": warnings}
     return finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})

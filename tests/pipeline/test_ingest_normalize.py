@@ -159,3 +159,176 @@ def test_hub_code_path_on_a_local_dataset_folder(tmp_path, gsm8k_train):
     bad = SourceSpec(name="nope", kind="hub", path=str(tmp_path / "missing"), split="train")
     with pytest.raises(IngestError, match="cannot load Hub dataset"):
         ingest.run([bad], tmp_path / "ingest2", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# byte-order marks, empty sources, spec checks, deterministic vs network errors
+# ------------------------------------------------------------------------------------------------
+def _jsonl(path, rows, prefix: bytes = b""):
+    path.write_bytes(prefix + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
+def test_utf8_bom_at_start_of_jsonl_is_dropped(tmp_path):
+    import gzip
+
+    rows = [{"instruction": "What is 2+2?", "response": "4"}, {"instruction": "And 3+3?", "response": "6"}]
+    plain = _jsonl(tmp_path / "bom.jsonl", rows, b"\xef\xbb\xbf")
+    gz = tmp_path / "bomgz.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    srcs = [SourceSpec(name="bom", kind="local", path=str(plain)), SourceSpec(name="gz", kind="local", path=str(gz))]
+    ingest.run(srcs, tmp_path / "ingest", progress=False)
+    man = normalize.run(tmp_path / "ingest", tmp_path / "norm", srcs, NormalizeConfig(), progress=False)
+    assert man["counts"]["rejected"] == 0 and man["counts"]["kept"] == 4
+    kept = pq.read_table(tmp_path / "norm" / "rows.parquet").to_pylist()
+    assert [r["id"] for r in kept] == ["bom/1", "bom/2", "gz/1", "gz/2"]
+    assert kept[0]["instruction"] == "What is 2+2?"
+    # a rows file given to a stage alone, too
+    from pipeline.rows import load_rows
+
+    loaded = load_rows(plain)
+    assert not loaded.rejects and loaded.table.num_rows == 2
+
+
+def test_empty_source_is_a_warning_recorded_in_the_manifests(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    d = tmp_path / "parts"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"\n")  # blank lines only: no rows
+    _jsonl(d / "b.jsonl", [{"instruction": "q", "response": "r"}])
+    srcs = [SourceSpec(name="empty", kind="local", path=str(tmp_path / "empty.jsonl")),
+            SourceSpec(name="parts", kind="local", path=str(d)),
+            SourceSpec(name="none", kind="generator", generator="arithmetic", params={"n": 0},
+                       fields={"instruction": "question", "response": "answer"})]
+    man = ingest.run(srcs, tmp_path / "ingest", progress=False)
+    err = capsys.readouterr().err
+    assert "warning: source 'empty' is empty" in err and "warning: source 'none' is empty" in err
+    assert "file a.jsonl is empty" in err
+    assert man["sources"]["empty"]["rows"] == 0 and man["counts"]["rows"]["none"] == 0
+    assert [(w["source"], w["kind"]) for w in man["warnings"]] == [
+        ("empty", "empty_source"), ("parts", "empty_file"), ("none", "empty_source")]
+    nm = normalize.run(tmp_path / "ingest", tmp_path / "norm", srcs, NormalizeConfig(), progress=False)
+    assert "warning: source 'empty' is empty" in capsys.readouterr().err
+    assert nm["counts"]["per_source"]["empty"]["in"] == 0 and nm["counts"]["kept"] == 1
+    assert [w["source"] for w in nm["warnings"]] == ["empty", "parts", "none"]
+    assert read_json(tmp_path / "norm" / "manifest.json")["warnings"] == nm["warnings"]
+    # reused sources keep their warnings
+    again = ingest.run(srcs, tmp_path / "ingest", progress=False)
+    assert again["warnings"] == man["warnings"]
+
+
+def test_all_sources_empty_is_an_error_naming_them(tmp_path):
+    from pipeline.stages.ingest import EmptySourcesError
+
+    (tmp_path / "e1.jsonl").write_bytes(b"")
+    srcs = [SourceSpec(name="e1", kind="local", path=str(tmp_path / "e1.jsonl")),
+            SourceSpec(name="e2", kind="generator", generator="sequences", params={"n": 0})]
+    with pytest.raises(EmptySourcesError, match=r"every source is empty.*\['e1', 'e2'\]"):
+        ingest.run(srcs, tmp_path / "ingest", progress=False)
+    # normalize on its own: an ingest folder whose chosen sources are all empty
+    full = [*srcs, SourceSpec(name="seq", kind="generator", generator="sequences", params={"n": 3})]
+    ingest.run(full, tmp_path / "ingest", progress=False)
+    with pytest.raises(EmptySourcesError, match=r"\['e1', 'e2'\]"):
+        normalize.run(tmp_path / "ingest", tmp_path / "norm", srcs, NormalizeConfig(), progress=False)
+
+
+def test_lineage_report_lists_empty_sources():
+    from pipeline.lineage import report_markdown
+
+    src = {"ingested": 0, "rejected_at_normalize": {}, "stratified": 0, "packed": 0, "removed": 0}
+    summary = {"rows_stratified": 0, "rows_packed": 0, "rows_removed": 0, "balanced": True,
+               "per_source": {"empty": src}, "per_stratum": {}}
+    md = report_markdown(summary)
+    assert "## Warnings" in md and "- source 'empty' is empty: 0 rows" in md
+    summary["warnings"] = [{"source": "p", "message": "source 'p': file a.jsonl is empty (0 rows)"}]
+    assert "- source 'p': file a.jsonl is empty (0 rows)" in report_markdown(summary)
+    summary["per_source"]["empty"]["ingested"] = 5
+    del summary["warnings"]
+    assert "Warnings" not in report_markdown(summary)
+
+
+def test_check_spec_names_missing_paths_and_unknown_generator_params(tmp_path):
+    from pipeline.checks import check_spec, require_ok
+    from pipeline.spec import SpecError, parse_spec
+
+    _jsonl(tmp_path / "ok.jsonl", [{"instruction": "q", "response": "r"}])
+    spec = parse_spec({"name": "t", "sources": [
+        {"name": "ok", "kind": "local", "path": str(tmp_path / "ok.jsonl")},
+        {"name": "gone", "kind": "local", "path": str(tmp_path / "missing" / "*.jsonl")},
+        {"name": "arith", "kind": "generator", "generator": "arithmetic", "params": {"n": 5, "digits": 3}},
+        {"name": "wp", "kind": "generator", "generator": "word_problems", "params": {"cot": True}},
+        {"name": "nogen", "kind": "generator", "generator": "nope", "params": {"n": 1}},
+        {"name": "good", "kind": "generator", "generator": "sequences", "params": {"n": 2, "near_dup_rate": 0.1}},
+    ]})
+    problems = check_spec(spec)
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("sources[1]: source 'gone'") and str(tmp_path / "missing" / "*.jsonl") in problems[0]
+    assert "sources[2]: source 'arith'" in problems[1] and "'digits'" in problems[1]
+    assert "['cot', 'exact_dup_rate', 'max_digits', 'n', 'near_dup_rate', 'ops', 'seed']" in problems[1]
+    assert "sources[3]: source 'wp'" in problems[2] and "integer 'n'" in problems[2]
+    assert "sources[4]: source 'nogen'" in problems[3] and "unknown generator 'nope'" in problems[3]
+    with pytest.raises(SpecError) as e:
+        require_ok(spec, "t.yaml")
+    assert str(e.value).count("\n  - ") == 4
+    assert check_spec(spec.model_copy(update={"sources": [spec.sources[0], spec.sources[-1]]})) == []
+
+
+def test_deterministic_ingest_errors_are_ingest_errors_naming_source_and_file(tmp_path):
+    from pipeline.stages.ingest import is_transient
+
+    assert issubclass(IngestError, ValueError)
+    with pytest.raises(IngestError, match=r"source 'x': local path .*none\*\.jsonl.* matches no") as e:
+        ingest.run([SourceSpec(name="x", kind="local", path=str(tmp_path / "none*.jsonl"))], tmp_path / "o",
+                   progress=False)
+    assert not is_transient(e.value)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 truncated")
+    with pytest.raises(IngestError, match=rf"source 'p': {bad} is not a readable Parquet"):
+        ingest.run([SourceSpec(name="p", kind="local", path=str(bad))], tmp_path / "o", progress=False)
+    with pytest.raises(IngestError, match=r"source 'g': generator 'sequences' has no parameter 'cot'; "
+                                          r"accepted: \['exact_dup_rate', 'n', 'near_dup_rate', 'seed'\]"):
+        ingest.run([SourceSpec(name="g", kind="generator", generator="sequences", params={"n": 3, "cot": True})],
+                   tmp_path / "o", progress=False)
+    gz = tmp_path / "broken.jsonl.gz"
+    gz.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(IngestError, match=rf"source 'z': cannot read {gz}"):
+        ingest.run([SourceSpec(name="z", kind="local", path=str(gz))], tmp_path / "o", progress=False)
+
+
+@pytest.mark.parametrize("exc, transient", [
+    (ConnectionError("connection reset by peer"), True),
+    (TimeoutError("read timed out"), True),
+    (FileNotFoundError("no such dataset"), False),
+    (ValueError("Unknown split 'tran'"), False),
+])
+def test_hub_network_errors_are_distinguishable_from_deterministic_ones(tmp_path, monkeypatch, exc, transient):
+    import datasets
+
+    from pipeline.stages.ingest import SourceFetchError, is_transient
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    src = SourceSpec(name="hubby", kind="hub", path="org/some-dataset", split="train")
+    with pytest.raises((SourceFetchError, IngestError)) as e:
+        ingest.run([src], tmp_path / "o", progress=False)
+    assert "source 'hubby'" in str(e.value) and "org/some-dataset" in str(e.value)
+    assert is_transient(e.value) is transient
+    assert isinstance(e.value, SourceFetchError if transient else IngestError)
+    if transient:
+        assert isinstance(e.value, ConnectionError) and e.value.__cause__ is exc
+
+
+def test_http_status_decides_whether_a_hub_error_is_transient():
+    import httpx
+
+    from pipeline.stages.ingest import is_transient
+
+    req = httpx.Request("GET", "https://huggingface.co/api/datasets/x")
+    for status, transient in ((503, True), (429, True), (404, False), (401, False)):
+        err = httpx.HTTPStatusError("boom", request=req, response=httpx.Response(status, request=req))
+        assert is_transient(err) is transient, status
+    wrapped = RuntimeError("datasets wrapped it")
+    wrapped.__cause__ = httpx.ConnectError("no route to host")
+    assert is_transient(wrapped)
