@@ -22,9 +22,11 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
+	@mkdir -p "$(PREFECT_HOME)" "$(HF_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 	.venv/bin/hrm run $(SPEC) $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS)) $(DEMO_ARGS)
 
 test: setup
+	@mkdir -p "$(PREFECT_HOME)" "$(HF_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 lock:

@@ -43,6 +43,7 @@ from pipeline.config import (ContaminationConfig, ContaminationSpec, DedupConfig
                              PackConfig, RunSpec, SourceSpec, StratumRule, TokenizerConfig)
 from pipeline.io import completed_manifest, sha256_file
 from pipeline.runs import RunError, read_run, run_lock, stage_dir, stage_entry, write_run, RUN_MANIFEST
+from pipeline.checks import require_ok
 from pipeline.spec import load_spec
 from pipeline.stages.ingest import local_files
 
@@ -222,12 +223,18 @@ def plan_stages(stop_after: str, from_stage: str | None, only: str | None, conta
 
 def _mark_stale(stages: dict[str, dict]) -> None:
     """Flag run-manifest entries made from another version of a stage than the one the run now has."""
-    for st, ent in stages.items():
+    for st in ALL_STAGES:  # in flow order, so staleness carries down the chain
+        ent = stages.get(st)
+        if ent is None:
+            continue
         ent.pop("stale", None)
         for up, ver in (ent.get("inputs") or {}).items():
-            cur = stages.get(up, {}).get("version")
-            if cur is not None and cur != ver:
-                ent["stale"] = f"made from {up} version {ver}, the run now has {up} version {cur}"
+            cur = stages.get(up, {})
+            if cur.get("version") is not None and cur["version"] != ver:
+                ent["stale"] = f"made from {up} version {ver}, the run now has {up} version {cur['version']}"
+                break
+            if cur.get("stale"):
+                ent["stale"] = f"made from {up}, which is stale"
                 break
 
 
@@ -248,6 +255,8 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
     if bad:
         raise ValueError(f"refresh: unknown stage(s) {bad}; stages are {', '.join(ALL_STAGES)}")
     s = load_spec(spec, overrides)
+    if only is None and from_stage is None or (from_stage or only) == "ingest":
+        require_ok(s, str(spec))  # local files exist, generator parameters are accepted: before any work
     contam = contamination_settings(s, benchmarks, decontaminate)
     if contam is not None and contam.benchmarks_dir is not None and not Path(contam.benchmarks_dir).is_dir():
         raise FileNotFoundError(f"contamination.benchmarks_dir: {contam.benchmarks_dir} is not a folder")

@@ -31,8 +31,9 @@ def is_transient(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 10:
         seen += 1
-        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-            return False
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+                            KeyError, TypeError)):
+            return False  # deterministic (IngestError, SpecError and RunError are ValueErrors)
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return True
         if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):

@@ -86,7 +86,11 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from .spec import load_spec
 
-    load_spec(args.spec, args.set)  # fail before Prefect starts
+    from .checks import require_ok
+
+    spec = load_spec(args.spec, args.set)  # fail before Prefect starts
+    if not (args.only or args.from_stage) or "ingest" in (args.only, args.from_stage):
+        require_ok(spec, str(args.spec))
     if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
         _die(f"--benchmarks: {args.benchmarks} is not a folder")
     from flows.data_flow import data_flow, plan_stages
@@ -160,6 +164,12 @@ def cmd_stage(args) -> int:
 
 def _run_stage(args, spec) -> dict:
     from . import config as C
+    from .runs import UPSTREAM, resolve_input
+
+    if args.input:
+        args.input = resolve_input(args.input, UPSTREAM.get(args.name, args.name))
+    if getattr(args, "mix", None):
+        args.mix = resolve_input(args.mix, "mix")
 
     ov = _overrides(args.set)
     name = args.name
@@ -315,11 +325,26 @@ PREFECT_DEFAULTS = {
 }
 
 
+# Caches stay in the project's .cache/ unless the user points them elsewhere; the folders are created
+# here, since Prefect's ephemeral server cannot start on a PREFECT_HOME that does not exist.
+CACHE_DIRS = {"PREFECT_HOME": "prefect", "HF_HOME": "hf", "TORCH_EXTENSIONS_DIR": "torch_extensions"}
+
+
+def ensure_cache_dirs() -> None:
+    import os
+
+    root = Path(__file__).resolve().parents[1] / ".cache"
+    for var, sub in CACHE_DIRS.items():
+        os.environ.setdefault(var, str(root / sub))
+        Path(os.environ[var]).expanduser().mkdir(parents=True, exist_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    ensure_cache_dirs()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASSTHROUGH:
         return _passthrough(PASSTHROUGH[argv[0]][0], argv[1:])

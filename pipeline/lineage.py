@@ -112,7 +112,8 @@ def build(run_dir: str | os.PathLike | Stages) -> tuple[pl.DataFrame, dict]:
         .otherwise(pl.lit("unaccounted")))
     df = df.select("id", "source", "stratum", "status", "stage", "reason", "detail", "duplicate_of", "times_packed")
 
-    norm = read_json(d["normalize"] / "manifest.json")["counts"]["per_source"]
+    norm_man = read_json(d["normalize"] / "manifest.json")
+    norm = norm_man["counts"]["per_source"]
     per_source = {}
     for src, c in norm.items():
         sub = df.filter(pl.col("source") == src)
@@ -156,6 +157,7 @@ def build(run_dir: str | os.PathLike | Stages) -> tuple[pl.DataFrame, dict]:
     for key, sub in sorted(removed.group_by("stage", "reason"), key=lambda kv: kv[0]):
         examples[f"{key[0]}:{key[1]}"] = sub.head(3).select("id", "source", "detail", "duplicate_of").to_dicts()
     summary["examples"] = examples
+    summary["warnings"] = norm_man.get("warnings") or []  # empty sources and files, from ingest/normalize
     summary["balanced"] = (not summary["unaccounted"] and not summary["conflicts"] and not summary["removed_twice"]
                            and stray == 0 and all(v["balanced"] for v in per_stratum.values()))
     return df, summary

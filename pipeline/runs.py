@@ -136,6 +136,24 @@ def resolve_stage(path: str | os.PathLike, stage: str) -> Path:
     raise RunError(f"{path} is neither a {stage} stage folder (no {MANIFEST}) nor a run folder (no {RUN_MANIFEST})")
 
 
+UPSTREAM = {"normalize": "ingest", "stratify": "normalize", "dedup": "stratify", "tokenizer": "dedup",
+            "contamination": "tokenizer", "mix": "tokenizer", "pack": "tokenizer"}
+
+
+def resolve_input(path: str | os.PathLike, wanted: str) -> str:
+    """An input folder given to `hrm stage`: a run folder becomes the version of stage WANTED that its
+    run manifest names, a run's stage root (`runs/demo/tokenizer`) that stage's version; files and
+    plain stage folders are returned as given."""
+    p = Path(path)
+    if not p.is_dir() or (p / MANIFEST).exists():
+        return str(path)
+    if (p / RUN_MANIFEST).is_file():
+        return str(stage_dir(p, wanted))
+    if (p.parent / RUN_MANIFEST).is_file() and p.name in DATA_STAGES:
+        return str(stage_dir(p.parent, p.name))
+    return str(path)
+
+
 def find_run_dir(path: str | os.PathLike) -> Path | None:
     """The run folder that PATH (a run folder, a stage root or a stage version) belongs to, if any."""
     p = Path(path).resolve()

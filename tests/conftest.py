@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+for _var in ("PREFECT_HOME", "HF_HOME", "TORCH_EXTENSIONS_DIR"):  # Prefect cannot start on a missing home
+    Path(os.environ[_var]).mkdir(parents=True, exist_ok=True)
+
 import pytest  # noqa: E402
 
 

@@ -655,7 +655,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.benchmarks is None and not a.hub:
         ap.error("give --benchmarks DIR (local benchmark files) or --hub (download them)")
     bench = a.benchmarks if a.benchmarks is not None else list(cfg.benchmarks or HUB)
-    man = run(a.input, bench, a.output, cfg, tokenizer_path=a.tokenizer, progress=not a.no_progress)
+    from pipeline.runs import resolve_input
+
+    man = run(resolve_input(a.input, "tokenizer"), bench, a.output, cfg, tokenizer_path=a.tokenizer,
+              progress=not a.no_progress)
     print(json.dumps({"stage": STAGE, "output": a.output, "counts": man["counts"]}, indent=2))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from pathlib import Path
 import time
 
 import pyarrow.ipc as ipc
@@ -14,7 +15,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.data_flow import OPTIONAL, STAGES, data_flow
-from pipeline.io import read_json
+from pipeline.io import read_json, sha256_file
+from pipeline.runs import read_run, stage_dir
 
 SPEC = """
 name: flowtest
@@ -66,7 +68,7 @@ def states(flow_state, expect: set[str] | None = None, timeout: float = 60.0) ->
     while True:
         with get_client(sync_client=True) as c:
             trs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr])))
-        out = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in trs}
+        out = {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in sorted(trs, key=lambda t: t.created)}  # last wins
         settled = set(out) >= expect and all(tr.state is not None and tr.state.is_final() for tr in trs)
         if settled or time.monotonic() > deadline:
             return out
@@ -75,7 +77,7 @@ def states(flow_state, expect: set[str] | None = None, timeout: float = 60.0) ->
 
 def check_lineage(out, man):
     """Rows in = kept + rejected (by reason) + duplicates + capped + dropped at pack, per source and stratum."""
-    lin = read_json(out / "lineage" / "lineage.json")
+    lin = read_json(stage_dir(out, "lineage") / "lineage.json")
     assert lin["balanced"] and man["lineage"]["counts"]["balanced"]
     reasons = set()
     for name, st in lin["per_stratum"].items():
@@ -85,16 +87,16 @@ def check_lineage(out, man):
     assert {"dedup:exact_duplicate", "dedup:near_duplicate", "mix:capped"} <= reasons, reasons
     assert lin["per_source"]["messy"]["rejected_at_normalize"] == {"bad_json": 1, "empty_field": 1,
                                                                    "missing_field": 1}
-    ingested = read_json(out / "ingest" / "manifest.json")["counts"]["rows"]
+    ingested = read_json(stage_dir(out, "ingest") / "manifest.json")["counts"]["rows"]
     norm = man["normalize"]["counts"]["per_source"]
     for src, c in lin["per_source"].items():
         assert ingested[src] == c["ingested"] == c["stratified"] + sum(c["rejected_at_normalize"].values())
         assert c["stratified"] == c["packed"] + c["removed"]
         assert norm[src]["kept"] == c["stratified"]
     # and the packed rows really are in the shards, the removed ones are not
-    table = pq.read_table(out / "lineage" / "lineage.parquet")
+    table = pq.read_table(stage_dir(out, "lineage") / "lineage.parquet")
     packed_ids = set()
-    for f in sorted((out / "pack").glob("shard-*.arrow")):
+    for f in sorted(stage_dir(out, "pack").glob("shard-*.arrow")):
         packed_ids |= set(ipc.open_file(str(f)).read_all().column("sample_ids").combine_chunks().flatten().to_pylist())
     status = dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
     assert {i for i, s in status.items() if s == "packed"} == packed_ids
@@ -132,12 +134,36 @@ def test_cache_behaviour_from_task_states(harness, tmp_path, gsm8k_train):
     assert man3["dedup"]["counts"]["near_duplicates"] > man1["dedup"]["counts"]["near_duplicates"]
 
     # a stage folder deleted behind Prefect's back is recomputed, not served from a stale cache
-    shutil.rmtree(out / "pack")
+    shutil.rmtree(stage_dir(out, "pack"))
     fourth = data_flow(spec=str(spec), output_dir=str(out), progress=False, return_state=True)
     s4 = states(fourth)
     assert s4["pack"] == "Completed" and s4["mix"] == "Cached", s4
-    assert (out / "pack" / "manifest.json").exists()
+    assert (stage_dir(out, "pack") / "manifest.json").exists()
     assert fourth.result()["manifests"]["pack"]["outputs"] == man3["pack"]["outputs"]
+
+    # outputs written into the run folder by other settings (`hrm stage dedup --output <run>/dedup
+    # --set threshold=0.5`, flat) are never taken for the flow's
+    from pipeline.config import DedupConfig
+    from pipeline.stages import dedup
+
+    dedup.run(stage_dir(out, "stratify"), out / "dedup", DedupConfig(threshold=0.5), progress=False)
+
+    # reverting the threshold to 0.8 recomputes nothing and gives the first run's outputs, byte for byte,
+    # identical to a clean 0.8 run in another folder
+    spec.write_text(text.replace("THRESHOLD", "0.8"))
+    fifth = data_flow(spec=str(spec), output_dir=str(out), progress=False, return_state=True)
+    s5 = states(fifth)
+    assert all(v == "Cached" for v in s5.values()) and set(s5) == BASE, s5
+    man5 = fifth.result()["manifests"]
+    assert man5["pack"]["path"] == man1["pack"]["path"] and man5["dedup"]["counts"] == man1["dedup"]["counts"]
+    assert read_run(out)["stages"]["dedup"]["fingerprint"] == man1["dedup"]["fingerprint"]
+    clean = data_flow(spec=str(spec), output_dir=str(tmp_path / "clean"), progress=False)
+    a, b = stage_dir(out, "pack"), stage_dir(tmp_path / "clean", "pack")
+    assert a.name == b.name
+    shards = sorted(x.name for x in a.glob("shard-*"))
+    assert shards and shards == sorted(x.name for x in b.glob("shard-*"))
+    assert all(sha256_file(a / x) == sha256_file(b / x) for x in shards)
+    assert clean["manifests"]["pack"]["outputs"] == man1["pack"]["outputs"]
 
 
 def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gsm8k_train):
@@ -174,17 +200,17 @@ def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gs
     man = first.result()["manifests"]
     assert man["contamination"]["counts"]["dirty"] == {"gsm8k": 3}
     assert man["contamination"]["counts"]["rows_removed"] == 3
-    assert man["pack"]["inputs"]["tokenized"] == str(out / "contamination")
+    assert man["pack"]["inputs"]["tokenized"] == man["contamination"]["path"]
 
-    lin = read_json(out / "lineage" / "lineage.json")
+    lin = read_json(stage_dir(out, "lineage") / "lineage.json")
     assert lin["balanced"]
     assert lin["per_source"]["planted"] == {"ingested": 3, "rejected_at_normalize": {}, "stratified": 3,
                                             "packed": 0, "removed": 3,
                                             "removed_by": {"contamination:benchmark_contamination": 3}}
     assert lin["examples"]["contamination:benchmark_contamination"][0]["detail"].startswith("makes benchmark item")
-    md = (out / "lineage" / "lineage.md").read_text()
+    md = (stage_dir(out, "lineage") / "lineage.md").read_text()
     assert "| planted | 3 | 0 (-) | 3 | 0 | 3 (contamination:benchmark_contamination 3) |" in md, md
-    removed = pq.read_table(out / "lineage" / "lineage.parquet").to_pylist()
+    removed = pq.read_table(stage_dir(out, "lineage") / "lineage.parquet").to_pylist()
     dropped = [r for r in removed if r["stage"] == "contamination"]
     assert len(dropped) == 3 and all(r["reason"] == "benchmark_contamination" for r in dropped)
     assert sorted(r["detail"] for r in dropped) == sorted(f"makes benchmark item gsm8k/test/{i} dirty" for i in picks)
@@ -199,7 +225,7 @@ def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gs
     assert s2["contamination"] == "Completed" and s2["mix"] == "Completed", s2
     man2 = second.result()["manifests"]
     assert man2["contamination"]["counts"]["dirty"] == {"gsm8k": 3} and "rows_removed" not in man2["contamination"]["counts"]
-    lin2 = read_json(out / "lineage" / "lineage.json")
+    lin2 = read_json(stage_dir(out, "lineage") / "lineage.json")
     assert lin2["balanced"] and lin2["per_source"]["planted"]["packed"] == 3
     assert not any(r.startswith("contamination:") for st in lin2["per_stratum"].values() for r in st["removed"])
 
@@ -209,13 +235,17 @@ def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gs
     from flows.data_flow import lineage_task
     from pipeline.lineage import LineageError
 
-    rem = pq.read_table(out / "mix" / "removals.parquet")
-    packed_row = next(r for r in pq.read_table(out / "lineage" / "lineage.parquet").to_pylist() if r["status"] == "packed")
+    mix_dir = stage_dir(out, "mix")
+    rem = pq.read_table(mix_dir / "removals.parquet")
+    packed_row = next(r for r in pq.read_table(stage_dir(out, "lineage") / "lineage.parquet").to_pylist()
+                      if r["status"] == "packed")
     extra = pa.Table.from_pylist([{"id": packed_row["id"], "source": packed_row["source"], "stage": "mix",
                                    "reason": "capped", "detail": None, "duplicate_of": None}], schema=rem.schema)
-    pq.write_table(pa.concat_tables([rem, extra]), out / "mix" / "removals.parquet")
+    pq.write_table(pa.concat_tables([rem, extra]), mix_dir / "removals.parquet")
+    dirs = {st: str(stage_dir(out, st)) for st in ("normalize", "stratify", "dedup", "tokenizer", "mix", "pack")}
     with pytest.raises(LineageError, match="does not balance"):
-        lineage_task.fn(run_dir=str(out), output_dir=str(tmp_path / "lin-bad"), stage_hashes={}, progress=False)
+        lineage_task.fn(stage_dirs=dirs, output_dir=str(tmp_path / "lin-bad"), title="bad", progress=False,
+                        versioned=False)
     bad = read_json(tmp_path / "lin-bad" / "lineage.json")
     assert not bad["balanced"] and bad["conflicts"] == [packed_row["id"]]
 
@@ -223,3 +253,75 @@ def test_decontamination_is_counted_in_the_lineage(harness, tmp_path, shared, gs
 def test_decontaminate_without_benchmarks_is_an_error(harness, tmp_path):
     with pytest.raises(ValueError, match="decontaminate needs benchmarks"):
         data_flow(spec="demo", output_dir=str(tmp_path / "run"), decontaminate=True, progress=False)
+
+
+TINY = """
+name: tiny
+seed: 1
+sources:
+  - name: wp
+    kind: generator
+    generator: word_problems
+    params: {n: 300, near_dup_rate: 0.1, exact_dup_rate: 0.03}
+    fields: {instruction: question, response: answer, id: uid, condition: condition, subset: task}
+tokenizer: {vocab_size: 400, sample_rows: 1000}
+pack: {seq_len: 256, shard_tokens: 16384}
+"""
+
+
+def test_rerun_controls(harness, tmp_path):
+    """--set, --only, --from and --refresh, and what the run manifest says after each."""
+    from pipeline.runs import RunError, RunLocked, gc, run_lock
+    from pipeline.spec import SpecError
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match="no dedup output|no stratify output|run the whole flow"):
+        data_flow(spec=str(spec), output_dir=str(out), only="dedup", progress=False)
+    first = data_flow(spec=str(spec), output_dir=str(out), progress=False)
+    assert first["ran"] == ["ingest", "normalize", "stratify", "dedup", "tokenizer", "mix", "pack", "lineage"]
+    with pytest.raises(SpecError, match=r"dedup\.threshold"):  # typed and validated like the spec
+        data_flow(spec=str(spec), output_dir=str(out), overrides=["dedup.threshold=high"], progress=False)
+
+    # only dedup, with another threshold: the stages after it are kept but marked stale
+    st = data_flow(spec=str(spec), output_dir=str(out), only="dedup", overrides=["dedup.threshold=0.5"],
+                   progress=False, return_state=True)
+    assert states(st, {"dedup"}) == {"dedup": "Completed"}
+    res = st.result()
+    assert res["ran"] == ["dedup"] and set(res["stale"]) == {"tokenizer", "mix", "pack", "lineage"}
+    assert res["manifests"]["dedup"]["counts"]["near_duplicates"] > first["manifests"]["dedup"]["counts"]["near_duplicates"]
+    with pytest.raises(RunError, match="stale"):
+        stage_dir(out, "pack")
+    # from the tokenizer on: up to date again
+    st = data_flow(spec=str(spec), output_dir=str(out), from_stage="tokenizer", overrides=["dedup.threshold=0.5"],
+                   progress=False, return_state=True)
+    assert states(st, {"tokenizer", "mix", "pack", "lineage"}) == dict.fromkeys(("tokenizer", "mix", "pack", "lineage"),
+                                                                                "Completed")
+    assert not st.result()["stale"] and stage_dir(out, "pack").name == Path(st.result()["manifests"]["pack"]["path"]).name
+    run = read_run(out)
+    assert run["overrides"] == ["dedup.threshold=0.5"] and run["spec"]["dedup"]["threshold"] == 0.5
+    # refresh recomputes a cached stage; its outputs are the same bytes, so what follows stays cached
+    before = read_json(stage_dir(out, "dedup") / "manifest.json")
+    st = data_flow(spec=str(spec), output_dir=str(out), overrides=["dedup.threshold=0.5"], refresh=["dedup"],
+                   progress=False, return_state=True)
+    s = states(st)
+    assert s["dedup"] == "Completed" and s["tokenizer"] == "Cached" and s["pack"] == "Cached", s
+    assert read_json(stage_dir(out, "dedup") / "manifest.json") == before
+
+    # a second run on a folder in use fails at once, naming the holder
+    with run_lock(out, what="test holder"):
+        with pytest.raises(RunLocked, match=r"in use by another run: PID \d+ .*test holder"):
+            data_flow(spec=str(spec), output_dir=str(out), progress=False)
+
+    # gc: the versions of the first run are no longer named by the run manifest
+    dry = gc(out)
+    assert dry["remove"] and not dry["applied"] and all(Path(p).exists() for p, _ in dry["remove"])
+    names = {Path(p).parent.name for p, _ in dry["remove"]}
+    assert {"dedup", "tokenizer", "mix", "pack", "lineage"} <= names and "ingest" not in names
+    done = gc(out, apply=True)
+    assert done["bytes"] == dry["bytes"] and not any(Path(p).exists() for p, _ in dry["remove"])
+    assert gc(out)["remove"] == []
+    again = data_flow(spec=str(spec), output_dir=str(out), overrides=["dedup.threshold=0.5"], progress=False,
+                      return_state=True)
+    assert all(v == "Cached" for v in states(again).values())
