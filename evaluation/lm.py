@@ -27,13 +27,14 @@ Prompt layout (the training layout of pipeline/stages/tokenize.py, PrefixLM sema
   is cut before it), or after max_gen_toks tokens.
 - loglikelihood_rolling(text): an empty instruction, [BOQ][condition][EOQ], and the text as the
   response, scored in disjoint windows of max_length - 3 tokens (each window a fresh sample).
+- tokenizer: the checkpoint's own (tokenizer.json beside its config.json) unless one is given; a given
+  one must be the file the checkpoint records (sha256), or for checkpoints without that record have the
+  model's vocabulary size (evaluation.locate.checkpoint_tokenizer).
 - condition: the condition token used in the prompt ("direct" by default; evaluation.run uses "cot"
   for the chain-of-thought tasks).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from evaluation.locate import checkpoint_tokenizer
 from model import generate, load_checkpoint
 from model.generate import _left_pad
 from pipeline.stages.tokenize import load_tokenizer, special_ids
@@ -65,8 +67,9 @@ class HRMLM(LM):
         **kwargs,
     ) -> None:
         super().__init__()
+        # the checkpoint's own tokenizer; an explicit one is checked against it (evaluation.locate)
+        self.tok, self.meta = load_tokenizer(checkpoint_tokenizer(pretrained, tokenizer))
         self.model = load_checkpoint(pretrained, device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
-        self.tok, self.meta = load_tokenizer(tokenizer or Path(pretrained))
         self.ids = special_ids(self.meta)
         self.condition = condition
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8

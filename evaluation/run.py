@@ -1,5 +1,20 @@
 """Evaluate a checkpoint on the benchmarks with lm-evaluation-harness; full and clean-subset scores.
 
+    hrm eval runs/demo --limit 200                      # a run folder: its checkpoint, tokenizer, contamination
+    hrm eval --checkpoint C --benchmarks B --output O   # explicit form (tokenizer: the checkpoint's own)
+
+Tokenizer: the checkpoint's own (see evaluation.locate); an explicit one must be the same file (sha256)
+or, for checkpoints that do not record it, have the model's vocabulary size.
+
+Limit: `limit` counts items per benchmark (not per harness subtask): N >= 1 items, or a fraction
+0 < x < 1 of the benchmark's items (rounded up). The items are a seeded shuffle of all (subtask, doc
+index) pairs of the benchmark, first N taken, grouped back by subtask (`sample_items`), so MMLU's N
+items spread over its subjects in proportion to their sizes and a larger N scores a superset. They are
+passed to the harness as `samples={subtask: [doc indices]}`; only subtasks with items are run (the
+harness scores every doc of a subtask it is given without indices). The group's score is then the
+macro average over the subtasks scored. `n` (items scored) and `n_total` are reported per task, and a
+limited run says so in results.md's title and columns.
+
 Outputs (in output_dir)
 - `lm_eval_<task>.json`: the harness's own results dict for each task (samples left out), and
   `samples_<task>.jsonl`: its per-sample logs.
@@ -14,11 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
+from evaluation.locate import checkpoint_tokenizer, is_checkpoint, locate, record_evaluation, sha256_file
 from evaluation.tasks import BENCHMARK_OF, COT_TASKS, HARNESS_NAMES, PAPER_FEWSHOT, write_local_tasks
 
 DEFAULT_TASKS = ("mmlu", "arc_challenge", "hellaswag", "gsm8k", "minerva_math", "drop")
@@ -49,9 +67,29 @@ def _metric_means(samples: list[dict], metric_names: set[str]) -> dict[str, dict
     return {k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(acc.items()) if v}
 
 
+def sample_items(sizes: dict[str, int], limit: int | float | None, seed: int = 0) -> dict[str, list[int]] | None:
+    """The items of one benchmark to score under `limit` (see the module docstring): {subtask: sorted doc
+    indices}, subtasks with no item left out; None when the limit covers the whole benchmark."""
+    if limit is None:
+        return None
+    if limit <= 0:
+        raise ValueError(f"evaluation: limit must be > 0 (items, or a fraction < 1 of each benchmark), got {limit}")
+    total = sum(sizes.values())
+    n = math.ceil(total * limit) if limit < 1 else int(limit)
+    if n >= total:
+        return None
+    pairs = [(name, i) for name in sorted(sizes) for i in range(sizes[name])]
+    random.Random(seed).shuffle(pairs)
+    picked: dict[str, list[int]] = {}
+    for name, i in pairs[:n]:
+        picked.setdefault(name, []).append(i)
+    # sorted: the harness maps its k-th selected doc back to indices[k]
+    return {name: sorted(ix) for name, ix in sorted(picked.items())}
+
+
 def run(
     checkpoint: str | os.PathLike,
-    tokenizer: str | os.PathLike,
+    tokenizer: str | os.PathLike | None,
     benchmarks_dir: str | os.PathLike | None,
     output_dir: str | os.PathLike,
     tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS,
@@ -63,9 +101,16 @@ def run(
     max_length: int = 3072,
     online: bool = False,
     device: str = "cpu",
+    seed: int = 0,
 ) -> dict:
-    """Evaluate; returns the results.json dict. Offline (default) the local benchmark files in
-    `benchmarks_dir` are used; `online=True` runs the standard harness tasks from the Hub."""
+    """Evaluate; returns the results.json dict. `tokenizer=None`: the checkpoint's own (an explicit one
+    is checked against it: evaluation.locate.checkpoint_tokenizer). `limit`: items per benchmark (or a
+    fraction of each), a seeded sample across its subtasks. Offline (default) the local benchmark files
+    in `benchmarks_dir` are used; `online=True` runs the standard harness tasks from the Hub."""
+    tok = checkpoint_tokenizer(checkpoint, tokenizer)  # before anything slow
+    if limit is not None and limit <= 0:
+        raise ValueError(f"evaluation: limit must be > 0 (items, or a fraction < 1 of each benchmark), got {limit}")
+
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -83,15 +128,31 @@ def run(
             raise ValueError("evaluation: offline runs need benchmarks_dir (the local benchmark folder)")
         names = write_local_tasks(benchmarks_dir, out / "tasks", list(tasks))
         tm = TaskManager(include_path=str(out / "tasks"))  # built once (7-11 s)
-    lm = HRMLM(str(checkpoint), tokenizer=str(tokenizer), batch_size=batch_size, max_gen_toks=max_gen_toks,
+    lm = HRMLM(str(checkpoint), tokenizer=str(tok), batch_size=batch_size, max_gen_toks=max_gen_toks,
                max_length=max_length, device=device)
     buckets = _clean_keys(contamination_items) if contamination_items else None
-    results: dict = {"checkpoint": str(checkpoint), "limit": limit, "online": online, "tasks": {}}
+    tok_file = Path(tok) / "tokenizer.json" if Path(tok).is_dir() else Path(tok)
+    results: dict = {"checkpoint": str(checkpoint),
+                     "checkpoint_sha256": sha256_file(Path(checkpoint) / "model.safetensors"),
+                     "tokenizer": str(tok), "tokenizer_sha256": sha256_file(tok_file), "limit": limit, "seed": seed,
+                     "limited": False, "online": online, "benchmarks": None if online else str(benchmarks_dir),
+                     "contamination": str(contamination_items) if contamination_items else None, "tasks": {}}
     for ti, t in enumerate(tasks):
         t0 = time.time()
-        print(f"[eval {ti + 1}/{len(tasks)}] {t} ({names[t]}, {shots[t]}-shot, limit {limit})", file=sys.stderr, flush=True)
         lm.condition = "cot" if t in COT_TASKS else "direct"
-        r = simple_evaluate(model=lm, tasks=[names[t]], num_fewshot=shots[t], limit=limit, log_samples=True,
+        loaded = tm.load(names[t])  # the task or group with its subtasks, datasets loaded once
+        leaves = loaded["tasks"]
+        sizes = {name: len(task.eval_docs) for name, task in leaves.items()}
+        picks = sample_items(sizes, limit, seed)
+        if picks is None:
+            objs = [loaded["groups"].get(names[t]) or leaves[names[t]]]
+        else:
+            objs = [leaves[name] for name in picks]  # a subtask given without indices would be scored whole
+        n_sel = sum(sizes.values()) if picks is None else sum(len(v) for v in picks.values())
+        print(f"[eval {ti + 1}/{len(tasks)}] {t} ({names[t]}, {shots[t]}-shot, {n_sel} of {sum(sizes.values())} items"
+              + (f" in {len(picks)} of {len(sizes)} subtasks" if picks is not None and len(sizes) > 1 else "") + ")",
+              file=sys.stderr, flush=True)
+        r = simple_evaluate(model=lm, tasks=objs, num_fewshot=shots[t], samples=picks, log_samples=True,
                             task_manager=tm, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                             torch_random_seed=0, fewshot_random_seed=0)
         samples = r.pop("samples", {})
@@ -104,30 +165,36 @@ def run(
                        "seconds": round(time.time() - t0, 2), "subtasks": {}}
         bench = BENCHMARK_OF[t]
         all_full, all_clean = {}, {}
+        n_docs = n_clean = 0
         for sub, ss in samples.items():
             mnames = {k.split(",")[0] for k in r["results"].get(sub, {}) if "," in k and "_stderr" not in k}
             full = _metric_means(ss, mnames)
-            rec: dict = {"full": full}
+            rec: dict = {"full": full, "n_docs": len({s["doc_id"] for s in ss}), "n_total": sizes.get(sub)}
+            n_docs += rec["n_docs"]
             if buckets is not None:
                 b = buckets.get(bench, {})
                 tags = [b.get(item_key(item_text(bench, s["doc"]))) for s in ss]
                 clean = [s for s, g in zip(ss, tags) if g == "clean"]
                 rec["clean"] = _metric_means(clean, mnames)
                 rec["unmatched_docs"] = len({s["doc_id"] for s, g in zip(ss, tags) if g is None})
-                rec["n_docs"] = len({s["doc_id"] for s in ss})
                 rec["n_clean"] = len({s["doc_id"] for s in clean})
+                n_clean += rec["n_clean"]
             entry["subtasks"][sub] = rec
             for k, v in full.items():
                 all_full.setdefault(k, []).append(v["value"])
             for k, v in rec.get("clean", {}).items():
                 all_clean.setdefault(k, []).append(v["value"])
-        # macro average over subtasks (MMLU: over subjects; single tasks: the task itself)
+        # macro average over the subtasks scored (MMLU: over subjects; single tasks: the task itself)
         entry["full"] = {k: sum(v) / len(v) for k, v in all_full.items()}
+        entry["n"], entry["n_total"] = n_docs, sum(sizes.values())
+        entry["limited"] = n_docs < entry["n_total"]
+        results["limited"] = results["limited"] or entry["limited"]
         if buckets is not None:
             entry["clean"] = {k: sum(v) / len(v) for k, v in all_clean.items()}
+            entry["n_clean"] = n_clean
         entry["harness_results"] = r["results"].get(names[t]) or {}
         results["tasks"][t] = entry
-        print(f"[eval {ti + 1}/{len(tasks)}] {t} done in {entry['seconds']:.1f} s: "
+        print(f"[eval {ti + 1}/{len(tasks)}] {t} done in {entry['seconds']:.1f} s ({n_docs} items): "
               + ", ".join(f"{m}={100 * v:.2f}" for m, v in sorted(entry["full"].items())), file=sys.stderr, flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "results.md").write_text(table(results))
@@ -135,23 +202,58 @@ def run(
 
 
 def table(results: dict) -> str:
-    lines = ["| task | shots | metric | full | clean |", "|---|---|---|---|---|"]
+    """results.md: a title saying what was scored (a limited run says so), then one row per metric with
+    the items scored (n of the benchmark's total; clean n when there is a clean subset)."""
+    limited = results.get("limited", False)
+    if limited:
+        lim = results.get("limit")
+        fraction = isinstance(lim, float) and lim < 1
+        what = f"a fraction {lim} of each benchmark" if fraction else f"{lim} items per benchmark"
+        title = (f"# LIMITED evaluation (--limit {lim}: {what}, seeded sample, seed {results.get('seed', 0)}): "
+                 f"not the full benchmarks")
+    else:
+        title = "# Evaluation on the full benchmarks"
+    lines = [title, "", f"checkpoint: {results.get('checkpoint')}", ""]
+    n_head = "n (LIMITED: of total)" if limited else "n"
+    lines += [f"| task | shots | {n_head} | metric | full | clean | clean n |", "|---|---|---|---|---|---|---|"]
     for t, e in results["tasks"].items():
+        n, total = e.get("n"), e.get("n_total")
+        n_txt = "" if n is None else (f"{n} of {total}" if e.get("limited") else f"{n}")
         for k, v in sorted(e["full"].items()):
             c = e.get("clean", {}).get(k)
-            lines.append(f"| {t} | {e['num_fewshot']} | {k} | {100 * v:.2f} | {'' if c is None else f'{100 * c:.2f}'} |")
+            lines.append(f"| {t} | {e['num_fewshot']} | {n_txt} | {k} | {100 * v:.2f} | "
+                         f"{'' if c is None else f'{100 * c:.2f}'} | {e.get('n_clean', '') if c is not None else ''} |")
+    if limited:
+        lines += ["", "Limited run: scores are over the n items shown, a seeded sample of each benchmark "
+                      "(MMLU: across its subjects, macro-averaged over the subjects scored)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="hrm eval", description="evaluate a checkpoint with lm-evaluation-harness")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--tokenizer", required=True, help="tokenizer stage folder (tokenizer.json + tokenizer_meta.json)")
-    ap.add_argument("--benchmarks", default=None, help="local benchmark folder (offline)")
-    ap.add_argument("--output", required=True)
+    ap = argparse.ArgumentParser(
+        prog="hrm eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="evaluate a checkpoint with lm-evaluation-harness",
+        epilog="examples:\n"
+               "  hrm eval runs/demo --limit 200     checkpoint (train/final/ema), tokenizer, contamination and\n"
+               "                                     benchmarks from the run; results in runs/demo/eval\n"
+               "  hrm eval runs/demo/train --benchmarks BENCH_DIR --tasks mmlu,gsm8k\n"
+               "  hrm eval --checkpoint CKPT --benchmarks BENCH_DIR --output OUT\n"
+               "           [--tokenizer TOK] [--contamination C]\n"
+               "--limit N counts items per benchmark (a seeded sample across MMLU's subjects); 0<N<1 is a fraction.")
+    ap.add_argument("run", nargs="?", metavar="RUN_DIR",
+                    help="a run folder (runs/NAME with run.json), a train folder (final/ema) or a checkpoint folder")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: RUN_DIR's train/final/ema)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer folder; default and checked: the checkpoint's own tokenizer.json")
+    ap.add_argument("--benchmarks", default=None,
+                    help="local benchmark folder (default: the one the run's contamination check read)")
+    ap.add_argument("--output", default=None, help="output folder (default: RUN_DIR/eval)")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    ap.add_argument("--limit", type=float, default=None)
-    ap.add_argument("--contamination", default=None, help="contamination stage folder or items.parquet")
+    ap.add_argument("--limit", type=float, default=None,
+                    help="items per benchmark (a seeded sample across subtasks), or a fraction 0<x<1 of each")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    ap.add_argument("--contamination", default=None,
+                    help="contamination stage folder or items.parquet (default: the run's contamination stage)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-gen-toks", type=int, default=256)
     ap.add_argument("--fewshot", action="append", default=[], metavar="TASK=N",
@@ -163,23 +265,53 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tasks if t not in BENCHMARK_OF]
     if unknown:
         ap.error(f"--tasks: unknown {unknown}; known: {sorted(BENCHMARK_OF)}")
-    if a.benchmarks is None and not a.online:
-        ap.error("give --benchmarks DIR (local benchmark files) or --online (the harness tasks from the Hub)")
-    if not (Path(a.checkpoint) / "config.json").exists():
-        ap.error(f"--checkpoint: {a.checkpoint} is not a checkpoint folder (no config.json; e.g. RUN/final/ema)")
-    if not (Path(a.tokenizer) / "tokenizer.json").exists() and not Path(a.tokenizer).is_file():
-        ap.error(f"--tokenizer: {a.tokenizer} is not a tokenizer stage folder (no tokenizer.json)")
-    if a.benchmarks is not None and not Path(a.benchmarks).is_dir():
-        ap.error(f"--benchmarks: {a.benchmarks} is not a folder")
+    if a.run is None and a.checkpoint is None:
+        ap.error("give RUN_DIR (a run folder, train folder or checkpoint) or --checkpoint CKPT")
+    if a.limit is not None and a.limit <= 0:
+        ap.error(f"--limit must be > 0 (items per benchmark, or a fraction 0<x<1 of each), got {a.limit:g}")
+    checkpoint_ok = a.checkpoint is None or is_checkpoint(a.checkpoint)
+    target = locate(a.run if a.run is not None else a.checkpoint, checkpoint=a.checkpoint) if checkpoint_ok else None
+    benchmarks = a.benchmarks or (None if a.online or target is None else target.benchmarks)
+    if benchmarks is None and not a.online:  # what is missing first, then what is wrong
+        ap.error("give --benchmarks DIR (local benchmark files) or --online (the harness tasks from the Hub)"
+                 + ("" if target is None or target.run_dir is None else
+                    f"; the run {target.run_dir} has no contamination check that names a benchmark folder"))
+    if not checkpoint_ok:
+        ap.error(f"--checkpoint: {a.checkpoint} is not a checkpoint folder (no config.json + model.safetensors; "
+                 "e.g. RUN/train/final/ema)")
+    tok_arg = None if a.tokenizer is None else Path(a.tokenizer)
+    if tok_arg is not None and not (tok_arg / "tokenizer.json").is_file() and not tok_arg.is_file():
+        ap.error(f"--tokenizer: {a.tokenizer} is not a tokenizer folder (no tokenizer.json)")
+    if benchmarks is not None and not Path(benchmarks).is_dir():
+        ap.error(f"--benchmarks: {benchmarks} is not a folder")
+    if a.output is not None:
+        output = Path(a.output)
+    elif a.run is not None:
+        output = Path(a.run) / "eval"
+    elif target.run_dir is not None:
+        output = target.run_dir / "eval"
+    else:
+        ap.error("give --output DIR (or RUN_DIR, whose eval/ folder is the default)")
     shots: dict[str, int] = {}
     for kv in a.fewshot:
         t, _, n = kv.partition("=")
         if t not in BENCHMARK_OF or not n.isdigit():
             ap.error(f"--fewshot expects TASK=N with TASK in {sorted(BENCHMARK_OF)}, got {kv!r}")
         shots[t] = int(n)
+    checkpoint = target.checkpoint
+    for note in target.notes:
+        print(f"hrm eval: {note}", file=sys.stderr)
+    tokenizer = checkpoint_tokenizer(checkpoint, a.tokenizer)  # a wrong tokenizer fails here, before any work
+    contamination = a.contamination or target.contamination
     limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
-    res = run(a.checkpoint, a.tokenizer, a.benchmarks, a.output, tasks=tasks,
-              limit=limit, contamination_items=a.contamination, num_fewshot=shots, batch_size=a.batch_size,
-              max_gen_toks=a.max_gen_toks, online=a.online, device=a.device)
+    print(f"hrm eval: checkpoint {checkpoint}, tokenizer {tokenizer}, contamination {contamination or '-'}, "
+          f"output {output}", file=sys.stderr)
+    res = run(checkpoint, tokenizer, benchmarks, output, tasks=tasks, limit=limit, contamination_items=contamination,
+              num_fewshot=shots, batch_size=a.batch_size, max_gen_toks=a.max_gen_toks, online=a.online,
+              device=a.device, seed=a.seed)
     print(table(res))
+    if target.run_dir is not None and record_evaluation(target.run_dir, res, output) is not None:
+        print(f"recorded in {target.run_dir / 'run.json'} (evaluations)")
+    print(f"results: {output / 'results.md'}"
+          + ("  (LIMITED run: drop --limit for full scores)" if res["limited"] else ""))
     return 0

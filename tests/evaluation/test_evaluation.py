@@ -1,52 +1,13 @@
-"""End to end on CPU: a debug checkpoint trained a few steps on GSM8K, evaluated through lm-eval on
-small slices of the real local benchmarks."""
+"""End to end on CPU: a debug checkpoint trained a few steps on GSM8K (conftest.trained), evaluated
+through lm-eval on small slices of the real local benchmarks."""
 
 from __future__ import annotations
 
-import json
-
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, build_model, save_checkpoint
-from pipeline.config import TokenizerConfig
 from pipeline.stages import contamination as C
-from pipeline.stages import tokenize
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, gsm8k_rows):
-    d = tmp_path_factory.mktemp("eval")
-    rows = gsm8k_rows(d / "rows.jsonl", 1500)
-    tokenize.run(rows, d / "tok", TokenizerConfig(vocab_size=600, sample_rows=1500), conditions=["direct", "cot"],
-                 seed=0, progress=False)
-    meta = json.loads((d / "tok" / "tokenizer_meta.json").read_text())
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.preset("debug", vocab_size=meta["vocab_size"], max_seq_len=512))
-    t = pq.read_table(d / "tok" / "tokenized.parquet", columns=["prompt_ids", "response_ids"]).slice(0, 64)
-    seqs = [(p, r[: max(160 - len(p), 2)]) for p, r in zip(t["prompt_ids"].to_pylist(), t["response_ids"].to_pylist())]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(4):  # a few plain PyTorch steps with the answer-only PrefixLM layout
-        batch = seqs[step * 4 : step * 4 + 4]
-        T = max(len(p) + len(r) for p, r in batch)
-        ids = torch.zeros(4, T, dtype=torch.long)
-        seg = torch.zeros(4, T, dtype=torch.long)
-        prm = torch.zeros(4, T, dtype=torch.bool)
-        lab = torch.full((4, T), -100, dtype=torch.long)
-        for b, (p, r) in enumerate(batch):
-            x = p + r
-            ids[b, : len(x)] = torch.tensor(x)
-            seg[b, : len(x)] = 1
-            prm[b, : len(p)] = True
-            lab[b, len(p) - 1 : len(x) - 1] = torch.tensor(r)
-        out = model(ids, segment_ids=seg, is_prompt=prm, labels=lab, attn_backend="sdpa")
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    save_checkpoint(model, d / "ckpt")
-    return d
 
 
 def test_adapter_loglikelihood_matches_direct_computation(trained):
@@ -114,8 +75,10 @@ def test_end_to_end_with_clean_subset(trained, shared, tmp_path):
     for e in res["tasks"].values():
         sub = next(iter(e["subtasks"].values()))
         assert sub["unmatched_docs"] == 0 and sub["n_clean"] == 6  # every doc mapped back; all clean
+        assert e["n"] == 6 and e["limited"] and e["n_total"] > 6  # --limit: items per benchmark
         assert e["clean"] == e["full"]
     assert arc["full"]["acc,none"] == pytest.approx(arc["harness_results"]["acc,none"])
     for f in ("results.json", "results.md", "lm_eval_arc_challenge.json", "samples_gsm8k.jsonl"):
         assert (tmp_path / "eval" / f).exists()
-    assert "arc_challenge" in (tmp_path / "eval" / "results.md").read_text()
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert md.startswith("# LIMITED") and "| arc_challenge | 2 | 6 of 1172 | acc,none |" in md
