@@ -143,6 +143,10 @@ class DedupConfig(Strict):
     ngram: int = Field(default=5, ge=1)  # word n-gram shingles
     num_perm: int = Field(default=128, ge=16, le=1024)
     threshold: float = Field(default=0.8, gt=0, lt=1)  # Jaccard similarity
+    # how a candidate pair is verified: "exact" = exact Jaccard of the shingle sets >= threshold;
+    # "estimate" = MinHash estimate >= threshold - 2 standard errors (looser: no second read of the
+    # texts, but pairs below the threshold get through; see pipeline/stages/dedup.py)
+    verify: Literal["exact", "estimate"] = "exact"
     bands: int | None = Field(default=None, ge=1)  # LSH bands; default: chosen from threshold
     seed: int = 1
     lowercase: bool = True

@@ -16,9 +16,14 @@ The pieces, each usable alone (the dedup stage runs them as separate steps that 
    with np.minimum.reduceat, so the working set stays in cache.
 4. `optimal_bands`, `band_keys`, `candidate_pairs`: LSH banding and the pairs of documents that share
    a bucket in any band (each bucket linked as a star to its smallest document index).
-5. `estimated_jaccard`: the fraction of equal signature entries of each pair (for verification).
+5. `estimated_jaccard`: the fraction of equal signature entries of each pair.
+   `shingle_sets`, `set_overlap`: each document's exact set of shingle hashes (the values `minhash`
+   takes its minima over) and, for pairs of documents, |A & B| and |A | B|: the exact Jaccard of the
+   sets the signatures estimate, for the verification of candidate pairs.
 6. `union_find`: connected components of the verified pairs, labelled by their smallest index
    (so when documents are ordered by priority, the label is the document to keep).
+   `match_tree`: for each document of a component, the neighbour it is matched with on a shortest
+   path of verified pairs to the component's label (the explanation of a removal).
 """
 
 from __future__ import annotations
@@ -291,7 +296,7 @@ class MinHasher:
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. LSH
+# 4. LSH, and the similarity of candidate pairs
 # ------------------------------------------------------------------------------------------------
 def candidate_probability(jaccard: np.ndarray | float, bands: int, rows: int) -> np.ndarray | float:
     """P(two documents with this Jaccard share at least one of `bands` buckets of `rows` rows)."""
@@ -404,6 +409,61 @@ def estimated_jaccard(sig_u: np.ndarray, sig_v: np.ndarray, chunk: int = 1 << 16
     return out
 
 
+def shingle_sets(
+    texts: pa.Array | pa.ChunkedArray | Sequence[str], ngram: int, lowercase: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's set of shingle hashes: the values `minhash` is computed from (same words, same
+    n-grams, same 32-bit hashes), each once, sorted.
+
+    Returns (values (S,) uint64 < 2^32, offsets (D+1,) int64): document d's set is
+    values[offsets[d]:offsets[d+1]]."""
+    wh, wo = word_hashes(texts, lowercase)
+    sh, so = shingle_hashes(wh, wo, ngram)
+    D = so.shape[0] - 1
+    doc = np.repeat(np.arange(D, dtype=U64), np.diff(so))  # (S,) document of each shingle
+    key = np.sort((doc << U64(32)) | sh)  # by document, then value (np.sort: np.unique hashes, 10x slower)
+    first = np.ones(key.shape[0], bool)
+    np.not_equal(key[1:], key[:-1], out=first[1:])
+    key = key[first]  # each (document, value) once
+    offsets = np.searchsorted(key >> U64(32), np.arange(D + 1, dtype=U64)).astype(np.int64)  # (D+1,)
+    return key & U64(0xFFFFFFFF), offsets
+
+
+def set_overlap(
+    values: np.ndarray, offsets: np.ndarray, u: np.ndarray, v: np.ndarray, block: int = 1 << 22
+) -> tuple[np.ndarray, np.ndarray]:
+    """(|A_i & B_i|, |A_i | B_i|), each (E,) int64, for the sets A_i = set u[i], B_i = set v[i] of a
+    `shingle_sets` result.
+
+    No Python loop per pair: the sets of a block of pairs (about `block` values) are tagged with the
+    pair's position, (position << 32) | value, which leaves the u-side and the v-side keys each sorted;
+    a binary search of the u-side keys among the v-side keys counts the common values of every pair."""
+    assert u.shape == v.shape and u.ndim == 1
+    E = u.shape[0]
+    lu = offsets[u + 1] - offsets[u]  # (E,) set sizes
+    lv = offsets[v + 1] - offsets[v]
+    inter = np.zeros(E, np.int64)
+    total = np.cumsum(lu + lv)  # (E,) values up to and including each pair
+    e0 = 0
+    while e0 < E:  # pairs [e0, e1) hold about `block` values (a pair with more is a block alone)
+        done = int(total[e0 - 1]) if e0 else 0
+        e1 = max(e0 + 1, int(np.searchsorted(total, done + block, "right")))
+        ku = _tagged(values, offsets, u[e0:e1], lu[e0:e1])  # (values of the u sides,) sorted
+        kv = _tagged(values, offsets, v[e0:e1], lv[e0:e1])
+        if kv.size:
+            found = kv[np.searchsorted(kv, ku).clip(max=kv.size - 1)] == ku
+            inter[e0:e1] = np.bincount((ku[found] >> U64(32)).astype(np.int64), minlength=e1 - e0)
+        e0 = e1
+    return inter, lu + lv - inter
+
+
+def _tagged(values: np.ndarray, offsets: np.ndarray, docs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(position << 32) | value for the values of the sets of docs[0], docs[1], ... in turn: sorted,
+    since each set is."""
+    at = np.repeat(offsets[docs], lengths) + _ranges(lengths)
+    return (np.repeat(np.arange(docs.shape[0], dtype=U64), lengths) << U64(32)) | values[at]
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. clusters
 # ------------------------------------------------------------------------------------------------
@@ -433,3 +493,40 @@ def _compress(parent: np.ndarray) -> None:
         if np.array_equal(grand, parent):
             return
         parent[:] = grand
+
+
+def match_tree(root: np.ndarray, pairs: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each document, the neighbour in `pairs` (E, 2) it is matched with on a shortest path of pairs
+    to its root (`union_find` of the same pairs): (match (n,) int64, itself for a root; edge (n,) int64,
+    the row of `pairs` that joins them, -1 for a root).
+
+    Breadth-first from the roots, one vectorised round per step of distance: a document first reached
+    in round k is matched with the neighbour reached in round k-1 whose pair has the highest `weight`
+    (E,) (ties: the smallest neighbour). A document paired with its root is matched with the root."""
+    (n,) = root.shape
+    E = weight.shape[0]
+    assert pairs.shape == (E, 2)
+    match = np.arange(n, dtype=np.int64)
+    edge = np.full(n, -1, np.int64)
+    depth = np.where(root == match, 0, -1)  # (n,) rounds from the root, -1 while not reached
+    src = np.concatenate([pairs[:, 0], pairs[:, 1]]).astype(np.int64)  # (2E,) both directions
+    dst = np.concatenate([pairs[:, 1], pairs[:, 0]]).astype(np.int64)
+    eid = np.concatenate([np.arange(E), np.arange(E)])
+    order = np.lexsort((src, -np.concatenate([weight, weight]), dst))  # by destination, best first
+    src, dst, eid = src[order], dst[order], eid[order]
+    k = 0
+    while src.size:
+        open_ = depth[dst] < 0
+        src, dst, eid = src[open_], dst[open_], eid[open_]
+        step = np.flatnonzero(depth[src] == k)
+        if step.size == 0:
+            break
+        d = dst[step]
+        first = np.ones(step.size, bool)  # the best edge into each newly reached document
+        np.not_equal(d[1:], d[:-1], out=first[1:])
+        match[d[first]] = src[step[first]]
+        edge[d[first]] = eid[step[first]]
+        depth[d[first]] = k + 1
+        k += 1
+    assert (depth >= 0).all(), "a document not connected to its root"
+    return match, edge

@@ -6,20 +6,41 @@ kept; every other row is written to removals.parquet with the id of the kept row
 
 1. exact:  rows whose normalized text (instruction + SEP + response, lowercased when cfg.lowercase,
            runs of whitespace collapsed, trimmed) equals a better-ranked row's.
-2. near:   among the exact survivors (text = instruction + newline + response), four steps that talk
-           through files in the output folder so each can be rerun or scaled out alone:
+2. near:   among the exact survivors (text = instruction + newline + response), two rows are near
+           duplicates when the Jaccard similarity of their sets of word cfg.ngram-gram shingles is
+           >= cfg.threshold. Five steps that talk through files in the output folder so each can be
+           rerun or scaled out alone:
    a. signatures  signatures/part-NNNNN.npy: (rows, num_perm) uint32 per part of PART_ROWS documents,
                   computed by cfg.workers processes from signatures/docs.arrow (the texts, rank order).
-   b. buckets     buckets/candidates.parquet: pairs sharing an LSH bucket, their estimated Jaccard and
-                  whether it passes verification (>= threshold - VERIFY_Z standard errors).
-   c. clusters    union-find over the verified pairs -> clusters.parquet (id, cluster_id = kept id),
+   b. buckets     buckets/candidates.parquet (a, b, estimated_jaccard): the pairs sharing an LSH bucket.
+   c. verify      verify/pairs.parquet (a, b, jaccard, accepted): each candidate's similarity and
+                  whether it is a near duplicate (see below).
+   d. clusters    union-find over the accepted pairs -> clusters.parquet (id, cluster_id = kept id),
                   one row per member of every cluster with more than one member.
-   d. filter      rows.parquet (kept rows, input columns and order), removals.parquet.
+   e. filter      rows.parquet (kept rows, input columns and order), removals.parquet.
+
+Verification (cfg.verify):
+- "exact" (default): the exact Jaccard of the two documents' shingle sets (the same 32-bit shingle
+  hashes the signatures are computed from, `minhash.shingle_sets`), computed for the candidate pairs
+  only; a pair is accepted when it is >= cfg.threshold, so the threshold means what it says. The
+  banding makes a pair at the threshold a candidate with probability >= MIN_RECALL. (Two different
+  shingles share a 32-bit hash with probability 2^-32: for two 200-shingle documents, about once in
+  100,000 pairs, and then the Jaccard is off by 1/400.)
+- "estimate": the MinHash estimate (fraction of equal signature entries), accepted when it is
+  >= threshold - VERIFY_Z standard errors, so that pairs truly at the threshold are not lost to
+  estimation noise. Looser: it does not read the texts a second time, but pairs whose true Jaccard is
+  below the threshold get through (about 0.73 at threshold 0.8 with 128 permutations).
+
+A cluster is a connected component of accepted pairs, so a removed row can be a near duplicate of the
+kept row only through other rows (A~B, B~C, not A~C). The `detail` of a near-duplicate removal names
+the row it was matched with (its neighbour on a shortest chain of accepted pairs to the kept row,
+`minhash.match_tree`) and that pair's similarity; when that row is not the kept row, also the
+similarity to the kept row, marked "(chain)" when it is below the threshold:
+    matched src/12 at J=0.912
+    matched src/40 at J=0.861; J to kept row 0.739 < 0.8 (chain)
+(J is printed rounded down to 3 decimals, "est. J" with verify="estimate".)
 
 Also written: rejects.parquet (rows the loader rejected), manifest.json (last) and timing.json.
-Verification accepts a pair a little below the threshold (VERIFY_Z standard errors of the estimate)
-so that pairs truly at the threshold are not lost to estimation noise; the banding is chosen so that
-such pairs become candidates with probability >= MIN_RECALL.
 """
 
 from __future__ import annotations
@@ -45,7 +66,7 @@ from .. import minhash
 from ..config import DedupConfig
 from ..io import (
     atomic_path,
-    begin_stage,
+    open_stage,
     code_hash,
     fingerprint,
     finish_stage,
@@ -59,7 +80,8 @@ from ..schema import REMOVAL_SCHEMA
 STAGE = "dedup"
 PART_ROWS = 32_768  # documents per signature part
 SEP = "\x1f"  # between instruction and response in the exact-dedup key
-VERIFY_Z = 2.0  # verification keeps pairs whose estimate is >= threshold - VERIFY_Z * std error
+VERIFY_Z = 2.0  # verify="estimate" keeps pairs whose estimate is >= threshold - VERIFY_Z * std error
+VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact verification
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
 CLUSTERS_SCHEMA = pa.schema(
@@ -71,7 +93,7 @@ CLUSTERS_SCHEMA = pa.schema(
 # the stage
 # ------------------------------------------------------------------------------------------------
 def run(
-    input_path: str | os.PathLike, output_dir: str | os.PathLike, cfg: DedupConfig, *, progress: bool = True
+    input_path: str | os.PathLike, output_dir: str | os.PathLike, cfg: DedupConfig, *, progress: bool = True, versioned: bool = False, force: bool = False
 ) -> dict:
     """Deduplicate `input_path` (a stage folder, .parquet or .jsonl in the normalized schema) into
     `output_dir`; returns the manifest (from a finished identical run without recomputing, if any).
@@ -83,7 +105,7 @@ def run(
     # workers only changes how fast the signatures are computed, never the outputs
     params = cfg.model_dump(exclude={"workers"})
     fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
-    done = begin_stage(out, fp)
+    out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
     timing: dict[str, float] = {}
@@ -108,7 +130,9 @@ def run(
     # 2. near, over the exact survivors in rank order
     t = time.perf_counter()
     survivors = rank[~is_exact[rank]]
-    jaccard = np.ones(n, np.float32)
+    matched = np.full(n, -1, np.int64)  # near duplicates: the row each was matched with
+    match_j = np.ones(n, np.float64)  # ... the similarity of that pair
+    jaccard = np.ones(n, np.float64)  # ... and its similarity to the kept row
     is_near = np.zeros(n, bool)
     lsh_info: dict = {}
     clusters = pa.Table.from_pylist([], schema=CLUSTERS_SCHEMA)
@@ -121,6 +145,8 @@ def run(
         lsh_info = res.info
         dup = np.flatnonzero(res.root != np.arange(survivors.size))
         keep_of[survivors[dup]] = survivors[res.root[dup]]
+        matched[survivors[dup]] = survivors[res.match[dup]]
+        match_j[survivors[dup]] = res.match_jaccard[dup]
         jaccard[survivors[dup]] = res.jaccard[dup]
         is_near[survivors[dup]] = True
         # an exact copy of a row removed as a near duplicate points at the row kept in its place
@@ -132,7 +158,7 @@ def run(
         docs.unlink()  # a copy of the input text
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
     else:  # no near step this time: no step files of an earlier run left behind
-        for step in ("signatures", "buckets"):
+        for step in ("signatures", "buckets", "verify"):
             shutil.rmtree(out / step, ignore_errors=True)
     timing["near"] = time.perf_counter() - t
 
@@ -142,7 +168,7 @@ def run(
     outputs = {
         "rows.parquet": write_parquet(table.take(kept_idx), out / "rows.parquet"),
         "removals.parquet": write_parquet(
-            _removals(table, keep_of, exact_of, is_near, jaccard), out / "removals.parquet"
+            _removals(table, keep_of, exact_of, is_near, matched, match_j, jaccard, cfg), out / "removals.parquet"
         ),
         "rejects.parquet": write_parquet(_rejects(rejects), out / "rejects.parquet"),
         "clusters.parquet": write_parquet(clusters, out / "clusters.parquet"),
@@ -234,20 +260,25 @@ def _joined_texts(table: pa.Table, rows: np.ndarray) -> pa.Array:
 @dataclass
 class NearResult:
     root: np.ndarray  # (D,) int64: the document each one is a duplicate of (itself when kept)
-    jaccard: np.ndarray  # (D,) float32: estimated Jaccard with its root (1 for roots)
-    info: dict  # banding, verification threshold and pair counts, for the manifest
+    match: np.ndarray  # (D,) int64: the document each one was matched with (`minhash.match_tree`)
+    match_jaccard: np.ndarray  # (D,) float64: similarity of each document to its match (1 for roots)
+    jaccard: np.ndarray  # (D,) float64: similarity of each document to its root (1 for roots)
+    info: dict  # banding, verification and pair counts, for the manifest
     timing: dict  # seconds per step
 
 
 def lsh_params(cfg: DedupConfig) -> tuple[int, int, float]:
     """(bands, rows, verify_threshold) for a config: cfg.bands if given, else the banding with
-    candidate probability >= MIN_RECALL at the threshold that minimises false positives + negatives."""
+    candidate probability >= MIN_RECALL at the threshold that minimises false positives + negatives.
+    verify_threshold: the similarity a candidate needs, cfg.threshold itself with verify="exact"."""
     if cfg.bands is not None:
         if cfg.bands > cfg.num_perm:
             raise ValueError(f"dedup: bands={cfg.bands} exceeds num_perm={cfg.num_perm}")
         bands, rows = cfg.bands, cfg.num_perm // cfg.bands
     else:
         bands, rows = minhash.optimal_bands(cfg.threshold, cfg.num_perm, min_recall=MIN_RECALL)
+    if cfg.verify == "exact":
+        return bands, rows, cfg.threshold
     std = math.sqrt(cfg.threshold * (1 - cfg.threshold) / cfg.num_perm)
     return bands, rows, max(0.0, cfg.threshold - VERIFY_Z * std)
 
@@ -286,32 +317,37 @@ def near_duplicates(
     parts = signature_step(docs, work / "signatures", cfg, key=key, part_rows=part_rows, progress=progress)
     t1 = time.perf_counter()
     bands, rows, verify_at = lsh_params(cfg)
-    cand = bucket_step(parts, work / "buckets", bands, rows, verify_at)
+    cand = bucket_step(parts, work / "buckets", bands, rows)
     t2 = time.perf_counter()
+    checked = verify_step(docs, parts, cand, work / "verify", cfg, verify_at)
+    t3 = time.perf_counter()
     n_docs = sum(np.load(p, mmap_mode="r").shape[0] for p in parts)
-    verified = cand.filter(cand["verified"])
-    pairs = (
-        np.stack([verified["a"].to_numpy(), verified["b"].to_numpy()], axis=1)
-        if verified.num_rows
-        else np.zeros((0, 2), np.int64)
-    )
+    accepted = checked.filter(checked["accepted"])
+    pairs = np.stack([accepted["a"].to_numpy(), accepted["b"].to_numpy()], axis=1).reshape(-1, 2)  # (E, 2)
+    sim = accepted["jaccard"].to_numpy()  # (E,)
     root = minhash.union_find(n_docs, pairs)  # (D,)
-    jaccard = np.ones(n_docs, np.float32)
+    match, edge = minhash.match_tree(root, pairs, sim)  # (D,), (D,)
     dup = np.flatnonzero(root != np.arange(n_docs))
-    if dup.size:
-        store = SignatureStore(parts)
-        jaccard[dup] = minhash.estimated_jaccard(store.rows(dup), store.rows(root[dup]))
+    match_jaccard = np.ones(n_docs, np.float64)
+    match_jaccard[dup] = sim[edge[dup]]
+    jaccard = match_jaccard.copy()  # to the root: the pair's own similarity when matched with the root
+    chain = dup[match[dup] != root[dup]]
+    if chain.size:
+        jaccard[chain] = similarity(docs, parts, chain, root[chain], cfg)
     info = {
         "bands": bands,
         "rows": rows,
+        "verify": cfg.verify,
         "verify_threshold": round(verify_at, 6),
         "documents": n_docs,
         "signature_parts": len(parts),
         "candidate_pairs": cand.num_rows,
-        "verified_pairs": verified.num_rows,
+        "verified_pairs": accepted.num_rows,
+        "chained": int(chain.size),  # near duplicates matched with another row than the kept one
+        "chained_below_threshold": int((jaccard[chain] < cfg.threshold).sum()),
     }
-    timing = {"signatures": t1 - t0, "buckets": t2 - t1, "clusters": time.perf_counter() - t2}
-    return NearResult(root, jaccard, info, timing)
+    timing = {"signatures": t1 - t0, "buckets": t2 - t1, "verify": t3 - t2, "clusters": time.perf_counter() - t3}
+    return NearResult(root, match, match_jaccard, jaccard, info, timing)
 
 
 def signature_step(
@@ -381,8 +417,9 @@ class SignatureStore:
         return out
 
 
-def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int, verify_at: float) -> pa.Table:
-    """LSH buckets of all parts -> bucket_dir/candidates.parquet (a, b, jaccard, verified), a < b."""
+def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int) -> pa.Table:
+    """LSH buckets of all parts -> bucket_dir/candidates.parquet (a, b, estimated_jaccard), a < b,
+    sorted by (a, b)."""
     keys, valid = [np.zeros((bands, 0), np.uint64)], [np.zeros(0, bool)]
     for p in parts:
         sig = np.load(p)
@@ -395,12 +432,79 @@ def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int, veri
         {
             "a": pa.array(pairs[:, 0], pa.int64()),
             "b": pa.array(pairs[:, 1], pa.int64()),
-            "jaccard": pa.array(est, pa.float32()),
-            "verified": pa.array(est >= np.float32(verify_at) - np.float32(1e-6)),
+            "estimated_jaccard": pa.array(est, pa.float32()),
         }
     )
     write_parquet(cand, bucket_dir / "candidates.parquet")
     return cand
+
+
+def verify_step(
+    docs: Path, parts: list[Path], cand: pa.Table, verify_dir: Path, cfg: DedupConfig, verify_at: float
+) -> pa.Table:
+    """The candidates' similarity (cfg.verify) and acceptance -> verify_dir/pairs.parquet
+    (a, b, jaccard, accepted), in the candidates' order."""
+    a, b = cand["a"].to_numpy(), cand["b"].to_numpy()
+    if cfg.verify == "exact":
+        sim = exact_jaccard(docs, a, b, cfg)  # (E,) float64
+        accepted = sim >= cfg.threshold
+    else:
+        est = cand["estimated_jaccard"].to_numpy()  # (E,) float32
+        sim = est.astype(np.float64)
+        accepted = est >= np.float32(verify_at) - np.float32(1e-6)
+    checked = pa.table(
+        {
+            "a": cand["a"],
+            "b": cand["b"],
+            "jaccard": pa.array(sim, pa.float64()),
+            "accepted": pa.array(accepted, pa.bool_()),
+        }
+    )
+    write_parquet(checked, verify_dir / "pairs.parquet")
+    return checked
+
+
+def similarity(docs: Path, parts: list[Path], u: np.ndarray, v: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """(E,) float64 similarity of documents u[i], v[i] as cfg.verify measures it."""
+    if cfg.verify == "exact":
+        return exact_jaccard(docs, u, v, cfg)
+    store = SignatureStore(parts)
+    return minhash.estimated_jaccard(store.rows(u), store.rows(v)).astype(np.float64)
+
+
+def exact_jaccard(docs: Path, u: np.ndarray, v: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """(E,) float64: exact Jaccard of the shingle sets of documents u[i], v[i] of the docs file.
+
+    VERIFY_PAIRS pairs at a time: the texts of their documents are read and shingled once each, and
+    the sets intersected with `minhash.set_overlap`."""
+    assert u.shape == v.shape
+    out = np.empty(u.shape[0], np.float64)
+    for s in range(0, u.shape[0], VERIFY_PAIRS):
+        bu, bv = u[s : s + VERIFY_PAIRS], v[s : s + VERIFY_PAIRS]
+        need = np.unique(np.concatenate([bu, bv]))  # (K,) documents of this block, ascending
+        values, offsets = minhash.shingle_sets(read_texts(docs, need), cfg.ngram, cfg.lowercase)
+        inter, union = minhash.set_overlap(values, offsets, np.searchsorted(need, bu), np.searchsorted(need, bv))
+        out[s : s + bu.shape[0]] = inter / np.maximum(union, 1)
+    return out
+
+
+def read_texts(docs: Path, idx: np.ndarray) -> pa.ChunkedArray:
+    """The texts idx (ascending) of the docs file, copied out one record batch at a time, each through
+    a memory map of its own that is unmapped when done. (A gather through one map of the whole file
+    keeps every page it touched mapped, and the kernel maps ~64 KiB around each: 16k texts of 1M
+    raised the process's RSS by 1.4 GB, 0.1 GB this way.)"""
+    with pa.memory_map(str(docs)) as src:
+        reader = pa.ipc.open_file(src)
+        sizes = [reader.get_batch(k).num_rows for k in range(reader.num_record_batches)]  # metadata only
+    starts = np.cumsum([0] + sizes)  # (batches+1,)
+    cut = np.searchsorted(idx, starts)  # idx[cut[k]:cut[k+1]] fall in batch k
+    taken = []
+    for k in np.flatnonzero(cut[1:] > cut[:-1]).tolist():
+        with pa.memory_map(str(docs)) as src:
+            texts = pa.ipc.open_file(src).get_batch(k).column(0)
+            taken.append(texts.take(pa.array(idx[cut[k] : cut[k + 1]] - starts[k])))  # a copy
+            del texts
+    return pa.chunked_array(taken, pa.large_string())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -422,18 +526,34 @@ def _clusters_table(ids: pa.ChunkedArray, survivors: np.ndarray, root: np.ndarra
 
 
 def _removals(
-    table: pa.Table, keep_of: np.ndarray, exact_of: np.ndarray, is_near: np.ndarray, jaccard: np.ndarray
+    table: pa.Table,
+    keep_of: np.ndarray,
+    exact_of: np.ndarray,
+    is_near: np.ndarray,
+    matched: np.ndarray,
+    match_j: np.ndarray,
+    jaccard: np.ndarray,
+    cfg: DedupConfig,
 ) -> pa.Table:
     removed = np.flatnonzero(keep_of >= 0)  # input order
     ids = table["id"]
+    j = "J" if cfg.verify == "exact" else "est. J"
+    t = cfg.threshold
+    # the row named in each detail: the matched row (near) or the identical row (exact), fetched at once
+    named = ids.take(np.where(is_near[removed], matched[removed], exact_of[removed])).to_pylist()
     detail = []
-    for r in removed.tolist():
+    for r, other in zip(removed.tolist(), named):
         if is_near[r]:
-            detail.append(f"estimated_jaccard={jaccard[r]:.3f}")
+            text = f"matched {other} at {j}={_floor3(match_j[r])}"
+            if matched[r] != keep_of[r]:  # reached the kept row through other rows
+                below = jaccard[r] < t
+                text += f"; {j} to kept row {_floor3(jaccard[r])} {'<' if below else '>='} {t:g}"
+                text += " (chain)" if below else ""
+            detail.append(text)
         elif exact_of[r] == keep_of[r]:
             detail.append("same normalized text")
         else:  # its identical row was itself removed as a near duplicate of the kept row
-            detail.append(f"same normalized text as {ids[int(exact_of[r])].as_py()}")
+            detail.append(f"same normalized text as {other}")
     near = is_near[removed]
     return pa.table(
         {
@@ -446,6 +566,13 @@ def _removals(
         },
         schema=REMOVAL_SCHEMA,
     )
+
+
+def _floor3(x: float) -> str:
+    """x rounded down to 3 decimals, so that a printed value is never on the other side of a
+    threshold than the value itself (0.7996 < 0.8 prints 0.799). The 1e-9 keeps a ratio that is
+    exactly k/1000 (e.g. 4/5) at k/1000 despite floating-point error."""
+    return f"{math.floor(float(x) * 1000 + 1e-9) / 1000:.3f}"
 
 
 def _rejects(rejects: list[dict]) -> pa.Table:
