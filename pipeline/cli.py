@@ -5,6 +5,8 @@
                                                      the Prefect data flow (ephemeral Prefect unless
                                                      PREFECT_API_URL points at a server)
   hrm gc RUN [--apply]                               remove stage versions no run manifest names
+  hrm lineage trace RUN ID [--json]                  one row's path: origin, every stage, shards, checkpoints
+  hrm lineage why RUN ID                             the short answer: where it was packed, or why removed
   hrm validate SPEC                                  load and check a spec, print its summary
   hrm plan SPEC                                      dry run: strata, expected unique and seen tokens
   hrm stage NAME --input PATH --output DIR [--spec SPEC] [--set key=value ...]
@@ -123,6 +125,21 @@ def cmd_gc(args) -> int:
     print(f"{verb} {_mb(res['bytes'])} in {len(res['remove'])} folders; kept {len(res['keep'])} versions named by "
           f"{Path(args.run) / 'run.json'} ({_mb(res['kept_bytes'])})"
           + ("" if args.apply or not res["remove"] else "; run with --apply to remove them"))
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    from .runs import RunError
+    from .trace import TraceError, format_trace, trace
+
+    try:
+        d = trace(args.run, args.id)
+    except (TraceError, RunError) as e:  # an unknown id (with similar ids) or an unreadable run: one line, exit 1
+        _die(str(e), 1)
+    if args.what == "why":
+        print("\n".join(d["why"]))
+    else:
+        print(json.dumps(d, indent=2, default=str) if args.json else format_trace(d))
     return 0
 
 
@@ -289,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.add_argument("run", help="run folder (runs/<name>)")
     gcp.add_argument("--apply", action="store_true", help="remove them (default: only print what would be freed)")
     gcp.set_defaults(fn=cmd_gc)
+
+    ln = sub.add_parser("lineage", help="trace one row of a run: hrm lineage {trace,why} RUN ID")
+    lsub = ln.add_subparsers(dest="what", required=True)
+    lt = lsub.add_parser("trace", help="the row's origin and what every stage did with it (shards, checkpoints)")
+    lw = lsub.add_parser("why", help="one or two lines: where the row was packed, or where and why it was removed")
+    for q in (lt, lw):
+        q.add_argument("run", help="run folder (runs/<name>)")
+        q.add_argument("id", help="row id as normalize gives it: <source>/<row id>, e.g. wp/17")
+    lt.add_argument("--json", action="store_true", help="the whole trace as JSON")
+    ln.set_defaults(fn=cmd_lineage)
 
     v = sub.add_parser("validate", help="load and check a spec")
     v.add_argument("spec")
