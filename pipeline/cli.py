@@ -5,6 +5,7 @@
                                                      the Prefect data flow (ephemeral Prefect unless
                                                      PREFECT_API_URL points at a server)
   hrm gc RUN [--apply]                               remove stage versions no run manifest names
+  hrm report RUN [--output DIR]                      the run's HTML report (RUN/report/index.html + report.json)
   hrm lineage trace RUN ID [--json]                  one row's path: origin, every stage, shards, checkpoints
   hrm lineage why RUN ID                             the short answer: where it was packed, or why removed
   hrm validate SPEC                                  load and check a spec, print its summary
@@ -140,6 +141,16 @@ def cmd_lineage(args) -> int:
         print("\n".join(d["why"]))
     else:
         print(json.dumps(d, indent=2, default=str) if args.json else format_trace(d))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    res = write_report(args.run, args.output)
+    if res["not_run"]:
+        print(f"not run yet (noted in the report): {', '.join(res['not_run'])}", file=sys.stderr)
+    print(f"report: {res['html']}\nnumbers: {res['json']}")
     return 0
 
 
@@ -306,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.add_argument("run", help="run folder (runs/<name>)")
     gcp.add_argument("--apply", action="store_true", help="remove them (default: only print what would be freed)")
     gcp.set_defaults(fn=cmd_gc)
+
+    rp = sub.add_parser("report", help="write a run's self-contained HTML report (and its JSON)")
+    rp.add_argument("run", help="run folder (runs/<name>)")
+    rp.add_argument("--output", "-o", default=None, help="folder for index.html and report.json (default RUN/report)")
+    rp.set_defaults(fn=cmd_report)
 
     ln = sub.add_parser("lineage", help="trace one row of a run: hrm lineage {trace,why} RUN ID")
     lsub = ln.add_subparsers(dest="what", required=True)
