@@ -24,7 +24,8 @@ Prompt layout (the training layout of pipeline/stages/tokenize.py, PrefixLM sema
 - generate_until(context, {until, max_gen_toks}): the prompt is [BOQ][condition] context [EOQ]; requests
   are sorted by prompt length and batched (`batch_size`), decoded greedily with the KV cache
   (model.generate), stopping at [EOA], at any `until` string (checked on the decoded text; the text
-  is cut before it), or after max_gen_toks tokens.
+  is cut before it), or after max_gen_toks tokens. A `condition` generation kwarg (a task's
+  generation_kwargs, e.g. the held-out tasks of evaluation.heldout) sets that request's condition token.
 - loglikelihood_rolling(text): an empty instruction, [BOQ][condition][EOQ], and the text as the
   response, scored in disjoint windows of max_length - 3 tokens (each window a fresh sample).
 - tokenizer: the checkpoint's own (tokenizer.json beside its config.json) unless one is given; a given
@@ -89,9 +90,10 @@ class HRMLM(LM):
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def prompt_ids(self, context: str, room: int = 0) -> list[int]:
-        """[BOQ][condition] context [EOQ], the context cut from its start to leave `room` tokens."""
-        head = [self.ids.boq, self.ids.condition(self.condition)]
+    def prompt_ids(self, context: str, room: int = 0, condition: str | None = None) -> list[int]:
+        """[BOQ][condition] context [EOQ], the context cut from its start to leave `room` tokens
+        (condition: self.condition unless given)."""
+        head = [self.ids.boq, self.ids.condition(condition or self.condition)]
         ctx = self.encode(context)
         keep = max(self.max_length - room - len(head) - 1, 0)
         ctx = ctx[len(ctx) - keep :] if len(ctx) > keep else ctx
@@ -241,7 +243,7 @@ class HRMLM(LM):
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            reqs.append((self.prompt_ids(context, room=max_new), until, max_new))
+            reqs.append((self.prompt_ids(context, room=max_new, condition=kw.get("condition")), until, max_new))
         # batch requests of equal settings, longest prompts first
         order = sorted(range(len(reqs)), key=lambda i: (tuple(reqs[i][1]), reqs[i][2], -len(reqs[i][0])))
         res: list = [None] * len(reqs)

@@ -2,6 +2,10 @@
 
     hrm eval runs/demo --limit 200                      # a run folder: its checkpoint, tokenizer, contamination
     hrm eval --checkpoint C --benchmarks B --output O   # explicit form (tokenizer: the checkpoint's own)
+    hrm eval --checkpoint C --output O                  # the demo's held-out task alone (no benchmark files)
+
+Tasks: by default the standard tasks whose files are in the benchmark folder (all six with --online),
+then `demo_heldout` (evaluation.heldout: the demo generators' held-out problems, always local).
 
 Tokenizer: the checkpoint's own (see evaluation.locate); an explicit one must be the same file (sha256)
 or, for checkpoints that do not record it, have the model's vocabulary size.
@@ -37,9 +41,10 @@ import time
 from pathlib import Path
 
 from evaluation.locate import checkpoint_tokenizer, is_checkpoint, locate, record_evaluation, sha256_file
-from evaluation.tasks import BENCHMARK_OF, COT_TASKS, HARNESS_NAMES, PAPER_FEWSHOT, write_local_tasks
+from evaluation.tasks import (BENCHMARK_OF, COT_TASKS, HARNESS_NAMES, HELDOUT_TASK, PAPER_FEWSHOT, STANDARD_TASKS,
+                              default_tasks, write_local_tasks)
 
-DEFAULT_TASKS = ("mmlu", "arc_challenge", "hellaswag", "gsm8k", "minerva_math", "drop")
+DEFAULT_TASKS = STANDARD_TASKS  # the six standard tasks (the default adds demo_heldout: evaluation.tasks.default_tasks)
 
 
 def _clean_keys(contamination_items) -> dict[str, dict[str, str]]:
@@ -92,7 +97,7 @@ def run(
     tokenizer: str | os.PathLike | None,
     benchmarks_dir: str | os.PathLike | None,
     output_dir: str | os.PathLike,
-    tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS,
+    tasks: tuple[str, ...] | list[str] | None = None,
     limit: int | float | None = None,
     contamination_items: str | os.PathLike | None = None,
     num_fewshot: dict[str, int] | None = None,
@@ -106,7 +111,8 @@ def run(
     """Evaluate; returns the results.json dict. `tokenizer=None`: the checkpoint's own (an explicit one
     is checked against it: evaluation.locate.checkpoint_tokenizer). `limit`: items per benchmark (or a
     fraction of each), a seeded sample across its subtasks. Offline (default) the local benchmark files
-    in `benchmarks_dir` are used; `online=True` runs the standard harness tasks from the Hub."""
+    in `benchmarks_dir` are used; `online=True` runs the standard harness tasks from the Hub. `tasks=None`:
+    `default_tasks` (the standard tasks whose files are given, then demo_heldout, always local)."""
     tok = checkpoint_tokenizer(checkpoint, tokenizer)  # before anything slow
     if limit is not None and limit <= 0:
         raise ValueError(f"evaluation: limit must be > 0 (items, or a fraction < 1 of each benchmark), got {limit}")
@@ -120,14 +126,20 @@ def run(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     shots = {**PAPER_FEWSHOT, **(num_fewshot or {})}
+    tasks = list(default_tasks(benchmarks_dir, online) if tasks is None else tasks)
     if online:
-        names = {t: HARNESS_NAMES[t] for t in tasks}
-        tm = TaskManager()
+        names = {t: HARNESS_NAMES[t] for t in tasks if t != HELDOUT_TASK}
+        local = [HELDOUT_TASK] if HELDOUT_TASK in tasks else []
     else:
-        if benchmarks_dir is None:
-            raise ValueError("evaluation: offline runs need benchmarks_dir (the local benchmark folder)")
-        names = write_local_tasks(benchmarks_dir, out / "tasks", list(tasks))
+        if benchmarks_dir is None and any(t != HELDOUT_TASK for t in tasks):
+            raise ValueError("evaluation: offline runs of the standard tasks need benchmarks_dir (the local "
+                             "benchmark folder)")
+        names, local = {}, tasks
+    if local:
+        names.update(write_local_tasks(benchmarks_dir, out / "tasks", local, max_gen_toks=max_gen_toks))
         tm = TaskManager(include_path=str(out / "tasks"))  # built once (7-11 s)
+    else:
+        tm = TaskManager()
     lm = HRMLM(str(checkpoint), tokenizer=str(tok), batch_size=batch_size, max_gen_toks=max_gen_toks,
                max_length=max_length, device=device)
     buckets = _clean_keys(contamination_items) if contamination_items else None
@@ -139,7 +151,7 @@ def run(
                      "contamination": str(contamination_items) if contamination_items else None, "tasks": {}}
     for ti, t in enumerate(tasks):
         t0 = time.time()
-        lm.condition = "cot" if t in COT_TASKS else "direct"
+        lm.condition = "cot" if t in COT_TASKS else "direct"  # the held-out subtasks name theirs per request
         loaded = tm.load(names[t])  # the task or group with its subtasks, datasets loaded once
         leaves = loaded["tasks"]
         sizes = {name: len(task.eval_docs) for name, task in leaves.items()}
@@ -161,7 +173,8 @@ def run(
             for sub, ss in samples.items():
                 for s in ss:
                     f.write(json.dumps({"task": sub, **s}, default=str) + "\n")
-        entry: dict = {"harness_task": names[t], "num_fewshot": shots[t], "condition": lm.condition,
+        entry: dict = {"harness_task": names[t], "num_fewshot": shots[t],
+                       "condition": "per subtask (its source's)" if t == HELDOUT_TASK else lm.condition,
                        "seconds": round(time.time() - t0, 2), "subtasks": {}}
         bench = BENCHMARK_OF[t]
         all_full, all_clean = {}, {}
@@ -223,6 +236,13 @@ def table(results: dict) -> str:
             c = e.get("clean", {}).get(k)
             lines.append(f"| {t} | {e['num_fewshot']} | {n_txt} | {k} | {100 * v:.2f} | "
                          f"{'' if c is None else f'{100 * c:.2f}'} | {e.get('n_clean', '') if c is not None else ''} |")
+        if t == HELDOUT_TASK:  # the breakdown per demo source
+            for sub, rec in sorted(e.get("subtasks", {}).items()):
+                for k, v in sorted(rec["full"].items()):
+                    c = rec.get("clean", {}).get(k, {}).get("value")
+                    lines.append(f"| {t}/{sub.removeprefix(HELDOUT_TASK + '_')} | {e['num_fewshot']} | "
+                                 f"{rec['n_docs']} of {rec.get('n_total')} | {k} | {100 * v['value']:.2f} | "
+                                 f"{'' if c is None else f'{100 * c:.2f}'} | {rec.get('n_clean', '') if c is not None else ''} |")
     if limited:
         lines += ["", "Limited run: scores are over the n items shown, a seeded sample of each benchmark "
                       "(MMLU: across its subjects, macro-averaged over the subjects scored)."]
@@ -239,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                "  hrm eval runs/demo/train --benchmarks BENCH_DIR --tasks mmlu,gsm8k\n"
                "  hrm eval --checkpoint CKPT --benchmarks BENCH_DIR --output OUT\n"
                "           [--tokenizer TOK] [--contamination C]\n"
+               "  hrm eval --checkpoint CKPT --output OUT     the demo's held-out task (demo_heldout) alone\n"
+               "Default tasks: those of the six whose files are in BENCH_DIR, then demo_heldout (local, always).\n"
                "--limit N counts items per benchmark (a seeded sample across MMLU's subjects); 0<N<1 is a fraction.")
     ap.add_argument("run", nargs="?", metavar="RUN_DIR",
                     help="a run folder (runs/NAME with run.json), a train folder (final/ema) or a checkpoint folder")
@@ -248,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--benchmarks", default=None,
                     help="local benchmark folder (default: the one the run's contamination check read)")
     ap.add_argument("--output", default=None, help="output folder (default: RUN_DIR/eval)")
-    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    ap.add_argument("--tasks", default=None,
+                    help=f"comma-separated, of {','.join([*STANDARD_TASKS, HELDOUT_TASK])} (default: the standard "
+                         "tasks whose files are in --benchmarks, all six with --online, then demo_heldout)")
     ap.add_argument("--limit", type=float, default=None,
                     help="items per benchmark (a seeded sample across subtasks), or a fraction 0<x<1 of each")
     ap.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
@@ -261,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--online", action="store_true", help="standard harness tasks from the Hub")
     a = ap.parse_args(argv)
-    tasks = [t for t in a.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in BENCHMARK_OF]
+    tasks = None if a.tasks is None else [t for t in a.tasks.split(",") if t]
+    unknown = [t for t in tasks or [] if t not in BENCHMARK_OF]
     if unknown:
         ap.error(f"--tasks: unknown {unknown}; known: {sorted(BENCHMARK_OF)}")
     if a.run is None and a.checkpoint is None:
@@ -272,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_ok = a.checkpoint is None or is_checkpoint(a.checkpoint)
     target = locate(a.run if a.run is not None else a.checkpoint, checkpoint=a.checkpoint) if checkpoint_ok else None
     benchmarks = a.benchmarks or (None if a.online or target is None else target.benchmarks)
-    if benchmarks is None and not a.online:  # what is missing first, then what is wrong
+    needs_files = tasks is not None and any(t != HELDOUT_TASK for t in tasks)
+    if benchmarks is None and not a.online and needs_files:  # what is missing first, then what is wrong
         ap.error("give --benchmarks DIR (local benchmark files) or --online (the harness tasks from the Hub)"
                  + ("" if target is None or target.run_dir is None else
                     f"; the run {target.run_dir} has no contamination check that names a benchmark folder"))
@@ -304,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = checkpoint_tokenizer(checkpoint, a.tokenizer)  # a wrong tokenizer fails here, before any work
     contamination = a.contamination or target.contamination
     limit = int(a.limit) if a.limit is not None and a.limit >= 1 else a.limit
+    if tasks is None:
+        tasks = default_tasks(benchmarks, a.online)
+        missing = [t for t in STANDARD_TASKS if t not in tasks]
+        if missing:
+            print(f"hrm eval: no benchmark files for {', '.join(missing)}"
+                  + (f" in {benchmarks}" if benchmarks else " (no --benchmarks DIR)") + ": not run", file=sys.stderr)
     print(f"hrm eval: checkpoint {checkpoint}, tokenizer {tokenizer}, contamination {contamination or '-'}, "
           f"output {output}", file=sys.stderr)
     res = run(checkpoint, tokenizer, benchmarks, output, tasks=tasks, limit=limit, contamination_items=contamination,

@@ -12,6 +12,14 @@ validation, HellaSwag validation and DROP validation_subset (random, the evaluat
 harness when the few-shot split is the evaluated split). GSM8K and MATH keep the harness prompts
 ("Question: ...\\nAnswer:" and Minerva's "Problem: ...\\nSolution:") at 0 shots; the paper's CoT
 prompt with the answer in \\boxed{} is a different prompt (not reproduced here).
+
+The seventh task, `demo_heldout` (evaluation.heldout), is always local: problems of the demo's
+generators that are never training data, read from `<benchmarks_dir>/demo_heldout/test.jsonl` when the
+benchmark folder has one, else from the committed set (evaluation/heldout). It is a group of one
+generative subtask per demo source (`demo_heldout_<source>`, the file split by `task` under
+`out/data/demo_heldout/`), 0-shot, prompted exactly as in training (the question is the whole
+instruction, the source's condition token passed as the generation kwarg `condition`, which the `hrm`
+model reads), greedy until [EOA], scored by exact match of the final answer (evaluation.heldout.score).
 """
 
 from __future__ import annotations
@@ -28,13 +36,35 @@ import yaml
 import lm_eval
 
 TASKS_DIR = Path(lm_eval.__file__).parent / "tasks"
-PAPER_FEWSHOT = {"mmlu": 5, "arc_challenge": 25, "hellaswag": 10, "drop": 3, "gsm8k": 0, "minerva_math": 0}
+HELDOUT_TASK = "demo_heldout"  # local always (also with --online): evaluation.heldout
+STANDARD_TASKS = ("mmlu", "arc_challenge", "hellaswag", "gsm8k", "minerva_math", "drop")
+PAPER_FEWSHOT = {"mmlu": 5, "arc_challenge": 25, "hellaswag": 10, "drop": 3, "gsm8k": 0, "minerva_math": 0,
+                 HELDOUT_TASK: 0}
 HARNESS_NAMES = {"mmlu": "mmlu", "arc_challenge": "arc_challenge", "hellaswag": "hellaswag", "drop": "drop",
                  "gsm8k": "gsm8k", "minerva_math": "minerva_math"}
 # task name -> benchmark folder name used by the contamination check
 BENCHMARK_OF = {"mmlu": "mmlu", "arc_challenge": "arc_challenge", "hellaswag": "hellaswag", "drop": "drop",
-                "gsm8k": "gsm8k", "minerva_math": "math"}
+                "gsm8k": "gsm8k", "minerva_math": "math", HELDOUT_TASK: HELDOUT_TASK}
+# task -> the local files it reads (benchmark folder, splits)
+LOCAL_FILES = {"mmlu": ("mmlu", ["test", "dev"]), "arc_challenge": ("arc_challenge", ["validation", "test"]),
+               "hellaswag": ("hellaswag", ["validation"]), "gsm8k": ("gsm8k", ["test"]),
+               "minerva_math": ("math", ["test"]), "drop": ("drop", ["validation_subset"])}
 COT_TASKS = {"gsm8k", "minerva_math"}
+
+
+def available_tasks(benchmarks_dir: str | os.PathLike | None) -> list[str]:
+    """The standard tasks whose local files are all in `benchmarks_dir` (none without a folder)."""
+    if benchmarks_dir is None:
+        return []
+    bench = Path(benchmarks_dir)
+    return [t for t in STANDARD_TASKS
+            if all((bench / LOCAL_FILES[t][0] / f"{s}.jsonl").is_file() for s in LOCAL_FILES[t][1])]
+
+
+def default_tasks(benchmarks_dir: str | os.PathLike | None, online: bool = False) -> list[str]:
+    """What `hrm eval` runs without --tasks: the standard tasks whose files are given (all six online),
+    then the demo's held-out task."""
+    return [*(STANDARD_TASKS if online else available_tasks(benchmarks_dir)), HELDOUT_TASK]
 
 
 def _harness_fn(folder: str, name: str):
@@ -78,6 +108,12 @@ def drop_process_results(doc, results):
     return _harness_fn("drop", "process_results")(doc, results)
 
 
+def heldout_process_results(doc, results):
+    from evaluation.heldout import process_results
+
+    return process_results(doc, results)
+
+
 def drop_process_docs(dataset):
     """DROP in the local layout (passage, question, answers: list of answer span lists)."""
 
@@ -98,7 +134,7 @@ def _write(path: Path, obj: dict) -> None:
     text = yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
     text = re.sub(r"'!fn (\w+)'", rf"!function {_UTILS}.\1", text)
     path.write_text(text)
-    names = ", ".join(n for n in globals() if n.startswith(("drop_", "hellaswag_", "math_")))
+    names = ", ".join(n for n in globals() if n.startswith(("drop_", "hellaswag_", "math_", "heldout_")))
     (path.parent / f"{_UTILS}.py").write_text(f"from evaluation.tasks import {names}  # noqa: F401\n")
 
 
@@ -112,13 +148,24 @@ def _files(bench: Path, name: str, splits: list[str]) -> dict[str, str]:
     return out
 
 
-def write_local_tasks(benchmarks_dir: str | os.PathLike, out: str | os.PathLike, tasks: list[str]) -> dict[str, str]:
-    """Write local task YAMLs for `tasks` into `out`; returns {task: local task or group name}."""
-    bench, out = Path(benchmarks_dir), Path(out)
+def write_local_tasks(benchmarks_dir: str | os.PathLike | None, out: str | os.PathLike, tasks: list[str],
+                      max_gen_toks: int = 256) -> dict[str, str]:
+    """Write local task YAMLs for `tasks` into `out`; returns {task: local task or group name}.
+    `benchmarks_dir` may be None when `tasks` is only the held-out task (its files ship with the
+    package); `max_gen_toks` caps the held-out subtasks' generation length."""
+    bench, out = Path(benchmarks_dir) if benchmarks_dir is not None else None, Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = {}
     local = {"dataset_path": "json", "dataset_name": None, "training_split": None}
     for t in tasks:
+        if t == HELDOUT_TASK:
+            names[t] = _write_heldout(bench, out, local, max_gen_toks)
+            continue
+        if t not in LOCAL_FILES:
+            raise ValueError(f"evaluation: unknown task {t!r}; known: {sorted(PAPER_FEWSHOT)}")
+        if bench is None:
+            raise ValueError(f"evaluation: task {t!r} needs a benchmark folder (--benchmarks DIR with "
+                             f"{LOCAL_FILES[t][0]}/{LOCAL_FILES[t][1][0]}.jsonl)")
         name = f"hrm_{t}"
         if t == "arc_challenge":
             _write(out / f"{name}.yaml", {
@@ -169,6 +216,42 @@ def write_local_tasks(benchmarks_dir: str | os.PathLike, out: str | os.PathLike,
             raise ValueError(f"evaluation: unknown task {t!r}; known: {sorted(PAPER_FEWSHOT)}")
         names[t] = name
     return names
+
+
+def _write_heldout(bench: Path | None, out: Path, local: dict, max_gen_toks: int) -> str:
+    """The held-out group: one generative subtask per source (see the module docstring)."""
+    from evaluation.heldout import HELDOUT_DIR, NAME, load
+
+    folder = bench if bench is not None and (bench / NAME / "test.jsonl").is_file() else HELDOUT_DIR
+    by: dict[str, list[dict]] = {}
+    for x in load(folder):
+        by.setdefault(x["task"], []).append(x)
+    subtasks = []
+    for task, docs in by.items():
+        conditions = {x["condition"] for x in docs}
+        if len(conditions) != 1:
+            raise ValueError(f"evaluation: {folder}/{NAME}: task {task!r} mixes conditions {sorted(conditions)}")
+        f = out / "data" / NAME / task / "test.jsonl"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in docs))
+        # room for the longest reference response (byte-level BPE: at most one token per byte) + [EOA]
+        need = max(len(x["response"].encode("utf-8")) for x in docs) + 1
+        sub = f"{NAME}_{task}"
+        _write(out / NAME / f"{sub}.yaml", {
+            "task": sub, "task_alias": task, **local, "dataset_kwargs": {"data_files": {"test": str(f.resolve())}},
+            "test_split": "test", "output_type": "generate_until", "num_fewshot": 0,
+            "doc_to_text": "{{question}}", "doc_to_target": "answer", "target_delimiter": "",
+            "generation_kwargs": {"until": ["\n\n"], "max_gen_toks": min(need, max_gen_toks),
+                                  "condition": conditions.pop()},
+            "process_results": "!fn heldout_process_results",
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1}})
+        subtasks.append(sub)
+    _write(out / NAME / f"{NAME}.yaml", {
+        "group": NAME, "task": subtasks,
+        "aggregate_metric_list": [{"metric": "exact_match", "weight_by_size": True}],
+        "metadata": {"version": 1}})
+    return NAME
 
 
 def _split_mmlu(bench: Path, out: Path) -> list[str]:

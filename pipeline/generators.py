@@ -7,10 +7,19 @@ Each generator is a function `(n, seed, **params) -> Iterator[dict]` yielding ro
 `near_dup_rate` / `exact_dup_rate` plant realistic duplicates: a later row repeats an earlier one with
 light edits (a synonym, a changed filler phrase, extra punctuation or whitespace) or verbatim, as
 scraped instruction sets do. The dedup stage must find them.
+
+Held-out split. Every problem has a canonical text (`problem`, one row field): the problem itself,
+independent of its phrasing and of the condition (arithmetic "123 + 45", a word problem's or a
+sequence's question, a comparison's two fractions in sorted order). A problem whose canonical text
+hashes into the held-out bucket (`is_heldout`, about 1 in HELDOUT_BUCKETS) is never emitted by a
+generator run from a spec, with any seed and any parameters: the generators draw again instead. Only
+`heldout(name, n, seed, **params)` emits those problems (evaluation.heldout builds the demo's held-out
+benchmark with it); specs cannot ask for them (`heldout` is not a spec parameter).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import random
 import zlib
@@ -35,6 +44,34 @@ def get_generator(name: str) -> Callable[..., Iterator[dict]]:
 
 def _rng(seed: int, name: str) -> random.Random:
     return random.Random((seed * 1_000_003) ^ zlib.crc32(name.encode()))
+
+
+# ------------------------------------------------------------------------------------------------
+# the held-out split
+# ------------------------------------------------------------------------------------------------
+HELDOUT_BUCKETS = 32  # 1 problem in 32 (by the hash of its canonical text) is held out
+_MAX_DRAWS = 100_000  # draws in a row without a problem of the wanted split: the parameters leave none
+
+
+def canonical(text: str) -> str:
+    """The canonical form of a problem's text: lower case, runs of whitespace as one space, stripped."""
+    return " ".join(text.lower().split())
+
+
+def is_heldout(problem: str) -> bool:
+    """True when the problem (its canonical text) is in the held-out bucket: never a training row."""
+    h = hashlib.blake2b(canonical(problem).encode("utf-8"), digest_size=8, person=b"hrm-heldout").digest()
+    return int.from_bytes(h, "big") % HELDOUT_BUCKETS == 0
+
+
+def _draw(rng: random.Random, make: Callable[[random.Random], tuple], heldout: bool, what: str) -> tuple:
+    """`make(rng)` -> (canonical problem text, ...) drawn again until the problem is in the wanted split."""
+    for _ in range(_MAX_DRAWS):
+        out = make(rng)
+        if is_heldout(out[0]) == heldout:
+            return out
+    raise ValueError(f"{what}: no {'held-out' if heldout else 'training'} problem in {_MAX_DRAWS} draws; "
+                     "the parameters leave too few problems")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,11 +113,13 @@ def _mul_steps(a: int, b: int) -> list[str]:
 
 
 @generator("arithmetic")
-def arithmetic(n: int, seed: int, cot: bool = False, max_digits: int = 6, ops: str = "+-*") -> Iterator[dict]:
+def arithmetic(n: int, seed: int, cot: bool = False, max_digits: int = 6, ops: str = "+-*", *,
+               heldout: bool = False) -> Iterator[dict]:
     """Multi-digit +, - and x. cot=True writes the column-by-column or partial-product steps."""
-    rng = _rng(seed, f"arithmetic-{cot}-{max_digits}-{ops}")
+    rng = _rng(seed, f"arithmetic-{cot}-{max_digits}-{ops}" + ("-heldout" if heldout else ""))
     phr = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "Find the value of {a} {op} {b}."]
-    for i in range(n):
+
+    def make(rng: random.Random) -> tuple[str, str, int, int]:
         op = ops[rng.randrange(len(ops))]
         if op == "*":
             a, b = _digits(rng, 2, max_digits), _digits(rng, 1, max(1, max_digits // 2))
@@ -88,6 +127,11 @@ def arithmetic(n: int, seed: int, cot: bool = False, max_digits: int = 6, ops: s
             a, b = _digits(rng, 2, max_digits), _digits(rng, 2, max_digits)
         if op == "-" and b > a:
             a, b = b, a
+        sym = {"+": "+", "-": "-", "*": "x"}[op]
+        return f"{a} {sym} {b}", op, a, b  # the problem whatever its phrasing
+
+    for i in range(n):
+        problem, op, a, b = _draw(rng, make, heldout, "arithmetic")
         res = a + b if op == "+" else a - b if op == "-" else a * b
         sym = {"+": "+", "-": "-", "*": "x"}[op]
         q = rng.choice(phr).format(a=a, op=sym, b=b)
@@ -103,7 +147,8 @@ def arithmetic(n: int, seed: int, cot: bool = False, max_digits: int = 6, ops: s
         else:
             ans = str(res)
         task = {"+": "addition", "-": "subtraction", "*": "multiplication"}[op]
-        yield {"uid": f"{i}", "task": task, "question": q, "answer": ans, "condition": "cot" if cot else "direct"}
+        yield {"uid": f"{i}", "task": task, "question": q, "answer": ans, "condition": "cot" if cot else "direct",
+               "problem": canonical(problem)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,28 +225,36 @@ WORD_PROBLEMS = {"shopping": _wp_shopping, "rate": _wp_rate, "share": _wp_share,
 
 
 @generator("word_problems")
-def word_problems(n: int, seed: int, cot: bool = True, kinds: str = "shopping,rate,share,age,percent") -> Iterator[dict]:
+def word_problems(n: int, seed: int, cot: bool = True, kinds: str = "shopping,rate,share,age,percent", *,
+                  heldout: bool = False) -> Iterator[dict]:
     """Multi-step word problems from templates; cot=True writes the steps, then '#### answer'."""
-    rng = _rng(seed, f"word_problems-{cot}-{kinds}")
+    rng = _rng(seed, f"word_problems-{cot}-{kinds}" + ("-heldout" if heldout else ""))
     names = [k.strip() for k in kinds.split(",") if k.strip()]
     for k in names:
         if k not in WORD_PROBLEMS:
             raise ValueError(f"word_problems: unknown kind {k!r}; known: {sorted(WORD_PROBLEMS)}")
-    for i in range(n):
+
+    def make(rng: random.Random) -> tuple[str, str, list[str], int]:
         kind = names[rng.randrange(len(names))]
         q, steps, ans = WORD_PROBLEMS[kind](rng)
+        return q, kind, steps, ans  # the question is the problem
+
+    for i in range(n):
+        q, kind, steps, ans = _draw(rng, make, heldout, "word_problems")
         text = "\n".join(steps) + f"\n#### {ans}" if cot else str(ans)
-        yield {"uid": f"{i}", "task": kind, "question": q, "answer": text, "condition": "cot" if cot else "direct"}
+        yield {"uid": f"{i}", "task": kind, "question": q, "answer": text, "condition": "cot" if cot else "direct",
+               "problem": canonical(q)}
 
 
 # ------------------------------------------------------------------------------------------------
 # sequences and comparisons (short direct answers)
 # ------------------------------------------------------------------------------------------------
 @generator("sequences")
-def sequences(n: int, seed: int) -> Iterator[dict]:
+def sequences(n: int, seed: int, *, heldout: bool = False) -> Iterator[dict]:
     """Next terms of arithmetic, geometric and Fibonacci-like sequences, with a one-line rule."""
-    rng = _rng(seed, "sequences")
-    for i in range(n):
+    rng = _rng(seed, "sequences" + ("-heldout" if heldout else ""))
+
+    def make(rng: random.Random) -> tuple[str, str, list[int], str]:
         kind = rng.choice(["arithmetic", "geometric", "fibonacci"])
         if kind == "arithmetic":
             a, d = rng.randint(-200, 200), rng.randint(-25, 25) or 3
@@ -218,21 +271,31 @@ def sequences(n: int, seed: int) -> Iterator[dict]:
                 seq.append(seq[-1] + seq[-2])
             rule = "Each term is the sum of the two before it."
         q = f"What number comes next: {', '.join(map(str, seq[:5]))}, ...?"
+        return q, kind, seq, rule  # the question (the five terms shown) is the problem
+
+    for i in range(n):
+        q, kind, seq, rule = _draw(rng, make, heldout, "sequences")
         yield {"uid": f"{i}", "task": f"seq_{kind}", "question": q, "answer": f"{rule} The next term is {seq[5]}.",
-               "condition": "cot"}
+               "condition": "cot", "problem": canonical(q)}
 
 
 @generator("comparisons")
-def comparisons(n: int, seed: int) -> Iterator[dict]:
+def comparisons(n: int, seed: int, *, heldout: bool = False) -> Iterator[dict]:
     """Which of two fractions/decimals is larger (direct answers)."""
-    rng = _rng(seed, "comparisons")
-    for i in range(n):
+    rng = _rng(seed, "comparisons" + ("-heldout" if heldout else ""))
+
+    def make(rng: random.Random) -> tuple[str, int, int, int, int]:
         a, b, c, d = rng.randint(1, 30), rng.randint(2, 40), rng.randint(1, 30), rng.randint(2, 40)
         while a * d == b * c:
             c += 1
+        pair = sorted([f"{a}/{b}", f"{c}/{d}"])  # the same problem in either order
+        return f"which is larger: {pair[0]} or {pair[1]}", a, b, c, d
+
+    for i in range(n):
+        problem, a, b, c, d = _draw(rng, make, heldout, "comparisons")
         q = f"Which is larger, {a}/{b} or {c}/{d}?"
         yield {"uid": f"{i}", "task": "fractions", "question": q, "answer": f"{a}/{b}" if a * d > b * c else f"{c}/{d}",
-               "condition": "direct"}
+               "condition": "direct", "problem": canonical(problem)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,7 +352,7 @@ COMMON_PARAMS = ("n", "seed", "near_dup_rate", "exact_dup_rate")
 def accepted_params(name: str) -> list[str] | None:
     """The parameter names a spec may give generator `name` (None: any, it takes **kwargs)."""
     sig = inspect.signature(get_generator(name))
-    own = list(sig.parameters.values())[2:]  # after (n, seed)
+    own = [p for p in list(sig.parameters.values())[2:] if p.name != "heldout"]  # after (n, seed)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own):
         return None
     return sorted({*COMMON_PARAMS, *(p.name for p in own)})
@@ -309,15 +372,24 @@ def check_params(name: str, params: dict) -> list[str]:
         v = params.get(k, 0.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
             problems.append(f"generator {name!r}: {k!r} must be a number in [0, 1], got {v!r}")
+    if "heldout" in params:
+        problems.append(f"generator {name!r}: 'heldout' is not a spec parameter (held-out problems are never "
+                        "training data; evaluation.heldout builds the held-out benchmark)")
     accepted = accepted_params(name)
     if accepted is not None:
         for k in params:
+            if k == "heldout":
+                continue
             if k not in accepted:
                 problems.append(f"generator {name!r} has no parameter {k!r}; accepted: {accepted}")
     return problems
 
 
 def generate(name: str, n: int, seed: int, **params) -> Iterator[dict]:
+    """Training rows of generator `name` (no held-out problem among them, duplicates planted as asked)."""
+    if "heldout" in params:
+        raise ValueError(f"generator {name!r}: 'heldout' is not a parameter of training data; "
+                         "use pipeline.generators.heldout")
     near = float(params.pop("near_dup_rate", 0.0))
     exact = float(params.pop("exact_dup_rate", 0.0))
     fn = get_generator(name)
@@ -326,3 +398,16 @@ def generate(name: str, n: int, seed: int, **params) -> Iterator[dict]:
     except TypeError as e:
         raise ValueError(f"generator {name!r}: bad params {sorted(params)}: {e}") from None
     return with_duplicates(rows, seed, near, exact, name)
+
+
+def heldout(name: str, n: int, seed: int, **params) -> Iterator[dict]:
+    """n rows of generator `name` whose problems are all in the held-out bucket (never training rows),
+    drawn like the training rows of the same parameters; duplicate parameters are ignored. A small
+    problem space repeats problems: callers keep the first row of each `problem`."""
+    for k in ("near_dup_rate", "exact_dup_rate", "heldout"):
+        params.pop(k, None)
+    fn = get_generator(name)
+    try:
+        return fn(n, seed, heldout=True, **params)
+    except TypeError as e:
+        raise ValueError(f"generator {name!r}: bad params {sorted(params)}: {e}") from None

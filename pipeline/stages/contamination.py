@@ -167,7 +167,8 @@ def load_benchmarks(
         wanted = list(names) if names is not None else [n for n in found if n in splits or any(root.joinpath(n).glob("*.jsonl"))]
         out: dict[str, Benchmark] = {}
         for name in wanted:
-            split = splits.get(name)
+            # a folder of another benchmark (e.g. evaluation/heldout/demo_heldout): its test split
+            split = splits.get(name) or ("test" if (root / name / "test.jsonl").is_file() else None)
             f = root / name / f"{split}.jsonl" if split else None
             if f is None or not f.exists():
                 have = sorted(p.stem for p in (root / name).glob("*.jsonl")) if (root / name).is_dir() else []
