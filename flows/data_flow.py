@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline.config import (ContaminationConfig, ContaminationSpec, DedupConfig, MixConfig, NormalizeConfig,
                              PackConfig, RunSpec, SourceSpec, StratumRule, TokenizerConfig)
-from pipeline.io import completed_manifest, sha256_file
+from pipeline.io import completed_manifest, sha256_file, sha256_json
 from pipeline.runs import RunError, read_run, run_lock, stage_dir, stage_entry, write_run, RUN_MANIFEST
 from pipeline.checks import require_ok
 from pipeline.spec import load_spec
@@ -271,8 +271,23 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
         return _run(s, spec, root, todo, contam, refresh, overrides, progress, logger)
 
 
+def run_label(s: RunSpec, root: Path) -> str:
+    """What artifact keys start with: the spec name and a short hash of the run folder, so two runs of
+    one spec in different folders never overwrite each other's artifacts."""
+    return f"{s.name}-{sha256_json(str(root))[:8]}"
+
+
+def _counts_artifact(st: str, m: dict, label: str) -> None:
+    """A table of what the stage did (its flat counts), with the absolute folder it wrote."""
+    rows = [{"count": k, "value": v} for k, v in m.get("counts", {}).items() if not isinstance(v, (dict, list))]
+    rows.append({"count": "folder", "value": m["path"]})
+    create_table_artifact(rows, key=artifact_key(st, label), description=f"{st}: {m['path']}")
+
+
 def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: ContaminationSpec | None,
-         refresh: list[str], overrides: list[str] | None, progress: bool, logger) -> dict[str, Any]:
+         refresh: list[str], overrides: list[str] | None, progress: bool, logger,
+         label: str | None = None) -> dict[str, Any]:
+    label = label or run_label(s, root)
     results = root / ".prefect" / "results"
     t0 = time.time()
     prev = read_run(root) if (root / RUN_MANIFEST).exists() else {}
@@ -286,7 +301,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
         paths[st] = m["path"]
         entries[st] = stage_entry(root, st, m, {k: Path(v).name for k, v in inputs.items()})
         _mark_stale(entries)
-        write_run(root, _run_manifest(s, spec_arg, root, entries, contam, overrides, prev))
+        cur = read_run(root) if (root / RUN_MANIFEST).exists() else prev  # keeps what other commands wrote since
+        write_run(root, _run_manifest(s, spec_arg, root, entries, contam, overrides, cur))
 
     def upstream(st: str) -> str:
         """The folder of an earlier stage: from this run, else from the run manifest."""
@@ -314,6 +330,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
             m = t.with_options(result_storage=results, refresh_cache=True)(force=False, **common)
         ran.append(st)
         record(st, m, {u: paths[u] for u in ups})
+        if st != "lineage":
+            _counts_artifact(st, m, label)
         return m
 
     decon = contam is not None and contam.decontaminate
@@ -359,7 +377,7 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
                 dirs["contamination"] = upstream("contamination")
             m = call(lineage_task, st, {"stage_dirs": dirs}, list(dirs), title=f"{s.name} ({root})")
             create_markdown_artifact((Path(m["path"]) / "lineage.md").read_text(),
-                                     key=artifact_key("lineage", s.name, Path(m["path"]).name),
+                                     key=artifact_key("lineage", label),
                                      description=f"lineage of {s.name} in {root}: where every row came from, why "
                                                  "every dropped row was dropped")
             return m
@@ -374,7 +392,7 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
             continue
         logger.info("%s: %s -> %s", st, {k: v for k, v in m.get("counts", {}).items() if not isinstance(v, dict)},
                     m["path"])
-    create_markdown_artifact(_summary_markdown(s, root, man, ran), key=artifact_key("data-run", s.name),
+    create_markdown_artifact(_summary_markdown(s, root, man, ran), key=artifact_key("data-run", label),
                              description=f"data stages of {s.name} in {root}")
     logger.info("data flow done in %.1f s: %s", time.time() - t0, root)
     stale = {k: v["stale"] for k, v in entries.items() if v.get("stale")}

@@ -116,6 +116,69 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    """The whole DAG: data stages -> train -> check -> evaluate -> report."""
+    from .checks import require_ok
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.set)  # fail before Prefect starts
+    if not (args.only or args.from_stage) or "ingest" in (args.only, args.from_stage):
+        require_ok(spec, str(args.spec))
+    if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
+        _die(f"--benchmarks: {args.benchmarks} is not a folder")
+    from flows.errors import quiet_user_errors_on_console
+    from flows.pipeline_flow import EvalSettings, TrainSettings, pipeline, plan_pipeline
+
+    plan_pipeline(args.stop_after, args.from_stage, args.only, True, True)
+    train = TrainSettings(preset=args.preset, arch=args.arch, steps=args.steps, warmup_steps=args.warmup_steps,
+                          micro_batch_size=args.micro_batch_size, save_every=args.save_every, num_gpus=args.num_gpus,
+                          hostfile=args.hostfile, extra_args=args.train_arg)
+    evaluation = EvalSettings(tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit or None,
+                              checkpoint=args.checkpoint, max_gen_toks=args.max_gen_toks)
+    quiet_user_errors_on_console()
+    res = pipeline(spec=str(args.spec), output_dir=args.output, overrides=args.set, from_stage=args.from_stage,
+                   only=args.only, refresh=args.refresh, stop_after=args.stop_after, benchmarks=args.benchmarks,
+                   decontaminate=args.decontaminate, train=train, evaluation=evaluation, progress=not args.no_progress)
+    out = Path(res["output_dir"])
+    summary = {"output_dir": str(out), "ran": res["ran"],
+               "data": {k: v["path"] for k, v in res["manifests"].items()},
+               "model": {k: v.get("path") or v.get("html") for k, v in res.get("model", {}).items()}}
+    if res.get("stale"):
+        summary["stale"] = res["stale"]
+    print(json.dumps(summary, indent=2))
+    ev = res.get("model", {}).get("evaluate")
+    if ev:
+        print(f"\nscores: {Path(ev['path']) / 'results.md'}", file=sys.stderr)
+    if (out / "report" / "index.html").exists():
+        print(f"report: {out / 'report' / 'index.html'}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.serve import serve_all
+
+    print("serving the deployments hrm-pipeline/pipeline, hrm-stage/stage, hrm-evaluate/evaluate, "
+          "hrm-lineage/lineage (Ctrl-C stops)", file=sys.stderr)
+    serve_all(limit=args.limit)
+    return 0
+
+
+def cmd_server(args) -> int:
+    import os
+
+    from flows.serve import start_server
+
+    proc = start_server(port=args.port)
+    print(f"Prefect server on http://127.0.0.1:{args.port} (database under {os.environ['PREFECT_HOME']}); the "
+          f"zombie-run automation is installed.\nIn another shell: PREFECT_API_URL=http://127.0.0.1:{args.port}/api "
+          "hrm serve", file=sys.stderr)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
 def cmd_gc(args) -> int:
     from .runs import gc
 
@@ -312,6 +375,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute this stage even if a cached result exists (repeatable)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_run)
+
+    pp = sub.add_parser("pipeline", help="the whole DAG: data stages, training, contamination check, evaluation, "
+                                         "report")
+    pp.add_argument("spec")
+    pp.add_argument("--output", "-o", default=None, help="run folder (default runs/<spec name>)")
+    steps_all = [*stage_names, "train", "check", "evaluate", "report"]
+    pp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec setting")
+    pp.add_argument("--from", dest="from_stage", choices=steps_all, default=None)
+    pp.add_argument("--only", choices=steps_all, default=None)
+    pp.add_argument("--refresh", action="append", default=[], choices=steps_all, metavar="STEP")
+    pp.add_argument("--stop-after", choices=steps_all, default="report")
+    pp.add_argument("--benchmarks", default=None, metavar="DIR",
+                    help="benchmark files (<name>/<split>.jsonl): checked against the packed data and evaluated "
+                         "beside the held-out demo task")
+    pp.add_argument("--decontaminate", action="store_true",
+                    help="also drop, before mixing, the rows that make a benchmark item dirty (needs --benchmarks)")
+    pp.add_argument("--preset", default="cpu-small", choices=["debug", "cpu-small", "B", "L", "XL", "XXL"])
+    pp.add_argument("--arch", default="hrm", choices=["hrm", "transformer"])
+    pp.add_argument("--steps", type=int, default=60)
+    pp.add_argument("--warmup-steps", type=int, default=10)
+    pp.add_argument("--micro-batch-size", type=int, default=8)
+    pp.add_argument("--save-every", type=int, default=20)
+    pp.add_argument("--num-gpus", type=int, default=1, help="ranks on this machine (>1: the deepspeed launcher)")
+    pp.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several machines")
+    pp.add_argument("--train-arg", action="append", default=[], metavar="FLAG",
+                    help="another `hrm train` flag, passed on (repeatable), e.g. --train-arg=--ema-decay=0.999")
+    pp.add_argument("--limit", type=int, default=50, help="items per benchmark (0: all)")
+    pp.add_argument("--tasks", default=None, help="comma-separated eval tasks (default: demo_heldout + given files)")
+    pp.add_argument("--checkpoint", choices=["raw", "ema"], default="raw", help="export to evaluate")
+    pp.add_argument("--max-gen-toks", type=int, default=256)
+    pp.add_argument("--no-progress", action="store_true")
+    pp.set_defaults(fn=cmd_pipeline)
+
+    sv = sub.add_parser("serve", help="serve the pipeline's deployments to the Prefect UI (Run buttons)")
+    sv.add_argument("--limit", type=int, default=None, help="flow runs at a time")
+    sv.set_defaults(fn=cmd_serve)
+    srv = sub.add_parser("server", help="start a local Prefect server (UI + API) bound to 127.0.0.1")
+    srv.add_argument("--port", type=int, default=4200)
+    srv.set_defaults(fn=cmd_server)
 
     gcp = sub.add_parser("gc", help="remove stage versions that the run manifest does not reference")
     gcp.add_argument("run", help="run folder (runs/<name>)")

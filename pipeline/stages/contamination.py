@@ -278,9 +278,36 @@ def iter_training(path: Path, batch_rows: int) -> Iterator[tuple[int, np.ndarray
         row0 += b.num_rows
 
 
+def _packed_rows(pack_dir: Path, out: Path) -> tuple[Path, Path]:
+    """The training rows a pack folder holds (the tokenized rows it read, kept when at least one of their
+    samples was packed), written once to `<out>/.inputs/packed-<pack version>.parquet`; with the tokenizer
+    folder they were made with."""
+    import pyarrow.ipc as ipc
+
+    man = io.read_json(pack_dir / "manifest.json")
+    tok_dir = Path(man.get("inputs", {}).get("tokenized", ""))
+    src = tok_dir / TOKENIZED_FILE
+    if not src.exists():
+        raise FileNotFoundError(f"contamination: the pack {pack_dir} was made from {tok_dir}, which has no "
+                                f"{TOKENIZED_FILE} any more")
+    dest = out / ".inputs" / f"packed-{io.sha256_json(man.get('outputs', {}))[:16]}.parquet"
+    if not dest.exists():
+        ids: set[str] = set()
+        for f in sorted(pack_dir.glob("shard-*.arrow")):
+            with ipc.open_file(pa.memory_map(str(f), "r")) as r:
+                t = r.read_all()
+            ids.update(t.column("sample_ids").combine_chunks().flatten().to_pylist())
+        table = pq.read_table(src)
+        keep = pa.array([i in ids for i in table.column("id").to_pylist()])
+        io.write_parquet(table.filter(keep), dest)
+    return dest, tok_dir
+
+
 def _resolve_training(train_path, tokenizer_path, out: Path, progress: bool) -> tuple[Path, Path]:
     """(tokenized.parquet, tokenizer folder or file) for the input; rows files are tokenized first."""
     p = Path(train_path)
+    if p.is_dir() and (p / "manifest.json").exists() and io.read_json(p / "manifest.json").get("stage") == "pack":
+        return _packed_rows(p, out)
     if p.is_dir():
         f = p / TOKENIZED_FILE
         if not f.exists():
