@@ -1,5 +1,6 @@
 # Two commands for a newcomer on a fresh machine:
-#   make demo   set up .venv and run the pipeline end to end on the embedded default spec (offline)
+#   make demo   set up .venv and run the whole pipeline (data, training, contamination check, evaluation,
+#               report) on the embedded default spec, offline
 #   make test   set up .venv and run the test suite
 # Every cache stays inside the work tree (.cache/); nothing is written to $HOME.
 SHELL := /bin/bash
@@ -16,12 +17,17 @@ SPEC ?= demo
 BENCHMARKS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lock bench
+.PHONY: setup demo data test lock bench
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
+	@mkdir -p "$(PREFECT_HOME)" "$(HF_HOME)" "$(TORCH_EXTENSIONS_DIR)"
+	.venv/bin/hrm pipeline $(SPEC) $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS)) $(DEMO_ARGS)
+
+# the data stages only (no training or evaluation)
+data: setup
 	@mkdir -p "$(PREFECT_HOME)" "$(HF_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 	.venv/bin/hrm run $(SPEC) $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS)) $(DEMO_ARGS)
 
