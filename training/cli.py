@@ -1,19 +1,27 @@
 """`hrm train` (or `python -m training`, the form the deepspeed launcher runs): train or resume one run.
 
-Single process (no launcher; torch.distributed is set up with world size 1):
+PATH is a run folder (runs/demo: its pack, train folder RUN/train), a pack folder, or a train folder
+(resumes it on the pack it records). The explicit form --shards PACK --out DIR works too.
+Single process (no launcher; world size 1, no rendezvous port):
+    hrm train runs/demo --preset debug --steps 200 --warmup-steps 20
     hrm train --shards runs/demo/pack --out runs/demo/train --preset debug --steps 200
 Several local ranks (DeepSpeed launcher; the same command resumes after a crash):
-    deepspeed --num_gpus 8 -m training --shards ... --out ... --preset XL --bf16 --zero-stage 2
+    deepspeed --num_gpus 8 -m training runs/demo --preset XL --bf16 --zero-stage 2
     (on CPU: deepspeed --num_accelerators 2 -m training ...; the CPU ranks use gloo + shm_comm)
 Several machines (a hostfile lists "hostname slots=N" per line; the same folders on every node):
     deepspeed --hostfile hostfile --master_addr node0 --master_port 29500 -m training --shards ... --out ...
+Rerunning resumes from the last checkpoint, only on the same pack, tokenizer and settings (--steps may
+change); anything else is refused, and --restart starts a fresh run in the next free <out>-N folder.
+Resuming unpickles DeepSpeed's .pt files: resume only train folders you made.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from training.config import TrainConfig
 
@@ -21,8 +29,13 @@ from training.config import TrainConfig
 def build_parser(prog: str = "hrm train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="pack stage folder (shard-*.arrow + manifest.json)")
-    p.add_argument("--out", required=True, help="run folder (config, metrics, checkpoints, exports)")
+    p.add_argument("path", nargs="?", metavar="PATH",
+                   help="run folder (runs/demo), pack folder, or train folder to resume")
+    p.add_argument("--shards", help="pack folder (shard-*.arrow + manifest.json), or a run folder / its pack root")
+    p.add_argument("--out", help="train folder (config, metrics, checkpoints, exports); default RUN/train")
+    p.add_argument("--restart", action="store_true",
+                   help="when the train folder holds an earlier run, start afresh in the next free <out>-N "
+                        "(the old one is kept) instead of resuming")
     p.add_argument("--preset", default="debug")
     p.add_argument("--arch", choices=["hrm", "transformer"], default="hrm")
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
@@ -56,7 +69,58 @@ def build_parser(prog: str = "hrm train") -> argparse.ArgumentParser:
     return p
 
 
+def _is_train_folder(p: Path) -> bool:
+    from training.records import LEGACY_RECORD, TRAIN_RECORD
+
+    if (p / TRAIN_RECORD).is_file():
+        return True
+    try:  # a train folder from before train.json: run.json holding a training record
+        rec = json.loads((p / LEGACY_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and "model_config" in rec and "stages" not in rec
+
+
+def resolve_paths(path: str | None, shards: str | None, out: str | None) -> tuple[str, str, str | None]:
+    """(pack folder, train folder, run folder or None) from PATH / --shards / --out.
+
+    --shards and PATH are found with pipeline.runs.resolve_stage (a pack folder, a run folder, or a
+    run's pack root); a train folder PATH gives its recorded pack and is the train folder itself. The
+    train folder defaults to RUN/train when the pack belongs to a run folder."""
+    from pipeline.runs import RunError, find_run_dir, resolve_stage
+    from training.records import TRAIN_RECORD
+
+    train_dir = None
+    if path is not None and _is_train_folder(Path(path)):
+        train_dir = Path(path)
+        if shards is None:
+            p = train_dir / TRAIN_RECORD
+            rec = json.loads(p.read_text()) if p.is_file() else {}
+            shards = rec.get("data", {}).get("pack_dir")
+            if not shards:
+                raise RunError(f"{path} records no pack folder: pass --shards PACK")
+    elif path is not None:
+        if shards is not None:
+            raise RunError(f"give the pack once: PATH ({path}) or --shards ({shards}), not both")
+        shards = path
+    if shards is None:
+        raise RunError("say what to train on: hrm train RUN_DIR (or a pack folder), or --shards PACK --out DIR")
+    pack = resolve_stage(shards, "pack")
+    run_dir = find_run_dir(train_dir.parent) if train_dir is not None else find_run_dir(shards)
+    if out is None:
+        if train_dir is not None:
+            out = str(train_dir)
+        elif run_dir is not None:
+            out = str(run_dir / "train")
+        else:
+            raise RunError(f"{shards} is not in a run folder: pass --out DIR for the train folder")
+    elif train_dir is not None and Path(out).resolve() != train_dir.resolve():
+        raise RunError(f"PATH {path} is a train folder; --out {out} names another one: give one of them")
+    return str(pack), out, str(run_dir) if run_dir is not None else None
+
+
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    shards, out, run_dir = resolve_paths(a.path, a.shards, a.out)
     over = {}
     for kv in a.model_set:
         if "=" not in kv:
@@ -67,7 +131,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         except json.JSONDecodeError:
             over[k] = v
     return TrainConfig(
-        shards=a.shards, out=a.out, preset=a.preset, arch=a.arch, model_overrides=over, vocab_size=a.vocab_size,
+        shards=shards, out=out, run_dir=run_dir, restart=a.restart, preset=a.preset, arch=a.arch, model_overrides=over, vocab_size=a.vocab_size,
         steps=a.steps, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum, seed=a.seed,
         optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         lr_schedule=a.lr_schedule, ema_decay=a.ema_decay, grad_clip=a.grad_clip, engine=a.engine,
@@ -77,24 +141,38 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
     )
 
 
+def next_command(summary: dict) -> str:
+    """The command to type after training: evaluate the run folder (or the train folder outside one)."""
+    target = summary.get("run_dir") or summary["out"]
+    return f"hrm eval {target} --benchmarks BENCH_DIR --limit 20"
+
+
 def main(argv: list[str] | None = None, prog: str = "hrm train") -> int:
+    from pipeline.runs import RunError
+
     p = build_parser(prog)
     a = p.parse_args(argv)
     try:
         cfg = config_from_args(a)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError) as e:
         p.error(str(e))
     if cfg.warmup_steps >= cfg.steps:
         print(f"warning: --warmup-steps {cfg.warmup_steps} >= --steps {cfg.steps}: the learning rate never reaches "
               f"{cfg.lr:g} (it ends at {cfg.lr * cfg.steps / max(cfg.warmup_steps, 1):.3g}); pass a smaller "
               "--warmup-steps for a short run", file=sys.stderr)
-    from training.train import TrainingDiverged, train
     from training.data import ShardChecksumError
+    from training.records import ResumeRefused
+    from training.train import TrainingDiverged, train
 
     try:
         summary = train(cfg)
-    except (TrainingDiverged, ShardChecksumError) as e:
+    except (TrainingDiverged, ShardChecksumError, ResumeRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"next: {next_command(summary)}", file=sys.stderr)
     return 0

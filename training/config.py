@@ -22,7 +22,9 @@ Engine = Literal["deepspeed", "torch"]
 class TrainConfig:
     # --- where --------------------------------------------------------------------------------
     shards: str  # a pack stage folder (shard-*.arrow + manifest.json)
-    out: str  # run folder: config, logs, checkpoints, exports
+    out: str  # train folder: config, logs, checkpoints, exports
+    run_dir: str | None = None  # the run folder (run.json) the pack belongs to: its manifest records this training
+    restart: bool = False  # out holds an earlier run: start afresh in the next free <out>-N (never resume)
     # --- model --------------------------------------------------------------------------------
     preset: str = "debug"
     arch: Literal["hrm", "transformer"] = "hrm"

@@ -42,11 +42,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def manifest_sha(folder: str | Path) -> str:
-    """sha256 of the pack folder's manifest.json (recorded beside every run)."""
-    return sha256_file(Path(folder) / "manifest.json")
-
-
 @dataclass
 class Batch:
     """One micro batch: the model's inputs plus lineage."""

@@ -1,16 +1,24 @@
 """The training loop: `train(cfg) -> summary dict`.
 
-Run folder layout (cfg.out):
-  run.json             exact config, DeepSpeed config, model config, git sha, data manifest sha256
+Train folder layout (cfg.out):
+  train.json           exact config, DeepSpeed config, model config, git sha, and the record of what the
+                       run is made from (training.records: pack and tokenizer hashes, config_sha256)
+  tokenizer/           tokenizer.json + tokenizer_meta.json of the pack, copied at the start
   metrics.jsonl        one line per step (loss, answer tokens, grad norm, lr, bp, tokens/s, MFU)
   tensorboard/         the same scalars (when the tensorboard package is installed)
   checkpoints/         DeepSpeed checkpoints (tags step-00000010, ...; `latest`), each with the
-                       EMA weights, loader position, RNG states and recent losses as client state
-  export/step-N/{raw,ema}/   consolidated safetensors (model.save_checkpoint) written with each checkpoint
+                       EMA weights, loader position, RNG states and recent losses as client state, and
+                       train_record.json (the same record as train.json, plain JSON)
+  export/step-N/{raw,ema}/   consolidated safetensors (model.save_checkpoint) written with each checkpoint,
+                       with the tokenizer files and config.json["data"] (tokenizer and pack hashes, folders)
   final/{raw,ema}/     the same for the last step
+When the pack belongs to a run folder (cfg.run_dir), its run manifest's `train` entry names this folder.
 
 Resume: rerunning the same command finds checkpoints/latest and continues from it; the data stream,
 LR, bp schedule, EMA and RNG continue exactly, so the final weights equal an uninterrupted run's.
+Only a run made from the same pack, tokenizer and config is resumed (training.records.check_resume);
+cfg.restart starts afresh in the next free `<out>-N` instead. Resuming unpickles DeepSpeed's .pt files:
+resume only your own train folders.
 
 Loss normalisation: each micro batch's summed loss is divided by the answer tokens of the whole
 optimizer step (all ranks, all micro batches; computed from the data, no collective), times
@@ -39,8 +47,9 @@ import numpy as np
 import torch
 
 from model import bp_schedule, build_model, count_flops, save_checkpoint
+from training import records
 from training.config import TrainConfig
-from training.data import Batch, Loader, PackedShards, manifest_sha
+from training.data import Batch, Loader, PackedShards
 from training.distributed import REPO, init_distributed, resolve_device
 from training.optim import EMA, build_optimizer, lr_lambda
 
@@ -63,9 +72,9 @@ def git_version() -> dict[str, Any]:
         return {"git_sha": None, "dirty": None}
 
 
-def tokenizer_vocab(shards: PackedShards) -> int | None:
-    tok = shards.manifest.get("inputs", {}).get("tokenized")
-    meta = Path(tok) / "tokenizer_meta.json" if tok else None
+def tokenizer_vocab(tokenizer_dir: str | Path | None) -> int | None:
+    """The vocabulary size in the tokenizer folder's tokenizer_meta.json (None without one)."""
+    meta = Path(tokenizer_dir) / "tokenizer_meta.json" if tokenizer_dir else None
     if meta and meta.exists():
         return int(json.loads(meta.read_text())["vocab_size"])
     return None
@@ -186,12 +195,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     else:
         dev = torch.device("cpu")
     is_main = rank == 0
-    out.mkdir(parents=True, exist_ok=True)
 
     shards = PackedShards(cfg.shards)
-    mcfg = cfg.model_config(cfg.vocab_size or tokenizer_vocab(shards))
+    data = records.data_record(cfg.shards)
+    if is_main and data["tokenizer_sha256"] is None:
+        print(f"warning: the pack manifest names no tokenizer folder with a tokenizer.json "
+              f"({data['tokenizer_dir']}): the vocabulary comes from --vocab-size or the preset, and the "
+              "exports carry no tokenizer", file=sys.stderr)
+    mcfg = cfg.model_config(cfg.vocab_size or tokenizer_vocab(data["tokenizer_dir"]))
     if shards.seq_len > mcfg.max_seq_len:
         mcfg = mcfg.replace(max_seq_len=shards.seq_len)
+    given = records.record(data, records.run_identity(cfg, mcfg.to_dict(), world, device))
+    out = _claim_out(out, cfg, given, rank, world)
+    tok_dir = out / "tokenizer"
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if data["tokenizer_sha256"] is not None:  # pinned for the exports, whatever happens to the source
+            records.copy_tokenizer(data["tokenizer_dir"], tok_dir)
+    tok_files = [tok_dir / n for n in records.TOKENIZER_FILES] if data["tokenizer_sha256"] is not None else []
+    export = {"data": records.export_data_record(data), "files": tok_files}
     loader = Loader(shards, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, rank=rank,
                     world_size=world, seed=cfg.seed)
 
@@ -224,22 +246,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         recent = list(client.get("recent_losses", []))
         resumed_from = path
         if is_main:
-            print(f"resuming from {path} at step {start_step}", file=sys.stderr, flush=True)
+            print(f"resuming from {path} at step {start_step} (same pack {data['pack_version']}, tokenizer "
+                  f"{str(data['tokenizer_sha256'])[:16]} and config {given['config_sha256'][:16]} as recorded)",
+                  file=sys.stderr, flush=True)
 
     if is_main:
+        _keep_metrics_until(out / "metrics.jsonl", start_step)
         record = {
-            "config": cfg.to_dict(), "deepspeed_config": ds_cfg, "model_config": mcfg.to_dict(),
-            "code": git_version(), "data": {"shards": str(Path(cfg.shards).resolve()),
-                                           "manifest_sha256": manifest_sha(cfg.shards),
-                                           "sequences": len(shards), "seq_len": shards.seq_len},
-            "world_size": world, "device": device, "resumed_from": resumed_from,
+            **given, "config": cfg.to_dict(), "deepspeed_config": ds_cfg, "model_config": mcfg.to_dict(),
+            "code": git_version(), "sequences": len(shards), "seq_len": shards.seq_len,
+            "world_size": world, "device": device, "resumed_from": resumed_from, "start_step": start_step,
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         }
         if cfg.engine == "deepspeed":
             import deepspeed
 
             record["versions"]["deepspeed"] = deepspeed.__version__
-        _write_json(out / "run.json", record)
+        _write_json(out / records.TRAIN_RECORD, record)
+        _record_in_run(cfg, out, data, given, status="training", step=start_step)
 
     peak = cfg.peak_flops or default_peak_flops(device)
     writer = _tensorboard(out / "tensorboard") if (is_main and cfg.tensorboard) else None
@@ -305,7 +329,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 bar.update(1)
             done = step + 1
             if cfg.engine == "deepspeed" and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
-                _save(engine, ema, loader, mcfg, ckdir, out, done, recent, cfg, world, rank)
+                _save(engine, ema, loader, mcfg, ckdir, out, done, recent, cfg, world, rank, given, export)
     finally:
         if bar is not None:
             bar.close()
@@ -316,10 +340,80 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     final = out / "final"
     if is_main:
-        _export(model, ema, mcfg, final)
+        _export(model, ema, mcfg, final, export)
+        _record_in_run(cfg, out, data, given, status="done", step=cfg.steps, final=final)
     return {"final_loss": last_loss, "steps": cfg.steps, "start_step": start_step, "out": str(out),
             "final_raw": str(final / "raw"), "final_ema": str(final / "ema"), "metrics": str(out / "metrics.jsonl"),
-            "checkpoints": str(ckdir) if cfg.engine == "deepspeed" else None, "world_size": world}
+            "checkpoints": str(ckdir) if cfg.engine == "deepspeed" else None, "world_size": world,
+            "run_dir": cfg.run_dir, "data": data, "config_sha256": given["config_sha256"]}
+
+
+def _claim_out(out: Path, cfg: TrainConfig, given: dict, rank: int, world: int) -> Path:
+    """The train folder this run writes: OUT when it is new or holds the same run (resume); with
+    cfg.restart and an earlier run in OUT, the next free OUT-N (chosen by rank 0, told to the others);
+    otherwise ResumeRefused when OUT's record differs from GIVEN."""
+    if cfg.restart:
+        choice = None
+        if rank == 0:
+            choice = str(records.next_free(out)) if records.has_run(out) else str(out)
+            if choice != str(out):
+                print(f"--restart: {out} holds an earlier run (kept); this run writes {choice}",
+                      file=sys.stderr, flush=True)
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
+        return Path(choice)
+    rec = records.recorded(out)
+    if rec is not None:
+        records.check_resume(out, rec, given)
+        steps = rec.get("config", {}).get("steps")
+        if rank == 0 and steps is not None and steps != cfg.steps:
+            print(f"note: {out} was started with --steps {steps}; this run goes to --steps {cfg.steps}",
+                  file=sys.stderr)
+    return out
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metric lines after STEP (written by a run killed after its last checkpoint)."""
+    if not path.exists():
+        return
+    def step_of(line: str) -> int | None:
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            return None  # a line cut short by a kill
+
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [l for l in lines if (n := step_of(l)) is not None and n <= step and l.endswith("\n")]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def _record_in_run(cfg: TrainConfig, out: Path, data: dict, given: dict, *, status: str, step: int,
+                   final: Path | None = None) -> None:
+    """The run manifest's `train` entry (when the pack belongs to a run folder)."""
+    if not cfg.run_dir:
+        return
+    from pipeline.runs import update_run
+
+    run_dir = Path(cfg.run_dir).resolve()
+
+    def rel(p: Path | str) -> str:
+        p = Path(p).resolve()
+        return str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
+
+    entry = {"dir": rel(out), "pack_dir": rel(data["pack_dir"]), "pack_version": data["pack_version"],
+             "pack_manifest_sha256": data["pack_manifest_sha256"], "tokenizer_sha256": data["tokenizer_sha256"],
+             "config_sha256": given["config_sha256"], "preset": cfg.preset, "arch": cfg.arch,
+             "steps": cfg.steps, "step": step, "status": status}
+    if final is not None:
+        entry["final"] = {"raw": rel(final / "raw"), "ema": rel(final / "ema")}
+    update_run(run_dir, train=entry)
 
 
 def _check(step: int, loss: float, recent: list[float], cfg: TrainConfig, micro: list[Batch], what: str) -> None:
@@ -340,7 +434,7 @@ def _params_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _save(engine, ema, loader, mcfg, ckdir, out, step, recent, cfg, world, rank) -> None:
+def _save(engine, ema, loader, mcfg, ckdir, out, step, recent, cfg, world, rank, given, export) -> None:
     if not _params_finite(engine.module):
         raise TrainingDiverged(f"non-finite weights after step {step}; not writing a checkpoint")
     tag = f"step-{step:08d}"
@@ -356,23 +450,25 @@ def _save(engine, ema, loader, mcfg, ckdir, out, step, recent, cfg, world, rank)
     # We write it ourselves, atomically, after every rank has finished its files.
     engine.engine.save_checkpoint(str(ckdir), tag=tag, client_state=client, save_latest=False)
     if rank == 0:
+        _write_json(ckdir / tag / records.CHECKPOINT_RECORD, {**given, "step": step, "config": cfg.to_dict()})
         tmp = ckdir / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckdir / "latest")
-        _export(engine.module, ema, mcfg, out / "export" / tag)
+        _export(engine.module, ema, mcfg, out / "export" / tag, export)
         tags = sorted(p.name for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step-"))
         for old in tags[: -cfg.keep_checkpoints]:
             shutil.rmtree(ckdir / old, ignore_errors=True)
             shutil.rmtree(out / "export" / old, ignore_errors=True)
 
 
-def _export(model, ema, mcfg, folder: Path) -> None:
-    """Consolidated safetensors of the raw and of the EMA weights (model.save_checkpoint)."""
+def _export(model, ema, mcfg, folder: Path, export: dict) -> None:
+    """Consolidated safetensors of the raw and of the EMA weights (model.save_checkpoint), each with the
+    tokenizer files and config.json["data"]."""
     raw = build_model(mcfg)
     raw.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    save_checkpoint(raw, folder / "raw")
+    save_checkpoint(raw, folder / "raw", data=export["data"], files=export["files"])
     raw.load_state_dict(ema.state_dict())
-    save_checkpoint(raw, folder / "ema")
+    save_checkpoint(raw, folder / "ema", data=export["data"], files=export["files"])
 
 
 def _write_json(path: Path, obj: Any) -> None:

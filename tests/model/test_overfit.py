@@ -1,6 +1,5 @@
-"""A tiny HRM memorises a handful of instruction-response pairs (answer-only loss, PrefixLM)."""
-
-import time
+"""A tiny HRM memorises a handful of instruction-response pairs (answer-only loss, PrefixLM).
+Its speed is measured by benchmarks/overfit.py, not here."""
 
 import pytest
 import torch
@@ -20,16 +19,13 @@ def test_tiny_model_overfits_instruction_pairs(arch):
     model = build_model(ModelConfig.preset("debug", arch=arch))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
     steps = 100
-    start = time.perf_counter()
     for step in range(steps):
         out = model(**batch.as_kwargs(), bp=bp_schedule(step, steps))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-    elapsed = time.perf_counter() - start
     assert out.num_tokens.item() == 8 * 6
     assert out.loss.item() < 0.01, out.loss.item()
-    assert elapsed < 30
     # the memorised answers come back through cached greedy decoding
     model.eval()
     got = generate(model, [p for p, _ in pairs], 6)

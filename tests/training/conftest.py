@@ -40,6 +40,12 @@ def _stage(*argv: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def run_stage():
+    """run_stage("stage", NAME, "--input", ...): one pipeline stage through the hrm CLI (asserts success)."""
+    return _stage
+
+
+@pytest.fixture(scope="session")
 def packed(tmp_path_factory, gsm8k_rows) -> Path:
     """A pack folder: 400 GSM8K train rows -> stratify -> dedup -> tokenizer (vocab 512) -> mix -> pack
     (seq_len 256, ~32 sequences per shard)."""

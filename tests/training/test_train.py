@@ -53,8 +53,9 @@ def test_deepspeed_lowers_loss_and_matches_plain_pytorch(packed, tmp_path):
     rec = [json.loads(l) for l in (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bp"] for r in rec[:7]] == [2, 2, 3, 3, 4, 4, 5]  # 2 -> 5 over the first 20% (6 steps)
     assert all(r["grad_norm"] > 0 and r["answer_tokens"] > 0 and r["flops"] > 0 for r in rec)
-    run = json.loads((tmp_path / "ds" / "run.json").read_text())
-    assert run["data"]["manifest_sha256"] and run["code"]["git_sha"] and run["config"]["steps"] == 30
+    run = json.loads((tmp_path / "ds" / "train.json").read_text())
+    assert run["data"]["pack_manifest_sha256"] and run["data"]["tokenizer_sha256"] and run["config_sha256"]
+    assert run["code"]["git_sha"] and run["config"]["steps"] == 30
     assert run["deepspeed_config"]["zero_optimization"]["stage"] == 1
     assert run["model_config"]["vocab_size"] == 512  # the tokenizer's, found through the pack manifest
     for kind in ("raw", "ema"):
@@ -147,7 +148,7 @@ def test_deepspeed_launcher_two_cpu_ranks_match_one_rank(packed, tmp_path):
                         "--out", str(two), *common], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                        timeout=500)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    assert json.loads((two / "train.json").read_text())["world_size"] == 2
     one = tmp_path / "one"
     assert main(["--out", str(one), "--grad-accum", "2", *common]) == 0
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=1e-5, atol=0)
