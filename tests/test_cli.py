@@ -84,7 +84,7 @@ def test_every_stage_alone_on_user_files(capsys, tmp_path, gsm8k_train):
     (("stage", "contamination", "--input", "x", "--output", "y"), "give --benchmarks DIR"),
     (("eval", "--checkpoint", "x", "--tokenizer", "y", "--output", "z", "--benchmarks", "b", "--tasks", "mmlu,foo"),
      "unknown ['foo']"),
-    (("eval", "--checkpoint", "x", "--tokenizer", "y", "--output", "z"), "give --benchmarks DIR"),
+    (("eval", "--checkpoint", "x", "--tokenizer", "y", "--output", "z"), "--checkpoint: x is not a checkpoint folder"),
     (("eval", "--checkpoint", "/nonexistent", "--tokenizer", "y", "--output", "z", "--benchmarks", "b"),
      "--checkpoint: /nonexistent is not a checkpoint folder"),
     (("train", "--shards", "x", "--out", "y", "--zero-stage", "3"), "invalid choice: 3"),
