@@ -182,6 +182,19 @@ def _fmt_metric(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _die_with_parent():
+    """A preexec_fn (Linux) giving the trainer SIGKILL when the flow's process dies, so a killed flow run
+    (kill -9, OOM) leaves no orphan trainer writing the train folder that the rerun resumes from. Bound
+    here: the child only calls prctl (no imports or locks between fork and exec)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl, sig = ctypes.CDLL(None, use_errno=True).prctl, int(signal.SIGKILL)
+    return lambda: prctl(1, sig)  # PR_SET_PDEATHSIG
+
+
 @task(name="train", **_opts())
 def train_task(pack_dir: str, train_root: str, settings: TrainSettings, key: str, run_label: str) -> dict:
     """Train (or resume) on the pack in <train_root>/<version>/; returns the train record."""
@@ -217,7 +230,7 @@ def train_task(pack_dir: str, train_root: str, settings: TrainSettings, key: str
                 update_progress_artifact(progress_id, 100.0 * seen["last"]["step"] / settings.steps)
 
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+                            bufsize=1, preexec_fn=_die_with_parent())
     th = threading.Thread(target=watch, daemon=True)
     th.start()
     try:
@@ -266,6 +279,8 @@ def _train_result(out: Path, key: str, settings: TrainSettings) -> dict:
     return {"path": str(out.resolve()), "key": key, "version": key[:16], "steps": settings.steps,
             "final_loss": recs[-1]["loss"] if recs else None,
             "final": {"raw": str((final / "raw").resolve()), "ema": str((final / "ema").resolve())},
+            # top-level copies: Prefect links a task input to the task result it came from one level deep
+            "checkpoint_raw": str((final / "raw").resolve()), "checkpoint_ema": str((final / "ema").resolve()),
             "metrics": str(out / "metrics.jsonl")}
 
 
@@ -276,10 +291,13 @@ def check_task(pack_dir: str, benchmarks: str, check_root: str, key: str, run_la
     from pipeline.stages import contamination
 
     m = contamination.run(pack_dir, benchmarks, check_root, ContaminationConfig(), progress=False, versioned=True)
-    c = m.get("counts", {})
-    rows = [{"benchmark": b, "items": c.get("items", {}).get(b), "dirty": d,
-             "not_clean": (c.get("buckets", {}).get(b) or {}).get("not_clean")}
-            for b, d in (c.get("dirty") or {}).items()]
+    rep = json.loads((Path(m["path"]) / "report.json").read_text())
+    n = str(rep.get("primary_n"))
+    rows = []
+    for b, e in rep.get("benchmarks", {}).items():
+        counts = (e.get("by_n", {}).get(n) or {}).get("counts", {})
+        rows.append({"benchmark": b, "checked": e.get("checked"), **counts,
+                     "rows_responsible": len({r["id"] for d in e.get("dirty_items", []) for r in d.get("responsible", [])})})
     create_table_artifact(rows, key=artifact_key("check", run_label),
                           description=f"contamination of the packed training data ({m['path']})")
     return m
@@ -422,8 +440,11 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
             logger.warning("train: the cached result names %s, which is gone: training again", out["path"])
             out = train_task.with_options(refresh_cache=True)(pack_dir=pack, train_root=str(root / "train"),
                                                               settings=train, key=key, run_label=label)
-        ent = dict(run.get("train") or {})
+        ent = dict(read_run(root).get("train") or {})  # as the trainer left it (hashes, step), not as before training
+        if ent.get("dir") != os.path.relpath(out["path"], root):
+            ent = {}
         ent.update({"dir": os.path.relpath(out["path"], root), "version": out["version"], "status": "done",
+                    "steps": out["steps"], "step": out["steps"],
                     "settings": train.model_dump(), "final_loss": out["final_loss"],
                     "pack_version": Path(pack).name,
                     "final": {k: os.path.relpath(v, root) for k, v in out["final"].items()}})
@@ -446,7 +467,7 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
                 raise RunError(f"{root}: no trained checkpoint to evaluate: run the pipeline with the train step first")
             ckpt = str(root / ent["final"][evaluation.checkpoint])
         else:
-            ckpt = tr["final"][evaluation.checkpoint]
+            ckpt = tr[f"checkpoint_{evaluation.checkpoint}"]
         chk = steps.get("check")
         if chk is None and bench is not None and (run.get("check") or {}).get("dir"):
             chk = {"path": str(root / run["check"]["dir"])}
@@ -454,7 +475,7 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
         key = eval_key(ckpt, bench, contam_dir, evaluation)
         out = evaluate_task.with_options(refresh_cache=force)(checkpoint=ckpt, benchmarks=bench, contamination=contam_dir,
                                                              eval_root=str(root / "eval"), settings=evaluation, key=key,
-                                                             run_label=label)
+                                                             run_label=label, wait_for=[tr] if tr else None)
         if not Path(out["results"]).exists():
             out = evaluate_task.with_options(refresh_cache=True)(checkpoint=ckpt, benchmarks=bench,
                                                                  contamination=contam_dir, eval_root=str(root / "eval"),
