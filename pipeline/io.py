@@ -13,6 +13,7 @@ Conventions (every stage follows them, so any stage is idempotent and resumable)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -117,14 +118,18 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def fingerprint(stage: str, code: str, params: Any, inputs: dict[str, str | os.PathLike]) -> str:
-    return sha256_json(
-        {
-            "stage": stage,
-            "code": code,
-            "params": params,
-            "inputs": {k: content_hash(v) for k, v in sorted(inputs.items())},
-        }
-    )
+    obj = {
+        "stage": stage,
+        "code": code,
+        "params": params,
+        "inputs": {k: content_hash(v) for k, v in sorted(inputs.items())},
+    }
+    from .rows import _DEFAULTS  # the defaults `hrm stage --spec` gives rows that lack columns change the output
+
+    defaults = _DEFAULTS.get()
+    if defaults is not None:
+        obj["row_defaults"] = dataclasses.asdict(defaults)
+    return sha256_json(obj)
 
 
 def completed_manifest(out_dir: str | os.PathLike, fp: str, verify: bool = True) -> dict | None:

@@ -161,3 +161,25 @@ def test_stage_input_without_content_columns_names_them(capsys, tmp_path):
     code, _, err = run_cli(capsys, "stage", "stratify", "--input", str(rows), "--output", str(tmp_path / "s"))
     assert code == 1 and "missing column(s) ['instruction']" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_stage_default_condition_is_part_of_the_fingerprint(tmp_path):
+    """Rows without a condition column take the spec's default: another spec into the same folder must
+    recompute, not return the first spec's outputs."""
+    import pyarrow.parquet as pq
+
+    from pipeline.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"What is {i} + {i}?", "response": f"{2 * i}"}) + "\n"
+                            for i in range(20)))
+    got = {}
+    for first in ("direct", "cot"):
+        other = "cot" if first == "direct" else "direct"
+        spec = tmp_path / f"{first}.yaml"
+        spec.write_text(f"name: s\nnormalize: {{conditions: [{first}, {other}]}}\nsources:\n"
+                        f"  - {{name: g, kind: generator, generator: arithmetic, params: {{n: 5}}}}\n")
+        assert main(["stage", "stratify", "--input", str(rows), "--output", str(tmp_path / "out"), "--spec", str(spec),
+                     "--no-progress"]) == 0
+        got[first] = set(pq.read_table(tmp_path / "out" / "rows.parquet", columns=["condition"])["condition"].to_pylist())
+    assert got == {"direct": {"direct"}, "cot": {"cot"}}
