@@ -9,6 +9,7 @@ data dependencies. Model steps are content-addressed like the data stages:
                               train settings, training and model code). Killing the flow mid-training and
                               rerunning it resumes from the last checkpoint in the same folder.
     <run>/check/<version>/    contamination check of the packed rows (pipeline.stages.contamination)
+                              against the benchmark files given and the held-out demo task
     <run>/eval/<version>/     lm-eval results; version = hash of (checkpoint weights, tasks, few-shot,
                               limit, benchmark files, contamination items, evaluation code)
     <run>/report/             index.html + report.json (pipeline.report), rewritten every run
@@ -399,7 +400,7 @@ def pipeline(spec: str = "demo", output_dir: Optional[str] = None, overrides: li
         raise FileNotFoundError(f"benchmarks: {benchmarks} is not a folder")
     contam = contamination_settings(s, benchmarks if decontaminate else None, True if decontaminate else None)
     bench = str(Path(benchmarks).resolve()) if benchmarks else None
-    data_todo, model_todo = plan_pipeline(stop_after, from_stage, only, contam is not None, bench is not None)
+    data_todo, model_todo = plan_pipeline(stop_after, from_stage, only, contam is not None, True)
     bad = [r for r in refresh if r not in PIPELINE_STAGES]
     if bad:
         raise ValueError(f"refresh: unknown stage(s) {bad}")
@@ -417,6 +418,27 @@ def pipeline(spec: str = "demo", output_dir: Optional[str] = None, overrides: li
         res["model"] = steps
     logger.info("pipeline done: %s (report: %s)", root, root / "report" / "index.html")
     return res
+
+
+def check_benchmarks(root: Path, bench: str | None) -> str:
+    """The benchmark folder the check reads: the user's benchmark folders (if any) plus the held-out demo
+    task, copied once into `<run>/check/benchmarks-<content hash>/` (the evaluation scores them all, so
+    the check covers them all)."""
+    from evaluation.heldout import HELDOUT_DIR
+
+    parts = {d.name: d for d in sorted(Path(HELDOUT_DIR).iterdir()) if d.is_dir()}
+    if bench:
+        parts.update({d.name: d for d in sorted(Path(bench).iterdir()) if d.is_dir()})
+    key = sha256_json({name: content_hash(d) for name, d in sorted(parts.items())})[:16]
+    dest = root / "check" / f"benchmarks-{key}"
+    if not dest.exists():
+        tmp = root / "check" / f".tmp-benchmarks-{key}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, d in parts.items():
+            shutil.copytree(d, tmp / name)
+        os.replace(tmp, dest)
+    return str(dest)
 
 
 def _upstream_pack(root: Path, res: dict) -> str:
@@ -451,13 +473,14 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
         update_run(root, train=ent)
         return out
     if st == "check":
-        assert bench is not None
         pack = _upstream_pack(root, res)
-        key = sha256_json({"pack": content_hash(pack), "bench": content_hash(bench)})
-        m = check_task.with_options(refresh_cache=force)(pack_dir=pack, benchmarks=bench, check_root=str(root / "check"),
+        cb = check_benchmarks(root, bench)
+        key = sha256_json({"pack": content_hash(pack), "bench": Path(cb).name})
+        m = check_task.with_options(refresh_cache=force)(pack_dir=pack, benchmarks=cb, check_root=str(root / "check"),
                                                         key=key, run_label=label)
         update_run(root, check={"dir": os.path.relpath(m["path"], root), "version": Path(m["path"]).name,
-                                "benchmarks": bench, "pack_version": Path(pack).name})
+                                "benchmarks": bench, "checked": os.path.relpath(cb, root),
+                                "pack_version": Path(pack).name})
         return m
     if st == "evaluate":
         tr = steps.get("train")
@@ -469,7 +492,7 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
         else:
             ckpt = tr[f"checkpoint_{evaluation.checkpoint}"]
         chk = steps.get("check")
-        if chk is None and bench is not None and (run.get("check") or {}).get("dir"):
+        if chk is None and (run.get("check") or {}).get("dir"):
             chk = {"path": str(root / run["check"]["dir"])}
         contam_dir = chk["path"] if chk else None
         key = eval_key(ckpt, bench, contam_dir, evaluation)

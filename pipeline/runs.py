@@ -229,14 +229,22 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
+MODEL_ROOTS = ("train", "check", "eval")  # content-addressed folders of the pipeline's model steps
+
+
 def referenced_dirs(run_dir: Path) -> set[Path]:
+    """Every folder the run manifest names: stage versions, the train folder, the check and the folder
+    of benchmarks it read, the evaluations' output folders."""
     run = read_run(run_dir)
-    out = set()
-    for ent in run.get("stages", {}).values():
-        if isinstance(ent, dict) and "dir" in ent:
-            d = Path(ent["dir"])
-            out.add((d if d.is_absolute() else run_dir / d).resolve())
-    return out
+    names: list[str] = [ent["dir"] for ent in run.get("stages", {}).values() if isinstance(ent, dict) and "dir" in ent]
+    for key in ("train", "check"):
+        ent = run.get(key)
+        if isinstance(ent, dict):
+            names += [ent[k] for k in ("dir", "checked") if isinstance(ent.get(k), str)]
+    for ev in run.get("evaluations") or []:
+        if isinstance(ev, dict) and isinstance(ev.get("output"), str):
+            names.append(ev["output"])
+    return {(Path(n) if Path(n).is_absolute() else run_dir / n).resolve() for n in names}
 
 
 def gc(run_dir: str | os.PathLike, apply: bool = False) -> dict:
@@ -245,7 +253,7 @@ def gc(run_dir: str | os.PathLike, apply: bool = False) -> dict:
     run_dir = Path(run_dir)
     keep_dirs = referenced_dirs(run_dir)
     remove, keep = [], []
-    for stage in DATA_STAGES:
+    for stage in (*DATA_STAGES, *MODEL_ROOTS):
         root = run_dir / stage
         if not root.is_dir():
             continue
@@ -254,7 +262,8 @@ def gc(run_dir: str | os.PathLike, apply: bool = False) -> dict:
                 continue
             if child.resolve() in keep_dirs:
                 keep.append((str(child), _size(child)))
-            elif VERSION_RE.match(child.name) or child.name.startswith(".tmp-"):
+            elif VERSION_RE.match(child.name) or child.name.startswith(".tmp-") or (
+                    stage == "check" and re.match(r"^benchmarks-[0-9a-f]{16}$", child.name)):
                 remove.append((str(child), _size(child)))
     if apply:
         for path, _ in remove:
