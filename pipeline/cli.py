@@ -14,7 +14,9 @@
                                                      one stage alone, on your files
   hrm stage contamination --input TOKENIZER_DIR --benchmarks DIR --output DIR
                                                      n-gram contamination check against benchmarks
-  hrm train --shards PACK_DIR --out DIR ...          train on packed shards (DeepSpeed); see hrm train -h
+  hrm pipeline SPEC [-o DIR] [--benchmarks DIR] ...  the whole DAG: data, train, check, evaluate, report
+  hrm serve | hrm server [--port N]                  Prefect deployments for the UI | a local Prefect server
+  hrm train RUN_DIR ... (or --shards PACK --out DIR) train on packed shards (DeepSpeed); see hrm train -h
   hrm eval ...                                       lm-evaluation-harness on a checkpoint; see hrm eval -h
   hrm generators                                     the built-in data generators
 
