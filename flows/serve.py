@@ -70,7 +70,8 @@ def lineage_flow(run_dir: str, row_id: str, mode: Literal["why", "trace"] = "why
 
     text = why(run_dir, row_id) if mode == "why" else trace_markdown(trace(run_dir, row_id))
     body = text if mode == "trace" else f"# `{row_id}`\n\n" + "\n\n".join(text.splitlines())
-    create_markdown_artifact(body, key=artifact_key("lineage", mode, row_id)[:100],
+    where = Path(run_dir).resolve()  # the key names the run folder: the same row id in two runs gets two artifacts
+    create_markdown_artifact(body, key=artifact_key("lineage", mode, where.name, sha256_json(str(where))[:8], row_id),
                              description=f"lineage {mode} of {row_id} in {run_dir}")
     get_run_logger().info("%s", text)
     return text
@@ -164,7 +165,10 @@ def start_server(port: int = 4200, wait: bool = True) -> subprocess.Popen:
             proc.terminate()
             raise RuntimeError(f"prefect server did not answer on {url} within 120 s")
         os.environ["PREFECT_API_URL"] = url
-        install_zombie_automation()
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):  # Prefect read its settings at import
+            install_zombie_automation()
     return proc
 
 
