@@ -286,7 +286,7 @@ def _counts_artifact(st: str, m: dict, label: str) -> None:
 
 def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: ContaminationSpec | None,
          refresh: list[str], overrides: list[str] | None, progress: bool, logger,
-         label: str | None = None) -> dict[str, Any]:
+         label: str | None = None, check_later: bool = False) -> dict[str, Any]:
     label = label or run_label(s, root)
     results = root / ".prefect" / "results"
     t0 = time.time()
@@ -384,8 +384,12 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
         raise AssertionError(st)
 
     if contam is None and "contamination" not in todo and todo[-1] in ("mix", "pack", "lineage"):
-        logger.info("contamination: skipped (no benchmarks: set contamination.benchmarks_dir or hub: true "
-                    "in the spec, or pass --benchmarks DIR)")
+        if check_later:
+            logger.info("contamination: no decontamination before mixing (the pipeline's check step runs on the "
+                        "packed data; --decontaminate with --benchmarks drops dirty-making rows before mixing)")
+        else:
+            logger.info("contamination: skipped (no benchmarks: set contamination.benchmarks_dir or hub: true "
+                        "in the spec, or pass --benchmarks DIR)")
     for st in todo:
         m = step(st)
         if m is None:

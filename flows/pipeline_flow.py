@@ -324,9 +324,8 @@ def evaluate_task(checkpoint: str, benchmarks: Optional[str], contamination: Opt
     else:
         tmp = Path(eval_root) / f".tmp-{key[:16]}"
         shutil.rmtree(tmp, ignore_errors=True)
-        items = str(Path(contamination) / "items.parquet") if contamination else None
         res = run_eval(checkpoint, None, benchmarks, tmp, tasks=settings.tasks, limit=settings.limit,
-                       contamination_items=contamination if items else None, num_fewshot=settings.fewshot or None,
+                       contamination_items=contamination, num_fewshot=settings.fewshot or None,
                        batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
         if out.exists():
             shutil.rmtree(out)
@@ -410,7 +409,7 @@ def pipeline(spec: str = "demo", output_dir: Optional[str] = None, overrides: li
         res: dict[str, Any] = {"output_dir": str(root), "manifests": {}, "ran": [], "stale": {}}
         if data_todo:
             res = _run(s, spec, root, data_todo, contam, [r for r in refresh if r in ALL_STAGES], overrides,
-                       progress, logger, label=label)
+                       progress, logger, label=label, check_later="check" in model_todo)
         steps: dict[str, dict] = {}
         for st in model_todo:
             steps[st] = _model_step(st, root, res, steps, train, evaluation, bench, refresh, label, logger)
