@@ -64,6 +64,10 @@ class SourceSpec(Strict):
     # rows whose field holds one of the listed values are removed (counted, reason "excluded_by_spec")
     exclude: dict[str, list[Any]] = Field(default_factory=dict)
     estimate: SourceEstimate | None = None  # size hints for the dry run
+    # hub only: ingest adds a column of this name holding each row's data file (its path inside the
+    # dataset, e.g. "synth_001.parquet"); name it in `fields.subset` to make each data file a stratum
+    # (the paper caps SYNTH per file). Needs Parquet data files (their row counts are read from metadata).
+    data_file_field: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -78,6 +82,9 @@ class SourceSpec(Strict):
             raise ValueError(f"source '{self.name}': kind '{self.kind}' needs 'path'")
         if self.kind == "generator" and not self.generator:
             raise ValueError(f"source '{self.name}': kind 'generator' needs 'generator' (a built-in name)")
+        if self.data_file_field is not None and self.kind != "hub":
+            raise ValueError(f"source '{self.name}': 'data_file_field' only applies to kind 'hub' "
+                             "(local sources already use the file name as origin)")
         if self.kind != "generator" and (self.generator or self.params):
             raise ValueError(f"source '{self.name}': 'generator'/'params' only apply to kind 'generator'")
         return self

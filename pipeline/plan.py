@@ -1,9 +1,13 @@
 """`hrm plan SPEC`: a dry run that prints the mixture plan without downloading anything.
 
 Hub sources are planned from their `estimate` block (rows, tokens per row, number of strata); a Hub
-source without one is listed as unplanned. Generator and local sources are cheap to read, so they are
-ingested, normalized and stratified into a temporary folder and planned from their real strata, with
-tokens estimated from characters (CHARS_PER_TOKEN) since no tokenizer exists before the run.
+source without one is listed as unplanned. The estimate's strata become origins the way a run makes
+them: one per subset value when `fields.subset` is set (one per data file when that field is the
+source's `data_file_field`), else a single "<source>/<split>" origin whatever `strata` says, since a Hub
+load merges the files of a split. Generator and local sources, and Hub sources whose `path` is a local
+dataset folder, are cheap to read, so they are ingested (through the same code as a run), normalized
+and stratified into a temporary folder and planned from their real strata, with tokens estimated from
+characters (CHARS_PER_TOKEN) since no tokenizer exists before the run.
 The plan itself is `pipeline.stages.mix.plan`: the same code that the mix stage runs.
 """
 
@@ -23,16 +27,30 @@ CHARS_PER_TOKEN = 4.0
 SPECIAL_TOKENS_PER_ROW = 4  # BOQ, condition, EOQ, EOA
 
 
+def _read_locally(s) -> bool:
+    """Planned from real rows: generator and local sources, and Hub sources at a local dataset folder."""
+    return s.kind != "hub" or Path(s.path).expanduser().exists()
+
+
+def _estimate_origins(s) -> list[str]:
+    """The origins a Hub run gives this source's estimated strata (see the module docstring)."""
+    k = s.estimate.strata
+    if s.fields.subset is None or k == 1:
+        return [f"{s.name}/{s.split}"]
+    ext = ".parquet" if s.fields.subset == s.data_file_field else ""
+    return [f"{s.name}/part-{i:05d}{ext}" for i in range(k)]
+
+
 def _estimated_strata(spec: RunSpec) -> dict[str, StratumStats]:
     rows = []
     for s in spec.sources:
-        if s.kind != "hub" or s.estimate is None:
+        if s.kind != "hub" or s.estimate is None or _read_locally(s):
             continue
         e = s.estimate
-        k = e.strata
-        for i in range(k):
+        origins = _estimate_origins(s)
+        k = len(origins)
+        for i, origin in enumerate(origins):
             n = e.rows // k + (1 if i < e.rows % k else 0)
-            origin = f"{s.name}/part-{i:05d}" if k > 1 else f"{s.name}/{s.split}"
             rows.append({"origin": origin, "source": s.name, "domain": s.domain, "rows": n,
                          "mean_tokens": float(e.tokens_per_row)})
     if not rows:
@@ -45,7 +63,7 @@ def _estimated_strata(spec: RunSpec) -> dict[str, StratumStats]:
 
 
 def _local_strata(spec: RunSpec) -> dict[str, StratumStats]:
-    srcs = [s for s in spec.sources if s.kind != "hub"]
+    srcs = [s for s in spec.sources if _read_locally(s)]
     if not srcs:
         return {}
     with tempfile.TemporaryDirectory(prefix="hrm-plan-") as d:
@@ -63,11 +81,15 @@ def _local_strata(spec: RunSpec) -> dict[str, StratumStats]:
 
 def plan_spec(spec: RunSpec) -> dict:
     stats = {**_estimated_strata(spec), **_local_strata(spec)}
-    unplanned = [s.name for s in spec.sources if s.kind == "hub" and s.estimate is None]
+    unplanned = [s.name for s in spec.sources if s.kind == "hub" and s.estimate is None and not _read_locally(s)]
+    merged = [s.name for s in spec.sources if s.kind == "hub" and s.estimate is not None and not _read_locally(s)
+              and s.estimate.strata > 1 and s.fields.subset is None]
     p = mix_plan(stats, spec.mix, spec.stratify.rules, max_repeat=spec.mix.max_repeat)
     out = p.to_dict()
     out["spec"] = spec.name
     out["unplanned_sources"] = unplanned
+    # estimate.strata > 1 without fields.subset: a Hub run makes one origin of the split, so one stratum
+    out["merged_sources"] = merged
     out["token_estimate"] = {"hub": "from each source's estimate block",
                              "local_and_generator": f"characters / {CHARS_PER_TOKEN} + {SPECIAL_TOKENS_PER_ROW}"}
     return out
@@ -105,6 +127,9 @@ def format_plan(p: dict, max_rows: int = 40) -> str:
                      f"repeat={s['repeat']:.2f} unique={_fmt(s['unique_tokens'])} seen={_fmt(s['seen_tokens'])}")
     if p["unplanned_sources"]:
         lines += ["", "not planned (Hub sources without an `estimate`): " + ", ".join(p["unplanned_sources"])]
+    if p.get("merged_sources"):
+        lines += ["", "one stratum each (estimate.strata > 1 but no fields.subset, and a Hub load merges a "
+                      "split's files): " + ", ".join(p["merged_sources"])]
     lines += ["", f"tokens estimated: hub {p['token_estimate']['hub']}; local/generator "
                   f"{p['token_estimate']['local_and_generator']}"]
     return "\n".join(lines)

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -170,6 +172,8 @@ def _ingest_hub(src: SourceSpec, progress: bool) -> tuple[pa.Table, dict]:
         raise IngestError(failed)
     ds = ds.flatten_indices() if getattr(ds, "_indices", None) is not None else ds
     table = ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
+    if src.data_file_field:
+        table = _add_data_file_column(src, table)
     table = _with_meta(table, f"{src.split}")
     resolved = None
     if not Path(src.path).exists():  # a Hub id, not a local dataset folder
@@ -187,6 +191,54 @@ def _ingest_hub(src: SourceSpec, progress: bool) -> tuple[pa.Table, dict]:
     return table, {"hub": {"path": src.path, "config": src.config, "split": src.split,
                            "revision": src.revision, "resolved_revision": resolved,
                            "fingerprint": getattr(ds, "_fingerprint", None)}, "license_from_hub": lic}
+
+
+def _relative_data_file(src: SourceSpec, f: str) -> str:
+    """A data file's path inside the dataset: "data/train-00000.parquet", not a cache path or hf:// URL."""
+    m = re.match(r"^hf://datasets/[^/]+/[^/@]+(?:@[^/]+)?/(.*)$", f)
+    if m:
+        return m.group(1)
+    base = Path(src.path).expanduser()
+    fp = Path(f)
+    if base.is_dir() and fp.is_relative_to(base.resolve()):
+        return str(fp.relative_to(base.resolve()))
+    if base.is_dir() and fp.is_relative_to(base):
+        return str(fp.relative_to(base))
+    return fp.name
+
+
+def _add_data_file_column(src: SourceSpec, table: pa.Table) -> pa.Table:
+    """Append `src.data_file_field`: the data file each row came from. The split's Parquet files are
+    listed by the dataset builder in the order `load_dataset` reads them; each file's row count comes
+    from its Parquet footer, so row i belongs to the file whose cumulative count first exceeds i."""
+    import datasets
+    import fsspec
+
+    col = src.data_file_field
+    if col in table.column_names:
+        raise IngestError(f"source '{src.name}': data_file_field {col!r} is already a column of the dataset")
+    try:
+        builder = datasets.load_dataset_builder(src.path, src.config, revision=src.revision)
+        files = list((builder.config.data_files or {}).get(src.split) or [])
+    except Exception as e:
+        raise IngestError(f"source '{src.name}': cannot list the data files of {src.path!r} "
+                          f"(split={src.split!r}): {type(e).__name__}: {e}") from None
+    if not files or not all(str(f).endswith(".parquet") for f in files):
+        raise IngestError(f"source '{src.name}': data_file_field needs Parquet data files for split "
+                          f"{src.split!r}; found {[str(f) for f in files][:5]}")
+    names, counts = [], []
+    for f in files:
+        with fsspec.open(str(f), "rb") as fh:
+            counts.append(pq.ParquetFile(fh).metadata.num_rows)
+        names.append(_relative_data_file(src, str(f)))
+    total = sum(counts)
+    n = table.num_rows
+    if n > total or (src.max_rows is None and n != total):
+        raise IngestError(f"source '{src.name}': the loaded split has {n} rows but its data files hold {total}; "
+                          "cannot tell which file each row came from")
+    idx = np.repeat(np.arange(len(counts), dtype=np.int64), counts)[:n]
+    per_row = pa.array(names, pa.string()).take(pa.array(idx))
+    return table.append_column(col, per_row)
 
 
 def _ingest_generator(src: SourceSpec, seed: int) -> tuple[pa.Table, dict]:
