@@ -111,17 +111,17 @@ class ModelConfig:
     def bp_split(self, bp: int) -> tuple[int, int]:
         """(H_bp, L_bp): how many of the last H calls and the last L calls carry gradient."""
         self.check_bp(bp)
-        h_bp = min(2, bp - 1)
+        h_bp = min(self.cycles, bp - 1)
         return h_bp, bp - h_bp
 
     def check_bp(self, bp: int) -> None:
         if self.arch != "hrm":
             return
         n_h, n_l = self.cycles, self.cycles * self.l_steps
-        h_bp = min(2, bp - 1)
-        if bp < 2 or h_bp > n_h or bp - h_bp > n_l:
+        h_bp = min(n_h, bp - 1)  # the reference's split: H_bp = min(cycles, bp - 1)
+        if bp < 2 or bp - h_bp > n_l:
             raise ValueError(
-                f"bp={bp} impossible: need 2 <= bp, H_bp=min(2,bp-1) <= {n_h} H calls, "
+                f"bp={bp} impossible: need 2 <= bp, H_bp=min(cycles,bp-1)={h_bp} of {n_h} H calls, "
                 f"L_bp=bp-H_bp <= {n_l} L calls"
             )
 

@@ -12,7 +12,7 @@ N is the scale-free RMSNorm ("MagicNorm" at the exit of every module call); the 
 last H call doubles as the final norm before the LM head.
 
 Truncated backprop: only the last H_bp H calls and the last L_bp L calls run with gradient
-(H_bp = min(2, bp-1), L_bp = bp - H_bp); every other call runs under no_grad. At bp = 5 that is
+(H_bp = min(cycles, bp-1), L_bp = bp - H_bp, the reference's split); every other call runs under no_grad. At bp = 5 that is
 H0, L3, L4, L5, H1 (the last five calls). At bp = 2 (H1, L5) no gradient reaches the embedding
 table, because x enters the graph only through H0's input. We keep that property on purpose: it is
 what the reference code does during the first stage of the warmup schedule, and the embedding starts

@@ -121,11 +121,8 @@ class TorchEngine:
         pass  # gradients accumulate in .grad until finish_step
 
     def finish_step(self) -> None:
-        # A parameter without a gradient this step (the embedding at bp=2) is stepped with a zero
-        # gradient, as DeepSpeed's flat fp32 buffers do: weight decay applies, Adam's step advances.
-        for p in self.module.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+        # A parameter without a gradient this step (the embedding at bp=2) keeps grad None and the
+        # optimizer skips it, as the reference does: no weight decay, no moment update.
         params = [p for p in self.module.parameters() if p.grad is not None]
         if self.grad_clip > 0:
             self._norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
@@ -171,7 +168,9 @@ class DeepSpeedEngine:
 def _build_deepspeed(cfg: TrainConfig, model, world: int, device: str):
     import deepspeed
 
-    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay)
+    # ZeRO's flat fp32 partitions get a zero gradient (never None) where no gradient reached:
+    # skip_zero_grad skips them (the embedding has its own group, see training.optim.param_groups)
+    opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay, skip_zero_grad=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps, cfg.lr_schedule, cfg.min_lr_ratio))
     ds_cfg = cfg.deepspeed_config(world, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)

@@ -79,3 +79,29 @@ def test_bp_schedule_staircase():
     assert all(a <= b for a, b in zip(values, values[1:]))
     assert bp_schedule(10, 100, warmup_frac=0.0) == 5
     assert bp_schedule(0, 10, start=3, end=3) == 3
+
+
+@pytest.mark.parametrize(
+    "cycles,bp,expected",
+    [
+        (1, 2, {"H0", "L2"}),
+        (1, 4, {"H0", "L0", "L1", "L2"}),  # H_bp = min(1, 3) = 1: the rest goes to L
+        (2, 5, {"H0", "L3", "L4", "L5", "H1"}),
+        (3, 2, {"H2", "L8"}),
+        (3, 4, {"H0", "H1", "H2", "L8"}),  # H_bp = min(3, 3) = 3 (min(2, bp-1) would give H1 H2 L7 L8)
+        (3, 6, {"H0", "H1", "H2", "L6", "L7", "L8"}),
+    ],
+)
+def test_bp_split_follows_cycles(cycles, bp, expected):
+    """The reference's split H_bp = min(cycles, bp - 1), L_bp = bp - H_bp, for any number of cycles."""
+    cfg = ModelConfig.preset("debug", cycles=cycles, bp=bp)
+    h_bp = min(cycles, bp - 1)
+    assert cfg.bp_split(bp) == (h_bp, bp - h_bp)
+    assert set(cfg.grad_calls(bp)) == expected
+    model = build_model(cfg)
+    assert calls_with_gradient(model, bp) == expected
+
+
+def test_bp_too_large_for_the_l_calls_is_refused():
+    with pytest.raises(ValueError, match="impossible"):
+        ModelConfig.preset("debug", cycles=1, bp=5)  # H_bp = 1, L_bp = 4 > 3 L calls
