@@ -3,13 +3,20 @@
 * Shards are memory-mapped (pa.memory_map + Arrow IPC file reader): a batch copies only its own rows.
 * Each shard's sha256 is checked against the pack folder's manifest.json ("outputs") before first use;
   a mismatch raises ShardChecksumError naming the shard.
-* Order: every epoch is a seeded permutation of all sequences (seed, epoch) of the whole folder;
-  the stream of sequences is epoch 0's permutation, then epoch 1's, ... (an endless stream).
+* Order (`epoch_order="per_epoch"`, the default, as the reference trains): a pack holds the mix's
+  epochs one after another (pack.py writes every sequence of mix epoch k before those of k+1, and
+  records per shard how many sequences each epoch has). One pass over the pack is mix epoch 0's
+  sequences in a seeded permutation (seed, pass, epoch), then epoch 1's, ...: mix epoch k is trained
+  in epoch k, shuffled within it, never mixed with another epoch. The stream of sequences is pass 0,
+  then pass 1 (the same epochs, reshuffled), ... (an endless stream). `epoch_order="all"` is the
+  former order: each pass one permutation (seed, pass) of every sequence of the folder. A pack whose
+  manifest has no per-shard "epochs" counts is one block (the same as "all").
   Optimizer step s consumes the next `global_batch` sequences of the stream; rank r of w takes the
   positions r, r + w, r + 2w, ... of that slice (disjoint across ranks, together exactly the slice),
   and splits them into grad_accum micro batches of micro_batch_size.
-* The loader state is one integer, the stream position of the next step (`state_dict()`); it is
-  saved in every checkpoint, so a resumed run continues at the exact next sequence.
+* The loader state is one integer, the stream position of the next step (`state_dict()`, with the
+  seed, global batch and epoch order it is valid for); it is saved in every checkpoint, so a resumed
+  run continues at the exact next sequence. A checkpoint without an "epoch_order" was made with "all".
 * Each micro batch carries input ids, answer-only labels and the PrefixLM/packing metadata
   (segment_ids, position_ids, is_prompt), all built by model.metadata_from_boundaries /
   model.build_labels from the shard's sample_starts / sample_lengths / prompt_lengths, plus the
@@ -77,6 +84,28 @@ class PackedShards:
         meta = first.schema.metadata or {}
         self.seq_len = int(meta[b"seq_len"])
         self.pad_id = int(meta[b"pad_id"])
+        self.epoch_blocks = self._epoch_blocks(outputs)
+
+    def _epoch_blocks(self, outputs: dict) -> list[tuple[int, int, int]]:
+        """(epoch, first, end) global sequence ranges of the mix epochs, in order, from the shard
+        records' per-epoch sequence counts (pack.py writes the epochs one after another); one block
+        (-1, 0, N) when a shard record lacks the counts."""
+        blocks: list[list[int]] = []
+        pos = 0
+        for n, rows in zip(self.names, self.rows):
+            ep = outputs[n].get("epochs")
+            if not isinstance(ep, dict) or sum(int(c) for c in ep.values()) != rows:
+                return [(-1, 0, len(self))]
+            for e, c in sorted(((int(e), int(c)) for e, c in ep.items())):
+                if blocks and blocks[-1][0] == e:
+                    blocks[-1][2] += c
+                else:
+                    if blocks and e < blocks[-1][0]:
+                        raise ValueError(f"{self.folder}: shard {n} holds epoch {e} after epoch {blocks[-1][0]}: "
+                                         "the pack's epochs are not in order")
+                    blocks.append([e, pos, pos + c])
+                pos += c
+        return [(e, a, b) for e, a, b in blocks]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -132,11 +161,13 @@ class Loader:
 
     def __init__(
         self, data: PackedShards, *, micro_batch_size: int, grad_accum: int = 1, rank: int = 0,
-        world_size: int = 1, seed: int = 1234,
+        world_size: int = 1, seed: int = 1234, epoch_order: str = "per_epoch",
     ) -> None:
         assert 0 <= rank < world_size
+        if epoch_order not in ("per_epoch", "all"):
+            raise ValueError(f"epoch_order must be 'per_epoch' or 'all', got {epoch_order!r}")
         self.data, self.mbs, self.accum = data, micro_batch_size, grad_accum
-        self.rank, self.world, self.seed = rank, world_size, seed
+        self.rank, self.world, self.seed, self.epoch_order = rank, world_size, seed, epoch_order
         self.position = 0  # stream position of the next step's first sequence
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -144,10 +175,17 @@ class Loader:
     def global_batch(self) -> int:
         return self.mbs * self.accum * self.world
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(len(self.data)), epoch
+    def _order(self, pass_: int) -> np.ndarray:
+        """Global sequence indices of one pass over the pack, in training order."""
+        if pass_ != self._perm_epoch:
+            if self.epoch_order == "all":
+                perm = np.random.default_rng([self.seed, pass_]).permutation(len(self.data))
+            else:
+                perm = np.concatenate([
+                    a + np.random.default_rng([self.seed, pass_, max(e, 0)]).permutation(b - a)
+                    for e, a, b in self.data.epoch_blocks
+                ]).astype(np.int64)
+            self._perm, self._perm_epoch = perm, pass_
         return self._perm
 
     def stream(self, start: int, n: int) -> list[int]:
@@ -185,12 +223,15 @@ class Loader:
         return micro, n
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "global_batch": self.global_batch}
+        return {"position": self.position, "seed": self.seed, "global_batch": self.global_batch,
+                "epoch_order": self.epoch_order}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.seed or state.get("global_batch") != self.global_batch:
+        order = state.get("epoch_order", "all")
+        if state.get("seed") != self.seed or state.get("global_batch") != self.global_batch or order != self.epoch_order:
             raise ValueError(
                 f"cannot resume the data order: checkpoint has seed={state.get('seed')} global_batch="
-                f"{state.get('global_batch')}, this run seed={self.seed} global_batch={self.global_batch}"
+                f"{state.get('global_batch')} epoch_order={order}, this run seed={self.seed} "
+                f"global_batch={self.global_batch} epoch_order={self.epoch_order}"
             )
         self.position = int(state["position"])

@@ -91,3 +91,53 @@ def test_corrupted_shard_is_named(packed, tmp_path):
     data.batch([0])
     with pytest.raises(ShardChecksumError, match="shard-00002.arrow"):
         data.batch([int(data.offsets[2])])
+
+
+@pytest.fixture(scope="module")
+def packed_3_epochs(packed, run_stage, tmp_path_factory):
+    """The same tokenized rows mixed over 3 epochs, then packed (epochs one after another)."""
+    d = tmp_path_factory.mktemp("pack-3ep")
+    t = packed.parent / "t"
+    run_stage("stage", "mix", "--input", str(t), "--output", str(d / "m"), "--set", "epochs=3", "--no-progress")
+    run_stage("stage", "pack", "--input", str(t), "--mix", str(d / "m"), "--output", str(d / "p"),
+              "--set", "seq_len=256", "--set", "shard_tokens=8192", "--no-progress")
+    return d / "p"
+
+
+def _epoch_of(data: PackedShards) -> np.ndarray:
+    import pyarrow as pa
+
+    return np.concatenate([
+        pa.ipc.open_file(pa.memory_map(str(data.folder / n), "r")).read_all().column("epoch").to_numpy()
+        for n in data.names
+    ])
+
+
+def test_mix_epoch_k_is_trained_in_epoch_k(packed_3_epochs):
+    """The reference's order: each pass over the pack trains mix epoch 0 (shuffled within), then
+    epoch 1, then epoch 2; resuming anywhere continues the same stream."""
+    data = PackedShards(packed_3_epochs)
+    N = len(data)
+    epoch = _epoch_of(data)
+    assert [e for e, _, _ in data.epoch_blocks] == [0, 1, 2]
+    assert all((epoch[a:b] == e).all() for e, a, b in data.epoch_blocks)
+    ld = Loader(data, micro_batch_size=4, seed=1)
+    for pass_ in range(2):
+        order = np.asarray(ld.stream(pass_ * N, N))
+        assert sorted(order.tolist()) == list(range(N))  # every sequence once per pass
+        assert (np.diff(epoch[order]) >= 0).all()  # epoch 0's, then 1's, then 2's
+        for e, a, b in data.epoch_blocks:  # shuffled within the epoch
+            assert order[a:b].tolist() != list(range(a, b))
+    assert ld.stream(0, N) != ld.stream(N, N)  # the next pass reshuffles
+    # the former order mixes epochs; it stays available, and a checkpoint states its order
+    old = Loader(data, micro_batch_size=4, seed=1, epoch_order="all")
+    assert not (np.diff(epoch[np.asarray(old.stream(0, N))]) >= 0).all()
+    for _ in range(7):
+        ld.next_step()
+    state = json.loads(json.dumps(ld.state_dict()))
+    want = [mb.seq_index for _ in range(40) for mb in ld.next_step()[0]]
+    again = Loader(PackedShards(packed_3_epochs), micro_batch_size=4, seed=1)
+    again.load_state_dict(state)
+    assert [mb.seq_index for _ in range(40) for mb in again.next_step()[0]] == want
+    with pytest.raises(ValueError, match="epoch_order"):
+        Loader(data, micro_batch_size=4, seed=1).load_state_dict({k: v for k, v in state.items() if k != "epoch_order"})
