@@ -169,6 +169,9 @@ class TokenizerConfig(Strict):
     min_frequency: int = Field(default=2, ge=1)
     sample_rows: int = Field(default=200_000, ge=1)  # rows sampled (seeded) to train on
     name: str | None = None  # pretrained: a Hub tokenizer name or a local tokenizer.json
+    # every digit its own pre-token (the reference tokenizer splits one per number character), so BPE
+    # never merges digit runs; saved in tokenizer.json, so every later load encodes numbers the same way
+    split_digits: bool = False  # the reference splits; not yet the default here (see README)
 
     @model_validator(mode="after")
     def _pretrained_name(self) -> "TokenizerConfig":
@@ -179,7 +182,8 @@ class TokenizerConfig(Strict):
 
 class PackConfig(Strict):
     seq_len: int = Field(default=1024, ge=16)
-    min_response_tokens: int = Field(default=2, ge=1)
+    # response text tokens (EOA excluded) a row needs; 1 = one content token + EOA, as the reference
+    min_response_tokens: int = Field(default=1, ge=1)
     shard_tokens: int = Field(default=1 << 22, ge=1024)  # tokens per Arrow shard (about)
     open_bins: int = Field(default=32, ge=1)  # first-fit packing: sequences kept open at once
 

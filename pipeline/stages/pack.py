@@ -6,6 +6,7 @@ Inputs: the tokenizer folder (`tokenized.parquet`, `tokenizer_meta.json`) and th
 Sample layout: prompt_ids + response_ids, i.e. [BOQ][condition] instruction [EOQ] response [EOA].
 - "Response tokens" means the response text's tokens, EOA excluded (= len(response_ids) - 1).
   A row with fewer than `cfg.min_response_tokens` of them is dropped: reason "short_response".
+  The default 1 follows the reference: one content token plus EOA is a sample (a one-digit answer).
 - A row whose prompt alone has >= seq_len - min_response_tokens tokens is dropped: reason
   "prompt_too_long" (checked after "short_response"; each dropped row gets one reason).
 - A longer sample is truncated in the response: the prompt is kept whole, the response keeps its

@@ -8,6 +8,12 @@ Tokenizer
 - kind "train": a byte-level BPE (`tokenizers` library: ByteLevel pre-tokenizer and decoder, the 256
   byte alphabet always in the vocabulary, no normalizer, so decode(encode(text)) == text) trained on a
   seeded sample of `cfg.sample_rows` rows (their instruction and response texts, fed in id order).
+  With `cfg.split_digits` (off by default for now: see README) the pre-tokenizer first isolates every
+  digit (`Digits(individual_digits=True)`, then ByteLevel), as the reference tokenizer does (one
+  pre-token per number character): BPE never merges digit runs, so "1234" is 4 tokens. The
+  pre-tokenizer is saved in tokenizer.json, so every later load (`load_tokenizer`: contamination,
+  evaluation) encodes numbers the same way; the meta records `split_digits` and load_tokenizer
+  refuses a tokenizer.json that does not split when its meta says it does.
   The special tokens get fixed ids at the start of the vocabulary:
       0 <|pad|>   1 <|boq|>   2 <|eoq|>   3 <|eoa|>   4.. one <|{condition}|> per condition, in order.
   Training is deterministic: the trainer's merge choice is a total order (count, then pair), and we
@@ -17,6 +23,8 @@ Tokenizer
 - kind "pretrained": `cfg.name` is a local tokenizer.json (or a folder holding one), else a Hugging Face
   Hub name (`Tokenizer.from_pretrained`, network; HF_HOME defaults to <repo>/.cache/hf). The special
   tokens above are added as special tokens (ids wherever the tokenizer puts them; existing ones reused).
+  With `cfg.split_digits` its pre-tokenizer is wrapped with the same digit split first (a no-op for
+  a tokenizer that already splits digits), and the saved tokenizer.json carries it.
 
 Text is always encoded as text: a literal "<|eoq|>" inside a row is split into ordinary byte tokens
 (`encode_special_tokens = True`); special ids are only ever inserted by id. No post-processor tokens
@@ -158,6 +166,10 @@ def load_tokenizer(path: str | os.PathLike):
     tok = Tokenizer.from_file(str(tok_file))
     meta = io.read_json(meta_file)
     ids = special_ids(meta)
+    if meta.get("split_digits") and not splits_digits(tok):
+        raise ValueError(
+            f"load_tokenizer: {meta_file} says split_digits but {tok_file}'s pre-tokenizer keeps digit runs together"
+        )
     for name, tid in meta.get("special_tokens", {}).items():
         got = tok.token_to_id(name)
         if got != tid:
@@ -234,6 +246,26 @@ def _sample_indices(ids: list[str], sample_rows: int, seed: int) -> np.ndarray:
     return order[pick]
 
 
+def _digit_split_pre_tokenizer(inner=None):
+    """Digits(individual) first, then `inner` (default: ByteLevel without prefix space, GPT-2 regex)."""
+    from tokenizers import pre_tokenizers
+
+    if inner is None:
+        inner = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), inner])
+
+
+def splits_digits(tok) -> bool:
+    """True when the tokenizer's pre-tokenizer puts every digit of a run in its own pre-token."""
+    pre = tok.pre_tokenizer
+    if pre is None:
+        return False
+    digits = [p for p, _ in pre.pre_tokenize_str("x 2024 7")]
+    return sum(any(c.isdigit() for c in p) for p in digits) == 5 and all(
+        sum(c.isdigit() for c in p) <= 1 for p in digits
+    )
+
+
 def _check_vocab(cfg: TokenizerConfig, specials: list[str]) -> None:
     if cfg.kind == "train" and cfg.vocab_size < 256 + len(specials):
         raise ValueError(
@@ -247,7 +279,8 @@ def _train(texts: Iterable[str], n_texts: int, cfg: TokenizerConfig, specials: l
 
     _check_vocab(cfg, specials)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = _digit_split_pre_tokenizer(byte_level) if cfg.split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
@@ -263,7 +296,7 @@ def _train(texts: Iterable[str], n_texts: int, cfg: TokenizerConfig, specials: l
     return tok
 
 
-def _load_pretrained(name: str, specials: list[str]):
+def _load_pretrained(name: str, specials: list[str], split_digits: bool):
     from tokenizers import AddedToken, Tokenizer
 
     p = Path(name)
@@ -279,6 +312,13 @@ def _load_pretrained(name: str, specials: list[str]):
             raise RuntimeError(
                 f"tokenizer: {name!r} is not a local file and could not be loaded from the Hub: {e}"
             ) from e
+    if split_digits and not splits_digits(tok):
+        from tokenizers import pre_tokenizers
+
+        inner = tok.pre_tokenizer
+        tok.pre_tokenizer = (
+            _digit_split_pre_tokenizer(inner) if inner is not None else pre_tokenizers.Digits(individual_digits=True)
+        )
     tok.no_truncation()
     tok.no_padding()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
@@ -350,7 +390,7 @@ def run(
         del sub
     else:
         sample, sample_sha = np.zeros(0, dtype=np.int64), None
-        tok = _load_pretrained(cfg.name, specials)
+        tok = _load_pretrained(cfg.name, specials, cfg.split_digits)
     tok.encode_special_tokens = True
     train_s = time.time() - t_train
     sid = {s: tok.token_to_id(s) for s in specials}
@@ -360,6 +400,7 @@ def run(
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
         "requested_vocab_size": cfg.vocab_size if cfg.kind == "train" else None,
         "min_frequency": cfg.min_frequency if cfg.kind == "train" else None,
+        "split_digits": splits_digits(tok),
         "special_tokens": sid,
         "pad_id": sid[PAD],
         "boq_id": sid[BOQ],

@@ -236,3 +236,30 @@ def test_repeated_samples_and_bad_inputs(pipeline_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="mix.parquet"):
         P.run(d / "tok", tmp_path / "nomix", tmp_path / "p3", CFG, progress=False)
     assert not (tmp_path / "p2" / "manifest.json").exists()
+
+
+def test_one_token_responses_kept_by_default(pipeline_dirs, tmp_path):
+    """As the reference: one content token plus EOA is a sample (min_response_tokens 1 by default);
+    a single-digit GSM8K answer is packed, and its one content token is a label."""
+    d, _, _, _ = pipeline_dirs
+    cfg = PackConfig(seq_len=SEQ, shard_tokens=64 * SEQ)
+    assert cfg.min_response_tokens == 1
+    man = P.run(d / "tok", d / "mix", tmp_path / "pack", cfg, progress=False)
+    tokd = load_tokenized(d)
+    one = {i for i, r in tokd.items() if len(r["response_ids"]) == 2}  # one content token + EOA
+    used = set(pq.read_table(d / "mix" / "mix.parquet")["id"].to_pylist())
+    assert len(one & used) > 10
+    assert "short_response" not in man["counts"]["removed_by_reason"]
+    rem = pq.read_table(tmp_path / "pack" / "removals.parquet").to_pylist()
+    assert {r["id"] for r in rem} == {"edge/long_prompt"}
+    eoa = T.special_ids(io.read_json(d / "tok" / "tokenizer_meta.json")).eoa
+    seen = set()
+    for t in shards(tmp_path / "pack"):
+        for row in t.to_pylist():
+            x = row["input_ids"]
+            for s, n, p, sid in zip(row["sample_starts"], row["sample_lengths"], row["prompt_lengths"], row["sample_ids"]):
+                if sid in one:
+                    assert n == p + 2 and x[s + p : s + n] == tokd[sid]["response_ids"] and x[s + n - 1] == eoa
+                    seen.add(sid)
+    assert seen == one & used
+    assert man["counts"]["rows_packed"] == man["counts"]["rows_in"] - 1

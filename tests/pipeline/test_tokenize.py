@@ -20,7 +20,7 @@ from pipeline.stages import tokenize as T
 
 GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
 CONDITIONS = ["direct", "cot"]
-CFG = TokenizerConfig(vocab_size=768, min_frequency=2, sample_rows=1500)
+CFG = TokenizerConfig(vocab_size=768, min_frequency=2, sample_rows=1500, split_digits=True)
 N_ROWS = 2000
 
 pytestmark = pytest.mark.skipif(not GSM8K.exists(), reason=f"{GSM8K} not available")
@@ -250,3 +250,44 @@ def test_tokens_sane(tok_run):
     resp = t["response_tokens"].to_numpy()
     # direct answers (a number) are short, worked answers are long
     assert np.median(resp[cond == "direct"]) <= 4 < np.median(resp[cond == "cot"])
+
+
+def test_digits_split_by_default_and_kept_by_every_load(tmp_path, tok_run, rows):
+    """Every digit is its own token (the reference's \\p{N} split); the saved tokenizer.json carries the
+    pre-tokenizer, so load_tokenizer (contamination, evaluation) encodes numbers the same way."""
+    d, _, _ = tok_run
+    assert CFG.split_digits is True  # (the default is still off: see README)
+    tok, meta = T.load_tokenizer(d / "out")
+    assert meta["split_digits"] is True and T.splits_digits(tok)
+    enc = tok.encode("She paid 1234 dollars and 72 cents.", add_special_tokens=False)
+    digit_toks = [t for t in enc.tokens if any(c.isdigit() for c in t)]
+    assert digit_toks == ["1", "2", "3", "4", "7", "2"]
+    assert tok.decode(enc.ids) == "She paid 1234 dollars and 72 cents."
+    # no vocabulary entry holds two digits
+    assert not [t for t in tok.get_vocab() if sum(c.isdigit() for c in t) > 1 and not t.startswith("<|")]
+    # the tokenized rows match an encode with the loaded tokenizer
+    t = pq.read_table(d / "out" / "tokenized.parquet", columns=["id", "response_ids"]).to_pylist()
+    direct = next(r for r in t if r["id"] == rows[1]["id"])
+    assert direct["response_ids"][:-1] == tok.encode(rows[1]["response"], add_special_tokens=False).ids
+    assert len(direct["response_ids"]) - 1 == len(rows[1]["response"])  # "72" -> 2 tokens (+ EOA)
+
+
+def test_split_digits_off_merges_runs_and_pretrained_gets_the_split(tmp_path, rows):
+    src = write_jsonl(rows[:600], tmp_path / "rows.jsonl")
+    cfg = TokenizerConfig(vocab_size=600, sample_rows=600, split_digits=False)
+    T.run(src, tmp_path / "merged", cfg, conditions=CONDITIONS, seed=1, progress=False)
+    tok, meta = T.load_tokenizer(tmp_path / "merged")
+    assert meta["split_digits"] is False and not T.splits_digits(tok)
+    assert any(sum(c.isdigit() for c in t) > 1 for t in tok.get_vocab())  # BPE merged digit runs
+    # the same file loaded as "pretrained" with split_digits gets the digit split, saved with it
+    pre = TokenizerConfig(kind="pretrained", name=str(tmp_path / "merged" / "tokenizer.json"), split_digits=True)
+    T.run(src, tmp_path / "pre", pre, conditions=CONDITIONS, seed=1, progress=False)
+    tok2, meta2 = T.load_tokenizer(tmp_path / "pre")
+    assert meta2["split_digits"] is True and T.splits_digits(tok2)
+    assert [t for t in tok2.encode(" 2024", add_special_tokens=False).tokens if t.strip("Ġ")] == ["2", "0", "2", "4"]
+    # a meta that claims the split over a tokenizer.json without it is refused
+    m = json.loads((tmp_path / "merged" / "tokenizer_meta.json").read_text())
+    m["split_digits"] = True
+    (tmp_path / "merged" / "tokenizer_meta.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="split_digits"):
+        T.load_tokenizer(tmp_path / "merged")
