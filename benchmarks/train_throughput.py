@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # DeepSpeed
     ds_model = copy.deepcopy(base).to(dev)
-    ds_opt = build_optimizer(ds_model, "adam_atan2", 1e-4, (0.9, 0.95), 0.1)
+    ds_opt = build_optimizer(ds_model, "adam_atan2", 1e-4, (0.9, 0.95), 0.1, skip_zero_grad=True)  # as training.train
     ds_sched = torch.optim.lr_scheduler.LambdaLR(ds_opt, lr_lambda(10, 1000, "constant"))
     ds_cfg = {"train_batch_size": a.batch, "train_micro_batch_size_per_gpu": a.batch,
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": a.zero_stage},

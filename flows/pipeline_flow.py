@@ -44,7 +44,8 @@ from pipeline.io import code_hash, content_hash, sha256_file, sha256_json
 from pipeline.runs import RUN_MANIFEST, RunError, read_run, run_lock, update_run
 from pipeline.spec import load_spec
 
-from .data_flow import ALL_STAGES, _run, artifact_key, contamination_settings, plan_stages, run_label
+from .data_flow import (ALL_STAGES, _run, artifact_key, contamination_settings, plan_stages, result_intact,
+                        run_label)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_STAGES = ("train", "check", "evaluate", "report")
@@ -125,7 +126,8 @@ class KeyedOn(CachePolicy):
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> Optional[str]:
-        return sha256_json({"key": inputs.get("key"), "task": code_hash(task_ctx.task.fn)})
+        roots = {k: str(v) for k, v in sorted((inputs or {}).items()) if k.endswith("_root")}  # the run folder's
+        return sha256_json({"key": inputs.get("key"), "roots": roots, "task": code_hash(task_ctx.task.fn)})
 
 
 def _opts() -> dict:
@@ -452,14 +454,16 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
                 evaluation: EvalSettings, bench: str | None, refresh: list[str], label: str, logger) -> dict:
     force = st in refresh
     run = read_run(root) if (root / RUN_MANIFEST).exists() else {}
+    results = root / ".prefect" / "results"  # cache records live with the run folder, like the data stages'
+    train_t, eval_t = train_task.with_options(result_storage=results), evaluate_task.with_options(result_storage=results)
     if st == "train":
         pack = _upstream_pack(root, res)
         key = train_key(pack, train)
-        out = train_task.with_options(refresh_cache=force)(pack_dir=pack, train_root=str(root / "train"),
+        out = train_t.with_options(refresh_cache=force)(pack_dir=pack, train_root=str(root / "train"),
                                                           settings=train, key=key, run_label=label)
         if not (Path(out["final"]["ema"]) / "model.safetensors").exists():
             logger.warning("train: the cached result names %s, which is gone: training again", out["path"])
-            out = train_task.with_options(refresh_cache=True)(pack_dir=pack, train_root=str(root / "train"),
+            out = train_t.with_options(refresh_cache=True)(pack_dir=pack, train_root=str(root / "train"),
                                                               settings=train, key=key, run_label=label)
         ent = dict(read_run(root).get("train") or {})  # as the trainer left it (hashes, step), not as before training
         if ent.get("dir") != os.path.relpath(out["path"], root):
@@ -475,8 +479,13 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
         pack = _upstream_pack(root, res)
         cb = check_benchmarks(root, bench)
         key = sha256_json({"pack": content_hash(pack), "bench": Path(cb).name})
-        m = check_task.with_options(refresh_cache=force)(pack_dir=pack, benchmarks=cb, check_root=str(root / "check"),
-                                                        key=key, run_label=label)
+        check = check_task.with_options(result_storage=results)
+        m = check.with_options(refresh_cache=force)(pack_dir=pack, benchmarks=cb, check_root=str(root / "check"),
+                                                   key=key, run_label=label)
+        if not result_intact(m):
+            logger.warning("check: the cached result names %s, which is gone or changed: checking again", m.get("path"))
+            m = check.with_options(refresh_cache=True)(pack_dir=pack, benchmarks=cb, check_root=str(root / "check"),
+                                                       key=key, run_label=label)
         update_run(root, check={"dir": os.path.relpath(m["path"], root), "version": Path(m["path"]).name,
                                 "benchmarks": bench, "checked": os.path.relpath(cb, root),
                                 "pack_version": Path(pack).name})
@@ -495,11 +504,11 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
             chk = {"path": str(root / run["check"]["dir"])}
         contam_dir = chk["path"] if chk else None
         key = eval_key(ckpt, bench, contam_dir, evaluation)
-        out = evaluate_task.with_options(refresh_cache=force)(checkpoint=ckpt, benchmarks=bench, contamination=contam_dir,
+        out = eval_t.with_options(refresh_cache=force)(checkpoint=ckpt, benchmarks=bench, contamination=contam_dir,
                                                              eval_root=str(root / "eval"), settings=evaluation, key=key,
                                                              run_label=label, wait_for=[tr] if tr else None)
         if not Path(out["results"]).exists():
-            out = evaluate_task.with_options(refresh_cache=True)(checkpoint=ckpt, benchmarks=bench,
+            out = eval_t.with_options(refresh_cache=True)(checkpoint=ckpt, benchmarks=bench,
                                                                  contamination=contam_dir, eval_root=str(root / "eval"),
                                                                  settings=evaluation, key=key, run_label=label)
         rec = {"checkpoint": os.path.relpath(ckpt, root), "output": os.path.relpath(out["path"], root),

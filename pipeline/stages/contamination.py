@@ -336,7 +336,9 @@ def _resolve_training(train_path, tokenizer_path, out: Path, progress: bool) -> 
     tp = Path(tokenizer_path)
     tok_file = tp / TOKENIZER_FILE if tp.is_dir() else tp
     meta = io.read_json(tok_file.parent / META_FILE)
-    tokenize.run(p, tok_dir, TokenizerConfig(kind="pretrained", name=str(tok_file)),
+    # the given tokenizer as it was trained: its digit split (or not), never the current default's
+    tokenize.run(p, tok_dir, TokenizerConfig(kind="pretrained", name=str(tok_file),
+                                             split_digits=bool(meta.get("split_digits", False))),
                  conditions=meta["conditions"], seed=int(meta.get("seed", 0)), progress=progress)
     return tok_dir / TOKENIZED_FILE, tp
 
