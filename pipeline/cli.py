@@ -88,16 +88,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def _check_before_prefect(args) -> None:
+    """What `hrm run` and `hrm pipeline` check before Prefect starts: the spec with its --set overrides,
+    its local paths and generator parameters (when ingest will run), and the benchmark folder."""
+    from .checks import require_ok
     from .spec import load_spec
 
-    from .checks import require_ok
-
-    spec = load_spec(args.spec, args.set)  # fail before Prefect starts
+    spec = load_spec(args.spec, args.set)
     if not (args.only or args.from_stage) or "ingest" in (args.only, args.from_stage):
         require_ok(spec, str(args.spec))
     if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
         _die(f"--benchmarks: {args.benchmarks} is not a folder")
+
+
+def cmd_run(args) -> int:
+    _check_before_prefect(args)
     from flows.data_flow import data_flow, plan_stages
     from flows.errors import quiet_user_errors_on_console
 
@@ -120,14 +125,7 @@ def cmd_run(args) -> int:
 
 def cmd_pipeline(args) -> int:
     """The whole DAG: data stages -> train -> check -> evaluate -> report."""
-    from .checks import require_ok
-    from .spec import load_spec
-
-    spec = load_spec(args.spec, args.set)  # fail before Prefect starts
-    if not (args.only or args.from_stage) or "ingest" in (args.only, args.from_stage):
-        require_ok(spec, str(args.spec))
-    if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
-        _die(f"--benchmarks: {args.benchmarks} is not a folder")
+    _check_before_prefect(args)
     from flows.errors import quiet_user_errors_on_console
     from flows.pipeline_flow import EvalSettings, TrainSettings, pipeline, plan_pipeline
 
