@@ -17,6 +17,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.data_flow import OPTIONAL, STAGES, data_flow
 from pipeline.io import read_json, sha256_file
 from pipeline.runs import read_run, stage_dir
+from conftest import TINY_SPEC as TINY  # tests/conftest.py
 
 SPEC = """
 name: flowtest
@@ -255,18 +256,6 @@ def test_decontaminate_without_benchmarks_is_an_error(harness, tmp_path):
         data_flow(spec="demo", output_dir=str(tmp_path / "run"), decontaminate=True, progress=False)
 
 
-TINY = """
-name: tiny
-seed: 1
-sources:
-  - name: wp
-    kind: generator
-    generator: word_problems
-    params: {n: 300, near_dup_rate: 0.1, exact_dup_rate: 0.03}
-    fields: {instruction: question, response: answer, id: uid, condition: condition, subset: task}
-tokenizer: {vocab_size: 400, sample_rows: 1000}
-pack: {seq_len: 256, shard_tokens: 16384}
-"""
 
 
 def test_rerun_controls(harness, tmp_path):

@@ -34,6 +34,7 @@ from flows.data_flow import OPTIONAL, STAGES
 from flows.serve import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
 from pipeline.io import sha256_json
 from pipeline.runs import read_run
+from conftest import TINY_SPEC as TINY  # tests/conftest.py
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("hrm-pipeline/pipeline", "hrm-stage/stage", "hrm-evaluate/evaluate", "hrm-lineage/lineage")
 DATA_STAGES = [st for st in STAGES if st not in OPTIONAL] + ["lineage"]  # no benchmarks: no contamination stage
 
-TINY = """
-name: tiny
-seed: 1
-sources:
-  - name: wp
-    kind: generator
-    generator: word_problems
-    params: {n: 300, near_dup_rate: 0.1, exact_dup_rate: 0.03}
-    fields: {instruction: question, response: answer, id: uid, condition: condition, subset: task}
-tokenizer: {vocab_size: 400, sample_rows: 1000}
-pack: {seq_len: 256, shard_tokens: 16384}
-"""
 TRAIN = {"preset": "debug", "steps": 3, "warmup_steps": 1, "save_every": 0, "micro_batch_size": 2}
 EVAL = {"limit": 3, "max_gen_toks": 8}
 RUN_TIMEOUT = 900  # bound on one pipeline flow run (about a minute on two CPU cores)
