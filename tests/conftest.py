@@ -25,22 +25,6 @@ for _var in ("PREFECT_HOME", "HF_HOME", "TORCH_EXTENSIONS_DIR"):  # Prefect cann
 import pytest  # noqa: E402
 
 
-# A tiny generator-only spec (300 word problems with planted duplicates) for flow tests that need a
-# real run in seconds.
-TINY_SPEC = """
-name: tiny
-seed: 1
-sources:
-  - name: wp
-    kind: generator
-    generator: word_problems
-    params: {n: 300, near_dup_rate: 0.1, exact_dup_rate: 0.03}
-    fields: {instruction: question, response: answer, id: uid, condition: condition, subset: task}
-tokenizer: {vocab_size: 400, sample_rows: 1000}
-pack: {seq_len: 256, shard_tokens: 16384}
-"""
-
-
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "data").exists():

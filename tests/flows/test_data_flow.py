@@ -17,7 +17,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.data_flow import OPTIONAL, STAGES, data_flow
 from pipeline.io import read_json, sha256_file
 from pipeline.runs import read_run, stage_dir
-from conftest import TINY_SPEC as TINY  # tests/conftest.py
+from tiny_spec import TINY  # tests/flows/tiny_spec.py
 
 SPEC = """
 name: flowtest

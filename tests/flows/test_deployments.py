@@ -34,7 +34,7 @@ from flows.data_flow import OPTIONAL, STAGES
 from flows.serve import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
 from pipeline.io import sha256_json
 from pipeline.runs import read_run
-from conftest import TINY_SPEC as TINY  # tests/conftest.py
+from tiny_spec import TINY  # tests/flows/tiny_spec.py
 
 pytestmark = pytest.mark.slow
 
