@@ -15,7 +15,10 @@ Tokenizer
   evaluation) encodes numbers the same way; the meta records `split_digits` and load_tokenizer
   refuses a tokenizer.json that does not split when its meta says it does.
   The special tokens get fixed ids at the start of the vocabulary:
-      0 <|pad|>   1 <|boq|>   2 <|eoq|>   3 <|eoa|>   4.. one <|{condition}|> per condition, in order.
+      0 <|pad|>   1 <|boq|>   2 <|eoq|>   3 <|eoa|>   4.. one <|{tag}|> per condition tag, in order.
+  A row's condition is a list of tags ("cot", "synth,cot", "synth,noisy,cot"; pipeline.schema
+  .parse_condition): as in the reference tokenizer, the prompt holds one token per tag, in the order the
+  row gives them. A one-tag condition gives the same tokens as before tag lists existed.
   Training is deterministic: the trainer's merge choice is a total order (count, then pair), and we
   checked that repeated trainings (multi-threaded, separate processes, even with the input reversed)
   give a byte-identical tokenizer.json; the sample is taken from the id-sorted rows, so it does not
@@ -33,16 +36,18 @@ Text is always encoded as text: a literal "<|eoq|>" inside a row is split into o
 Outputs (in `output_dir`)
 - `tokenized.parquet`: one row per input row that passed the checks, in input order:
   id, source, stratum, rule, domain, condition (string),
-  prompt_ids   list<int32>  [BOQ][condition] instruction [EOQ]
+  prompt_ids   list<int32>  [BOQ][tag]... instruction [EOQ]   (one token per condition tag)
   response_ids list<int32>  response [EOA]
   prompt_tokens, response_tokens int32 (the two list lengths, specials included).
 - `tokenizer.json` (the `tokenizers` file), `tokenizer_meta.json` (kind, vocab size, special ids,
   condition ids, sample size and the sha256 of the training sample's ids).
 - `removals.parquet` (REMOVAL_SCHEMA): rows the loader rejected (reason from pipeline.rows), duplicate
-  ids ("duplicate_id") and rows whose condition has no condition token ("unknown_condition").
+  ids ("duplicate_id"), rows whose condition names a tag without a token ("unknown_condition") and
+  rows whose condition is not a tag list (an empty or repeated tag: "bad_condition").
 Counts: rows_in = rows_tokenized + rows_removed; tokens (and rows) per stratum.
 
-Later stages use `load_tokenizer(path)` and `special_ids(meta)`.
+Later stages use `load_tokenizer(path)` and `special_ids(meta)`; `special_ids(meta).condition_ids("synth,cot")`
+gives a prompt's condition token ids.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ import pyarrow.parquet as pq
 from pipeline import io
 from pipeline.config import TokenizerConfig
 from pipeline.rows import load_rows
-from pipeline.schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA
+from pipeline.schema import CONDITION_SEP, NORMALIZED_FIELDS, REMOVAL_SCHEMA, parse_condition
 
 STAGE = "tokenizer"
 TOKENIZED_FILE = "tokenized.parquet"
@@ -104,9 +109,11 @@ def special_tokens(conditions: list[str]) -> list[str]:
     """The special tokens in id order (trained tokenizers): pad, boq, eoq, eoa, then the conditions."""
     if not conditions:
         raise ValueError("tokenizer: `conditions` must name at least one condition (e.g. ['direct', 'cot'])")
-    bad = [c for c in conditions if not isinstance(c, str) or not c or "|" in c or c != c.strip()]
+    bad = [c for c in conditions
+           if not isinstance(c, str) or not c or "|" in c or CONDITION_SEP in c or c != c.strip()]
     if bad:
-        raise ValueError(f"tokenizer: invalid condition name(s) {bad!r} (non-empty, no '|', no spaces at the ends)")
+        raise ValueError(f"tokenizer: invalid condition name(s) {bad!r} "
+                         f"(non-empty, no '|' or '{CONDITION_SEP}', no spaces at the ends)")
     dup = sorted({c for c in conditions if conditions.count(c) > 1})
     if dup:
         raise ValueError(f"tokenizer: conditions repeated: {dup}")
@@ -126,13 +133,28 @@ class SpecialIds:
     conditions: dict[str, int] = field(default_factory=dict)
 
     def condition(self, name: str) -> int:
+        """The token id of one condition tag."""
         try:
             return self.conditions[name]
         except KeyError:
             raise KeyError(f"no condition token for {name!r}; known conditions: {sorted(self.conditions)}") from None
 
+    def condition_ids(self, condition: str) -> list[int]:
+        """The condition token ids of a prompt, one per tag in the given order: "synth,cot" ->
+        [id(<|synth|>), id(<|cot|>)]; "cot" -> [id(<|cot|>)]. ValueError for an empty or repeated tag,
+        KeyError naming every tag this tokenizer has no token for."""
+        tags = parse_condition(condition)
+        unknown = [t for t in tags if t not in self.conditions]
+        if unknown:
+            raise KeyError(f"condition {condition!r}: no condition token for tag(s) {unknown}; "
+                           f"known conditions: {sorted(self.conditions)}")
+        return [self.conditions[t] for t in tags]
+
     def all_ids(self) -> set[int]:
         return {self.pad, self.boq, self.eoq, self.eoa, *self.conditions.values()}
+
+
+Specials = SpecialIds  # the short name
 
 
 def special_ids(meta: dict) -> SpecialIds:
@@ -224,12 +246,26 @@ def _prepare_rows(input_path, conditions: list[str]) -> tuple[pa.Table, list[dic
         else:
             seen[rid] = i
     known = set(conditions)
-    for i, cond in enumerate(t["condition"].to_pylist()):
-        if keep[i] and cond not in known:
+    conds = t["condition"].to_pylist()
+    stored = list(conds)
+    for i, cond in enumerate(conds):
+        if not keep[i]:
+            continue
+        try:
+            tags = parse_condition(cond)
+        except ValueError as e:
             keep[i] = False
-            removals.append(
-                _removal(ids[i], sources[i], "unknown_condition", f"condition {cond!r} not in {list(conditions)}")
-            )
+            removals.append(_removal(ids[i], sources[i], "bad_condition", str(e)))
+            continue
+        unknown = [c for c in tags if c not in known]
+        if unknown:
+            keep[i] = False
+            removals.append(_removal(ids[i], sources[i], "unknown_condition",
+                                     f"condition {cond!r}: tag(s) {unknown} not in {list(conditions)}"))
+        else:
+            stored[i] = CONDITION_SEP.join(tags)  # "synth, cot" -> "synth,cot"
+    if stored != conds:
+        t = t.set_column(t.column_names.index("condition"), "condition", pa.array(stored, pa.string()))
     if not keep.all():
         t = t.filter(pa.array(keep))
     return t, removals, rows_in
@@ -421,7 +457,8 @@ def run(
 
     # 2. tokenize every row, streamed to Parquet in row groups of BATCH_ROWS
     boq, eoq, eoa = sid[BOQ], sid[EOQ], sid[EOA]
-    cond_id = meta["condition_ids"]
+    spec_ids = special_ids(meta)
+    cond_ids: dict[str, list[int]] = {}  # condition string -> its tag token ids
     tokens_per_stratum: dict[str, int] = {}
     rows_per_stratum: dict[str, int] = {}
     total_prompt = total_response = 0
@@ -436,7 +473,9 @@ def run(
                 conds = b["condition"].to_pylist()
                 instr = _encode(tok, b["instruction"].to_pylist())
                 resp = _encode(tok, b["response"].to_pylist())
-                prompts = [[boq, cond_id[c], *x, eoq] for c, x in zip(conds, instr)]
+                for c in set(conds) - cond_ids.keys():
+                    cond_ids[c] = spec_ids.condition_ids(c)
+                prompts = [[boq, *cond_ids[c], *x, eoq] for c, x in zip(conds, instr)]
                 for r in resp:
                     r.append(eoa)
                 p_arr, p_len = _list_array(prompts)
