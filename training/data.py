@@ -17,7 +17,8 @@
 * The loader state is one integer, the stream position of the next step (`state_dict()`, with the
   seed, global batch and epoch order it is valid for); it is saved in every checkpoint, so a resumed
   run continues at the exact next sequence. A checkpoint without an "epoch_order" was made with "all".
-* Each micro batch carries input ids, answer-only labels and the PrefixLM/packing metadata
+* Each micro batch carries input ids, labels (answer-only, or every next token with loss="full")
+  and the PrefixLM/packing metadata
   (segment_ids, position_ids, is_prompt), all built by model.metadata_from_boundaries /
   model.build_labels from the shard's sample_starts / sample_lengths / prompt_lengths, plus the
   sample ids of its sequences (to report a bad batch).
@@ -203,16 +204,18 @@ class Loader:
         return [mine[j * self.mbs : (j + 1) * self.mbs] for j in range(self.accum)]
 
     def global_answer_tokens(self, position: int | None = None) -> int:
-        """Answer tokens of the whole step (all ranks): the loss normaliser, computed from the data
-        alone so no collective is needed."""
+        """Labelled tokens of the whole step (all ranks): the loss normaliser, computed from the data
+        alone so no collective is needed. Answer-only loss: the response tokens after the first
+        position of each sample; full LM loss (`data.loss == "full"`): every token after the first."""
         p = self.position if position is None else position
+        full = self.data.loss == "full"
         total = 0
         for i in self.stream(p, self.global_batch):
             k, r = self.data.locate(i)
             row = self.data._table(k).slice(r, 1)
             lens = row.column("sample_lengths")[0].as_py()
             plens = row.column("prompt_lengths")[0].as_py()
-            total += sum(n - max(pl, 1) for n, pl in zip(lens, plens))
+            total += sum(max(n - 1, 0) if full else n - max(pl, 1) for n, pl in zip(lens, plens))
         return total
 
     def next_step(self) -> tuple[list[Batch], int]:

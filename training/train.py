@@ -4,7 +4,9 @@ Train folder layout (cfg.out):
   train.json           exact config, DeepSpeed config, model config, git sha, and the record of what the
                        run is made from (training.records: pack and tokenizer hashes, config_sha256)
   tokenizer/           tokenizer.json + tokenizer_meta.json of the pack, copied at the start
-  metrics.jsonl        one line per step (loss, answer tokens, grad norm, lr, bp, tokens/s, MFU)
+  metrics.jsonl        one line per step (loss, answer-token loss, answer tokens, grad norm, lr, bp, tokens/s, MFU;
+                       with the full LM loss (model loss="full") `loss` covers every next token and
+                       `answer_loss` the response tokens only)
   tensorboard/         the same scalars (when the tensorboard package is installed)
   checkpoints/         DeepSpeed checkpoints (tags step-00000010, ...; `latest`), each with the
                        EMA weights, loader position, RNG states and recent losses as client state, and
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import bp_schedule, build_model, count_flops, save_checkpoint
+from model import bp_schedule, build_labels, build_model, count_flops, lm_loss, save_checkpoint
 from training import records
 from training.config import TrainConfig
 from training.data import Batch, Loader, PackedShards
@@ -204,6 +206,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     mcfg = cfg.model_config(cfg.vocab_size or tokenizer_vocab(data["tokenizer_dir"]))
     if shards.seq_len > mcfg.max_seq_len:
         mcfg = mcfg.replace(max_seq_len=shards.seq_len)
+    shards.loss = mcfg.loss  # the labels follow the model's objective (answer-only or full LM loss)
     given = records.record(data, records.run_identity(cfg, mcfg.to_dict(), world, device))
     out = _claim_out(out, cfg, given, rank, world)
     tok_dir = out / "tokenizer"
@@ -282,10 +285,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             micro, n_global = loader.next_step()
             scale = world * cfg.grad_accum / max(n_global, 1) if cfg.engine == "deepspeed" else 1.0 / max(n_global, 1)
             loss_sum = torch.zeros((), dtype=torch.float64)
+            ans_sum, ans_n = torch.zeros((), dtype=torch.float64), 0  # answer-token loss (full LM loss only)
             flops = 0.0
             for j, mb in enumerate(micro):
                 b = mb.packed.to(dev)
                 o = engine(**b.as_kwargs(), bp=bp)
+                if mcfg.loss == "full":
+                    with torch.no_grad():
+                        al = build_labels(b.input_ids, b.segment_ids, b.is_prompt, "answer")
+                        ans_sum += lm_loss(o.logits.detach(), al)[1].double().cpu()
+                        ans_n += int((al != -100).sum())
                 if cfg.fail_at_step is not None and step == cfg.fail_at_step:  # testing hook
                     o.loss_sum = o.loss_sum * float("nan")
                 loss = o.loss_sum * scale
@@ -297,10 +306,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if world > 1:
                 import torch.distributed as dist
 
-                t = torch.tensor([loss_sum.item(), flops], dtype=torch.float64, device=dev)
+                t = torch.tensor([loss_sum.item(), flops, ans_sum.item(), ans_n], dtype=torch.float64, device=dev)
                 dist.all_reduce(t)
-                loss_sum, flops = t[0].cpu(), float(t[1])
+                loss_sum, flops, ans_sum, ans_n = t[0].cpu(), float(t[1]), t[2].cpu(), int(t[3])
             step_loss = float(loss_sum) / max(n_global, 1)
+            answer_loss = float(ans_sum) / max(ans_n, 1) if mcfg.loss == "full" else step_loss
             _check(step, step_loss, recent, cfg, micro, "loss")
             engine.finish_step()
             gn = engine.grad_norm()
@@ -311,7 +321,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             tokens = cfg.global_batch(world) * shards.seq_len
-            rec = {"step": step + 1, "loss": step_loss, "answer_tokens": n_global, "grad_norm": gn, "lr": lr,
+            rec = {"step": step + 1, "loss": step_loss, "answer_loss": answer_loss,
+                   "loss_tokens": n_global if mcfg.loss == "full" else None,
+                   "answer_tokens": ans_n if mcfg.loss == "full" else n_global, "grad_norm": gn, "lr": lr,
                    "bp": bp, "tokens_per_s": tokens / dt, "step_s": dt, "flops": flops,
                    "mfu": (flops / dt / (peak * world)) if peak else None}
             recent = (recent + [step_loss])[-cfg.spike_window:]

@@ -141,3 +141,17 @@ def test_mix_epoch_k_is_trained_in_epoch_k(packed_3_epochs):
     assert [mb.seq_index for _ in range(40) for mb in again.next_step()[0]] == want
     with pytest.raises(ValueError, match="epoch_order"):
         Loader(data, micro_batch_size=4, seed=1).load_state_dict({k: v for k, v in state.items() if k != "epoch_order"})
+
+
+def test_full_loss_labels_every_next_token_and_counts_them(packed):
+    # the ablation's first rung: the full causal LM loss labels prompt tokens too, and the step's
+    # normaliser counts exactly the labelled tokens
+    data = PackedShards(packed, loss="full")
+    b = data.batch(list(range(40)))
+    loader = Loader(data, micro_batch_size=40)
+    loader._order = lambda epoch: np.arange(len(data))  # identity order
+    assert loader.global_answer_tokens() == b.answer_tokens
+    answer = PackedShards(packed).batch(list(range(40)))
+    assert b.answer_tokens > answer.answer_tokens
+    lab = answer.packed.labels
+    assert torch.equal(b.packed.labels[lab != -100], lab[lab != -100])  # a superset of the answer labels
