@@ -71,13 +71,25 @@ class TrainSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_gpus: int = Field(1, ge=1, description="ranks on this machine; more than 1 uses the deepspeed launcher")
     hostfile: Optional[str] = Field(None, description="DeepSpeed hostfile for several machines")
-    master_addr: str = "127.0.0.1"
+    master_addr: Optional[str] = Field(None, description="rendezvous address: 127.0.0.1 on one machine (default); "
+                                                         "with a hostfile an address of its first host")
     master_port: int = Field(29500, ge=1, le=65535)
+    node_rank: Optional[int] = Field(None, ge=0, description="with a hostfile: start this host's ranks only, "
+                                                             "without ssh (the flow runs on every host)")
     extra_args: list[str] = Field(default_factory=list, description="more `hrm train` flags, e.g. --ema-decay 0.999")
 
     def identity(self) -> dict:
         """What decides the trained weights (not where or how many processes launch them)."""
-        return self.model_dump(exclude={"hostfile", "master_addr", "master_port"})
+        d = self.model_dump(exclude={"hostfile", "master_addr", "master_port", "node_rank"})
+        if self.hostfile:  # the global batch counts every rank of the hostfile
+            d["world_size"] = self.launch().world_size
+        return d
+
+    def launch(self):
+        from training.distributed import Launch
+
+        return Launch(num_gpus=self.num_gpus, hostfile=self.hostfile, master_addr=self.master_addr,
+                      master_port=self.master_port, node_rank=self.node_rank)
 
     def train_args(self) -> list[str]:
         a = ["--preset", self.preset, "--arch", self.arch, "--steps", str(self.steps),
@@ -89,17 +101,7 @@ class TrainSettings(BaseModel):
 
     def launcher(self) -> list[str]:
         """The command prefix: one process, or DeepSpeed's launcher (local ranks or a hostfile)."""
-        if self.num_gpus == 1 and not self.hostfile:
-            return [sys.executable, "-m", "training"]
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_addr", self.master_addr,
-               "--master_port", str(self.master_port)]
-        if self.hostfile:
-            cmd += ["--hostfile", self.hostfile]
-        else:
-            import torch
-
-            cmd += ["--num_gpus" if torch.cuda.is_available() else "--num_accelerators", str(self.num_gpus)]
-        return cmd + ["--module", "training"]
+        return self.launch().command("training")
 
 
 class EvalSettings(BaseModel):

@@ -132,7 +132,8 @@ def cmd_pipeline(args) -> int:
     plan_pipeline(args.stop_after, args.from_stage, args.only, True, True)
     train = TrainSettings(preset=args.preset, arch=args.arch, steps=args.steps, warmup_steps=args.warmup_steps,
                           micro_batch_size=args.micro_batch_size, save_every=args.save_every, num_gpus=args.num_gpus,
-                          hostfile=args.hostfile, extra_args=args.train_arg)
+                          hostfile=args.hostfile, master_addr=args.master_addr, master_port=args.master_port,
+                          node_rank=args.node_rank, extra_args=args.train_arg)
     evaluation = EvalSettings(tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit or None,
                               checkpoint=args.checkpoint, max_gen_toks=args.max_gen_toks)
     quiet_user_errors_on_console()
@@ -399,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--save-every", type=int, default=20)
     pp.add_argument("--num-gpus", type=int, default=1, help="ranks on this machine (>1: the deepspeed launcher)")
     pp.add_argument("--hostfile", default=None, help="DeepSpeed hostfile for several machines")
+    pp.add_argument("--master-addr", default=None, help="training rendezvous address (default 127.0.0.1 on one "
+                                                        "machine; with --hostfile an address of its first host)")
+    pp.add_argument("--master-port", type=int, default=29500, help="training rendezvous port")
+    pp.add_argument("--node-rank", type=int, default=None,
+                    help="with --hostfile: start this host's ranks only, without ssh")
     pp.add_argument("--train-arg", action="append", default=[], metavar="FLAG",
                     help="another `hrm train` flag, passed on (repeatable), e.g. --train-arg=--ema-decay=0.999")
     pp.add_argument("--limit", type=int, default=50, help="items per benchmark (0: all)")

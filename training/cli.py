@@ -5,11 +5,14 @@ PATH is a run folder (runs/demo: its pack, train folder RUN/train), a pack folde
 Single process (no launcher; world size 1, no rendezvous port):
     hrm train runs/demo --preset debug --steps 200 --warmup-steps 20
     hrm train --shards runs/demo/pack --out runs/demo/train --preset debug --steps 200
-Several local ranks (DeepSpeed launcher; the same command resumes after a crash):
-    deepspeed --num_gpus 8 -m training runs/demo --preset XL --bf16 --zero-stage 2
-    (on CPU: deepspeed --num_accelerators 2 -m training ...; the CPU ranks use gloo + shm_comm)
+Several local ranks (hrm train starts DeepSpeed's launcher; the same command resumes after a crash):
+    hrm train runs/demo --num-gpus 8 --preset XL --bf16 --zero-stage 2
+    (= deepspeed --num_gpus 8 --master_addr 127.0.0.1 -m training ...; on CPU the ranks use gloo + shm_comm)
 Several machines (a hostfile lists "hostname slots=N" per line; the same folders on every node):
-    deepspeed --hostfile hostfile --master_addr node0 --master_port 29500 -m training --shards ... --out ...
+    hrm train runs/demo --hostfile hostfile --master-addr 10.0.0.1 ...       # from the first node, pdsh/ssh
+    hrm train runs/demo --hostfile hostfile --node-rank $NODE_RANK --master-addr 10.0.0.1 ...
+                                              # no ssh: the same command on every node (Slurm, containers)
+The global batch is micro-batch-size x grad-accum x ranks: keep it when the rank count changes.
 Rerunning resumes from the last checkpoint, only on the same pack, tokenizer and settings (--steps may
 change); anything else is refused, and --restart starts a fresh run in the next free <out>-N folder.
 Resuming unpickles DeepSpeed's .pt files: resume only train folders you made.
@@ -66,7 +69,41 @@ def build_parser(prog: str = "hrm train") -> argparse.ArgumentParser:
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (H100 default 989e12)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    add_launch_args(p.add_argument_group("several ranks (hrm train starts DeepSpeed's launcher)"))
     return p
+
+
+def add_launch_args(p) -> None:
+    """The options that say where the ranks go (training.distributed.Launch); they never reach the ranks."""
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="ranks on this machine (GPUs; CPU ranks without one); > 1 starts the deepspeed launcher")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile ('hostname slots=N' per line) for several machines")
+    p.add_argument("--master-addr", help="rendezvous address: 127.0.0.1 on one machine (default); with a "
+                                         "hostfile an address of its first host that the others reach")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port (default 29500)")
+    p.add_argument("--node-rank", type=int, help="with --hostfile: this host's index in it; starts this host's "
+                                                 "ranks only, without ssh (run the same command on every host)")
+    p.add_argument("--launcher", help="with --hostfile and no --node-rank: DeepSpeed's multi-node backend "
+                                      "(pdsh by default; openmpi, mvapich, slurm, ...)")
+
+
+def launch_from_args(a: argparse.Namespace):
+    from training.distributed import Launch
+
+    return Launch(num_gpus=a.num_gpus, hostfile=a.hostfile, master_addr=a.master_addr, master_port=a.master_port,
+                  node_rank=a.node_rank, launcher=a.launcher)
+
+
+def launch(launch, argv: list[str]) -> int:
+    """Run `hrm train ARGV` (the launch options taken out) on every rank through DeepSpeed's launcher."""
+    import subprocess
+
+    lp = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_launch_args(lp)
+    _, rest = lp.parse_known_args(argv)
+    cmd = launch.command("training") + rest
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 def _is_train_folder(p: Path) -> bool:
@@ -151,7 +188,26 @@ def main(argv: list[str] | None = None, prog: str = "hrm train") -> int:
     from pipeline.runs import RunError
 
     p = build_parser(prog)
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
+    try:
+        where = launch_from_args(a)
+        if not where.single_process:
+            if "RANK" in os.environ:
+                raise ValueError("--num-gpus/--hostfile start DeepSpeed's launcher; this process already runs under "
+                                 f"one (RANK={os.environ['RANK']}): drop them")
+            where.check()
+    except ValueError as e:
+        p.error(str(e))
+    if not where.single_process:
+        try:
+            config_from_args(a)  # path errors now, not once per rank
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (ValueError, TypeError) as e:
+            p.error(str(e))
+        return launch(where, argv)
     try:
         cfg = config_from_args(a)
     except RunError as e:

@@ -173,3 +173,117 @@ def init_distributed(device: str, shm_comm: str = "auto") -> tuple[int, int, int
         dist.init_process_group(backend, store=store, rank=rdv.rank, world_size=rdv.world_size)
     deepspeed.init_distributed(dist_backend=backend)  # adopts the initialised group
     return dist.get_rank(), dist.get_world_size(), rdv.local_rank
+
+
+# --- starting several ranks: the deepspeed launcher -------------------------------------------------
+
+LOOPBACK = "127.0.0.1"
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """HOSTFILE's hosts and their slots ("hostname slots=N" per line, # comments), in order; errors name
+    the line. The same format DeepSpeed's launcher reads."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"hostfile {path} does not exist")
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit() or int(parts[1][6:]) < 1:
+            raise ValueError(f"{path}:{n}: expected 'HOSTNAME slots=N' (N >= 1), got {raw.strip()!r}")
+        if parts[0] in hosts:
+            raise ValueError(f"{path}:{n}: host {parts[0]} is listed twice")
+        hosts[parts[0]] = int(parts[1][6:])
+    if not hosts:
+        raise ValueError(f"hostfile {path} lists no host")
+    return hosts
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the ranks of one training run go (`hrm train --num-gpus/--hostfile/...`, the pipeline's
+    train step). The default, one process, needs no launcher.
+
+    * num_gpus > 1, no hostfile: DeepSpeed's launcher starts num_gpus local ranks (CPU ranks when there
+      is no GPU), rendezvous on master_addr (127.0.0.1 by default: nothing listens beyond loopback).
+    * hostfile: the ranks of every host it lists ("hostname slots=N"). master_addr must then be an
+      address of the first host that the others reach; None lets DeepSpeed find it (`ssh FIRST
+      hostname -I`). The launcher reaches the other hosts with pdsh over passwordless ssh (`launcher`:
+      pdsh, openmpi, mvapich, slurm, ... as DeepSpeed names them).
+    * hostfile + node_rank: no ssh: the same command is started on each host (by Slurm, a container
+      scheduler or by hand) with that host's node rank; master_addr is required.
+    """
+
+    num_gpus: int = 1
+    hostfile: str | None = None
+    master_addr: str | None = None
+    master_port: int = 29500
+    node_rank: int | None = None
+    launcher: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 1:
+            raise ValueError(f"num_gpus must be >= 1, got {self.num_gpus}")
+        if not 1 <= self.master_port <= 65535:
+            raise ValueError(f"master_port must be in 1..65535, got {self.master_port}")
+        if self.node_rank is not None and not self.hostfile:
+            raise ValueError("node_rank needs a hostfile (the hosts whose ranks node_rank counts)")
+        if self.launcher is not None and not self.hostfile:
+            raise ValueError("launcher (pdsh, openmpi, slurm, ...) needs a hostfile")
+        if self.hostfile and self.num_gpus > 1:
+            raise ValueError("give num_gpus or a hostfile, not both: a hostfile's slots say how many ranks each host runs")
+
+    @property
+    def single_process(self) -> bool:
+        return self.num_gpus == 1 and not self.hostfile
+
+    def check(self) -> dict[str, int] | None:
+        """Validate the hostfile against the other settings (errors name what is wrong); its hosts."""
+        if not self.hostfile:
+            return None
+        hosts = read_hostfile(self.hostfile)
+        if self.node_rank is not None:
+            if not 0 <= self.node_rank < len(hosts):
+                raise ValueError(f"node_rank {self.node_rank} is not a host of {self.hostfile} "
+                                 f"(it lists {len(hosts)}: 0..{len(hosts) - 1})")
+            if self.master_addr is None:
+                raise ValueError("node_rank (a launch without ssh) needs master_addr: an address of the first "
+                                 f"host of {self.hostfile} ({next(iter(hosts))}) that every host reaches")
+        if len(hosts) > 1 and self.master_addr is not None and _is_loopback(self.master_addr):
+            # one machine playing several nodes (tests) is fine without ssh; with ssh the other hosts
+            # would each connect to their own loopback
+            if self.node_rank is None:
+                raise ValueError(f"master_addr {self.master_addr} is a loopback address but {self.hostfile} lists "
+                                 f"{len(hosts)} hosts: give an address of {next(iter(hosts))} that the others reach "
+                                 "(or none: DeepSpeed asks the first host)")
+        return hosts
+
+    @property
+    def world_size(self) -> int:
+        hosts = self.check()
+        return self.num_gpus if hosts is None else sum(hosts.values())
+
+    def command(self, module: str = "training", python: str | None = None) -> list[str]:
+        """The command prefix that runs `python -m MODULE` on every rank (its own arguments follow)."""
+        python = python or sys.executable
+        if self.single_process:
+            return [python, "-m", module]
+        self.check()
+        cmd = [python, "-m", "deepspeed.launcher.runner", "--master_port", str(self.master_port)]
+        if self.hostfile:
+            cmd += ["--hostfile", str(self.hostfile)]
+            if self.master_addr is not None:
+                cmd += ["--master_addr", self.master_addr]
+            if self.node_rank is not None:
+                cmd += ["--no_ssh", "--node_rank", str(self.node_rank)]
+            if self.launcher:
+                cmd += ["--launcher", self.launcher]
+        else:
+            import torch
+
+            cmd += ["--master_addr", self.master_addr or LOOPBACK]
+            cmd += ["--num_gpus" if torch.cuda.is_available() else "--num_accelerators", str(self.num_gpus)]
+        return cmd + ["--module", module]
