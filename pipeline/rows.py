@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -103,15 +104,12 @@ def load_rows(
     missing/empty/non-string required fields and duplicate ids are rejected row by row. Parquet: a
     missing content column is an error for the whole file (named); null or empty values in required
     columns are rejected row by row. In both, a content column that no row has is an error.
+
+    The whole table in memory: a stage that streams uses `RowReader` (the same rows, in batches).
     """
-    p = resolve_rows_path(path)
-    defaults = defaults or _DEFAULTS.get() or RowDefaults()
-    name = p.name
-    if name.endswith(JSONL_SUFFIXES):
-        return _load_jsonl(p, required, stage, defaults)
-    if name.endswith(".parquet"):
-        return _load_parquet(p, required, stage, defaults)
-    raise ValueError(f"{p}: unsupported input format (expected .jsonl or .parquet, or a stage folder)")
+    reader = RowReader(path, required, stage, defaults)
+    tables = list(reader)
+    return LoadedRows(reader.assemble(tables), reader.rejects)
 
 
 def _fill_values(p: Path, defaults: RowDefaults) -> dict[str, str]:
@@ -123,85 +121,419 @@ def _blank(v) -> bool:
     return v is None or (isinstance(v, str) and not v.strip())
 
 
-def _load_jsonl(p: Path, required: tuple[str, ...], stage: str, defaults: RowDefaults) -> LoadedRows:
-    import gzip
+# ------------------------------------------------------------------------------------------------
+# streaming: RowReader
+# ------------------------------------------------------------------------------------------------
+JSONL_BLOCK_BYTES = 16 << 20  # default bytes of JSONL lines parsed at once
+PARQUET_BATCH_ROWS = 65_536  # default rows per Parquet batch
+_JSON_WS = np.array([9, 10, 11, 12, 13, 32], np.uint8)  # bytes.strip()'s whitespace: blank lines
 
-    opener = gzip.open if p.name.endswith(".gz") else open
-    stem, fill = file_stem(p), _fill_values(p, defaults)
-    filled = [c for c in required if c in FILLED_FIELDS]
-    parsed: list[tuple[int, dict]] = []
-    rejects: list[dict] = []
-    with opener(p, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
+
+class RowReader:
+    """The rows of a stage folder, Parquet or JSONL file in batches (pa.Table each), with the same
+    defaults, checks and rejections as `load_rows` (which is this reader's batches concatenated).
+
+    JSONL is read in blocks of about `block_bytes` of whole lines, each parsed at once by Arrow's JSON
+    reader; only a block that reader cannot take as it is (a malformed or non-object line, a value of
+    the wrong type, a value Arrow would read as a timestamp, a key given twice) is parsed line by line
+    in Python, so each bad line is still rejected alone with its line number. Parquet is read
+    `batch_rows` rows at a time (row group by row group). Duplicate ids are found across the whole
+    file through a 128-bit hash of each kept id (16 bytes per row held).
+
+    `rejects` (REMOVAL_SCHEMA dicts) is complete once the batches are exhausted: for JSONL the lines
+    that do not parse, then the rows that fail a check, each in line order (as `load_rows` always
+    listed them). A content column that no row has raises ValueError at the end of the iteration.
+    `rows_read` counts the kept rows so far; `total_rows` is the Parquet row count (None for JSONL).
+    `arrow=False` parses every JSONL line alone in Python (the reference the tests compare with)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        required: tuple[str, ...] = NORMALIZED_FIELDS,
+        stage: str = "load",
+        defaults: RowDefaults | None = None,
+        *,
+        batch_rows: int = PARQUET_BATCH_ROWS,
+        block_bytes: int = JSONL_BLOCK_BYTES,
+        arrow: bool = True,
+    ):
+        self.path = p = resolve_rows_path(path)
+        self.required, self.stage = tuple(required), stage
+        self.defaults = defaults or _DEFAULTS.get() or RowDefaults()
+        self.batch_rows, self.block_bytes = max(1, int(batch_rows)), max(1, int(block_bytes))
+        self.arrow = arrow  # False: every JSONL line parsed alone in Python (the reference the tests use)
+        if p.name.endswith(JSONL_SUFFIXES):
+            self.kind = "jsonl"
+        elif p.name.endswith(".parquet"):
+            self.kind = "parquet"
+        else:
+            raise ValueError(f"{p}: unsupported input format (expected .jsonl or .parquet, or a stage folder)")
+        self.stem, self.fill = file_stem(p), _fill_values(p, self.defaults)
+        self.parse_rejects: list[dict] = []
+        self.row_rejects: list[dict] = []
+        self.rows_read = 0
+        self.total_rows: int | None = None
+        self._pf = None
+        if self.kind == "parquet":
+            self._pf = pq.ParquetFile(p)
+            self.total_rows = self._pf.metadata.num_rows
+            self._check_parquet_schema(self._pf.schema_arrow)
+        self._seen = _IdSet()
+        self._keys: set[str] = set()  # JSONL: every key of every parsed object
+        self._parsed = 0  # JSONL: objects parsed
+        self._first_cols: set[str] | None = None  # JSONL: the keys of the first kept row
+
+    @property
+    def rejects(self) -> list[dict]:
+        return self.parse_rejects + self.row_rejects
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        if self.kind == "parquet":
+            yield from self._iter_parquet()
+            return
+        for table in self._iter_jsonl():
+            if table.num_rows:
+                yield table
+        if self._parsed:
+            absent = [c for c in self.required if c in CONTENT_FIELDS and c not in self._keys]
+            if absent:
+                raise ValueError(f"{self.path}: missing column(s) {absent} (no row has them); found {sorted(self._keys)}")
+
+    @property
+    def columns(self) -> list[str] | None:
+        """JSONL: the columns of the rows, `required` then the other keys of the first kept row sorted
+        (a key that only later rows have is not a column, as `load_rows` always did); None before a
+        row is kept. Parquet: the file's columns (the filled ones added at the end)."""
+        if self.kind == "parquet":
+            names = self._pf.schema_arrow.names
+            return names + [c for c in self.required if c not in names]
+        if self._first_cols is None:
+            return None
+        return list(self.required) + sorted(self._first_cols - set(self.required))
+
+    def assemble(self, tables: list[pa.Table]) -> pa.Table:
+        """The batches as one table (JSONL: the columns of `columns`)."""
+        if self.kind == "parquet":
+            if not tables:
+                return _fill_parquet(self._pf.schema_arrow.empty_table(), self.path, self.required, self.defaults)
+            return pa.concat_tables(tables)
+        if not tables:
+            return pa.table({c: pa.array([], pa.string()) for c in self.required})
+        return pa.concat_tables([self.conform(t) for t in tables], promote_options="permissive")
+
+    def conform(self, table: pa.Table) -> pa.Table:
+        """A JSONL batch with the columns of `columns` (a missing one all null), in that order."""
+        if self.kind == "parquet":
+            return table
+        cols = self.columns or list(self.required)
+        for c in cols:
+            if c not in table.column_names:
+                table = table.append_column(c, pa.nulls(table.num_rows))
+        return table.select(cols)
+
+    # ---------------------------------------------------------------------------------------------
+    # Parquet
+    # ---------------------------------------------------------------------------------------------
+    def _check_parquet_schema(self, schema: pa.Schema) -> None:
+        p, required = self.path, self.required
+        missing = [c for c in required if c not in schema.names and c not in FILLED_FIELDS]
+        if missing:
+            raise ValueError(f"{p}: missing column(s) {missing}; found {schema.names}")
+        for c in required:
+            if c not in schema.names:
+                continue
+            t = schema.field(c).type
+            if c in FILLED_FIELDS and pa.types.is_null(t):
+                continue
+            if not pa.types.is_string(t) and not pa.types.is_large_string(t):
+                raise ValueError(f"{p}: column '{c}' must be a string column, got {t}")
+
+    def _iter_parquet(self) -> Iterator[pa.Table]:
+        start = 0
+        p, required = self.path, self.required
+        for batch in self._pf.iter_batches(batch_size=self.batch_rows, use_threads=True):
+            table = pa.Table.from_batches([batch])
+            table = _fill_parquet(table, p, required, self.defaults, start=start)
+            start += table.num_rows
+            bad = None
+            for c in required:
+                col = table[c]
+                is_bad = pc.or_(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
+                is_bad = pc.fill_null(is_bad, True)
+                bad = is_bad if bad is None else pc.or_(bad, is_bad)
+            if bad is not None and pc.any(bad).as_py():
+                for r in table.filter(bad).to_pylist():
+                    which = [c for c in required if r.get(c) is None or not str(r.get(c)).strip()]
+                    rid = r.get("id") or ""
+                    self.row_rejects.append(
+                        _reject(rid, r.get("source") or "", "empty_field", f"{p.name}: empty or null {which}", self.stage)
+                    )
+                table = table.filter(pc.invert(bad))
+            self.rows_read += table.num_rows
+            yield table
+
+    # ---------------------------------------------------------------------------------------------
+    # JSONL
+    # ---------------------------------------------------------------------------------------------
+    def _blocks(self) -> Iterator[tuple[int, bytes]]:
+        """(line number of the block's first line, bytes of whole lines), the BOM of line 1 dropped."""
+        import gzip
+
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        with opener(self.path, "rb") as f:
+            carry, lineno, first = b"", 1, True
+            while True:
+                chunk = f.read(self.block_bytes)
+                if first:
+                    first = False
+                    if chunk.startswith(BOM):
+                        chunk = chunk[len(BOM):]
+                if not chunk:
+                    if carry:
+                        yield lineno, carry
+                    return
+                buf = carry + chunk if carry else chunk
+                cut = buf.rfind(b"\n")
+                if cut < 0:
+                    carry = buf
+                    continue
+                block, carry = buf[: cut + 1], buf[cut + 1:]
+                yield lineno, block
+                lineno += block.count(b"\n")
+
+    def _iter_jsonl(self) -> Iterator[pa.Table]:
+        import pyarrow.json as pajson
+
+        opts = pajson.ReadOptions(use_threads=True, block_size=1 << 20)
+        for first_line, block in self._blocks():
+            arr = np.frombuffer(block, np.uint8)
+            nl = np.flatnonzero(arr == 10)
+            starts = np.concatenate([[0], nl + 1])
+            ends = np.concatenate([nl, [arr.size]])
+            if starts[-1] == arr.size:  # the block ends with a newline: no line after it
+                starts, ends = starts[:-1], ends[:-1]
+            solid = ~np.isin(arr, _JSON_WS)  # (bytes,) a byte that makes its line non-blank
+            lines = np.flatnonzero(np.logical_or.reduceat(solid, starts) & (ends > starts)) if starts.size else starts
+            del solid
+            linenos = first_line + lines
+            table = None
+            try:
+                if not self.arrow:
+                    raise pa.ArrowInvalid("line by line")
+                # Arrow's JSON reader does not check UTF-8: a block that is not is read line by line
+                pa.array([block], pa.large_binary()).cast(pa.large_string())
+                table = pajson.read_json(pa.BufferReader(block), read_options=opts)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass
+            if table is not None and (table.num_rows != lines.size or not self._arrow_ok(table)):
+                table = None
+            if table is None:
+                yield self._python_block(block, starts, ends, lines, linenos)
+            else:
+                yield self._arrow_block(table, linenos)
+
+    def _arrow_ok(self, table: pa.Table) -> bool:
+        """Whether Arrow read the block as Python would: no timestamp (Arrow reads ISO dates in
+        strings as timestamps), string or null required columns."""
+        for f in table.schema:
+            if _has_temporal(f.type):
+                return False
+        for c in self.required:
+            if c in table.column_names and not (pa.types.is_string(table[c].type) or pa.types.is_null(table[c].type)):
+                return False
+        return True
+
+    def _arrow_block(self, table: pa.Table, linenos: np.ndarray) -> pa.Table:
+        name, stem, required = self.path.name, self.stem, self.required
+        self._parsed += table.num_rows
+        self._keys.update(table.column_names)
+        n = table.num_rows
+        for c in required:  # a key no row of the block has: all null
+            if c not in table.column_names:
+                table = table.append_column(c, pa.nulls(n, pa.string()))
+            elif pa.types.is_null(table[c].type):
+                table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
+        line_str = pa.array(linenos.astype(np.int64)).cast(pa.string())
+        for c in required:
+            if c not in FILLED_FIELDS:
+                continue
+            if c == "id":
+                default = pc.binary_join_element_wise(pa.scalar(f"{stem}/"), line_str, pa.scalar(""))
+            else:
+                default = pa.array(np.full(n, self.fill[c], object), pa.string()) if n else pa.array([], pa.string())
+            col = table[c]
+            blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True)
+            table = table.set_column(table.column_names.index(c), c, pc.if_else(blank, default, col))
+        missing, empty = {}, {}  # per required column: (n,) bool
+        for c in required:
+            col = table[c]
+            missing[c] = pc.is_null(col).to_numpy(zero_copy_only=False)
+            empty[c] = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False).to_numpy(
+                zero_copy_only=False
+            )
+        bad = np.zeros(n, bool)
+        for c in required:
+            bad |= missing[c] | empty[c]
+        # the id a row is known by: its id when a non-empty string, else "<file>:<line>"
+        where = pc.binary_join_element_wise(pa.scalar(f"{name}:"), line_str, pa.scalar(""))
+        if "id" in table.column_names and pa.types.is_string(table["id"].type):
+            has_id = pc.fill_null(pc.greater(pc.utf8_length(table["id"]), 0), False)
+            rid = pc.if_else(has_id, table["id"], where)
+        else:
+            rid = where
+        rid = rid.combine_chunks() if isinstance(rid, pa.ChunkedArray) else rid
+        problems: dict[int, tuple[str, str]] = {}
+        for i in np.flatnonzero(bad).tolist():
+            for c in required:  # the first column with a problem, as the line-by-line check
+                if missing[c][i]:
+                    problems[i] = ("missing_field", f"field '{c}' is missing")
+                    break
+                if empty[c][i]:
+                    problems[i] = ("empty_field", f"field '{c}' is empty")
+                    break
+        cand = np.flatnonzero(~bad)
+        dup = self._seen.add_new(rid.take(pa.array(cand)))  # (len(cand),) bool: id seen before
+        for i in cand[dup].tolist():
+            problems[i] = ("duplicate_id", f"id '{rid[i].as_py()}' appears twice in {name}")
+        if problems:
+            src = table["source"] if "source" in table.column_names and pa.types.is_string(table["source"].type) else None
+            for i in sorted(problems):
+                reason, text = problems[i]
+                s = src[i].as_py() if src is not None else ""
+                self.row_rejects.append(
+                    _reject(rid[i].as_py(), s or "", reason, f"{name}:{int(linenos[i])}: {text}", self.stage)
+                )
+            keep = np.ones(n, bool)
+            keep[list(problems)] = False
+            table = table.filter(pa.array(keep))
+        if self._first_cols is None and table.num_rows:
+            self._first_cols = {c for c in table.column_names if table[c][0].is_valid} | set(required)
+        self.rows_read += table.num_rows
+        return table
+
+    def _python_block(self, block: bytes, starts, ends, lines, linenos) -> pa.Table:
+        """A block Arrow could not take: line by line, as `load_rows` always did."""
+        p, stem, fill, required, stage = self.path, self.stem, self.fill, self.required, self.stage
+        filled = [c for c in required if c in FILLED_FIELDS]
+        parsed: list[tuple[int, dict]] = []
+        for k, lineno in zip(lines.tolist(), linenos.tolist()):
+            raw = block[starts[k] : ends[k]]
             where = f"{p.name}:{lineno}"
-            if not raw.strip():
-                continue  # blank lines are not rows
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                rejects.append(_reject(f"{where}", "", "non_utf8", str(e), stage))
+                self.parse_rejects.append(_reject(f"{where}", "", "non_utf8", str(e), stage))
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                rejects.append(_reject(f"{where}", "", "bad_json", f"{e.msg} at column {e.colno}", stage))
+                self.parse_rejects.append(_reject(f"{where}", "", "bad_json", f"{e.msg} at column {e.colno}", stage))
                 continue
             if not isinstance(obj, dict):
-                rejects.append(_reject(f"{where}", "", "not_an_object", type(obj).__name__, stage))
+                self.parse_rejects.append(_reject(f"{where}", "", "not_an_object", type(obj).__name__, stage))
                 continue
             parsed.append((lineno, obj))
-    if parsed:
-        absent = [c for c in required if c in CONTENT_FIELDS and not any(c in obj for _, obj in parsed)]
-        if absent:
-            found = sorted({k for _, obj in parsed for k in obj})
-            raise ValueError(f"{p}: missing column(s) {absent} (no row has them); found {found}")
-    good: list[dict] = []
-    seen: set[str] = set()
-    extra_cols: set[str] = set()
-    for lineno, obj in parsed:
-        where = f"{p.name}:{lineno}"
-        for c in filled:
-            if _blank(obj.get(c)):
-                obj[c] = f"{stem}/{lineno}" if c == "id" else fill[c]
-        rid = obj.get("id") if isinstance(obj.get("id"), str) and obj.get("id") else where
-        src = obj.get("source") if isinstance(obj.get("source"), str) else ""
-        problem = None
-        for c in required:
-            v = obj.get(c)
-            if c not in obj or v is None:
-                problem = ("missing_field", f"field '{c}' is missing")
-            elif not isinstance(v, str):
-                problem = ("wrong_type", f"field '{c}' must be a string, got {type(v).__name__}")
-            elif not v.strip():
-                problem = ("empty_field", f"field '{c}' is empty")
+            self._keys.update(obj)
+        self._parsed += len(parsed)
+        problems: dict[int, tuple[str, str, str, str]] = {}  # parsed row -> (rid, source, reason, detail)
+        cand: list[int] = []
+        cand_ids: list[str] = []
+        for k, (lineno, obj) in enumerate(parsed):
+            where = f"{p.name}:{lineno}"
+            for c in filled:
+                if _blank(obj.get(c)):
+                    obj[c] = f"{stem}/{lineno}" if c == "id" else fill[c]
+            rid = obj.get("id") if isinstance(obj.get("id"), str) and obj.get("id") else where
+            src = obj.get("source") if isinstance(obj.get("source"), str) else ""
+            problem = None
+            for c in required:
+                v = obj.get(c)
+                if c not in obj or v is None:
+                    problem = ("missing_field", f"field '{c}' is missing")
+                elif not isinstance(v, str):
+                    problem = ("wrong_type", f"field '{c}' must be a string, got {type(v).__name__}")
+                elif not v.strip():
+                    problem = ("empty_field", f"field '{c}' is empty")
+                if problem:
+                    break
             if problem:
-                break
-        if problem is None and rid in seen:
-            problem = ("duplicate_id", f"id '{rid}' appears twice in {p.name}")
-        if problem:
-            rejects.append(_reject(rid, src, problem[0], f"{where}: {problem[1]}", stage))
-            continue
-        seen.add(rid)
-        good.append(obj)
-        extra_cols.update(obj.keys())
-    cols = list(required) + sorted(extra_cols - set(required))
-    table = pa.Table.from_pylist(good, schema=None) if good else None
-    if table is None:
-        table = pa.table({c: pa.array([], pa.string()) for c in required})
-    else:
-        table = table.select([c for c in cols if c in table.column_names])
-    return LoadedRows(table, rejects)
+                problems[k] = (rid, src, problem[0], f"{where}: {problem[1]}")
+            else:
+                cand.append(k)
+                cand_ids.append(rid)
+        dup = self._seen.add_new(pa.array(cand_ids, pa.string()))  # the duplicate check, in line order
+        for k, rid in zip(np.asarray(cand)[dup].tolist(), np.asarray(cand_ids, object)[dup].tolist()):
+            lineno, obj = parsed[k]
+            src = obj.get("source") if isinstance(obj.get("source"), str) else ""
+            problems[k] = (rid, src, "duplicate_id", f"{p.name}:{lineno}: id '{rid}' appears twice in {p.name}")
+        for k in sorted(problems):
+            self.row_rejects.append(_reject(*problems[k][:3], problems[k][3], stage))
+        good = [obj for k, (_, obj) in enumerate(parsed) if k not in problems]
+        if not good:
+            return pa.table({c: pa.array([], pa.string()) for c in required})
+        if self._first_cols is None:
+            self._first_cols = set(good[0]) | set(required)
+        table = pa.Table.from_struct_array(pa.array(good))  # every key of every row (from_pylist: the first's)
+        self.rows_read += table.num_rows
+        return table
 
 
-def _fill_parquet(table: pa.Table, p: Path, required: tuple[str, ...], defaults: RowDefaults) -> pa.Table:
-    """Add the missing FILLED_FIELDS columns of a Parquet table and fill their null/blank values."""
+def _has_temporal(t: pa.DataType) -> bool:
+    if pa.types.is_temporal(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_has_temporal(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _has_temporal(t.value_type)
+    return False
+
+
+class _IdSet:
+    """The ids kept so far, as 128-bit hashes (two seeded 64-bit polars hashes) in sorted runs that are
+    merged as they grow (so each check is a few binary searches and the runs cost 16 bytes per id)."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []  # each (k, 2) uint64 sorted by (h0, h1)
+
+    def add_new(self, ids: pa.Array) -> np.ndarray:
+        """(n,) bool: True for an id seen before (earlier in `ids` or in an earlier call); the others
+        are added."""
+        import polars as pl
+
+        n = len(ids)
+        if n == 0:
+            return np.zeros(0, bool)
+        s = pl.Series(ids)
+        dup = ~s.is_first_distinct().to_numpy()
+        h = np.stack([s.hash(seed=11).to_numpy(), s.hash(seed=12).to_numpy()], axis=1)  # (n, 2)
+        for run in self.runs:
+            pos = np.searchsorted(run[:, 0], h[:, 0])
+            hit = np.flatnonzero(pos < run.shape[0])
+            hit = hit[run[pos[hit], 0] == h[hit, 0]]
+            for i in hit.tolist():  # an equal h0 (nearly always an equal id): compare h1 over the range
+                j = int(pos[i])
+                while j < run.shape[0] and run[j, 0] == h[i, 0]:
+                    if run[j, 1] == h[i, 1]:
+                        dup[i] = True
+                        break
+                    j += 1
+        new = h[~dup]
+        new = new[np.lexsort((new[:, 1], new[:, 0]))]
+        self.runs.append(new)
+        while len(self.runs) > 1 and self.runs[-2].shape[0] <= 2 * self.runs[-1].shape[0]:
+            merged = np.concatenate([self.runs.pop(), self.runs.pop()])
+            self.runs.append(merged[np.lexsort((merged[:, 1], merged[:, 0]))])
+        return dup
+
+
+def _fill_parquet(table: pa.Table, p: Path, required: tuple[str, ...], defaults: RowDefaults, start: int = 0) -> pa.Table:
+    """Add the missing FILLED_FIELDS columns of a Parquet table (rows from `start` of the file) and fill
+    their null/blank values."""
     stem, fill, n = file_stem(p), _fill_values(p, defaults), table.num_rows
     for c in required:
         if c not in FILLED_FIELDS:
             continue
-        default = pa.array([f"{stem}/{i}" for i in range(n)] if c == "id" else [fill[c]] * n, pa.string())
+        default = pa.array([f"{stem}/{i}" for i in range(start, start + n)] if c == "id" else [fill[c]] * n, pa.string())
         if c not in table.column_names:
             table = table.append_column(c, default)
             continue
@@ -213,33 +545,3 @@ def _fill_parquet(table: pa.Table, p: Path, required: tuple[str, ...], defaults:
         blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True)
         table = table.set_column(table.column_names.index(c), c, pc.if_else(blank, default, col))
     return table
-
-
-def _load_parquet(p: Path, required: tuple[str, ...], stage: str, defaults: RowDefaults) -> LoadedRows:
-    table = pq.read_table(p)
-    missing = [c for c in required if c not in table.column_names and c not in FILLED_FIELDS]
-    if missing:
-        raise ValueError(f"{p}: missing column(s) {missing}; found {table.column_names}")
-    table = _fill_parquet(table, p, required, defaults)
-    for c in required:
-        if not pa.types.is_string(table.schema.field(c).type) and not pa.types.is_large_string(
-            table.schema.field(c).type
-        ):
-            raise ValueError(f"{p}: column '{c}' must be a string column, got {table.schema.field(c).type}")
-    bad = None
-    for c in required:
-        col = table[c]
-        is_bad = pc.or_(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
-        is_bad = pc.fill_null(is_bad, True)
-        bad = is_bad if bad is None else pc.or_(bad, is_bad)
-    rejects: list[dict] = []
-    if bad is not None and pc.any(bad).as_py():
-        bad_rows = table.filter(bad).to_pylist()
-        for r in bad_rows:
-            which = [c for c in required if r.get(c) is None or not str(r.get(c)).strip()]
-            rid = r.get("id") or ""
-            rejects.append(
-                _reject(rid, r.get("source") or "", "empty_field", f"{p.name}: empty or null {which}", stage)
-            )
-        table = table.filter(pc.invert(bad))
-    return LoadedRows(table, rejects)
