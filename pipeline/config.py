@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .schema import CONDITION_SEP, check_condition
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -32,7 +34,7 @@ class FieldMap(Strict):
     instruction: str = "instruction"
     response: str = "response"
     id: str | None = None  # field with the source's own row id; default: the row index
-    condition: str | None = None  # field with a per-row condition; default: the source's condition
+    condition: str | None = None  # field with a per-row condition (tag list); default: the source's condition
     domain: str | None = None  # field with a per-row domain; default: the source's domain
     subset: str | None = None  # field naming the row's subset/task (its stratum key), e.g. FLAN task
 
@@ -57,7 +59,19 @@ class SourceSpec(Strict):
     generator: str | None = None  # generator: the name of a built-in generator
     params: dict[str, Any] = Field(default_factory=dict)  # generator parameters
     fields: FieldMap = Field(default_factory=FieldMap)
+    # condition tags of every row ("cot", "synth,cot", "synth,noisy,cot"): one condition token per tag,
+    # in this order (pipeline.schema.parse_condition); each tag must be in normalize.conditions
     condition: str = "direct"
+    # what normalize emits per source row (data_io's cot/direct pairs): "cot" the row as given (its whole
+    # response; the default), "direct" the row with only its final answer as response (same id), "both"
+    # the row and a direct copy of it with id "<id>#direct". A direct row's condition swaps the tag "cot"
+    # for "direct", keeping the others ("synth,cot" -> "synth,direct"), or adds "direct" when the row
+    # has no "cot" tag. A row whose answer cannot be found is rejected ("no_final_answer"), never dropped.
+    emit: Literal["cot", "direct", "both"] = "cot"
+    # where the final answer is: "hash" the text after the last "####" (GSM8K), "boxed" the content of
+    # the last \boxed{...} (MATH: nested braces, also "\boxed 5" and \fbox), "auto" "####" when the
+    # response has it, else \boxed
+    answer_format: Literal["auto", "hash", "boxed"] = "auto"
     domain: str = "general"
     license: str | None = None
     max_rows: int | None = Field(default=None, ge=1)  # take at most this many rows (in source order)
@@ -93,8 +107,17 @@ class SourceSpec(Strict):
 class NormalizeConfig(Strict):
     max_instruction_chars: int = Field(default=100_000, ge=1)
     max_response_chars: int = Field(default=100_000, ge=1)
-    conditions: list[str] = Field(default_factory=lambda: ["direct", "cot", "noisy", "synthetic"])
+    # the condition tags (one special token each); the reference's four: direct, cot, noisy, synth
+    conditions: list[str] = Field(default_factory=lambda: ["direct", "cot", "noisy", "synth"])
     strip: bool = True  # strip surrounding whitespace from instruction and response
+
+    @field_validator("conditions")
+    @classmethod
+    def _tags_ok(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if not c or CONDITION_SEP in c or c != c.strip()]
+        if bad:
+            raise ValueError(f"conditions are single tags (no '{CONDITION_SEP}', no spaces at the ends): {bad}")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +218,12 @@ class PackConfig(Strict):
 # contamination
 # ----------------------------------------------------------------------------------------------
 class ContaminationConfig(Strict):
+    # words: normalised-text word n-grams (GPT-3 / OLMo style, independent of the tokenizer's boundaries),
+    # with the short-item rule; tokens: the paper's Llama-2 check over the pipeline's BPE token ids
+    method: Literal["words", "tokens"] = "words"
     ngram_sizes: tuple[int, ...] = (13, 8)
     primary_n: int = 13  # the n whose coverage gives the item's bucket (and drives decontamination)
+    min_ngram: int = Field(default=8, ge=1)  # words: the smallest window of the short-item rule
     clean_below: float = Field(default=0.2, gt=0, lt=1)
     not_clean_below: float = Field(default=0.5, gt=0, lt=1)
     dirty_at: float = Field(default=0.8, gt=0, le=1)
@@ -206,6 +233,8 @@ class ContaminationConfig(Strict):
     top_rows: int = Field(default=5, ge=1)  # rows listed per dirty item
     batch_rows: int = Field(default=32768, ge=1)  # training rows hashed per batch
     decontaminate: bool = False
+    # the lowest bucket whose responsible rows decontamination drops (dirty: as Llama-2 reports)
+    decontaminate_at: Literal["not_clean", "not_dirty", "dirty"] = "dirty"
 
     @model_validator(mode="after")
     def _check(self) -> "ContaminationConfig":
@@ -235,6 +264,18 @@ class ContaminationSpec(ContaminationConfig):
         return self.benchmarks_dir is not None or self.hub
 
 
+# ----------------------------------------------------------------------------------------------
+# resources
+# ----------------------------------------------------------------------------------------------
+class ResourcesConfig(Strict):
+    """What the data stages may use. `memory_gb`: the budget the streaming stages (stratify, dedup,
+    lineage, and the readers of every stage) size their batches by (pipeline/budget.py), so that peak
+    RSS stays within it whatever the row count. Never part of a stage's fingerprint: it changes how
+    much is held at once, never the outputs."""
+
+    memory_gb: float = Field(default=4.0, gt=0)
+
+
 class RunSpec(Strict):
     name: str
     description: str = ""
@@ -247,6 +288,7 @@ class RunSpec(Strict):
     mix: MixConfig = Field(default_factory=MixConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
     contamination: ContaminationSpec | None = None
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @field_validator("name")
     @classmethod
@@ -264,11 +306,13 @@ class RunSpec(Strict):
         if dup:
             raise ValueError(f"sources: names must be unique, repeated: {dup}")
         for s in self.sources:
-            if s.condition not in self.normalize.conditions:
-                raise ValueError(
-                    f"sources: '{s.name}' has condition {s.condition!r}, not among "
-                    f"normalize.conditions {self.normalize.conditions}"
-                )
+            try:
+                check_condition(s.condition, self.normalize.conditions)
+            except ValueError as e:
+                raise ValueError(f"sources: '{s.name}': {e} (normalize.conditions)") from None
+            if s.emit != "cot" and "direct" not in self.normalize.conditions:
+                raise ValueError(f"sources: '{s.name}' has emit {s.emit!r}, which needs the tag 'direct' in "
+                                 f"normalize.conditions {self.normalize.conditions}")
         ratios = [r.ratio for r in self.stratify.rules if r.ratio is not None]
         if sum(ratios) > 1.0 + 1e-9:
             raise ValueError(f"stratify.rules: target ratios add up to {sum(ratios):.4f} > 1")

@@ -1,7 +1,9 @@
 """Lineage of a data run: where every training row came from, and why every dropped row was dropped.
 
 Reads the stage folders of a run (`<run>/<stage>/`) and accounts for every row:
-- per source: rows ingested = rows normalized + rows rejected by normalize (by reason);
+- per source: rows ingested (+ the direct copies a source's `emit: both` adds) = rows normalized + rows
+  rejected by normalize (by reason; e.g. `no_final_answer`: a direct row or copy whose final answer, "####"
+  or \\boxed{}, was not found in the response);
 - per stratum: rows stratified = rows packed + rows removed, by stage and reason (dedup's exact and
   near duplicates with the id of the copy kept, tokenizer rejects, rows dropped by decontamination
   because they make a benchmark item dirty, mix's capped rows, pack's short responses and overlong
@@ -121,6 +123,7 @@ def build(run_dir: str | os.PathLike | Stages) -> tuple[pl.DataFrame, dict]:
               .sort("stage", "reason").to_dicts())
         per_source[src] = {
             "ingested": c["in"], "rejected_at_normalize": c["reasons"], "stratified": sub.height,
+            **({"direct_copies": c["direct_copies"]} if c.get("direct_copies") else {}),
             "packed": sub.filter(pl.col("status") == "packed").height,
             "removed": sub.filter(pl.col("status") == "removed").height,
             "removed_by": {f"{r['stage']}:{r['reason']}": r["len"] for r in by},
@@ -203,7 +206,8 @@ def report_markdown(summary: dict, title: str = "Lineage") -> str:
              "| source | ingested | rejected at normalize | stratified | packed | removed |", "|---|---:|---|---:|---:|---|"]
     for src, c in s["per_source"].items():
         rej = c["rejected_at_normalize"]
-        lines.append(f"| {src} | {c['ingested']:,} | {sum(rej.values()):,} ({_fmt(rej)}) | {c['stratified']:,} | "
+        copies = f" (+{c['direct_copies']:,} direct copies)" if c.get("direct_copies") else ""
+        lines.append(f"| {src} | {c['ingested']:,}{copies} | {sum(rej.values()):,} ({_fmt(rej)}) | {c['stratified']:,} | "
                      f"{c['packed']:,} | {c['removed']:,} ({_fmt(c.get('removed_by', {}))}) |")
     # the normalize manifest's warnings when the summary carries them, else the sources it counts as empty
     warns = [w["message"] if isinstance(w, dict) else str(w) for w in s.get("warnings") or []] or [

@@ -121,7 +121,7 @@ def flow(lineage: dict, stages_run: Iterable[str] = ()) -> dict:
         for key, n in (c.get("removed_by") or {}).items():
             st, _, reason = key.partition(":")
             by_stage.setdefault(st, {})[reason] = n
-        kept = [int(c.get("ingested", 0))]
+        kept = [int(c.get("ingested", 0)) + int(c.get("direct_copies", 0))]  # emit both adds copies
         for st in columns:
             gone = sum(by_stage.get(st, {}).values())
             kept.append(kept[-1] - gone)

@@ -143,7 +143,7 @@ def _raw_row(ingest: Path, source: str, src: dict, row_id: str, where: tuple[str
     path = ingest / f"{source}.parquet"
     if not path.exists():
         return None
-    local = row_id[len(source) + 1:]
+    local = row_id[len(source) + 1:].removesuffix("#direct")  # a direct copy comes from its row's raw record
     id_field = (src.get("fields") or {}).get("id")
     if where is None and not id_field:
         file, _, idx = local.rpartition(":")

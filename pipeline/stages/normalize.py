@@ -8,13 +8,28 @@ source, domain, origin.
   the file name (local sources), else the split (Hub), else "all". `stratify` matches rules on it.
 - Per-row `condition` / `domain` / `subset` fields fall back to the source's defaults where a row lacks
   them; a per-row `id` field is required (a row without one is rejected).
+- `condition` is a tag list ("cot", "synth,cot"): every tag must be in `normalize.conditions`; it is
+  stored without spaces around the tags, in the given order (pipeline.schema.check_condition).
 - `instruction` / `response` come from a field (must hold a string: a number is rejected as
   `wrong_type`; use a template such as "{answer}" to format non-strings), or from a template with
   `{field}` placeholders (any value but null is formatted).
 
+Direct answers (a source's `emit`, as data_io's cot/direct pairs): "cot" keeps the row as given; "direct"
+replaces its response with the final answer found in it (same id); "both" keeps the row and adds a copy
+with the final answer, id "<id>#direct". The answer is the text after the last "####" (GSM8K), or the
+content of the last \\boxed{...} / \\fbox{...} (MATH: nested braces, escaped \\{ \\} skipped, and the
+brace-less "\\boxed 5" up to "$" or the line's end) - `answer_format` picks one, "auto" takes "####" when
+present. A direct row's condition swaps the tag "cot" for "direct" ("synth,cot" -> "synth,direct"), or
+adds "direct". A row (emit direct) or copy (emit both) whose answer is not found is rejected as
+`no_final_answer` (the copy under its own "<id>#direct" id), so per source rows_in + direct_copies =
+kept + rejected.
+
 Rejections (`rejects.parquet`, `pipeline.schema.REMOVAL_SCHEMA`, stage "normalize"), one reason each:
 `bad_json`, `not_an_object`, `non_utf8`, `missing_field`, `wrong_type`, `empty_field`, `too_long`,
-`unknown_condition`, `duplicate_id`, and `excluded_by_spec` for rows a source's `exclude` filter removes. Every row in is kept or rejected: rows_in = kept + rejected, per source.
+`unknown_condition` (a tag not in `normalize.conditions`, or a malformed tag list), `duplicate_id`,
+`no_final_answer` (direct rows, above), and `excluded_by_spec` for rows a source's `exclude` filter
+removes. Every row in (and every direct copy) is kept or rejected: rows_in + direct_copies = kept +
+rejected, per source.
 A field missing from a whole Parquet/Hub source is a spec error, raised before any row is processed.
 
 Empty sources: the manifest's `warnings` lists the ingest warnings (empty sources and empty files,
@@ -40,11 +55,13 @@ from tqdm import tqdm
 from ..config import NormalizeConfig, SourceSpec
 from ..io import MANIFEST, open_stage, code_hash, finish_stage, fingerprint, read_json, write_parquet
 from ..rows import ROWS_FILE
-from ..schema import NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA
+from ..schema import CONDITION_SEP, NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA, check_condition, parse_condition
 from .ingest import EmptySourcesError
 
 STAGE = "normalize"
 REJECTS_FILE = "rejects.parquet"
+DIRECT_SUFFIX = "#direct"  # id of a row's direct copy: "<id>#direct"
+NO_ANSWER = "no_final_answer"
 
 
 class NormalizeSpecError(ValueError):
@@ -54,6 +71,69 @@ class NormalizeSpecError(ValueError):
 class _Bad(Exception):
     def __init__(self, reason: str, detail: str):
         self.reason, self.detail = reason, detail
+
+
+# ----------------------------------------------------------------------------------------------
+# final answers (direct rows)
+# ----------------------------------------------------------------------------------------------
+def extract_hash_answer(text: str) -> tuple[str | None, str]:
+    """The text after the last "####" (GSM8K's answer line), stripped; (None, why) when there is none."""
+    i = text.rfind("####")
+    if i < 0:
+        return None, "no '####' answer marker in the response"
+    ans = text[i + 4:].strip()
+    return (ans, "") if ans else (None, "nothing after the last '####'")
+
+
+def extract_boxed_answer(text: str) -> tuple[str | None, str]:
+    """The content of the last \\boxed{...} or \\fbox{...} (nested braces; backslash-escaped braces are
+    text), or of a brace-less "\\boxed 5" up to "$" or the end of the line; (None, why) otherwise."""
+    starts = [(text.rfind(cmd), cmd) for cmd in ("\\boxed", "\\fbox")]
+    at, cmd = max(starts)
+    if at < 0:
+        return None, "no \\boxed{...} in the response"
+    j = at + len(cmd)
+    if j < len(text) and text[j] == "{":
+        depth, k = 0, j
+        while k < len(text):
+            c = text[k]
+            if c == "\\":
+                k += 2  # an escaped character (\\{, \\}) is text
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    ans = text[j + 1:k].strip()
+                    return (ans, "") if ans else (None, f"empty {cmd}{{}}")
+            k += 1
+        return None, f"unbalanced braces after the last {cmd}"
+    if j < len(text) and text[j] in " \t":
+        ans = re.split(r"[$\n]", text[j:], maxsplit=1)[0].strip()
+        return (ans, "") if ans else (None, f"nothing after the last '{cmd} '")
+    return None, f"the last {cmd} is followed by neither '{{' nor a space"
+
+
+def extract_answer(text: str, fmt: str) -> tuple[str | None, str]:
+    """(final answer, "") or (None, why) for answer_format FMT: hash, boxed, or auto (hash when the text
+    has "####", else boxed)."""
+    if fmt == "hash" or (fmt == "auto" and "####" in text):
+        return extract_hash_answer(text)
+    if fmt in ("boxed", "auto"):
+        return extract_boxed_answer(text)
+    raise ValueError(f"unknown answer_format {fmt!r}")
+
+
+def direct_condition(condition: str) -> str:
+    """The condition of a row's direct version: the tag "cot" becomes "direct" (other tags and their
+    order kept), else "direct" is added at the end unless present: "synth,cot" -> "synth,direct"."""
+    tags = list(parse_condition(condition))
+    if "cot" in tags:
+        tags[tags.index("cot")] = "direct"
+    if "direct" not in tags:
+        tags.append("direct")
+    return CONDITION_SEP.join(dict.fromkeys(tags))
 
 
 def is_template(s: str) -> bool:
@@ -167,9 +247,10 @@ class _Mapper:
         out["instruction"] = self._text("instruction", row)
         out["response"] = self._text("response", row)
         cond = self._opt_str(f.condition, row, "condition", s.condition)
-        if cond not in self.cfg.conditions:
-            raise _Bad("unknown_condition", f"condition {cond!r} is not one of {self.cfg.conditions}")
-        out["condition"] = cond
+        try:
+            out["condition"] = check_condition(cond, self.cfg.conditions)
+        except ValueError as e:
+            raise _Bad("unknown_condition", str(e)) from None
         out["source"] = s.name
         out["domain"] = self._opt_str(f.domain, row, "domain", s.domain)
         default_sub = file if s.kind == "local" else s.split if s.kind == "hub" else "all"
@@ -179,6 +260,20 @@ class _Mapper:
             raise _Bad("duplicate_id", f"id {rid!r} appears more than once in the source")
         self.seen_ids.add(rid)
         return out
+
+    def direct(self, out: dict, rid: str) -> dict:
+        """The direct version of a mapped row (id RID): its final answer as response."""
+        ans, why = extract_answer(out["response"], self.src.answer_format)
+        if ans is None:
+            raise _Bad(NO_ANSWER, f"{why} (answer_format {self.src.answer_format!r})")
+        cond = direct_condition(out["condition"])
+        if any(t not in self.cfg.conditions for t in parse_condition(cond)):
+            raise _Bad("unknown_condition", f"direct condition {cond!r}: a tag is not in {self.cfg.conditions}")
+        if rid != out["id"]:
+            if rid in self.seen_ids:
+                raise _Bad("duplicate_id", f"id {rid!r} appears more than once in the source")
+            self.seen_ids.add(rid)
+        return {**out, "id": rid, "response": ans, "condition": cond}
 
 
 def _iter_raw(table: pa.Table):
@@ -206,8 +301,10 @@ def _iter_raw(table: pa.Table):
         yield from zip(data, files, idxs)
 
 
-def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, progress: bool = False):
-    """Normalize one raw source table. Returns (rows: list[dict], rejects: list[dict])."""
+def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, progress: bool = False,
+                    stats: dict | None = None):
+    """Normalize one raw source table. Returns (rows: list[dict], rejects: list[dict]); STATS (a dict)
+    gets "direct_copies", the direct copies made (emit both), kept or rejected."""
     # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
     columns = None if "_json" in table.column_names or table.num_rows == 0 else table.column_names
     many = len(table.column("_file").unique()) > 1
@@ -217,6 +314,7 @@ def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, prog
     if progress:
         it = tqdm(it, total=table.num_rows, desc=f"normalize {src.name}", unit="row", file=sys.stderr,
                   mininterval=1.0)
+    copies = 0
     for obj, file, idx in it:
         where = f"{file}:{idx}"
         rid = f"{src.name}/{file}:{idx}" if many else f"{src.name}/{idx}"
@@ -224,10 +322,22 @@ def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, prog
             if isinstance(obj, _Bad):
                 raise obj
             rid = mapper.row_id(obj, file, idx)
-            rows.append(mapper.map(obj, rid, file))
+            row = mapper.map(obj, rid, file)
+            rows.append(mapper.direct(row, rid) if src.emit == "direct" else row)
         except _Bad as b:
             rejects.append({"id": rid, "source": src.name, "stage": STAGE, "reason": b.reason,
                             "detail": f"{where}: {b.detail}", "duplicate_of": None})
+            continue
+        if src.emit == "both":
+            copies += 1
+            cid = rid + DIRECT_SUFFIX
+            try:
+                rows.append(mapper.direct(row, cid))
+            except _Bad as b:
+                rejects.append({"id": cid, "source": src.name, "stage": STAGE, "reason": b.reason,
+                                "detail": f"{where}: direct copy of {rid}: {b.detail}", "duplicate_of": None})
+    if stats is not None:
+        stats["direct_copies"] = copies
     return rows, rejects
 
 
@@ -261,10 +371,13 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     all_rows, all_rejects, per_source = [], [], {}
     for s in sources:
         table = pq.read_table(inputs[s.name])
-        rows, rejects = normalize_table(s, cfg, table, progress)
+        stats: dict = {}
+        rows, rejects = normalize_table(s, cfg, table, progress, stats)
         per_source[s.name] = {"in": table.num_rows, "kept": len(rows), "rejected": len(rejects),
                               "reasons": dict(sorted(Counter(r["reason"] for r in rejects).items()))}
-        assert table.num_rows == len(rows) + len(rejects), s.name
+        if s.emit != "cot":  # only then: the manifests of other sources stay as they were
+            per_source[s.name].update(emit=s.emit, direct_copies=stats["direct_copies"])
+        assert table.num_rows + stats["direct_copies"] == len(rows) + len(rejects), s.name
         all_rows += rows
         all_rejects += rejects
     warnings = list(ingest_warnings)

@@ -3,7 +3,8 @@
 Inputs: the tokenizer folder (`tokenized.parquet`, `tokenizer_meta.json`) and the mix folder
 (`mix.parquet`: epoch, order, id).
 
-Sample layout: prompt_ids + response_ids, i.e. [BOQ][condition] instruction [EOQ] response [EOA].
+Sample layout: prompt_ids + response_ids, i.e. [BOQ][tag]... instruction [EOQ] response [EOA] (one condition token
+per tag of the row's condition, e.g. "synth,cot": the prompt_lengths below count them).
 - "Response tokens" means the response text's tokens, EOA excluded (= len(response_ids) - 1).
   A row with fewer than `cfg.min_response_tokens` of them is dropped: reason "short_response".
   The default 1 follows the reference: one content token plus EOA is a sample (a one-digit answer).
@@ -30,7 +31,7 @@ least one). One row per packed sequence:
     input_ids       fixed_size_list<int32>[seq_len]  the tokens, pad after the last sample
     sample_starts   list<int32>   offset of each sample in input_ids (0 for the first, increasing)
     sample_lengths  list<int32>   tokens of each sample (prompt + kept response)
-    prompt_lengths  list<int32>   tokens of each sample's prompt ([BOQ][cond] instruction [EOQ])
+    prompt_lengths  list<int32>   tokens of each sample's prompt ([BOQ][tags] instruction [EOQ])
     sample_ids      list<string>  the tokenized row id of each sample (lineage)
     epoch           int32
 The schema metadata holds seq_len and pad_id. For the trainer: for a sample at s with length L and

@@ -34,7 +34,7 @@ def hub_folder(tmp_path_factory):
 
 
 def _spec(path, **src) -> RunSpec:
-    s = SourceSpec(name="syn", kind="hub", path=str(path), split="train", condition="synthetic",
+    s = SourceSpec(name="syn", kind="hub", path=str(path), split="train", condition="synth",
                    fields={"instruction": "query", "response": "answer", **src.pop("fields", {})}, **src)
     return RunSpec(name="plan_test", sources=[s], seed=3, mix=MixConfig(epochs=EPOCHS),
                    stratify=StratifyConfig(rules=[StratumRule(match="syn/", cap_rows=CAP)]))

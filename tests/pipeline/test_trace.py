@@ -1,6 +1,7 @@
 """`pipeline.trace` and `hrm lineage trace|why` on a real small run made by the data flow (under
 prefect_test_harness): a generator source with planted duplicates, a messy local JSONL (bad lines,
-a benchmark question planted for decontamination), and a JSONL source with its own id field."""
+a benchmark question planted for decontamination), a JSONL source with its own id field, and a MATH-style
+source that emits direct copies (one without a \\boxed answer)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ sources:
     kind: local
     path: IDED
     fields: {instruction: q, response: a, id: qid}
+  - name: boxed
+    kind: local
+    path: BOXED
+    condition: synth,cot
+    emit: both
+    answer_format: boxed
 stratify:
   rules:
     - {match: wp/, cap_rows: 40}
@@ -71,9 +78,15 @@ def run(tmp_path_factory, shared) -> Path:
             {"qid": "q-1", "q": "Spell the word cow.", "a": "The word cow is spelled C O W."},
             {"qid": 7, "q": "Spell the word hen.", "a": "The word hen is spelled H E N."}]
     (d / "ided.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ided))
+    boxed = [{"instruction": f"What is {i} times {i + 3}, as a fraction over {i + 1}?",
+              "response": f"Multiply: {i} * {i + 3} = {i * (i + 3)}, so $\\boxed{{\\frac{{{i * (i + 3)}}}{{{i + 1}}}}}$."}
+             for i in range(1, 6)]
+    boxed[2]["response"] = "I cannot put this in a box."
+    (d / "boxed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in boxed))
     spec = d / "spec.yaml"
     spec.write_text(textwrap.dedent(SPEC).replace("MESSY", str(d / "messy.jsonl"))
-                    .replace("IDED", str(d / "ided.jsonl")).replace("BENCH", str(d / "bench")))
+                    .replace("IDED", str(d / "ided.jsonl")).replace("BENCH", str(d / "bench"))
+                    .replace("BOXED", str(d / "boxed.jsonl")))
     with prefect_test_harness(server_startup_timeout=120):
         data_flow(spec=str(spec), output_dir=str(d / "run"), progress=False)
     return d / "run"
@@ -163,6 +176,22 @@ def test_why_of_normalize_rejects_gives_the_reason(run):
     assert why(run, "messy/4").startswith("rejected at normalize: missing_field (messy.jsonl:4: ")
 
 
+def test_why_of_direct_copies(run):
+    d = trace(run, "boxed/1#direct")
+    norm = next(s for s in d["stages"] if s["stage"] == "normalize")
+    assert norm["condition"] == "synth,direct" and d["text"]["response"] == r"\frac{4}{2}"
+    first, second = why(run, "boxed/1#direct").splitlines()
+    assert first.startswith("packed ") and "boxed.jsonl line 1" in second  # the copy's origin: its row's line
+    first, second = why(run, "boxed/3#direct").splitlines()
+    assert first == ("rejected at normalize: no_final_answer (boxed.jsonl:3: direct copy of boxed/3: "
+                     "no \\boxed{...} in the response (answer_format 'boxed'))")
+    assert "boxed.jsonl line 3" in second
+    assert why(run, "boxed/3").startswith("packed ")  # the chain-of-thought row itself is kept
+    src = read_json(stage_dir(run, "lineage") / "lineage.json")["per_source"]["boxed"]
+    assert src["ingested"] == 5 and src["direct_copies"] == 5 and src["rejected_at_normalize"] == {"no_final_answer": 1}
+    assert src["stratified"] == 9
+
+
 def test_decontaminated_row_names_the_benchmark_item(run):
     line = why(run, "messy/5").splitlines()[0]
     assert line == ("removed at contamination: benchmark_contamination "
@@ -175,7 +204,7 @@ def test_unknown_id_is_a_clear_error_with_similar_ids(run):
     with pytest.raises(UnknownId) as e:
         trace(run, "wq/12")
     assert "wp/12" in e.value.suggestions and "is in no stage of" in str(e.value)
-    assert "sources: ided, messy, wp" in str(e.value)
+    assert "sources: boxed, ided, messy, wp" in str(e.value)
     with pytest.raises(UnknownId) as e:
         why(run, "12")
     assert "wp/12" in e.value.suggestions
