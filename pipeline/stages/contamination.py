@@ -1,4 +1,4 @@
-"""Stage `contamination`: Llama-2 style n-gram contamination check of benchmarks against training data.
+"""Stage `contamination`: n-gram contamination check of benchmarks against training data (words or Llama-2 tokens).
 
 Inputs
 - training data: a tokenizer stage folder (`tokenized.parquet` + `tokenizer_meta.json`), a
@@ -15,41 +15,61 @@ Inputs
       math problem | drop passage + question
   (`item_text(name, doc)`; the evaluation package uses the same function to map its samples back).
 
-Method (per n in cfg.ngram_sizes, default 13 and 8)
-- Every benchmark item is tokenized with the pipeline's tokenizer (no special tokens). Its token
-  n-grams are hashed (64-bit polynomial hash of the window, then a splitmix64 finaliser) into one sorted
-  uint64 array U of distinct hashes: the index (a few million entries for all six benchmarks).
-- The training tokens are streamed in row batches as one flat int array with offsets; every window is
-  hashed in one vectorised pass (n multiply-adds over shifted views of the flat array), filtered
-  through a 2^26-bit table of U's top bits and looked up with np.searchsorted. Hits are kept as
-  (index into U, training row) pairs, at most `cfg.max_rows_per_ngram` rows per n-gram (attribution).
-  Indexing the (small) benchmark side and streaming the (large) training side gives exactly the set
-  "benchmark n-grams that occur in training" that an index of the training data would, with memory
-  bounded by one batch instead of the whole corpus.
-- An item token is covered when some n-gram of the item that contains it occurs in training.
-  coverage = covered tokens / item tokens; longest_span = the longest run of covered tokens.
-  An item shorter than n tokens has no n-grams: coverage 0 at that n (counted as `too_short`).
-- Buckets (fractions of item tokens covered, Llama-2's four buckets with these exact edges):
+Method (cfg.method; per n in cfg.ngram_sizes, default 13 and 8)
+- words (the default; GPT-3 / OLMo style): matching on normalised text, independent of the tokenizer's
+  boundaries (the same question tokenizes differently alone and inside a row: "?" vs "?\n" merges).
+  Text is folded byte by byte (`fold_bytes`: ASCII letters lowercased; ASCII punctuation, symbols and
+  whitespace, U+0080-U+00BF, U+2000-U+206F and U+2212 are separators) and split into words; one-letter
+  words a-z are dropped (option labels "A." "(b)" between appended choices, and "a", "I"). The training
+  rows' token ids are mapped back to their bytes with a per-id byte table (`TokenBytes`, exact for the
+  pipeline's byte-level BPE; special tokens are separators), so no row is decoded in Python. Each word
+  is hashed (polynomial over its bytes, finalised), and units are word hashes.
+  Short-item rule (`window_sizes`): an item of L words is matched with windows of
+  s = min(n, max(ceil(L/2), min(L, cfg.min_ngram))) words: n-grams from 2n words up; a shorter item with
+  windows of half its length (two windows cover it; one half copied alone stays below the dirty edge),
+  never fewer than min_ngram (8) words; an item of fewer than min_ngram words is matched whole (its
+  normalised text as a word-bounded substring of a training segment). The item's `ngram` column says
+  which size it got.
+- tokens (the paper's Llama-2 check, kept for comparison): units are the pipeline's token ids; every
+  item is tokenized (no special tokens) and matched with n-token windows; an item shorter than n tokens
+  has no n-grams (coverage 0, counted as `too_short`); no n-gram contains a special token.
+- Hashing (both): prefix hashes of the units give the hash of any window of any size in two array
+  operations (`Windows`); the window size is mixed into the hash so every size of every n lives in one
+  sorted uint64 array of distinct item window hashes (the index), with a 2^26-bit table of their top bits
+  as a prefilter. The training units are streamed in row batches as one flat array (prompt and response
+  are separate segments: no window crosses them), every window of every size in use is hashed in one
+  vectorised pass and looked up with np.searchsorted. Hits are kept as (index entry, training row)
+  pairs, at most `cfg.max_rows_per_ngram` rows per window (attribution). Indexing the (small) benchmark
+  side and streaming the (large) training side gives exactly the set "item windows that occur in
+  training" that an index of the training data would, with memory bounded by one batch.
+- An item unit is covered when some window of the item that contains it occurs in training.
+  coverage = covered units / item units; longest_span = the longest run of covered units.
+- Buckets (fractions of item units covered, Llama-2's four buckets with these exact edges):
       clean      coverage <  0.20
       not_clean  0.20 <= coverage < 0.50
       not_dirty  0.50 <= coverage < 0.80
       dirty      coverage >= 0.80
   The item's `bucket` column uses `cfg.primary_n` (13); every n gets its own columns too.
-- Attribution of a dirty item: each training row that holds some of its matched n-grams covers part
-  of it; rows are ranked by the tokens they cover alone. The `responsible` rows are taken greedily in
-  that order until together they cover the dirty threshold (so one verbatim copy is one row); the report
-  lists them and the next few (`top_rows`) with id, source and own coverage.
+- Attribution of every item that is not clean: each training row that holds some of its matched windows
+  covers part of it; rows are ranked by the units they cover alone. The `responsible` rows are taken in
+  that order (skipping rows that add nothing) until together they cover the lower edge of the item's
+  bucket (so one verbatim copy is one row); the report lists them with id, source, own coverage and the
+  matched span (the longest run of item units the row covers: [start, end) and its normalised text),
+  and the next few (`top_rows`).
 
 Outputs (in output_dir)
-- `items.parquet`: benchmark, item_id, key (sha1 of the item text), tokens, coverage, longest_span,
-  bucket (at primary_n), and coverage_<n>, longest_span_<n>, bucket_<n> for every n.
-- `report.json`: per benchmark and n: checked, too_short, bucket counts and percentages, and the dirty
-  items (primary n) with coverage, longest span, and their responsible / top training rows.
-- with `cfg.decontaminate`: `tokenized.parquet` (the training rows minus every row responsible for a
-  dirty item, same schema), `removals.parquet` (REMOVAL_SCHEMA, stage "contamination", reason
-  "benchmark_contamination", detail naming the benchmark item), and copies of tokenizer.json /
-  tokenizer_meta.json, so the folder is a valid tokenizer folder for `pack`. rows_in = rows_kept +
-  rows_removed.
+- `items.parquet`: benchmark, item_id, key (sha1 of the item text), length (units: words or tokens),
+  coverage, longest_span, bucket, ngram (window size; 0: none) at primary_n, and coverage_<n>,
+  longest_span_<n>, bucket_<n> for every n.
+- `report.json`: method, unit, normalisation, short_item_rule, per benchmark and n: checked, too_short,
+  short, bucket counts and percentages; per benchmark the `flagged_items` (every item not clean at
+  primary n) with bucket, coverage, longest span, responsible / top training rows, and `dirty_items`
+  (the dirty ones among them).
+- with `cfg.decontaminate`: `tokenized.parquet` (the training rows minus every row responsible for an
+  item in bucket `cfg.decontaminate_at` (default dirty) or worse, same schema), `removals.parquet`
+  (REMOVAL_SCHEMA, stage "contamination", reason "benchmark_contamination", detail naming the benchmark
+  item and its bucket), and copies of tokenizer.json / tokenizer_meta.json, so the folder is a valid
+  tokenizer folder for `pack`. rows_in = rows_kept + rows_removed.
 """
 
 from __future__ import annotations
@@ -105,6 +125,14 @@ HUB = {  # name -> (hub path, config, split) for `load_benchmarks` with names wh
 _MASK64 = (1 << 64) - 1
 _BASE = np.uint64(0x9E3779B97F4A7C15 | 1)  # odd 64-bit multiplier of the polynomial hash
 _TABLE_BITS = 26  # prefilter: one byte per 2^26 buckets of the hash's top bits (64 MiB)
+
+
+NORMALISATION = ("UTF-8 text (training rows: their token ids mapped back to bytes); ASCII letters lowercased; "
+                 "ASCII punctuation, symbols and whitespace, U+0080-U+00BF, U+2000-U+206F and U+2212 are separators; "
+                 "words are the runs between separators; one-letter words a-z (option labels, 'a', 'I') dropped")
+SHORT_RULE = ("an item of L words is matched with windows of min(n, max(ceil(L/2), min(L, {m}))) words: n-grams "
+              "from 2n words up; below that half the item (two windows cover it), at least {m} words; an item of "
+              "fewer than {m} words is matched whole (its normalised text as a word-bounded substring)")
 
 
 def bucket_of(coverage: np.ndarray, cfg: ContaminationConfig) -> np.ndarray:
@@ -203,30 +231,70 @@ def _fmix(h: np.ndarray) -> np.ndarray:
     return h
 
 
+_BASE_INV = np.uint64(pow(int(_BASE), -1, 1 << 64))
+_SIZE_SALT = np.uint64(0xD6E8FEB86659FD93)  # window size mixed into its hash (one index for all sizes)
+_POW: list[np.ndarray] = [np.ones(1, np.uint64), np.ones(1, np.uint64)]  # B^k and B^-k, k < len, grown on demand
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if _POW[0].size < n:
+        m = max(n, 2 * _POW[0].size)
+        with np.errstate(over="ignore"):
+            p = np.full(m, _BASE, dtype=np.uint64)
+            p[0] = 1
+            q = np.full(m, _BASE_INV, dtype=np.uint64)
+            q[0] = 1
+            _POW[:] = [np.cumprod(p), np.cumprod(q)]  # wraps mod 2^64
+    return _POW[0][:n], _POW[1][:n]
+
+
+class Windows:
+    """Prefix hashes of the units (token ids or word hashes) of segments laid out flat, from which the hash
+    of any window of any size is two array operations away:
+
+        H(i, s) = sum_k u[i+k] * B^k = (P[i+s] - P[i]) * B^-i   (mod 2^64; B odd, so invertible)
+
+    then salted with s and finalised. A window that crosses a segment end or holds a `bad` position is
+    dropped."""
+
+    def __init__(self, units: np.ndarray, lengths: np.ndarray, bad: np.ndarray | None = None) -> None:
+        N = int(units.shape[0])
+        self.N = N
+        pw, self.ipw = _powers(N + 1)
+        self.P = np.zeros(N + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            np.cumsum((units.astype(np.uint64) + np.uint64(1)) * pw[:N], out=self.P[1:])  # 0 never a unit value
+        self.seg = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)  # (N,)
+        self.bad_cs = None
+        if bad is not None and bad.any():
+            self.bad_cs = np.zeros(N + 1, dtype=np.int32)
+            np.cumsum(bad, out=self.bad_cs[1:])
+
+    def hashes(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hashes uint64 (W,), start positions int64 (W,), segment int64 (W,)) of the size-s windows."""
+        N = self.N
+        if N < s or s < 1:
+            e = np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.uint64), e, e
+        W = N - s + 1
+        ok = self.seg[:W] == self.seg[s - 1:]
+        if self.bad_cs is not None:
+            ok &= (self.bad_cs[s:] - self.bad_cs[:W]) == 0
+        starts = np.flatnonzero(ok)
+        with np.errstate(over="ignore"):
+            h = self.P[starts + s] - self.P[starts]
+            h *= self.ipw[starts]
+            h += np.uint64(s) * _SIZE_SALT
+        _fmix(h)
+        return h, starts, self.seg[starts]
+
+
 def window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int, bad: np.ndarray | None = None):
-    """Hashes of every n-token window of the segments laid out flat in `tokens` (lengths per segment).
+    """Hashes of every n-unit window of the segments laid out flat in `tokens` (lengths per segment).
 
     Windows that cross a segment end or contain a `bad` position are dropped. Returns
     (hashes uint64 (W,), start positions int64 (W,), segment index int64 (W,))."""
-    N = int(tokens.shape[0])
-    if N < n:
-        e = np.zeros(0, dtype=np.int64)
-        return np.zeros(0, dtype=np.uint64), e, e
-    t = tokens.astype(np.uint64) + np.uint64(1)  # (N,), 0 never appears as a token value
-    W = N - n + 1
-    h = np.zeros(W, dtype=np.uint64)
-    for k in range(n):  # h = sum_k t[i+k] * B^(n-1-k)  (mod 2^64)
-        h *= _BASE
-        h += t[k : k + W]
-    _fmix(h)
-    seg = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)  # (N,)
-    ok = seg[:W] == seg[n - 1 :]
-    if bad is not None and bad.any():
-        cs = np.zeros(N + 1, dtype=np.int64)
-        np.cumsum(bad, out=cs[1:])
-        ok &= (cs[n:] - cs[:W]) == 0
-    starts = np.flatnonzero(ok)
-    return h[starts], starts, seg[starts]
+    return Windows(tokens, lengths, bad).hashes(n)
 
 
 class NgramIndex:
@@ -252,6 +320,145 @@ class NgramIndex:
         j[j == self.keys.size] = 0
         hit = self.keys[j] == hc
         return cand[hit], j[hit]
+
+
+# ----------------------------------------------------------------------------------------------
+# words: normalised text, independent of the tokenizer's boundaries
+# ----------------------------------------------------------------------------------------------
+def _fold_table() -> np.ndarray:
+    t = np.zeros(256, dtype=np.uint8)  # 0: separator
+    for b in range(256):
+        c = chr(b)
+        if b >= 0x80 or c.isdigit() or ("a" <= c <= "z"):
+            t[b] = b
+        elif "A" <= c <= "Z":
+            t[b] = b + 32
+    return t
+
+
+_FOLD = _fold_table()
+_WORD_SALT = np.uint64(0x2545F4914F6CDD1D)
+
+
+def fold_bytes(b: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes (N,) uint8 -> folded bytes, 0 for a separator: ASCII letters lowercased, ASCII
+    punctuation, symbols, whitespace and control bytes are separators, and so are U+0080-U+00BF (NBSP,
+    «», °, ...) and U+2000-U+206F (Unicode spaces, dashes, curly quotes, ellipsis); Latin-1 capitals
+    (À-Þ) are lowercased; U+2212 (minus sign) is a separator like "-"; other non-ASCII characters are word characters as they are."""
+    out = _FOLD[b]
+    if b.size >= 2:
+        c2 = np.flatnonzero(b[:-1] == 0xC2)
+        out[c2] = 0
+        out[c2 + 1] = 0
+        c3 = np.flatnonzero((b[:-1] == 0xC3) & (b[1:] >= 0x80) & (b[1:] <= 0x9E) & (b[1:] != 0x97)) + 1
+        out[c3] += np.uint8(0x20)
+    if b.size >= 3:
+        e2 = np.flatnonzero((b[:-2] == 0xE2) & (((b[1:-1] == 0x80) | (b[1:-1] == 0x81))
+                                                 | ((b[1:-1] == 0x88) & (b[2:] == 0x92))))  # and U+2212 minus
+        out[e2] = 0
+        out[e2 + 1] = 0
+        out[e2 + 2] = 0
+    return out
+
+
+def words_of(folded: np.ndarray, seg_bytes: np.ndarray, with_spans: bool = False):
+    """Word hashes of folded bytes laid out flat in segments (byte lengths `seg_bytes`).
+
+    A word is a maximal run of non-separator bytes inside a segment; one-letter words (a-z: option
+    labels "A." "(b)", and the articles "a", "I") are dropped. Returns (word hashes uint64 (W,),
+    words per segment int64 (S,)), and with `with_spans` the byte (start, end) of each word."""
+    S = seg_bytes.size
+    isw = folded != 0
+    start = isw.copy()
+    start[1:] &= ~isw[:-1]
+    seg_start = np.r_[0, np.cumsum(seg_bytes)[:-1]] if S else np.zeros(0, np.int64)
+    seg_start = seg_start[seg_bytes > 0]
+    start[seg_start] = isw[seg_start]
+    first = np.flatnonzero(start)  # (W0,) byte position of each word's first byte
+    if first.size == 0:
+        e = np.zeros(0, dtype=np.int64)
+        out = (np.zeros(0, np.uint64), np.zeros(S, np.int64))
+        return (*out, e, e) if with_spans else out
+    pos = np.flatnonzero(isw)  # word bytes, in order
+    wid = np.cumsum(start)[pos] - 1  # (B,) word of each word byte
+    wlen = np.bincount(wid, minlength=first.size)
+    wfirst = np.r_[0, np.cumsum(wlen)[:-1]]  # index in pos of each word's first byte
+    rel = pos - first[wid]
+    pw, _ = _powers(int(wlen.max()))
+    with np.errstate(over="ignore"):
+        h = np.add.reduceat(folded[pos].astype(np.uint64) * pw[rel], wfirst)
+        h += wlen.astype(np.uint64) * _WORD_SALT
+    _fmix(h)
+    keep = ~((wlen == 1) & (folded[first] >= ord("a")) & (folded[first] <= ord("z")))
+    seg_of_byte = np.repeat(np.arange(S, dtype=np.int64), seg_bytes)
+    wseg = seg_of_byte[first[keep]]
+    counts = np.bincount(wseg, minlength=S).astype(np.int64)
+    if with_spans:
+        return h[keep], counts, first[keep], (first + wlen)[keep]
+    return h[keep], counts
+
+
+def normalized_words(text: str) -> list[str]:
+    """The words of a text as the check sees them (the same folding as `words_of`)."""
+    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    f = fold_bytes(b)
+    _, _, s, e = words_of(f, np.array([b.size]), with_spans=True)
+    raw = f.tobytes()
+    return [raw[i:j].decode("utf-8", errors="replace") for i, j in zip(s.tolist(), e.tolist())]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: byte -> the printable character that stands for it (GPT-2's table)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class TokenBytes:
+    """Each token id's bytes, for turning training token ids back into text without decoding rows one by
+    one: a flat byte table and (offset, length) per id. Byte-level tokenizers (the pipeline's) map
+    exactly; others map their piece strings ("▁" is a space, "<0xNN>" a byte, "##" continues a word).
+    Special tokens are one separator byte: they are not text."""
+
+    def __init__(self, tok, special: set[int]) -> None:
+        cfg = json.loads(tok.to_str())
+        dec = json.dumps(cfg.get("decoder") or {})
+        byte_level = '"ByteLevel"' in dec
+        inv = {c: b for b, c in _bytes_to_unicode().items()}
+        V = tok.get_vocab_size(with_added_tokens=True)
+        pieces: list[bytes] = []
+        added = {i for i in tok.get_added_tokens_decoder()}
+        for i in range(V):
+            s = tok.id_to_token(i)
+            if s is None or i in special:
+                pieces.append(b" ")
+            elif i in added:
+                pieces.append(s.encode("utf-8"))
+            elif byte_level:
+                pieces.append(bytes(inv[c] for c in s) if all(c in inv for c in s) else s.encode("utf-8"))
+            elif len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+                pieces.append(bytes([int(s[3:5], 16)]))
+            else:
+                pieces.append((s[2:] if s.startswith("##") else s).replace("\u2581", " ").encode("utf-8"))
+        self.length = np.array([len(p) for p in pieces], dtype=np.int64)
+        self.offset = np.r_[0, np.cumsum(self.length)[:-1]].astype(np.int64)
+        self.table = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+
+    def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bytes (B,) uint8, bytes per segment (S,)) of flat token segments."""
+        tl = self.length[tokens]
+        cs = np.cumsum(tl)
+        nb = int(cs[-1]) if cs.size else 0
+        idx = np.repeat(self.offset[tokens] - (cs - tl), tl) + np.arange(nb, dtype=np.int64)
+        cst = np.r_[0, cs]
+        so = np.r_[0, np.cumsum(lengths)]
+        return self.table[idx], cst[so[1:]] - cst[so[:-1]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,21 +558,66 @@ class _Items:
     names: list[str]  # benchmark of each item
     item_ids: list[str]
     keys: list[str]
-    tokens: np.ndarray  # flat (T,)
-    lengths: np.ndarray  # (I,)
+    units: np.ndarray  # flat (T,): token ids (method tokens) or word hashes (method words)
+    lengths: np.ndarray  # (I,) units per item
+    words: list[list[str]] | None = None  # normalised words of each item (method words)
+    tok: object = None  # the tokenizer (method tokens: decodes matched spans)
+
+    def span_text(self, i: int, a: int, b: int) -> str:
+        if self.words is not None:
+            return " ".join(self.words[i][a:b])
+        off = int(self.lengths[:i].sum())
+        return self.tok.decode(self.units[off + a : off + b].tolist())
 
 
-def _tokenize_items(tok, benches: dict[str, Benchmark]) -> _Items:
+def _collect(benches: dict[str, Benchmark]) -> tuple[list[str], list[str], list[str], list[str]]:
     names, ids, keys, texts = [], [], [], []
     for b in benches.values():
         names += [b.name] * len(b.texts)
         ids += b.item_ids
         texts += b.texts
         keys += [item_key(t) for t in b.texts]
+    return names, ids, keys, texts
+
+
+def _tokenize_items(tok, benches: dict[str, Benchmark]) -> _Items:
+    names, ids, keys, texts = _collect(benches)
     enc = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
     lengths = np.array([len(e) for e in enc], dtype=np.int64)
     flat = np.fromiter((t for e in enc for t in e), dtype=np.int64, count=int(lengths.sum()))
-    return _Items(names, ids, keys, flat, lengths)
+    return _Items(names, ids, keys, flat, lengths, tok=tok)
+
+
+def _word_items(tok, benches: dict[str, Benchmark]) -> _Items:
+    """The items as normalised words. The text goes through the tokenizer's own normalizer first (none
+    for the pipeline's tokenizer), as the training text did before it became token ids."""
+    names, ids, keys, texts = _collect(benches)
+    if tok is not None and tok.normalizer is not None:
+        texts = [tok.normalizer.normalize_str(t) for t in texts]
+    enc = [t.encode("utf-8") for t in texts]
+    raw = np.frombuffer(b"".join(enc), dtype=np.uint8)
+    folded = fold_bytes(raw)
+    h, counts, s, e = words_of(folded, np.array([len(x) for x in enc], dtype=np.int64), with_spans=True)
+    fb = folded.tobytes()
+    spans = [fb[a:b].decode("utf-8", errors="replace") for a, b in zip(s.tolist(), e.tolist())]
+    off = np.r_[0, np.cumsum(counts)]
+    words = [spans[off[i] : off[i + 1]] for i in range(len(texts))]
+    return _Items(names, ids, keys, h, counts, words=words)
+
+
+def window_sizes(lengths: np.ndarray, n: int, cfg: ContaminationConfig) -> np.ndarray:
+    """The n-gram size each item is matched with at nominal size n (0: the item has no n-grams).
+
+    tokens (Llama-2): n, and no n-grams for an item shorter than n.
+    words, the short-item rule: an item of L words is matched with s = min(n, max(ceil(L/2), min(L, m)))
+    words, m = cfg.min_ngram: an item of at least 2n words gets n-grams; a shorter one windows of half its
+    length (two windows cover it, so a copy of either half alone stays below the dirty edge), never
+    fewer than m words; an item of fewer than m words is matched whole (one window: the whole normalised
+    item as a substring of a training segment, at word boundaries)."""
+    L = np.asarray(lengths, dtype=np.int64)
+    if cfg.method == "tokens":
+        return np.where(L >= n, n, 0)
+    return np.minimum(n, np.maximum((L + 1) // 2, np.minimum(L, cfg.min_ngram)))
 
 
 def _cap_pairs(pairs: np.ndarray, k: int) -> np.ndarray:
@@ -380,12 +632,25 @@ def _cap_pairs(pairs: np.ndarray, k: int) -> np.ndarray:
     return pairs[rank < k]
 
 
-def _runs(mask: np.ndarray) -> int:
-    """Longest run of True."""
+def _runs(mask: np.ndarray) -> tuple[int, int]:
+    """(start, end) of the longest run of True ((0, 0) when none)."""
     if not mask.any():
-        return 0
+        return 0, 0
     d = np.diff(np.r_[0, mask.astype(np.int8), 0])
-    return int((np.flatnonzero(d == -1) - np.flatnonzero(d == 1)).max())
+    s, e = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+    k = int(np.argmax(e - s))
+    return int(s[k]), int(e[k])
+
+
+def training_units(tokens: np.ndarray, lengths: np.ndarray, special_arr: np.ndarray, cfg: ContaminationConfig,
+                   tbytes: "TokenBytes | None"):
+    """(units, units per segment, bad positions or None) of a batch of training segments."""
+    if cfg.method == "words":
+        b, sb = tbytes(tokens, lengths)
+        h, counts = words_of(fold_bytes(b), sb)
+        return h, counts, None
+    bad = np.isin(tokens, special_arr) if special_arr.size else None
+    return tokens, lengths, bad
 
 
 def check(
@@ -394,59 +659,84 @@ def check(
     special: set[int],
     cfg: ContaminationConfig,
     progress: bool = False,
+    tbytes: "TokenBytes | None" = None,
 ) -> dict[int, dict]:
     """Per n: coverage (I,), longest span (I,), and for attribution the item windows and hit pairs."""
     from tqdm.auto import tqdm
 
     res: dict[int, dict] = {}
     spec_arr = np.array(sorted(special), dtype=np.int64)
+    item_win = Windows(items.units, items.lengths)
+    all_h, sizes = [], set()
     for n in cfg.ngram_sizes:
-        ih, istart, iseg = window_hashes(items.tokens, items.lengths, n)
-        index = NgramIndex(ih)
-        res[n] = {"index": index, "ih": ih, "istart": istart, "iseg": iseg, "pairs": [], "found": np.zeros(index.keys.size, bool)}
+        size_item = window_sizes(items.lengths, n, cfg)
+        hs, st, sg, sz = [], [], [], []
+        for s in np.unique(size_item[size_item > 0]).tolist():
+            h, start, seg = item_win.hashes(s)
+            k = size_item[seg] == s
+            hs.append(h[k])
+            st.append(start[k])
+            sg.append(seg[k])
+            sz.append(np.full(int(k.sum()), s, dtype=np.int64))
+            sizes.add(s)
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+        res[n] = {"size_item": size_item, "ih": cat(hs, np.uint64), "istart": cat(st, np.int64),
+                  "iseg": cat(sg, np.int64), "isize": cat(sz, np.int64)}
+        all_h.append(res[n]["ih"])
+    index = NgramIndex(np.concatenate(all_h))  # every n and window size in one index (the size is in the hash)
+    a = 0
+    for n in cfg.ngram_sizes:
+        b = a + res[n]["ih"].size
+        res[n]["wkey"] = index.inverse[a:b]
+        a = b
+    found = np.zeros(index.keys.size, bool)
+    pairs: list[np.ndarray] = []
     n_rows = pq.ParquetFile(train_file).metadata.num_rows
     pbar = tqdm(total=n_rows, desc="contamination", unit="row", disable=not progress)
     for row0, tokens, lengths in iter_training(train_file, cfg.batch_rows):
-        bad = np.isin(tokens, spec_arr) if spec_arr.size else None
-        for n in cfg.ngram_sizes:
-            r = res[n]
-            h, _, seg = window_hashes(tokens, lengths, n, bad)
-            pos, key = r["index"].lookup(h)
+        m = len(lengths) // 2  # two segments per row
+        units, ulen, bad = training_units(tokens, lengths, spec_arr, cfg, tbytes)
+        win = Windows(units, ulen, bad)
+        for s in sorted(sizes):
+            h, _, seg = win.hashes(s)
+            pos, key = index.lookup(h)
             if pos.size:
-                r["found"][key] = True
-                rows = row0 + seg[pos] % (len(lengths) // 2)  # two segments per row
-                r["pairs"].append((key.astype(np.int64) << np.int64(32)) | rows.astype(np.int64))
-                if sum(x.size for x in r["pairs"]) > 4_000_000:
-                    r["pairs"] = [_cap_pairs(np.concatenate(r["pairs"]), cfg.max_rows_per_ngram)]
-        pbar.update(len(lengths) // 2)
+                found[key] = True
+                rows = row0 + seg[pos] % m
+                pairs.append((key.astype(np.int64) << np.int64(32)) | rows.astype(np.int64))
+        if sum(x.size for x in pairs) > 4_000_000:
+            pairs = [_cap_pairs(np.concatenate(pairs), cfg.max_rows_per_ngram)]
+        del win
+        pbar.update(m)
     pbar.close()
+    pairs_all = _cap_pairs(np.concatenate(pairs) if pairs else np.zeros(0, np.int64), cfg.max_rows_per_ngram)
 
     I = items.lengths.size
     item_off = np.r_[0, np.cumsum(items.lengths)]
     for n in cfg.ngram_sizes:
         r = res[n]
-        r["pairs"] = _cap_pairs(np.concatenate(r["pairs"]) if r["pairs"] else np.zeros(0, np.int64), cfg.max_rows_per_ngram)
-        wkey = r["index"].inverse  # index of each item window in keys
-        r["wkey"] = wkey
-        hit = r["found"][wkey] if wkey.size else np.zeros(0, bool)
-        # covered token positions: union of [start, start + n) over the windows found in training
-        diff = np.zeros(items.tokens.size + 1, dtype=np.int64)
+        r["pairs"] = pairs_all
+        hit = found[r["wkey"]] if r["wkey"].size else np.zeros(0, bool)
+        # covered positions: union of [start, start + size) over the windows found in training
+        diff = np.zeros(items.units.size + 1, dtype=np.int64)
         np.add.at(diff, r["istart"][hit], 1)
-        np.add.at(diff, r["istart"][hit] + n, -1)
+        np.add.at(diff, r["istart"][hit] + r["isize"][hit], -1)
         covered = np.cumsum(diff[:-1]) > 0
         ccount = np.add.reduceat(covered.astype(np.int64), item_off[:-1]) if I else np.zeros(0, np.int64)
         ccount[items.lengths == 0] = 0
         cov = np.where(items.lengths > 0, ccount / np.maximum(items.lengths, 1), 0.0)
         longest = np.zeros(I, dtype=np.int64)
         for i in np.flatnonzero(ccount):
-            longest[i] = _runs(covered[item_off[i] : item_off[i + 1]])
+            a_, b_ = _runs(covered[item_off[i] : item_off[i + 1]])
+            longest[i] = b_ - a_
         r.update(covered=covered, coverage=cov, longest=longest, hit=hit)
     return res
 
 
-def _attribute(i: int, n: int, r: dict, items: _Items, item_off: np.ndarray, cfg: ContaminationConfig):
-    """Training rows covering item i at size n: [(row, covered tokens)] best first, and the greedy
-    responsible set reaching the dirty threshold."""
+def _attribute(i: int, r: dict, items: _Items, item_off: np.ndarray, need: float):
+    """Training rows covering item i: {row: covered mask}, [(row, covered units)] best first, and the
+    responsible rows: taken in that order (skipping rows that add nothing) until together they cover
+    `need` of the item (the lower edge of its bucket), so one verbatim copy is one row."""
     L = int(items.lengths[i])
     sel = np.flatnonzero((r["iseg"] == i) & r["hit"])
     pairs = r["pairs"]
@@ -456,20 +746,22 @@ def _attribute(i: int, n: int, r: dict, items: _Items, item_off: np.ndarray, cfg
         k = int(r["wkey"][w])
         lo, hi = np.searchsorted(pkey, k), np.searchsorted(pkey, k, side="right")
         s = int(r["istart"][w] - item_off[i])
+        e = s + int(r["isize"][w])
         for row in (pairs[lo:hi] & np.int64(0xFFFFFFFF)).tolist():
             m = per_row.get(row)
             if m is None:
                 m = per_row[row] = np.zeros(L, dtype=bool)
-            m[s : s + n] = True
+            m[s:e] = True
     ranked = sorted(((row, int(m.sum())) for row, m in per_row.items()), key=lambda x: (-x[1], x[0]))
     union = np.zeros(L, dtype=bool)
     responsible = []
     for row, _ in ranked:
-        if union.sum() >= cfg.dirty_at * L:
+        if union.sum() >= need * L - 1e-9:
             break
-        union |= per_row[row]
-        responsible.append(row)
-    return ranked, responsible
+        if (per_row[row] & ~union).any():
+            union |= per_row[row]
+            responsible.append(row)
+    return per_row, ranked, responsible
 
 
 def _local_benchmarks(benchmarks: str | os.PathLike | list[str]) -> bool:
@@ -526,39 +818,49 @@ def run(
         benches = load_benchmarks(benchmarks_dir, names=cfg.benchmarks, splits=cfg.splits)
     else:
         benches = load_benchmarks(list(benchmarks_dir))
-    items = _tokenize_items(tok, benches)
+    words = cfg.method == "words"
+    items = _word_items(tok, benches) if words else _tokenize_items(tok, benches)
+    tbytes = TokenBytes(tok, special) if words else None
     load_s = time.time() - t_load
     t_check = time.time()
-    res = check(train_file, items, special, cfg, progress)
+    res = check(train_file, items, special, cfg, progress, tbytes)
     check_s = time.time() - t_check
 
     # items.parquet
+    unit = "words" if words else "tokens"
     cols: dict[str, pa.Array] = {
         "benchmark": pa.array(items.names, pa.string()),
         "item_id": pa.array(items.item_ids, pa.string()),
         "key": pa.array(items.keys, pa.string()),
-        "tokens": pa.array(items.lengths.astype(np.int32)),
+        "length": pa.array(items.lengths.astype(np.int32)),
     }
     buckets = {n: bucket_of(res[n]["coverage"], cfg) for n in cfg.ngram_sizes}
     p = cfg.primary_n
     cols["coverage"] = pa.array(res[p]["coverage"], pa.float64())
     cols["longest_span"] = pa.array(res[p]["longest"].astype(np.int32))
     cols["bucket"] = pa.array(buckets[p].tolist(), pa.string())
+    cols["ngram"] = pa.array(res[p]["size_item"].astype(np.int32))
     for n in cfg.ngram_sizes:
         cols[f"coverage_{n}"] = pa.array(res[n]["coverage"], pa.float64())
         cols[f"longest_span_{n}"] = pa.array(res[n]["longest"].astype(np.int32))
         cols[f"bucket_{n}"] = pa.array(buckets[n].tolist(), pa.string())
     items_table = pa.table(cols)
 
-    # report + attribution (primary n)
+    # report + attribution (primary n) of every item that is not clean
     pf = pq.ParquetFile(train_file)
     id_src = pq.read_table(train_file, columns=["id", "source"])
     row_ids, row_src = id_src["id"], id_src["source"]
     item_off = np.r_[0, np.cumsum(items.lengths)]
     names_arr = np.array(items.names, dtype=object)
-    report: dict = {"primary_n": p, "ngram_sizes": list(cfg.ngram_sizes), "train_rows": pf.metadata.num_rows,
+    edge = {"not_clean": cfg.clean_below, "not_dirty": cfg.not_clean_below, "dirty": cfg.dirty_at}
+    drop_from = BUCKETS.index(cfg.decontaminate_at)
+    report: dict = {"method": cfg.method, "unit": unit, "primary_n": p, "ngram_sizes": list(cfg.ngram_sizes),
+                    "train_rows": pf.metadata.num_rows, "normalisation": NORMALISATION if words else None,
+                    "short_item_rule": (SHORT_RULE.format(m=cfg.min_ngram) if words else
+                                        "none (Llama-2): an item shorter than n tokens has no n-grams (coverage 0, too_short)"),
                     "bucket_edges": {"clean": f"< {cfg.clean_below}", "not_clean": f"[{cfg.clean_below}, {cfg.not_clean_below})",
                                      "not_dirty": f"[{cfg.not_clean_below}, {cfg.dirty_at})", "dirty": f">= {cfg.dirty_at}"},
+                    "decontaminate": cfg.decontaminate, "decontaminate_at": cfg.decontaminate_at,
                     "benchmarks": {}}
     drop: dict[int, str] = {}
     for name, b in benches.items():
@@ -567,40 +869,50 @@ def run(
         for n in cfg.ngram_sizes:
             bk = buckets[n][sel]
             counts = {k: int((bk == k).sum()) for k in BUCKETS}
+            size_item = res[n]["size_item"][sel]
             entry["by_n"][str(n)] = {
-                "too_short": int((items.lengths[sel] < n).sum()),
+                "too_short": int((size_item == 0).sum()),
+                "short": int((items.lengths[sel] < (n if not words else 2 * n)).sum()),
                 "counts": counts,
                 "percent": {k: round(100.0 * v / max(sel.size, 1), 3) for k, v in counts.items()},
             }
-        dirty = []
-        for i in sel[buckets[p][sel] == "dirty"]:
-            ranked, responsible = _attribute(int(i), p, res[p], items, item_off, cfg)
+        flagged = []
+        for i in sel[buckets[p][sel] != "clean"]:
+            bucket = str(buckets[p][i])
+            per_row, ranked, responsible = _attribute(int(i), res[p], items, item_off, edge[bucket])
             L = int(items.lengths[i])
 
-            def row_rec(row: int, c: int | None = None) -> dict:
-                rec = {"row": row, "id": row_ids[row].as_py(), "source": row_src[row].as_py()}
-                if c is not None:
-                    rec["coverage"] = round(c / max(L, 1), 4)
+            def row_rec(row: int, c: int, text: bool) -> dict:
+                a_, b_ = _runs(per_row[row])
+                rec = {"row": row, "id": row_ids[row].as_py(), "source": row_src[row].as_py(),
+                       "coverage": round(c / max(L, 1), 4), "span": [a_, b_]}
+                if text:
+                    rec["text"] = items.span_text(int(i), a_, b_)
                 return rec
 
             own = dict(ranked)
-            dirty.append({
+            flagged.append({
                 "item_id": items.item_ids[i],
+                "bucket": bucket,
                 "coverage": round(float(res[p]["coverage"][i]), 4),
                 "longest_span": int(res[p]["longest"][i]),
-                "tokens": L,
-                "responsible": [row_rec(r_, own[r_]) for r_ in responsible],
-                "top_rows": [row_rec(r_, c) for r_, c in ranked[: cfg.top_rows]],
+                "length": L,
+                "ngram": int(res[p]["size_item"][i]),
+                "responsible": [row_rec(r_, own[r_], True) for r_ in responsible],
+                "top_rows": [row_rec(r_, c, False) for r_, c in ranked[: cfg.top_rows]],
             })
-            for r_ in responsible:
-                drop.setdefault(r_, items.item_ids[i])
-        entry["dirty_items"] = dirty
+            if BUCKETS.index(bucket) >= drop_from:
+                for r_ in responsible:
+                    drop.setdefault(r_, f"{items.item_ids[i]} {bucket}")
+        entry["flagged_items"] = flagged
+        entry["dirty_items"] = [x for x in flagged if x["bucket"] == "dirty"]
         report["benchmarks"][name] = entry
 
     outputs = {ITEMS_FILE: io.write_parquet(items_table, out / ITEMS_FILE)}
     counts = {"items": int(items.lengths.size), "train_rows": pf.metadata.num_rows,
               "dirty": {nm: len(e["dirty_items"]) for nm, e in report["benchmarks"].items()},
-              "rows_responsible": len(drop)}
+              "not_clean": {nm: len(e["flagged_items"]) for nm, e in report["benchmarks"].items()},
+              "rows_responsible": len(drop)}  # rows making an item decontaminate_at or worse
     if cfg.decontaminate:
         outputs.update(_decontaminate(train_file, tok_path, out, drop))
         counts.update(rows_in=pf.metadata.num_rows, rows_removed=len(drop), rows_kept=pf.metadata.num_rows - len(drop))
@@ -640,7 +952,7 @@ def _decontaminate(train_file: Path, tok_path: Path, out: Path, drop: dict[int, 
     rows = sorted(drop)
     removals = pa.Table.from_pylist(
         [{"id": ids["id"][r].as_py(), "source": ids["source"][r].as_py(), "stage": STAGE, "reason": REASON,
-          "detail": f"makes benchmark item {drop[r]} dirty", "duplicate_of": None} for r in rows],
+          "detail": f"makes benchmark item {drop[r]}", "duplicate_of": None} for r in rows],
         schema=REMOVAL_SCHEMA)
     outputs[REMOVALS_FILE] = io.write_parquet(removals, out / REMOVALS_FILE)
     folder = tok_path if tok_path.is_dir() else tok_path.parent
