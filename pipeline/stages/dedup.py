@@ -60,12 +60,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .. import minhash
 from ..config import DedupConfig
 from ..io import (
     atomic_path,
+    file_record,
     open_stage,
     code_hash,
     fingerprint,
@@ -74,7 +76,8 @@ from ..io import (
     write_json,
     write_parquet,
 )
-from ..rows import load_rows
+from .. import budget
+from ..rows import RowReader
 from ..schema import REMOVAL_SCHEMA
 
 STAGE = "dedup"
@@ -84,6 +87,8 @@ VERIFY_Z = 2.0  # verify="estimate" keeps pairs whose estimate is >= threshold -
 VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact verification
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
+ROW_GROUP = 64 * 1024  # rows per Parquet row group (as io.write_parquet)
+EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
 )
@@ -93,15 +98,21 @@ CLUSTERS_SCHEMA = pa.schema(
 # the stage
 # ------------------------------------------------------------------------------------------------
 def run(
-    input_path: str | os.PathLike, output_dir: str | os.PathLike, cfg: DedupConfig, *, progress: bool = True, versioned: bool = False, force: bool = False
+    input_path: str | os.PathLike, output_dir: str | os.PathLike, cfg: DedupConfig, *, progress: bool = True,
+    versioned: bool = False, force: bool = False, memory_gb: float | None = None,
 ) -> dict:
     """Deduplicate `input_path` (a stage folder, .parquet or .jsonl in the normalized schema) into
     `output_dir`; returns the manifest (from a finished identical run without recomputing, if any).
 
+    The rows stream (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches): a first
+    pass hashes each batch for the exact step and writes its joined texts to a file; the near step
+    works from files (signatures/, buckets/, verify/); a second pass writes the kept rows row group by
+    row group. Held in memory throughout: a few numbers per row (hashes, priority, the duplicate
+    links), and the ids of the rows the outputs name.
+
     With cfg.workers > 1 the signature parts are computed by processes started with multiprocessing's
     forkserver method, so a script calling this must guard its entry point (if __name__ == "__main__").
-    cfg.workers is left out of the fingerprint: it never changes the outputs."""
-    out = Path(output_dir)
+    cfg.workers and memory_gb are left out of the fingerprint: they never change the outputs."""
     # workers only changes how fast the signatures are computed, never the outputs
     params = cfg.model_dump(exclude={"workers"})
     fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
@@ -110,19 +121,22 @@ def run(
         return done
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
+    spill = out / "spill"
+    shutil.rmtree(spill, ignore_errors=True)
+    spill.mkdir(parents=True)
 
-    loaded = load_rows(input_path, stage=STAGE)
-    table, rejects = loaded.table, loaded.rejects
-    del loaded
-    n = table.num_rows
-    rank = priority_order(table)  # (n,) row indices, best first
+    # 1. one pass over the rows: exact-dedup hashes, priorities, strata, the texts to a file
+    first = _first_pass(input_path, spill, cfg, memory_gb, progress)
+    n, rejects = first.rows, first.rejects
+    rank = first.rank()  # (n,) row indices, best first
     timing["load"] = time.perf_counter() - t0
 
     # 1. exact
     t = time.perf_counter()
     exact_of = np.full(n, -1, np.int64)  # row index of the best-ranked identical row, -1 for itself
     if cfg.exact and n:
-        exact_of = exact_duplicates(table, rank, cfg.lowercase)
+        exact_of = exact_from_hashes(first.hashes, rank)
+    first.hashes = None
     is_exact = exact_of >= 0
     keep_of = exact_of.copy()  # row index of the kept row, -1 for kept rows
     timing["exact"] = time.perf_counter() - t
@@ -135,14 +149,13 @@ def run(
     jaccard = np.ones(n, np.float64)  # ... and its similarity to the kept row
     is_near = np.zeros(n, bool)
     lsh_info: dict = {}
-    clusters = pa.Table.from_pylist([], schema=CLUSTERS_SCHEMA)
+    root = None
     if cfg.near and survivors.size > 1:
         docs = out / "signatures" / DOCS_FILE
-        write_docs(
-            (_joined_texts(table, survivors[s : s + PART_ROWS]) for s in range(0, survivors.size, PART_ROWS)), docs
-        )
+        write_docs(_gather_texts(first.texts, survivors), docs)
         res = near_duplicates(docs, out, cfg, key=fp, progress=progress)
         lsh_info = res.info
+        root = res.root
         dup = np.flatnonzero(res.root != np.arange(survivors.size))
         keep_of[survivors[dup]] = survivors[res.root[dup]]
         matched[survivors[dup]] = survivors[res.match[dup]]
@@ -154,7 +167,6 @@ def run(
         keep_of[exact_rows] = np.where(
             is_near[exact_of[exact_rows]], keep_of[exact_of[exact_rows]], keep_of[exact_rows]
         )
-        clusters = _clusters_table(table["id"], survivors, res.root)
         docs.unlink()  # a copy of the input text
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
     else:  # no near step this time: no step files of an earlier run left behind
@@ -162,20 +174,35 @@ def run(
             shutil.rmtree(out / step, ignore_errors=True)
     timing["near"] = time.perf_counter() - t
 
-    # 3. filter + write
+    # 3. second pass: the kept rows row group by row group; the ids the outputs name
     t = time.perf_counter()
-    kept_idx = np.flatnonzero(keep_of < 0)
+    removed = np.flatnonzero(keep_of >= 0)
+    need = np.zeros(n, bool)  # rows whose id (and source) the removals and clusters name
+    need[removed] = True
+    need[keep_of[removed]] = True
+    need[np.where(is_near[removed], matched[removed], exact_of[removed])] = True
+    members = None
+    if root is not None:
+        members, member_root = _cluster_members(survivors, root)
+        need[members] = True
+        need[member_root] = True
+    rows_rec, ids = _second_pass(input_path, first, keep_of < 0, need, out / "rows.parquet", memory_gb, progress)
+    clusters = pa.Table.from_pylist([], schema=CLUSTERS_SCHEMA)
+    if members is not None and members.size:
+        clusters = pa.table({"id": ids.take(members), "cluster_id": ids.take(member_root)}, schema=CLUSTERS_SCHEMA)
+    kept = int(n - removed.size)
     outputs = {
-        "rows.parquet": write_parquet(table.take(kept_idx), out / "rows.parquet"),
+        "rows.parquet": rows_rec,
         "removals.parquet": write_parquet(
-            _removals(table, keep_of, exact_of, is_near, matched, match_j, jaccard, cfg), out / "removals.parquet"
+            _removals(ids, keep_of, exact_of, is_near, matched, match_j, jaccard, cfg), out / "removals.parquet"
         ),
         "rejects.parquet": write_parquet(_rejects(rejects), out / "rejects.parquet"),
         "clusters.parquet": write_parquet(clusters, out / "clusters.parquet"),
     }
+    shutil.rmtree(spill, ignore_errors=True)
     counts = {
         "rows_in": n,
-        "kept": int(kept_idx.size),
+        "kept": kept,
         "exact_duplicates": int(is_exact.sum()),
         "near_duplicates": int(is_near.sum()),
         "rejected": len(rejects),
@@ -190,11 +217,237 @@ def run(
         "counts": counts,
         "lsh": lsh_info,
     }
-    if "stratum" in table.column_names:
-        manifest["strata"] = _strata_counts(table["stratum"], is_exact, is_near)
+    if first.strata is not None:
+        manifest["strata"] = _strata_counts(first.strata_names(), is_exact, is_near)
     timing["write"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
     return finish_stage(out, manifest, timing)
+
+
+# ------------------------------------------------------------------------------------------------
+# the two passes over the rows
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FirstPass:
+    rows: int
+    rejects: list[dict]
+    priority: np.ndarray | None  # (n,) the priority column (nulls after every value), if any
+    hashes: np.ndarray | None  # (2, n) uint64: the exact-dedup key's 128-bit hash
+    texts: Path  # Arrow IPC file: instruction + newline + response of every row, input order
+    strata: np.ndarray | None  # (n,) int32 code of each row's stratum, if the column exists
+    strata_dict: list[str]
+    schema: pa.Schema | None  # of the rows (JSONL: every batch's types unified)
+    spilled: list[Path]  # JSONL: the rows batch by batch (read once; Parquet is read again instead)
+    reader_kind: str
+
+    def rank(self) -> np.ndarray:
+        """Row indices best first: by `priority` (lower first) when present, then by input order."""
+        if self.priority is None:
+            return np.arange(self.rows, dtype=np.int64)
+        return np.argsort(self.priority, kind="stable").astype(np.int64)
+
+    def strata_names(self) -> pl.Series:
+        return pl.Series(np.asarray(self.strata_dict, dtype=object)[self.strata] if self.rows else [], dtype=pl.String)
+
+
+def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048) -> RowReader:
+    return RowReader(
+        input_path, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
+        batch_rows=budget.batch_rows(memory_gb, row_bytes, multiple=ROW_GROUP),
+    )
+
+
+def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | None, progress: bool) -> FirstPass:
+    reader = _reader(input_path, memory_gb)
+    prio: list[np.ndarray] = []
+    hashes: list[np.ndarray] = []
+    strata: list[np.ndarray] = []
+    strata_dict: dict[str, int] = {}
+    spilled: list[Path] = []
+    schemas: list[pa.Schema] = []
+    texts_path = spill / "texts.arrow"
+    has_prio = has_stratum = None
+    n = 0
+    bar = tqdm(total=reader.total_rows, desc="dedup read", unit="row", unit_scale=True, disable=not progress)
+    schema = pa.schema([("text", pa.large_string())])
+    with pa.OSFile(str(texts_path), "wb") as sink, pa.ipc.new_file(sink, schema) as texts:
+        for batch in reader:
+            batch = reader.conform(batch)
+            if has_prio is None:
+                has_prio, has_stratum = "priority" in batch.column_names, "stratum" in batch.column_names
+            if has_prio:
+                prio.append(_priority(batch["priority"]))
+            if cfg.exact:
+                h = np.empty((2, batch.num_rows), np.uint64)
+                for s in range(0, batch.num_rows, EXACT_SLICE):
+                    key = normalized_text(batch.slice(s, EXACT_SLICE), cfg.lowercase)
+                    h[0, s : s + len(key)] = key.hash(seed=1).to_numpy()
+                    h[1, s : s + len(key)] = key.hash(seed=2).to_numpy()
+                hashes.append(h)
+            if has_stratum:
+                names = pc.fill_null(batch["stratum"].cast(pa.string()), "").combine_chunks().dictionary_encode()
+                codes = np.array([strata_dict.setdefault(x, len(strata_dict)) for x in names.dictionary.to_pylist()],
+                                 np.int32)
+                strata.append(codes[names.indices.to_numpy(zero_copy_only=False)] if len(codes) else
+                              np.zeros(0, np.int32))
+            joined = _joined_texts(batch, np.arange(batch.num_rows))
+            for s in range(0, len(joined), PART_ROWS):
+                texts.write_batch(pa.record_batch([joined.slice(s, PART_ROWS)], schema=schema))
+            if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
+                f = spill / f"rows-{len(spilled):05d}.arrow"
+                with pa.OSFile(str(f), "wb") as rs, pa.ipc.new_file(rs, batch.schema) as w:
+                    w.write_table(batch)
+                spilled.append(f)
+            schemas.append(batch.schema)
+            n += batch.num_rows
+            bar.update(batch.num_rows)
+    bar.close()
+    if reader.kind == "jsonl":
+        schema_rows = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+    else:
+        schema_rows = schemas[0] if schemas else None
+    return FirstPass(
+        rows=n,
+        rejects=reader.rejects,
+        priority=np.concatenate(prio) if has_prio else None,
+        hashes=np.concatenate(hashes, axis=1) if hashes else np.zeros((2, 0), np.uint64),
+        texts=texts_path,
+        strata=np.concatenate(strata) if has_stratum else None,
+        strata_dict=list(strata_dict),
+        schema=schema_rows,
+        spilled=spilled,
+        reader_kind=reader.kind,
+    )
+
+
+def _priority(col: pa.ChunkedArray) -> np.ndarray:
+    if not pa.types.is_integer(col.type):
+        raise ValueError(f"dedup: column 'priority' must be an integer column, got {col.type}")
+    if col.null_count:  # a row without a priority comes after all the others
+        col = pc.fill_null(col, pa.scalar(np.iinfo(col.type.to_pandas_dtype()).max, col.type))
+    return col.to_numpy()
+
+
+def _gather_texts(texts: Path, rows: np.ndarray) -> Iterable[pa.Array]:
+    """The texts of `rows` (any order), PART_ROWS at a time, from the texts file."""
+    for s in range(0, rows.size, PART_ROWS):
+        part = rows[s : s + PART_ROWS]
+        order = np.argsort(part, kind="stable")
+        got = read_texts(texts, part[order]).combine_chunks()
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        yield got.take(pa.array(inv))
+
+
+class IdLookup:
+    """The ids of some rows (those the outputs name), gathered during the second pass: `take(idx)`
+    like a column's take, for indices among them."""
+
+    def __init__(self, need: np.ndarray, ids: pa.Array, sources: pa.Array):
+        self.rows = np.flatnonzero(need)  # (k,) ascending
+        self.ids, self.sources = ids, sources
+
+    def _pos(self, idx: np.ndarray) -> pa.Array:
+        idx = np.asarray(idx, np.int64)
+        pos = np.searchsorted(self.rows, idx)
+        assert np.array_equal(self.rows[pos], idx), "an id that was not gathered"
+        return pa.array(pos)
+
+    def take(self, idx: np.ndarray) -> pa.Array:
+        return self.ids.take(self._pos(idx))
+
+    def take_source(self, idx: np.ndarray) -> pa.Array:
+        return self.sources.take(self._pos(idx))
+
+
+def _second_pass(
+    input_path, first: FirstPass, keep: np.ndarray, need: np.ndarray, path: Path, memory_gb: float | None,
+    progress: bool,
+) -> tuple[dict, IdLookup]:
+    """Write the rows with `keep` (input order) to `path`; gather the id and source of the rows in `need`."""
+    if first.reader_kind == "jsonl":
+        def batches():
+            for f in first.spilled:
+                with pa.memory_map(str(f)) as src:
+                    t = pa.ipc.open_file(src).read_all()
+                yield t.cast(first.schema) if t.schema != first.schema else t
+                f.unlink()
+    else:
+        def batches():
+            yield from _reader(input_path, memory_gb)
+    ids, sources = [], []
+    s = 0
+    bar = tqdm(total=first.rows, desc="dedup write", unit="row", unit_scale=True, disable=not progress)
+    with RowGroupWriter(path, first.schema) as w:
+        for t in batches():
+            m = t.num_rows
+            w.write(t.filter(pa.array(keep[s : s + m])))
+            sel = np.flatnonzero(need[s : s + m])
+            if sel.size:
+                ids.append(t["id"].take(pa.array(sel)))
+                sources.append(t["source"].take(pa.array(sel)))
+            s += m
+            bar.update(m)
+    bar.close()
+    assert s == first.rows, "the rows changed between the two passes"
+
+    def cat(parts: list) -> pa.Array:
+        if not parts:
+            return pa.array([], pa.string())
+        return pa.chunked_array([c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]).combine_chunks()
+
+    return w.record, IdLookup(need, cat(ids), cat(sources))
+
+
+class RowGroupWriter:
+    """Parquet written row group by row group, byte-identical to `write_parquet` of all the rows at
+    once: rows are buffered until ROW_GROUP of them are there, and each row group is written as one
+    contiguous chunk (as a row group of a one-chunk table is)."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None, row_group: int = ROW_GROUP):
+        self.path, self.schema, self.row_group = Path(path), schema, row_group
+        self.buf: list[pa.Table] = []
+        self.buffered = 0
+        self.rows = 0
+        self.record: dict = {}
+
+    def __enter__(self) -> "RowGroupWriter":
+        self._ctx = atomic_path(self.path)
+        self.tmp = self._ctx.__enter__()
+        self.writer = None
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.buf.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.row_group:
+            self._flush(self.row_group)
+
+    def _flush(self, k: int) -> None:
+        t = pa.concat_tables(self.buf)
+        head, rest = t.slice(0, k), t.slice(k)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.writer.write_table(head.combine_chunks(), row_group_size=self.row_group)
+        self.rows += head.num_rows
+        self.buf = [rest] if rest.num_rows else []
+        self.buffered = rest.num_rows
+
+    def __exit__(self, et, ev, tb) -> None:
+        try:
+            if et is None:
+                if self.buffered:
+                    self._flush(self.buffered)
+                if self.writer is None:  # no row at all: as write_parquet of an empty table
+                    pq.write_table(self.schema.empty_table(), self.tmp, compression="zstd", row_group_size=self.row_group)
+                else:
+                    self.writer.close()
+        finally:
+            self._ctx.__exit__(et, ev, tb)
+        if et is None:
+            self.record = file_record(self.path, rows=self.rows)
 
 
 def priority_order(table: pa.Table) -> np.ndarray:
@@ -237,6 +490,12 @@ def exact_duplicates(table: pa.Table, rank: np.ndarray, lowercase: bool, slice_r
         key = normalized_text(table.slice(s, slice_rows), lowercase)
         h[0, s : s + len(key)] = key.hash(seed=1).to_numpy()
         h[1, s : s + len(key)] = key.hash(seed=2).to_numpy()
+    return exact_from_hashes(h, rank)
+
+
+def exact_from_hashes(h: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """`exact_duplicates` from the rows' (2, n) uint64 hashes of their normalized text."""
+    n = h.shape[1]
     ranked = pl.DataFrame({"h0": h[0, rank], "h1": h[1, rank], "pos": np.arange(n, dtype=np.int64)})
     first = ranked.select(pl.col("pos").min().over("h0", "h1")).to_series().to_numpy()  # (n,) rank position
     keep_of = np.full(n, -1, np.int64)
@@ -510,23 +769,20 @@ def read_texts(docs: Path, idx: np.ndarray) -> pa.ChunkedArray:
 # ------------------------------------------------------------------------------------------------
 # output tables
 # ------------------------------------------------------------------------------------------------
-def _clusters_table(ids: pa.ChunkedArray, survivors: np.ndarray, root: np.ndarray) -> pa.Table:
-    """(id, cluster_id = id of the kept row) for every member of a cluster with 2+ members, in
-    the input order of the members."""
+def _cluster_members(survivors: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, rows of their kept row) of every member of a cluster with 2+ members, in the input order
+    of the members: the clusters.parquet rows (id, cluster_id)."""
     in_cluster = np.zeros(root.size, bool)
     in_cluster[root != np.arange(root.size)] = True
     in_cluster[root[in_cluster]] = True
     members = np.flatnonzero(in_cluster)
     order = np.argsort(survivors[members], kind="stable")
     members = members[order]
-    return pa.table(
-        {"id": ids.take(survivors[members]), "cluster_id": ids.take(survivors[root[members]])},
-        schema=CLUSTERS_SCHEMA,
-    )
+    return survivors[members], survivors[root[members]]
 
 
 def _removals(
-    table: pa.Table,
+    ids: "IdLookup",
     keep_of: np.ndarray,
     exact_of: np.ndarray,
     is_near: np.ndarray,
@@ -536,7 +792,6 @@ def _removals(
     cfg: DedupConfig,
 ) -> pa.Table:
     removed = np.flatnonzero(keep_of >= 0)  # input order
-    ids = table["id"]
     j = "J" if cfg.verify == "exact" else "est. J"
     t = cfg.threshold
     # the row named in each detail: the matched row (near) or the identical row (exact), fetched at once
@@ -558,7 +813,7 @@ def _removals(
     return pa.table(
         {
             "id": ids.take(removed),
-            "source": table["source"].take(removed),
+            "source": ids.take_source(removed),
             "stage": pa.array([STAGE] * removed.size, pa.string()),
             "reason": pa.array(np.where(near, "near_duplicate", "exact_duplicate").tolist(), pa.string()),
             "detail": pa.array(detail, pa.string()),
@@ -579,8 +834,7 @@ def _rejects(rejects: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{**r, "stage": STAGE} for r in rejects], schema=REMOVAL_SCHEMA)
 
 
-def _strata_counts(stratum: pa.ChunkedArray, is_exact: np.ndarray, is_near: np.ndarray) -> dict:
-    names = pl.from_arrow(stratum).cast(pl.String).fill_null("")
+def _strata_counts(names: pl.Series, is_exact: np.ndarray, is_near: np.ndarray) -> dict:
     df = pl.DataFrame({"stratum": names, "exact": is_exact, "near": is_near})
     agg = df.group_by("stratum").agg(pl.len().alias("in"), pl.col("exact").sum(), pl.col("near").sum()).sort("stratum")
     return {

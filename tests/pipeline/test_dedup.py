@@ -195,7 +195,7 @@ def test_idempotent_rerun_returns_manifest_without_recomputing(planted, monkeypa
         raise AssertionError("recomputed")
 
     monkeypatch.setattr(dedup, "near_duplicates", boom)
-    monkeypatch.setattr(dedup, "load_rows", boom)
+    monkeypatch.setattr(dedup, "RowReader", boom)
     man = dedup.run(planted["input"], out, DedupConfig(workers=2), progress=False)  # workers: same outputs
     assert man == planted["manifest"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
