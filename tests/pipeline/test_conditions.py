@@ -88,3 +88,21 @@ def test_stage_prompts_one_token_per_tag(tok_dir):
     assert c["removed_by_reason"] == {"bad_condition": 1, "unknown_condition": 1}
     rem = {r["id"]: r for r in pq.read_table(d / "tok" / "removals.parquet").to_pylist()}
     assert "empty tag" in rem["r/bad1"]["detail"] and "['maths']" in rem["r/bad2"]["detail"]
+
+
+def test_pack_keeps_every_tag_in_the_prompt(tok_dir):
+    from pipeline.config import MixConfig, PackConfig
+    from pipeline.stages import mix, pack
+
+    d, _, _ = tok_dir
+    mix.run(d / "tok", d / "mix", MixConfig(), rules=[], seed=1, progress=False)
+    man = pack.run(d / "tok", d / "mix", d / "pack", PackConfig(seq_len=64, shard_tokens=1024), progress=False)
+    assert man["counts"]["rows_packed"] == 70
+    prompts = {r["id"]: r["prompt_ids"] for r in pq.read_table(d / "tok" / "tokenized.parquet").to_pylist()}
+    seen = 0
+    for f in sorted((d / "pack").glob("shard-*.arrow")):
+        for row in pack.read_shard(f).to_pylist():
+            for s, p, sid in zip(row["sample_starts"], row["prompt_lengths"], row["sample_ids"]):
+                assert p == len(prompts[sid]) and row["input_ids"][s:s + p] == prompts[sid]
+                seen += 1
+    assert seen == 70
