@@ -77,11 +77,71 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike, row_group_size: int = 64 * 1024) -> dict:
+ROW_GROUP = 64 * 1024  # rows per Parquet row group
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, row_group_size: int = ROW_GROUP) -> dict:
     """Write a Parquet file deterministically and atomically; return its {sha256, rows, bytes}."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     return file_record(path, rows=table.num_rows)
+
+
+class RowGroupWriter:
+    """Parquet written row group by row group (atomically), byte-identical to `write_parquet` of all
+    the rows at once as one chunk: rows are buffered until ROW_GROUP of them are there, and each row
+    group is written as one contiguous chunk (the Parquet encoder's pages depend on the chunks it is
+    given). `record` ({sha256, rows, bytes}) is set when the block ends.
+
+        with RowGroupWriter(path, schema) as w:
+            for batch in batches:
+                w.write(batch)
+        rec = w.record"""
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema | None, row_group: int = ROW_GROUP):
+        self.path, self.schema, self.row_group = Path(path), schema, row_group
+        self.buf: list[pa.Table] = []
+        self.buffered = 0
+        self.rows = 0
+        self.record: dict = {}
+
+    def __enter__(self) -> "RowGroupWriter":
+        self._ctx = atomic_path(self.path)
+        self.tmp = self._ctx.__enter__()
+        self.writer = None
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.buf.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.row_group:
+            self._flush(self.row_group)
+
+    def _flush(self, k: int) -> None:
+        t = pa.concat_tables(self.buf)
+        head, rest = t.slice(0, k), t.slice(k)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.writer.write_table(head.combine_chunks(), row_group_size=self.row_group)
+        self.rows += head.num_rows
+        self.buf = [rest] if rest.num_rows else []
+        self.buffered = rest.num_rows
+
+    def __exit__(self, et, ev, tb) -> None:
+        try:
+            if et is None:
+                if self.buffered:
+                    self._flush(self.buffered)
+                if self.writer is None:  # no row at all: as write_parquet of an empty table
+                    pq.write_table(self.schema.empty_table(), self.tmp, compression="zstd", row_group_size=self.row_group)
+                else:
+                    self.writer.close()
+        finally:
+            self._ctx.__exit__(et, ev, tb)
+        if et is None:
+            self.record = file_record(self.path, rows=self.rows)
 
 
 def file_record(path: str | os.PathLike, rows: int | None = None) -> dict:

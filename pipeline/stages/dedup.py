@@ -60,14 +60,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .. import minhash
 from ..config import DedupConfig
 from ..io import (
+    ROW_GROUP,
+    RowGroupWriter,
     atomic_path,
-    file_record,
     open_stage,
     code_hash,
     fingerprint,
@@ -87,7 +87,6 @@ VERIFY_Z = 2.0  # verify="estimate" keeps pairs whose estimate is >= threshold -
 VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact verification
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
-ROW_GROUP = 64 * 1024  # rows per Parquet row group (as io.write_parquet)
 EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
@@ -397,57 +396,6 @@ def _second_pass(
         return pa.chunked_array([c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]).combine_chunks()
 
     return w.record, IdLookup(need, cat(ids), cat(sources))
-
-
-class RowGroupWriter:
-    """Parquet written row group by row group, byte-identical to `write_parquet` of all the rows at
-    once: rows are buffered until ROW_GROUP of them are there, and each row group is written as one
-    contiguous chunk (as a row group of a one-chunk table is)."""
-
-    def __init__(self, path: Path, schema: pa.Schema | None, row_group: int = ROW_GROUP):
-        self.path, self.schema, self.row_group = Path(path), schema, row_group
-        self.buf: list[pa.Table] = []
-        self.buffered = 0
-        self.rows = 0
-        self.record: dict = {}
-
-    def __enter__(self) -> "RowGroupWriter":
-        self._ctx = atomic_path(self.path)
-        self.tmp = self._ctx.__enter__()
-        self.writer = None
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self.buf.append(table)
-        self.buffered += table.num_rows
-        while self.buffered >= self.row_group:
-            self._flush(self.row_group)
-
-    def _flush(self, k: int) -> None:
-        t = pa.concat_tables(self.buf)
-        head, rest = t.slice(0, k), t.slice(k)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-        self.writer.write_table(head.combine_chunks(), row_group_size=self.row_group)
-        self.rows += head.num_rows
-        self.buf = [rest] if rest.num_rows else []
-        self.buffered = rest.num_rows
-
-    def __exit__(self, et, ev, tb) -> None:
-        try:
-            if et is None:
-                if self.buffered:
-                    self._flush(self.buffered)
-                if self.writer is None:  # no row at all: as write_parquet of an empty table
-                    pq.write_table(self.schema.empty_table(), self.tmp, compression="zstd", row_group_size=self.row_group)
-                else:
-                    self.writer.close()
-        finally:
-            self._ctx.__exit__(et, ev, tb)
-        if et is None:
-            self.record = file_record(self.path, rows=self.rows)
 
 
 def priority_order(table: pa.Table) -> np.ndarray:

@@ -22,9 +22,12 @@ import polars as pl
 import pyarrow as pa
 
 from ..config import StratumRule
-from ..io import open_stage, code_hash, file_record, finish_stage, fingerprint
+from tqdm import tqdm
+
+from .. import budget
+from ..io import ROW_GROUP, RowGroupWriter, open_stage, code_hash, file_record, finish_stage, fingerprint
 from ..io import write_json, write_parquet
-from ..rows import ROWS_FILE, load_rows, resolve_rows_path
+from ..rows import ROWS_FILE, RowReader, resolve_rows_path
 from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
 
 STAGE = "stratify"
@@ -72,10 +75,14 @@ def strata_stats(df: pl.DataFrame) -> dict:
 
 
 def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: list[StratumRule], *,
-        source_order: list[str] | None = None, progress: bool = True, versioned: bool = False, force: bool = False) -> dict:
+        source_order: list[str] | None = None, progress: bool = True, versioned: bool = False, force: bool = False,
+        memory_gb: float | None = None) -> dict:
     """`input_path`: the normalize folder, or a JSONL/Parquet file in the normalized schema (an
     `origin` column is optional: it defaults to the source). `source_order`: source names by priority
-    (the spec's order); sources not listed come after, in order of first appearance."""
+    (the spec's order); sources not listed come after, in order of first appearance.
+
+    Streams: the rows are read, assigned and written a batch at a time (`memory_gb` sizes the batches;
+    never part of the fingerprint), the strata statistics summed over the batches."""
     out = Path(output_dir)
     src_file = resolve_rows_path(input_path)
     params = {"rules": [r.model_dump() for r in rules], "source_order": source_order}
@@ -84,29 +91,63 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     if done is not None:
         return done
     t0 = time.time()
-    loaded = load_rows(src_file, NORMALIZED_FIELDS, stage=STAGE)
-    df = pl.from_arrow(loaded.table)
-    if "origin" not in df.columns:
-        df = df.with_columns(origin=pl.col("source"))
+    reader = RowReader(src_file, NORMALIZED_FIELDS, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
+                       batch_rows=budget.batch_rows(memory_gb, 2048, multiple=ROW_GROUP))
     order = list(source_order or [])
-    for s in df.get_column("source").unique(maintain_order=True).to_list():
-        if s not in order:
-            order.append(s)
-    prio = pl.DataFrame({"source": order, "priority": list(range(len(order)))},
-                        schema={"source": pl.String, "priority": pl.Int32})
-    df = assign(df, rules).join(prio, on="source", how="left", maintain_order="left")
-    df = df.select([f.name for f in STRATIFIED_SCHEMA])
-    table = df.to_arrow().cast(STRATIFIED_SCHEMA)
-    stats = strata_stats(df)
-    write_json(stats, out / STRATA_FILE)
+    stats = _StrataStats()
+    by_rule: dict[str, int] = {}
+    bar = tqdm(total=reader.total_rows, desc="stratify", unit="row", unit_scale=True, disable=not progress)
+    with RowGroupWriter(out / ROWS_FILE, STRATIFIED_SCHEMA) as w:
+        for batch in reader:
+            df = pl.from_arrow(reader.conform(batch))
+            if "origin" not in df.columns:
+                df = df.with_columns(origin=pl.col("source"))
+            for src in df.get_column("source").unique(maintain_order=True).to_list():
+                if src not in order:  # a source's priority is fixed where it is first seen
+                    order.append(src)
+            prio = pl.DataFrame({"source": order, "priority": list(range(len(order)))},
+                                schema={"source": pl.String, "priority": pl.Int32})
+            df = assign(df, rules).join(prio, on="source", how="left", maintain_order="left")
+            df = df.select([f.name for f in STRATIFIED_SCHEMA])
+            w.write(df.to_arrow().cast(STRATIFIED_SCHEMA))
+            stats.add(df)
+            for r in df.group_by("rule").len().to_dicts():
+                by_rule[r["rule"]] = by_rule.get(r["rule"], 0) + r["len"]
+            bar.update(batch.num_rows)
+    bar.close()
+    kept = w.record["rows"]
+    strata = stats.result()
+    write_json(strata, out / STRATA_FILE)
     outputs = {
-        ROWS_FILE: write_parquet(table, out / ROWS_FILE),
-        REJECTS_FILE: write_parquet(pa.Table.from_pylist(loaded.rejects, schema=REMOVAL_SCHEMA), out / REJECTS_FILE),
+        ROWS_FILE: w.record,
+        REJECTS_FILE: write_parquet(pa.Table.from_pylist(reader.rejects, schema=REMOVAL_SCHEMA), out / REJECTS_FILE),
         STRATA_FILE: file_record(out / STRATA_FILE),
     }
-    by_rule = df.group_by("rule").len().sort("rule").to_dicts()
-    counts = {"rows_in": table.num_rows + len(loaded.rejects), "kept": table.num_rows,
-              "rejected": len(loaded.rejects), "strata": len(stats),
-              "rows_per_rule": {r["rule"]: r["len"] for r in by_rule}}
+    counts = {"rows_in": kept + len(reader.rejects), "kept": kept,
+              "rejected": len(reader.rejects), "strata": len(strata),
+              "rows_per_rule": {k: by_rule[k] for k in sorted(by_rule)}}
     manifest = {"stage": STAGE, "fingerprint": fp, "params": params, "outputs": outputs, "counts": counts}
     return finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
+
+
+class _StrataStats:
+    """`strata_stats` summed over batches: the same result as over all the rows at once."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, dict] = {}
+
+    def add(self, df: pl.DataFrame) -> None:
+        for stratum, r in strata_stats(df).items():
+            a = self.acc.get(stratum)
+            if a is None:  # the first batch with the stratum gives its rule (the first row's)
+                self.acc[stratum] = {**r, "domains": set(r["domains"]), "sources": set(r["sources"])}
+                continue
+            a["rows"] += r["rows"]
+            a["domains"].update(r["domains"])
+            a["sources"].update(r["sources"])
+            a["instruction_chars"] += r["instruction_chars"]
+            a["response_chars"] += r["response_chars"]
+
+    def result(self) -> dict:
+        return {k: {**a, "domains": sorted(a["domains"]), "sources": sorted(a["sources"])}
+                for k, a in sorted(self.acc.items())}
