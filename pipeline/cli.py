@@ -15,6 +15,9 @@
   hrm stage contamination --input TOKENIZER_DIR --benchmarks DIR --output DIR
                                                      n-gram contamination check against benchmarks
   hrm pipeline SPEC [-o DIR] [--benchmarks DIR] ...  the whole DAG: data, train, check, evaluate, report
+  hrm ablation SPEC [--budget TOKENS] [--preset cpu|gpu|tiny] [--match tokens|flops] [--flops F] [-o DIR]
+                                                     the paper's ablation ladder (Transformer full LM loss ->
+                                                     answer-only -> PrefixLM -> HRM): table, plots, report
   hrm serve | hrm server [--port N]                  Prefect deployments for the UI | a local Prefect server
   hrm train RUN_DIR ... (or --shards PACK --out DIR) train on packed shards (DeepSpeed); see hrm train -h
   hrm eval ...                                       lm-evaluation-harness on a checkpoint; see hrm eval -h
@@ -152,6 +155,50 @@ def cmd_pipeline(args) -> int:
         print(f"\nscores: {Path(ev['path']) / 'results.md'}", file=sys.stderr)
     if (out / "report" / "index.html").exists():
         print(f"report: {out / 'report' / 'index.html'}", file=sys.stderr)
+    return 0
+
+
+def cmd_ablation(args) -> int:
+    """The ablation ladder on SPEC's data (flows.ablation_flow)."""
+    from .checks import require_ok
+    from .spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    require_ok(spec, str(args.spec))
+    if args.benchmarks is not None and not Path(args.benchmarks).is_dir():
+        _die(f"--benchmarks: {args.benchmarks} is not a folder")
+    from flows.ablation_flow import ablation, preset_settings
+    from flows.errors import quiet_user_errors_on_console
+
+    over: dict[str, Any] = {"match": args.match}
+    for name in ("budget", "flops", "model_preset", "micro_batch_size", "grad_accum", "lr", "warmup_steps", "engine",
+                 "num_gpus", "diag_prompts"):
+        v = getattr(args, name)
+        if v is not None:
+            over[{"budget": "budget_tokens", "flops": "budget_flops", "model_preset": "preset"}.get(name, name)] = v
+    if args.rungs:
+        over["rungs"] = args.rungs.split(",")
+    if args.train_arg:
+        over["extra_args"] = args.train_arg
+    settings, evaluation = preset_settings(args.preset, **over)
+    ev = {}
+    if args.limit is not None:
+        ev["limit"] = args.limit or None
+    if args.tasks:
+        ev["tasks"] = args.tasks.split(",")
+    if args.max_gen_toks is not None:
+        ev["max_gen_toks"] = args.max_gen_toks
+    if ev:
+        evaluation = evaluation.model_copy(update=ev)
+    quiet_user_errors_on_console()
+    res = ablation(spec=str(args.spec), output_dir=args.output, overrides=args.set, preset=args.preset,
+                   settings=settings, evaluation=evaluation, benchmarks=args.benchmarks, progress=not args.no_progress)
+    from .ablation_report import markdown_table
+
+    print(markdown_table(res))
+    for n in res["notes"]:
+        print(f"- {n}")
+    print(f"\nwall time: {res['seconds']:.0f} s\nsummary: {res['summary']}\nreport: {res['html']}", file=sys.stderr)
     return 0
 
 
@@ -413,6 +460,39 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-gen-toks", type=int, default=256)
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(fn=cmd_pipeline)
+
+    ab = sub.add_parser("ablation", help="the paper's ablation ladder (Transformer full LM loss -> answer-only loss "
+                                         "-> PrefixLM -> HRM) on a spec's data: train, evaluate, diagnose, report")
+    ab.add_argument("spec")
+    ab.add_argument("--output", "-o", default=None, help="run folder (default runs/<spec name>); the ladder goes "
+                                                         "in <run>/ablation")
+    ab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec setting")
+    ab.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "tiny"],
+                    help="cpu: the 2-core default (cpu-small model, 262,144 tokens a rung); gpu: a real run "
+                         "(model B, 2e9 tokens); tiny: the tests'")
+    ab.add_argument("--budget", type=int, default=None, metavar="TOKENS",
+                    help="training tokens of each rung (the HRM's with --match flops)")
+    ab.add_argument("--flops", type=float, default=None, help="instead: training FLOPs of each rung")
+    ab.add_argument("--match", choices=["tokens", "flops"], default="tokens",
+                    help="tokens: same tokens for every rung (the HRM spends ~3x the FLOPs); flops: the "
+                         "Transformers get more tokens, to the HRM's FLOPs")
+    ab.add_argument("--model-preset", default=None, choices=["debug", "cpu-small", "B", "L", "XL", "XXL"])
+    ab.add_argument("--rungs", default=None, help="comma-separated subset of transformer-full,transformer-answer,"
+                                                  "transformer-prefix,hrm")
+    ab.add_argument("--micro-batch-size", type=int, default=None)
+    ab.add_argument("--grad-accum", type=int, default=None)
+    ab.add_argument("--lr", type=float, default=None)
+    ab.add_argument("--warmup-steps", type=int, default=None)
+    ab.add_argument("--engine", choices=["deepspeed", "torch"], default=None)
+    ab.add_argument("--num-gpus", type=int, default=None)
+    ab.add_argument("--train-arg", action="append", default=[], metavar="FLAG", help="another `hrm train` flag")
+    ab.add_argument("--benchmarks", default=None, metavar="DIR", help="benchmark files, evaluated beside demo_heldout")
+    ab.add_argument("--tasks", default=None, help="comma-separated eval tasks")
+    ab.add_argument("--limit", type=int, default=None, help="items per benchmark (0: all)")
+    ab.add_argument("--max-gen-toks", type=int, default=None)
+    ab.add_argument("--diag-prompts", type=int, default=None, help="held-out prompts for the logit lens / entropy")
+    ab.add_argument("--no-progress", action="store_true")
+    ab.set_defaults(fn=cmd_ablation)
 
     sv = sub.add_parser("serve", help="serve the pipeline's deployments to the Prefect UI (Run buttons)")
     sv.add_argument("--limit", type=int, default=None, help="flow runs at a time")
