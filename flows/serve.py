@@ -4,6 +4,8 @@ that marks dead runs Crashed.
 Deployments (each with a Run button and a typed parameter form in the UI):
   hrm-pipeline/pipeline         raw data to scores: spec, overrides, from/only/refresh/stop_after, train
                                 settings (preset, steps, ...), benchmarks, evaluation settings (limit, ...)
+  hrm-pipeline/ablation         the paper's ablation ladder (Transformer full LM loss -> answer-only -> PrefixLM
+                                -> HRM) on a spec's data: preset cpu/gpu/tiny, budget, match tokens/flops
   hrm-stage/stage               one step of a run on the latest outputs of the steps before it
   hrm-evaluate/evaluate         evaluate a checkpoint (lm-eval; full and clean-subset scores)
   hrm-lineage/lineage           `hrm lineage trace|why` for one row id, answered as a markdown artifact
@@ -29,6 +31,7 @@ from prefect.artifacts import create_markdown_artifact
 from pipeline.io import sha256_json
 
 from .data_flow import artifact_key
+from .ablation_flow import ablation
 from .pipeline_flow import EvalSettings, StageName, TrainSettings, pipeline
 
 ZOMBIE_AUTOMATION = "hrm: mark runs without heartbeats Crashed"
@@ -124,6 +127,7 @@ def install_zombie_automation() -> str:
 def deployments() -> list:
     return [
         pipeline.to_deployment(name="pipeline", description=pipeline.__doc__),
+        ablation.to_deployment(name="ablation", description=ablation.__doc__),
         stage_flow.to_deployment(name="stage", description=stage_flow.__doc__, parameters={"stage": "dedup"}),
         evaluate_flow.to_deployment(name="evaluate", description=evaluate_flow.__doc__),
         lineage_flow.to_deployment(name="lineage", description=lineage_flow.__doc__),

@@ -205,8 +205,8 @@ def cmd_ablation(args) -> int:
 def cmd_serve(args) -> int:
     from flows.serve import serve_all
 
-    print("serving the deployments hrm-pipeline/pipeline, hrm-stage/stage, hrm-evaluate/evaluate, "
-          "hrm-lineage/lineage (Ctrl-C stops)", file=sys.stderr)
+    print("serving the deployments hrm-pipeline/pipeline, hrm-pipeline/ablation, hrm-stage/stage, "
+          "hrm-evaluate/evaluate, hrm-lineage/lineage (Ctrl-C stops)", file=sys.stderr)
     serve_all(limit=args.limit)
     return 0
 

@@ -39,7 +39,8 @@ from tiny_spec import TINY  # tests/flows/tiny_spec.py
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-DEPLOYMENTS = ("hrm-pipeline/pipeline", "hrm-stage/stage", "hrm-evaluate/evaluate", "hrm-lineage/lineage")
+DEPLOYMENTS = ("hrm-pipeline/pipeline", "hrm-pipeline/ablation", "hrm-stage/stage", "hrm-evaluate/evaluate",
+               "hrm-lineage/lineage")
 DATA_STAGES = [st for st in STAGES if st not in OPTIONAL] + ["lineage"]  # no benchmarks: no contamination stage
 
 TRAIN = {"preset": "debug", "steps": 3, "warmup_steps": 1, "save_every": 0, "micro_batch_size": 2}
@@ -479,6 +480,8 @@ def test_killed_run_is_crashed_and_the_rerun_resumes(runner, server, tiny, tmp_p
     ("hrm-pipeline/pipeline", {"refresh": ["dedupe"]}, "refresh"),
     ("hrm-pipeline/pipeline", {"evaluation": {"limit": 0}}, "evaluation.limit"),
     ("hrm-stage/stage", {"stage": "dedupe"}, "stage"),
+    ("hrm-pipeline/ablation", {"preset": "huge"}, "preset"),
+    ("hrm-pipeline/ablation", {"settings": {"budget_tokens": 0}}, "settings.budget_tokens"),
     ("hrm-lineage/lineage", {"run_dir": "x", "row_id": "y", "mode": "how"}, "mode"),
 ])
 def test_bad_parameters_are_refused_by_the_schema(runner, name, params, field, tmp_path):
