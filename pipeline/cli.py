@@ -332,12 +332,14 @@ def _run_stage(args, spec) -> dict:
 
         rules = spec.stratify.rules if spec else []
         order = [x.name for x in spec.sources] if spec else None
-        man = stratify.run(args.input, args.output, rules, source_order=order, progress=progress)
+        man = stratify.run(args.input, args.output, rules, source_order=order, progress=progress,
+                           memory_gb=spec.resources.memory_gb if spec else None)
     elif name == "dedup":
         from .stages import dedup
 
         cfg = _stage_cfg(C.DedupConfig, spec.dedup if spec else None, ov, "dedup")
-        man = dedup.run(args.input, args.output, cfg, progress=progress)
+        man = dedup.run(args.input, args.output, cfg, progress=progress,
+                        memory_gb=spec.resources.memory_gb if spec else None)
     elif name == "tokenizer":
         from .stages import tokenize
 

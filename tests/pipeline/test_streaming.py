@@ -113,3 +113,149 @@ def test_a_file_whose_rows_lack_a_content_column_is_an_error(tmp_path):
     _write_jsonl(f, [json.dumps({"instruction": "x"}) for _ in range(5)])
     with pytest.raises(ValueError, match=r"missing column\(s\) \['response'\]"):
         _read(f, block_bytes=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming stages against their whole-table references
+# ------------------------------------------------------------------------------------------------
+def _corpus(n: int, seed: int = 0) -> list[dict]:
+    """Rows of a few sources with exact copies and near copies (one word changed) of earlier rows."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(300)]
+    rows = []
+    for i in range(n):
+        if i > 10 and rng.random() < 0.1:
+            src = dict(rows[rng.randrange(i)])
+            if rng.random() < 0.5:
+                resp = src["response"].split()
+                resp[rng.randrange(len(resp))] = rng.choice(words)
+                src["response"] = " ".join(resp)
+        else:
+            src = {"instruction": " ".join(rng.choices(words, k=8)), "response": " ".join(rng.choices(words, k=40))}
+        s = ["alpha", "beta", "gamma"][i % 3]
+        rows.append({**src, "id": f"{s}/{i}", "source": s, "domain": "general", "condition": "direct",
+                     "origin": f"{s}/part{i % 2}"})
+    return rows
+
+
+def _outputs(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())["outputs"]
+
+
+def _batches(monkeypatch, rows: int, block: int) -> None:
+    """Batches of `rows` rows and JSONL blocks of `block` bytes, whatever the budget."""
+    from pipeline import budget
+
+    monkeypatch.setattr(budget, "MIN_ROWS", rows)
+    monkeypatch.setattr(budget, "MAX_ROWS", rows)
+    monkeypatch.setattr(budget, "MIN_BLOCK", block)
+    monkeypatch.setattr(budget, "MAX_BLOCK", block)
+
+
+def test_stratify_and_dedup_in_small_batches_are_byte_identical_to_one_batch(tmp_path, monkeypatch):
+    from pipeline.config import DedupConfig, StratumRule
+    from pipeline.io import write_parquet
+    from pipeline.stages import dedup, stratify
+
+    rows = _corpus(1500)
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(700, "{broken")  # a malformed line inside a block: the block is parsed line by line
+    jsonl = tmp_path / "rows.jsonl"
+    _write_jsonl(jsonl, lines)
+    rules = [StratumRule(match="alpha/", stratum="source"), StratumRule(match="beta/part1", name="b1", domain="x")]
+    cfg = DedupConfig(num_perm=64, threshold=0.7)
+    runs = {}
+    for how in ("whole", "batches"):
+        if how == "whole":  # one batch: the whole table, as the stages held it before they streamed
+            _batches(monkeypatch, 1 << 30, 1 << 30)
+        else:  # 16 batches, 60 JSONL blocks
+            _batches(monkeypatch, 97, 2048)
+        st = stratify.run(jsonl, tmp_path / how / "stratify", rules, source_order=["gamma"], progress=False)
+        dd = dedup.run(tmp_path / how / "stratify", tmp_path / how / "dedup", cfg, progress=False)
+        dj = dedup.run(jsonl, tmp_path / how / "dedup-jsonl", cfg, progress=False)
+        runs[how] = (st, dd, dj)
+    for a, b in zip(runs["whole"], runs["batches"]):
+        assert a["outputs"] == b["outputs"] and a["counts"] == b["counts"]
+    st, dd, dj = runs["batches"]
+    assert dd["counts"]["exact_duplicates"] > 20 and dd["counts"]["near_duplicates"] > 10
+    assert dj["counts"]["rejected"] == 1 and st["counts"]["rejected"] == 1
+    # the streamed rows.parquet is the whole-table write of the kept rows
+    ref = load_rows(jsonl, REQ + ("origin",), stage="t").table
+    gone = set(pq.read_table(tmp_path / "batches" / "dedup-jsonl" / "removals.parquet")["id"].to_pylist())
+    keep = pa.array([i not in gone for i in ref["id"].to_pylist()])
+    rec = write_parquet(ref.filter(keep).combine_chunks(), tmp_path / "ref.parquet")
+    assert rec["sha256"] == dj["outputs"]["rows.parquet"]["sha256"]
+
+
+def test_row_group_writer_is_byte_identical_to_the_whole_table_write(tmp_path):
+    from pipeline.io import RowGroupWriter, write_parquet
+
+    t = pa.Table.from_pylist(_rows(70_000))
+    whole = write_parquet(t, tmp_path / "a.parquet")
+    with RowGroupWriter(tmp_path / "b.parquet", t.schema) as w:
+        for s in range(0, t.num_rows, 6_007):
+            w.write(t.slice(s, 6_007))
+    assert w.record == whole
+    with RowGroupWriter(tmp_path / "c.parquet", t.schema) as w:
+        pass
+    assert w.record == write_parquet(t.slice(0, 0), tmp_path / "d.parquet")
+
+
+# ------------------------------------------------------------------------------------------------
+# a stage under a low memory budget
+# ------------------------------------------------------------------------------------------------
+_WAITER = """
+import json, resource, subprocess, sys
+p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+assert p.returncode == 0, p.stderr
+print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "out": p.stdout}))
+"""
+
+_STAGE = """
+import sys
+from pipeline.stages import stratify
+man = stratify.run(sys.argv[1], sys.argv[2], [], progress=False, memory_gb=float(sys.argv[3]))
+print(man["counts"]["kept"])
+"""
+
+
+def test_stratify_stays_within_a_low_memory_budget(tmp_path):
+    """500k rows (about 160 MB of text; the whole-table stratify peaked at 935 MB on them) streamed by
+    stratify under a 400 MB budget (measured: about 325 MB), peak RSS measured by getrusage in a waiter
+    process (a process's own maxrss would count the memory of the process it was forked from).
+
+    Not 200 MB: the interpreter with pyarrow and polars is about 110 MB, the Parquet reader decodes a
+    whole row group of the input (64k rows, as every stage writes them) at a time, the writer holds
+    one row group of the output, and the allocators keep some of what was freed."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = 500_000
+    rng = np.random.default_rng(0)
+    vocab = pa.array([f"w{i}" for i in range(3000)])
+
+    def texts(lo: int, hi: int) -> pa.Array:
+        k = rng.integers(lo, hi, n)
+        offs = pa.array(np.concatenate([[0], np.cumsum(k)]), pa.int32())
+        return pc.binary_join(pa.ListArray.from_arrays(offs, vocab.take(rng.integers(0, 3000, int(k.sum())))), " ")
+
+    t = pa.table({"id": pa.array(np.char.add("r", np.arange(n).astype(str))), "instruction": texts(8, 20),
+                  "response": texts(30, 60), "condition": pa.array(["direct"] * n), "source": pa.array(["s"] * n),
+                  "domain": pa.array(["general"] * n)})
+    text_mb = (t["instruction"].nbytes + t["response"].nbytes) / 2**20
+    f = tmp_path / "rows.parquet"
+    pq.write_table(t, f, row_group_size=64 * 1024)
+    del t
+    root = str(Path(__file__).resolve().parents[2])
+    p = subprocess.run([sys.executable, "-c", _WAITER, sys.executable, "-c", _STAGE, str(f), str(tmp_path / "out"), "0.4"],
+                       capture_output=True, text=True, cwd=root, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert int(r["out"].strip()) == n
+    assert text_mb > 150
+    assert r["maxrss_mb"] < 400, r

@@ -1,0 +1,240 @@
+"""Scale benchmark (issue 13): the data stages on a generated corpus, per stage wall time, rows/s and
+peak RSS, the streaming code beside the in-memory code of an earlier commit run on the same files.
+
+    python benchmarks/scale.py --rows 1000000                      # streaming stages only
+    python benchmarks/scale.py --rows 1000000 --old /tmp/h6-head   # and the old code, exported with
+                                                                   # `git archive <commit> | tar -x -C DIR`
+    python benchmarks/scale.py --rows 10000000 --stages dedup      # 10M / 100M: bigger machines
+    python benchmarks/scale.py --rows 1000000 --memory-gb 1        # a lower memory budget
+
+Corpus (not timed): JSONL rows {id, instruction, response, source, domain, condition} with an
+instruction of 8-30 and a response of 30-120 words drawn from a 20,000-word vocabulary with Zipf
+frequencies; 2% of the rows repeat an earlier row exactly, 3% repeat one with 1-4 words changed
+(near duplicates); 8 sources. Written once per (rows, seed) into --work and reused.
+
+Stages, each in a fresh process (`python benchmarks/scale.py --child ...`) started by a small waiter
+process that reports `resource.getrusage(RUSAGE_CHILDREN).ru_maxrss` once the stage process (and its
+worker processes) are done, so the peak RSS is that of the stage's largest process alone:
+  load      the JSONL read into rows (pipeline.rows): RowReader blocks vs load_rows of the old code
+  stratify  the rows (Parquet, as normalize writes them) -> stratify folder
+  dedup     `hrm stage dedup` on the JSONL file (load, exact, near, write)
+  library   the near-dedup kernel alone from texts in memory (dedup.near_duplicates, as
+            benchmarks/dedup.py times it): the bar `hrm stage dedup` is held to (<= 1.2x its time)
+The new code gets `resources.memory_gb` (--memory-gb, default the spec default) as its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [f"src{i}" for i in range(8)]
+
+
+# ------------------------------------------------------------------------------------------------
+# corpus
+# ------------------------------------------------------------------------------------------------
+def generate(path: Path, rows: int, seed: int, chunk: int = 200_000) -> None:
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocab = sorted({"".join(rng.choice(letters, int(k))) for k in rng.integers(2, 11, 30_000)})[:20_000]
+    words = pa.array(vocab)
+    cdf = np.cumsum(1.0 / np.arange(1, len(vocab) + 1))
+    cdf /= cdf[-1]
+
+    def texts(lo: int, hi: int, n: int) -> tuple[pa.Array, np.ndarray]:
+        lengths = rng.integers(lo, hi + 1, n)
+        ids = np.searchsorted(cdf, rng.random(int(lengths.sum())))
+        offs = np.concatenate([[0], np.cumsum(lengths)])
+        lists = pa.ListArray.from_arrays(pa.array(offs, pa.int32()), words.take(pa.array(ids)))
+        return pc.binary_join(lists, " "), ids
+
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for c0 in range(0, rows, chunk):
+            n = min(chunk, rows - c0)
+            ins, _ = texts(8, 30, n)
+            resp, _ = texts(30, 120, n)
+            ins, resp = ins.to_numpy(zero_copy_only=False), resp.to_numpy(zero_copy_only=False)
+            # duplicates of earlier rows of the same chunk: 2% exact, 3% with 1-4 words changed
+            kind = rng.random(n)
+            src = (rng.random(n) * np.arange(n)).astype(np.int64)
+            for i in np.flatnonzero((kind < 0.05) & (np.arange(n) > 0)).tolist():
+                ins[i] = ins[src[i]]
+                if kind[i] < 0.02:
+                    resp[i] = resp[src[i]]
+                else:
+                    w = resp[src[i]].split(" ")
+                    for _ in range(int(rng.integers(1, 5))):
+                        w[int(rng.integers(0, len(w)))] = vocab[int(rng.integers(0, len(vocab)))]
+                    resp[i] = " ".join(w)
+            sources = np.array(SOURCES)[rng.integers(0, len(SOURCES), n)]
+            df = pl.DataFrame(
+                {
+                    "id": [f"r{c0 + i}" for i in range(n)],
+                    "instruction": ins,
+                    "response": resp,
+                    "source": sources,
+                    "domain": np.where(np.isin(sources, SOURCES[:2]), "math", "general"),
+                    "condition": np.where(rng.random(n) < 0.3, "cot", "direct"),
+                    "origin": np.char.add(np.char.add(sources.astype(str), "/part"), (rng.integers(0, 4, n)).astype(str)),
+                }
+            )
+            df.write_ndjson(f)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# one stage in this process (the child)
+# ------------------------------------------------------------------------------------------------
+def child(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(args.code)))
+    work = Path(args.out)
+    new = args.budget is not None
+    kw = {"memory_gb": args.budget} if new else {}
+    t0 = time.perf_counter()
+    if args.stage == "load":
+        from pipeline import rows
+
+        if new:
+            from pipeline import budget
+
+            r = rows.RowReader(args.input, block_bytes=budget.block_bytes(args.budget))
+            n = sum(t.num_rows for t in r)
+        else:
+            n = rows.load_rows(args.input).table.num_rows
+    elif args.stage == "stratify":
+        from pipeline.stages import stratify
+
+        man = stratify.run(args.input, work, [], source_order=SOURCES, progress=False, **kw)
+        n = man["counts"]["rows_in"]
+    elif args.stage == "dedup":
+        from pipeline.config import DedupConfig
+        from pipeline.stages import dedup
+
+        man = dedup.run(args.input, work, DedupConfig(workers=args.workers), progress=False, **kw)
+        n = man["counts"]["rows_in"] + man["counts"]["rejected"]
+    elif args.stage == "library":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from pipeline.config import DedupConfig
+        from pipeline.stages import dedup
+
+        t = pq.read_table(args.input, columns=["instruction", "response"])
+        texts = dedup._joined_texts(t, np.arange(t.num_rows))
+        pa.array([0])
+        t0 = time.perf_counter()  # from texts in memory, as benchmarks/dedup.py
+        dedup.write_docs(texts, work / "docs.arrow")
+        dedup.near_duplicates(work / "docs.arrow", work, DedupConfig(workers=args.workers))
+        n = len(texts)
+    else:
+        raise SystemExit(f"unknown stage {args.stage}")
+    print(json.dumps({"rows": n, "seconds": time.perf_counter() - t0}))
+
+
+def measure(stage: str, code: Path, inp: Path, out: Path, budget: float | None, workers: int) -> dict:
+    """Run one stage in a fresh process under a waiter that reports RUSAGE_CHILDREN maxrss."""
+    cmd = [sys.executable, __file__, "--child", stage, "--code", str(code), "--input", str(inp), "--out", str(out),
+           "--workers", str(workers)]
+    if budget is not None:
+        cmd += ["--budget", str(budget)]
+    waiter = (
+        "import resource, subprocess, sys, json\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "if p.returncode: sys.stderr.write(p.stderr); sys.exit(p.returncode)\n"
+        "r = json.loads(p.stdout.strip().splitlines()[-1])\n"
+        "r['maxrss_mb'] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps(r))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", waiter, *cmd], capture_output=True, text=True, env=env, cwd=code)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:100], "wall": wall}
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), "wall": wall}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="1M; 10M and 100M for bigger machines")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale-bench")
+    ap.add_argument("--old", type=Path, default=None, help="a folder with the old code (git archive export)")
+    ap.add_argument("--stages", default="load,stratify,dedup,library")
+    ap.add_argument("--memory-gb", type=float, default=None, help="the new code's budget (default: the spec's)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="dedup signature processes")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--code", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--input", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.__class__(**{**vars(args), "stage": args.child}))
+        return
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import ResourcesConfig
+
+    budget = args.memory_gb if args.memory_gb is not None else ResourcesConfig().memory_gb
+    work = args.work / f"{args.rows}-{args.seed}"
+    work.mkdir(parents=True, exist_ok=True)
+    jsonl = work / "rows.jsonl"
+    if not jsonl.exists():
+        print(f"generating {args.rows:,} rows ...", flush=True)
+        g0 = time.perf_counter()
+        generate(jsonl, args.rows, args.seed)
+        print(f"  {time.perf_counter() - g0:.0f}s, {jsonl.stat().st_size / 2**20:,.0f} MB", flush=True)
+    parquet = work / "rows.parquet"
+    if not parquet.exists():
+        import polars as pl
+
+        pl.scan_ndjson(jsonl).sink_parquet(parquet, compression="zstd")
+    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; budget {budget:g} GB")
+    codes = [("new", ROOT, budget)] + ([("old", args.old.resolve(), None)] if args.old else [])
+    results = []
+    for stage in args.stages.split(","):
+        for name, code, b in codes:
+            if stage == "library" and name == "old":
+                continue  # the same kernel
+            inp = jsonl if stage in ("load", "dedup") else parquet
+            out = work / f"out-{name}-{stage}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            print(f"{stage} ({name}) ...", flush=True)
+            r = measure(stage, code, inp, out, b, args.workers)
+            results.append((stage, name, r))
+            print(f"  {r}", flush=True)
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+    print()
+    print(f"{args.rows:,} rows; seconds = the stage's own time in its process (imports excluded); "
+          "peak RSS = getrusage(RUSAGE_CHILDREN) maxrss of the stage's process tree's largest process")
+    hdr = f"{'stage':<10}{'code':<6}{'seconds':>9}{'rows/s':>11}{'peak RSS MB':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    for stage, name, r in results:
+        if "error" in r:
+            print(f"{stage:<10}{name:<6}  failed: {r['error']}")
+            continue
+        print(f"{stage:<10}{name:<6}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>11,.0f}{r['maxrss_mb']:>13,.0f}")
+    sec = {(s, n): r.get("seconds") for s, n, r in results}
+    if sec.get(("dedup", "new")) and sec.get(("library", "new")):
+        ratio = sec[("dedup", "new")] / sec[("library", "new")]
+        print(f"hrm stage dedup / library path time: {ratio:.2f}x (target <= 1.2x)")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
