@@ -45,7 +45,7 @@ def _content(path: str | Path) -> str:
 class StageCache(CachePolicy):
     path_params: tuple[str, ...] = ()  # arguments that are input paths: hashed by content
     modules: tuple[str, ...] = ()  # modules whose source is part of the key
-    ignore: tuple[str, ...] = field(default=("progress", "force"))
+    ignore: tuple[str, ...] = field(default=("progress", "force", "memory_gb"))  # memory_gb: never the outputs
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> Optional[str]:

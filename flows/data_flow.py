@@ -79,19 +79,21 @@ def normalize_task(ingest_dir: str, output_dir: str, sources: list[SourceSpec], 
 
 @task(name="stratify", **_opts(("input_dir",), "pipeline.stages.stratify", "pipeline.rows"))
 def stratify_task(input_dir: str, output_dir: str, rules: list[StratumRule], source_order: list[str],
-                  progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
+                  progress: bool = True, versioned: bool = True, force: bool = False,
+                  memory_gb: float | None = None) -> dict:
     from pipeline.stages import stratify
 
     return stratify.run(input_dir, output_dir, rules, source_order=source_order, progress=progress,
-                        versioned=versioned, force=force)
+                        versioned=versioned, force=force, memory_gb=memory_gb)
 
 
 @task(name="dedup", **_opts(("input_dir",), "pipeline.stages.dedup", "pipeline.minhash", "pipeline.rows"))
 def dedup_task(input_dir: str, output_dir: str, cfg: DedupConfig, progress: bool = True, versioned: bool = True,
-               force: bool = False) -> dict:
+               force: bool = False, memory_gb: float | None = None) -> dict:
     from pipeline.stages import dedup
 
-    return dedup.run(input_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force)
+    return dedup.run(input_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force,
+                     memory_gb=memory_gb)
 
 
 @task(name="tokenizer", **_opts(("input_dir",), "pipeline.stages.tokenize", "pipeline.rows"))
@@ -348,9 +350,10 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
             return call(normalize_task, st, {"ingest_dir": upstream("ingest")}, ["ingest"], sources=s.sources, cfg=s.normalize)
         if st == "stratify":
             return call(stratify_task, st, {"input_dir": upstream("normalize")}, ["normalize"], rules=s.stratify.rules,
-                        source_order=[x.name for x in s.sources])
+                        source_order=[x.name for x in s.sources], memory_gb=s.resources.memory_gb)
         if st == "dedup":
-            return call(dedup_task, st, {"input_dir": upstream("stratify")}, ["stratify"], cfg=s.dedup)
+            return call(dedup_task, st, {"input_dir": upstream("stratify")}, ["stratify"], cfg=s.dedup,
+                        memory_gb=s.resources.memory_gb)
         if st == "tokenizer":
             return call(tokenizer_task, st, {"input_dir": upstream("dedup")}, ["dedup"], cfg=s.tokenizer,
                         conditions=list(s.normalize.conditions), seed=s.seed)

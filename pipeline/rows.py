@@ -175,7 +175,7 @@ class RowReader:
         self.total_rows: int | None = None
         self._pf = None
         if self.kind == "parquet":
-            self._pf = pq.ParquetFile(p)
+            self._pf = pq.ParquetFile(p, pre_buffer=False)  # pre-buffering reads ahead whole row groups
             self.total_rows = self._pf.metadata.num_rows
             self._check_parquet_schema(self._pf.schema_arrow)
         self._seen = _IdSet()
@@ -251,7 +251,7 @@ class RowReader:
     def _iter_parquet(self) -> Iterator[pa.Table]:
         start = 0
         p, required = self.path, self.required
-        for batch in self._pf.iter_batches(batch_size=self.batch_rows, use_threads=True):
+        for batch in self._pf.iter_batches(batch_size=self.batch_rows, use_threads=False):
             table = pa.Table.from_batches([batch])
             table = _fill_parquet(table, p, required, self.defaults, start=start)
             start += table.num_rows

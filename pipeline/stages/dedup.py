@@ -65,7 +65,6 @@ from tqdm import tqdm
 from .. import minhash
 from ..config import DedupConfig
 from ..io import (
-    ROW_GROUP,
     RowGroupWriter,
     atomic_path,
     open_stage,
@@ -252,7 +251,7 @@ class FirstPass:
 def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048) -> RowReader:
     return RowReader(
         input_path, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
-        batch_rows=budget.batch_rows(memory_gb, row_bytes, multiple=ROW_GROUP),
+        batch_rows=budget.batch_rows(memory_gb, row_bytes),
     )
 
 

@@ -25,7 +25,7 @@ from ..config import StratumRule
 from tqdm import tqdm
 
 from .. import budget
-from ..io import ROW_GROUP, RowGroupWriter, open_stage, code_hash, file_record, finish_stage, fingerprint
+from ..io import RowGroupWriter, open_stage, code_hash, file_record, finish_stage, fingerprint
 from ..io import write_json, write_parquet
 from ..rows import ROWS_FILE, RowReader, resolve_rows_path
 from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
@@ -92,7 +92,7 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
         return done
     t0 = time.time()
     reader = RowReader(src_file, NORMALIZED_FIELDS, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
-                       batch_rows=budget.batch_rows(memory_gb, 2048, multiple=ROW_GROUP))
+                       batch_rows=budget.batch_rows(memory_gb, 2048))
     order = list(source_order or [])
     stats = _StrataStats()
     by_rule: dict[str, int] = {}
