@@ -276,9 +276,12 @@ def _contamination(run_dir: Path, run: dict) -> dict | None:
         benches[name] = {"split": b.get("split"), "checked": b.get("checked"), "counts": byn.get("counts") or {},
                          "percent": byn.get("percent") or {}, "too_short": byn.get("too_short"),
                          "dirty": len(b.get("dirty_items") or []),
+                         "not_clean": len(b.get("flagged_items") or b.get("dirty_items") or []),
                          "responsible_sources": dict(resp_sources.most_common()),
                          "dirty_items": b.get("dirty_items") or []}
     return {"primary_n": rep.get("primary_n"), "ngram_sizes": rep.get("ngram_sizes"),
+            "method": rep.get("method", "tokens"), "unit": rep.get("unit", "tokens"),
+            "short_item_rule": rep.get("short_item_rule"),
             "bucket_edges": rep.get("bucket_edges"), "train_rows": rep.get("train_rows"),
             "decontaminated": _decontaminated(run_dir, run), "counts": rep.get("counts"), "benchmarks": benches}
 
@@ -918,9 +921,11 @@ def _contamination_section(rep: dict) -> str:
     edges = con.get("bucket_edges") or {}
     mode = ("decontaminated: the rows responsible were dropped before the mix" if con.get("decontaminated") else
             "check only: the rows responsible are still in the training data")
-    lead = (f"{con.get('primary_n')}-gram coverage of each benchmark item by the training rows "
+    lead = (f"{con.get('primary_n')}-gram ({e(con.get('unit') or 'tokens')}) coverage of each benchmark item by the training rows "
             f"({num(con.get('train_rows'))} rows checked); buckets "
-            + ", ".join(f"{k.replace('_', ' ')} {edges[k]}" for k in BUCKETS if k in edges) + f". {mode.capitalize()}.")
+            + ", ".join(f"{k.replace('_', ' ')} {edges[k]}" for k in BUCKETS if k in edges) + f". {mode.capitalize()}."
+            + (f" Short items: {e(con['short_item_rule'])}." if con.get("short_item_rule") else "")
+            + " report.json names the responsible rows and matched span of every item that is not clean.")
     rows, details = [], []
     for name, b in con["benchmarks"].items():
         c = b.get("counts") or {}
@@ -940,12 +945,12 @@ def _contamination_section(rep: dict) -> str:
                                 for r in it.get("responsible") or [])
                 items.append(f'<tr data-item="{e(it.get("item_id"))}"><td><code>{e(it.get("item_id"))}</code></td>'
                              f'<td class="num">{num(round(100 * (it.get("coverage") or 0), 1))}%</td>'
-                             + _td(it.get("longest_span"), "longest-span") + _td(it.get("tokens"), "tokens")
+                             + _td(it.get("longest_span"), "longest-span") + _td(it.get("length", it.get("tokens")), "length")
                              + f"<td>{resp}</td></tr>")
             more = len(b["dirty_items"]) - MAX_DIRTY_SHOWN
             details.append(f'<h3>{e(name)}: dirty items</h3><table class="dirty-items" data-benchmark="{e(name)}"><thead><tr>'
                            '<th>item</th><th class="num">coverage</th><th class="num">longest span</th>'
-                           '<th class="num">tokens</th><th>training rows responsible (source)</th></tr></thead><tbody>'
+                           f'<th class="num">{e(con.get("unit") or "tokens")}</th><th>training rows responsible (source)</th></tr></thead><tbody>'
                            + "".join(items) + "</tbody></table>"
                            + (f'<p class="muted">and {num(more)} more (report.json)</p>' if more > 0 else ""))
     table = ('<table id="contamination-table"><thead><tr><th>benchmark</th><th>split</th><th class="num">items</th>'

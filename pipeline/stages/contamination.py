@@ -18,12 +18,14 @@ Inputs
 Method (cfg.method; per n in cfg.ngram_sizes, default 13 and 8)
 - words (the default; GPT-3 / OLMo style): matching on normalised text, independent of the tokenizer's
   boundaries (the same question tokenizes differently alone and inside a row: "?" vs "?\n" merges).
-  Text is folded byte by byte (`fold_bytes`: ASCII letters lowercased; ASCII punctuation, symbols and
-  whitespace, U+0080-U+00BF, U+2000-U+206F and U+2212 are separators) and split into words; one-letter
-  words a-z are dropped (option labels "A." "(b)" between appended choices, and "a", "I"). The training
-  rows' token ids are mapped back to their bytes with a per-id byte table (`TokenBytes`, exact for the
-  pipeline's byte-level BPE; special tokens are separators), so no row is decoded in Python. Each word
-  is hashed (polynomial over its bytes, finalised), and units are word hashes.
+  Text is folded byte by byte (`fold_bytes`: ASCII letters lowercased, digits kept, every other byte -
+  punctuation, symbols, whitespace and all non-ASCII bytes (Unicode quotes, dashes, minus signs,
+  accented letters) - a separator) and split into words; one-letter words a-z are dropped (option
+  labels "A." "(b)" between appended choices, and "a", "I"). Folding per byte makes it exact to work
+  from token ids: the training rows are never decoded; `TokenWords` folds each vocabulary entry's bytes
+  once (exact for the pipeline's byte-level BPE; special tokens are separators) and assembles word
+  hashes (polynomial over the folded bytes of the word, finalised) with token-level array operations.
+  Units are word hashes. Text in scripts without ASCII letters has no words and is not checked.
   Short-item rule (`window_sizes`): an item of L words is matched with windows of
   s = min(n, max(ceil(L/2), min(L, cfg.min_ngram))) words: n-grams from 2n words up; a shorter item with
   windows of half its length (two windows cover it; one half copied alone stays below the dirty edge),
@@ -127,8 +129,8 @@ _BASE = np.uint64(0x9E3779B97F4A7C15 | 1)  # odd 64-bit multiplier of the polyno
 _TABLE_BITS = 26  # prefilter: one byte per 2^26 buckets of the hash's top bits (64 MiB)
 
 
-NORMALISATION = ("UTF-8 text (training rows: their token ids mapped back to bytes); ASCII letters lowercased; "
-                 "ASCII punctuation, symbols and whitespace, U+0080-U+00BF, U+2000-U+206F and U+2212 are separators; "
+NORMALISATION = ("UTF-8 bytes (training rows: their token ids' bytes); ASCII letters lowercased, digits kept; "
+                 "every other byte (punctuation, symbols, whitespace, all non-ASCII bytes) is a separator; "
                  "words are the runs between separators; one-letter words a-z (option labels, 'a', 'I') dropped")
 SHORT_RULE = ("an item of L words is matched with windows of min(n, max(ceil(L/2), min(L, {m}))) words: n-grams "
               "from 2n words up; below that half the item (two windows cover it), at least {m} words; an item of "
@@ -272,21 +274,29 @@ class Windows:
 
     def hashes(self, s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(hashes uint64 (W,), start positions int64 (W,), segment int64 (W,)) of the size-s windows."""
+        h = self.all_hashes(s)
+        starts = np.arange(h.size, dtype=np.int64)
+        starts = starts[self.valid(starts, s)]
+        return h[starts], starts, self.seg[starts]
+
+    def all_hashes(self, s: int) -> np.ndarray:
+        """Hashes of the windows of size s at every start 0..N-s, valid or not (see `valid`)."""
         N = self.N
         if N < s or s < 1:
-            e = np.zeros(0, dtype=np.int64)
-            return np.zeros(0, dtype=np.uint64), e, e
+            return np.zeros(0, dtype=np.uint64)
         W = N - s + 1
-        ok = self.seg[:W] == self.seg[s - 1:]
-        if self.bad_cs is not None:
-            ok &= (self.bad_cs[s:] - self.bad_cs[:W]) == 0
-        starts = np.flatnonzero(ok)
         with np.errstate(over="ignore"):
-            h = self.P[starts + s] - self.P[starts]
-            h *= self.ipw[starts]
+            h = self.P[s:] - self.P[:W]
+            h *= self.ipw[:W]
             h += np.uint64(s) * _SIZE_SALT
-        _fmix(h)
-        return h, starts, self.seg[starts]
+        return _fmix(h)
+
+    def valid(self, starts: np.ndarray, s: int) -> np.ndarray:
+        """Whether each start's size-s window stays in one segment and holds no bad position."""
+        ok = self.seg[starts] == self.seg[starts + s - 1]
+        if self.bad_cs is not None:
+            ok &= (self.bad_cs[starts + s] - self.bad_cs[starts]) == 0
+        return ok
 
 
 def window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int, bad: np.ndarray | None = None):
@@ -300,19 +310,20 @@ def window_hashes(tokens: np.ndarray, lengths: np.ndarray, n: int, bad: np.ndarr
 class NgramIndex:
     """Sorted distinct n-gram hashes of the benchmark items, with a top-bits prefilter table."""
 
-    def __init__(self, hashes: np.ndarray) -> None:
+    def __init__(self, hashes: np.ndarray, bits: int = _TABLE_BITS) -> None:
+        self.bits = bits
         order = np.argsort(hashes, kind="stable")
         h = hashes[order]
         new = np.r_[True, h[1:] != h[:-1]] if h.size else np.zeros(0, bool)
         self.keys = h[new]  # (U,) sorted distinct
         self.inverse = np.empty(hashes.size, dtype=np.int64)  # hashes[i] == keys[inverse[i]]
         self.inverse[order] = np.cumsum(new) - 1
-        self.table = np.zeros(1 << _TABLE_BITS, dtype=bool)
-        self.table[self.keys >> np.uint64(64 - _TABLE_BITS)] = True
+        self.table = np.zeros(1 << bits, dtype=bool)
+        self.table[self.keys >> np.uint64(64 - bits)] = True
 
     def lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in h that are in the index, their index in keys)."""
-        cand = np.flatnonzero(self.table[h >> np.uint64(64 - _TABLE_BITS)])
+        cand = np.flatnonzero(self.table[h >> np.uint64(64 - self.bits)])
         if cand.size == 0 or self.keys.size == 0:
             return cand, cand
         hc = h[cand]
@@ -327,9 +338,9 @@ class NgramIndex:
 # ----------------------------------------------------------------------------------------------
 def _fold_table() -> np.ndarray:
     t = np.zeros(256, dtype=np.uint8)  # 0: separator
-    for b in range(256):
+    for b in range(128):
         c = chr(b)
-        if b >= 0x80 or c.isdigit() or ("a" <= c <= "z"):
+        if c.isdigit() or ("a" <= c <= "z"):
             t[b] = b
         elif "A" <= c <= "Z":
             t[b] = b + 32
@@ -341,24 +352,11 @@ _WORD_SALT = np.uint64(0x2545F4914F6CDD1D)
 
 
 def fold_bytes(b: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes (N,) uint8 -> folded bytes, 0 for a separator: ASCII letters lowercased, ASCII
-    punctuation, symbols, whitespace and control bytes are separators, and so are U+0080-U+00BF (NBSP,
-    «», °, ...) and U+2000-U+206F (Unicode spaces, dashes, curly quotes, ellipsis); Latin-1 capitals
-    (À-Þ) are lowercased; U+2212 (minus sign) is a separator like "-"; other non-ASCII characters are word characters as they are."""
-    out = _FOLD[b]
-    if b.size >= 2:
-        c2 = np.flatnonzero(b[:-1] == 0xC2)
-        out[c2] = 0
-        out[c2 + 1] = 0
-        c3 = np.flatnonzero((b[:-1] == 0xC3) & (b[1:] >= 0x80) & (b[1:] <= 0x9E) & (b[1:] != 0x97)) + 1
-        out[c3] += np.uint8(0x20)
-    if b.size >= 3:
-        e2 = np.flatnonzero((b[:-2] == 0xE2) & (((b[1:-1] == 0x80) | (b[1:-1] == 0x81))
-                                                 | ((b[1:-1] == 0x88) & (b[2:] == 0x92))))  # and U+2212 minus
-        out[e2] = 0
-        out[e2 + 1] = 0
-        out[e2 + 2] = 0
-    return out
+    """UTF-8 bytes (N,) uint8 -> folded bytes, 0 for a separator: ASCII letters lowercased and digits
+    kept; everything else (ASCII punctuation, symbols, whitespace, and every non-ASCII byte: Unicode
+    quotes, dashes, minus signs, accents) is a separator. Byte by byte, so it does not depend on where
+    a tokenizer cut the text."""
+    return _FOLD[b]
 
 
 def words_of(folded: np.ndarray, seg_bytes: np.ndarray, with_spans: bool = False):
@@ -420,20 +418,23 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-class TokenBytes:
-    """Each token id's bytes, for turning training token ids back into text without decoding rows one by
-    one: a flat byte table and (offset, length) per id. Byte-level tokenizers (the pipeline's) map
-    exactly; others map their piece strings ("▁" is a space, "<0xNN>" a byte, "##" continues a word).
-    Special tokens are one separator byte: they are not text."""
+class TokenWords:
+    """Word hashes of training token ids without turning rows back into text: each token id's bytes
+    (byte-level tokenizers, the pipeline's, map exactly; others map their piece strings: "▁" is a
+    space, "<0xNN>" a byte, "##" continues a word; special tokens are one separator byte) are folded
+    once per vocabulary, with the prefix sums of the word hash inside the token, where its words start
+    and end, and whether its first and last bytes are word bytes. A batch then needs only token-level
+    and word-level array operations: a word's hash is (P(end) - P(start)) * B^-start, with P at a byte
+    inside token j = P_tok[j] + B^off[j] * (prefix of token j). Gives exactly `words_of(fold_bytes(the
+    rows' bytes))` (the tests check it): folding is per byte, so it does not depend on where tokens end."""
 
     def __init__(self, tok, special: set[int]) -> None:
         cfg = json.loads(tok.to_str())
-        dec = json.dumps(cfg.get("decoder") or {})
-        byte_level = '"ByteLevel"' in dec
+        byte_level = '"ByteLevel"' in json.dumps(cfg.get("decoder") or {})
         inv = {c: b for b, c in _bytes_to_unicode().items()}
         V = tok.get_vocab_size(with_added_tokens=True)
+        added = set(tok.get_added_tokens_decoder())
         pieces: list[bytes] = []
-        added = {i for i in tok.get_added_tokens_decoder()}
         for i in range(V):
             s = tok.id_to_token(i)
             if s is None or i in special:
@@ -446,19 +447,114 @@ class TokenBytes:
                 pieces.append(bytes([int(s[3:5], 16)]))
             else:
                 pieces.append((s[2:] if s.startswith("##") else s).replace("\u2581", " ").encode("utf-8"))
-        self.length = np.array([len(p) for p in pieces], dtype=np.int64)
-        self.offset = np.r_[0, np.cumsum(self.length)[:-1]].astype(np.int64)
-        self.table = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self.pieces = pieces
+        L = np.array([len(p) for p in pieces], dtype=np.int64)
+        self.L = L
+        folded = fold_bytes(np.frombuffer(b"".join(pieces), dtype=np.uint8))
+        off = np.r_[0, np.cumsum(L)[:-1]].astype(np.int64)
+        self.folded, self.off = folded, off
+        # prefix sums of the hash inside each token: H[off[t] + t + k] = sum_{i<k} c_i B^i, k = 0..L[t]
+        pw, ipw = _powers(int(L.max()) + 2)
+        self.pw, self.ipw = pw, ipw
+        hoff = off + np.arange(V, dtype=np.int64)  # each token has L + 1 prefix entries
+        H = np.zeros(int(L.sum()) + V, dtype=np.uint64)
+        tok_of_byte = np.repeat(np.arange(V, dtype=np.int64), L)
+        k_of_byte = np.arange(folded.size, dtype=np.int64) - off[tok_of_byte]
+        with np.errstate(over="ignore"):
+            contrib = folded.astype(np.uint64) * pw[k_of_byte]
+            # within-token cumulative sums, placed at k + 1
+            cs = np.cumsum(contrib)
+            base = np.r_[np.uint64(0), cs][off]  # cumulative sum before each token
+            H[hoff[tok_of_byte] + k_of_byte + 1] = cs - base[tok_of_byte]
+        self.hoff, self.H = hoff, H
+        self.Hfull = H[hoff + L]
+        with np.errstate(over="ignore"):
+            self.BL = pw[L]  # B^L[t]
+            self.BiL = ipw[L]
+        isw = folded != 0
+        nonempty = L > 0
+        self.first_w = np.zeros(V, bool)
+        self.last_w = np.zeros(V, bool)
+        self.first_w[nonempty] = isw[off[nonempty]]
+        self.last_w[nonempty] = isw[off[nonempty] + L[nonempty] - 1]
+        # internal word starts (k > 0: byte k a word byte after a separator) and ends (k < L: byte k a
+        # separator after a word byte), flat per token in order
+        prev_sep = np.r_[True, ~isw[:-1]]
+        next_sep = np.r_[~isw[1:], True]
+        st = isw & prev_sep & (k_of_byte > 0)
+        en = isw & next_sep & (k_of_byte < L[tok_of_byte] - 1)
+        self.ns = np.bincount(tok_of_byte[st], minlength=V).astype(np.int64)
+        self.sk = k_of_byte[st]
+        self.s_off = np.r_[0, np.cumsum(self.ns)[:-1]].astype(np.int64)
+        self.ne = np.bincount(tok_of_byte[en], minlength=V).astype(np.int64)
+        self.ek = k_of_byte[en] + 1  # end positions are exclusive
+        self.e_off = np.r_[0, np.cumsum(self.ne)[:-1]].astype(np.int64)
+
+    @staticmethod
+    def _place(j_edge: np.ndarray, k_edge: np.ndarray, cnt_int: np.ndarray, off_int: np.ndarray, kflat: np.ndarray,
+               tokens: np.ndarray, edge_first: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(token index, byte in token) of every word start (or end) in order: per token the boundary
+        one (at k = 0 for starts, first; at k = L for ends, last) and the internal ones."""
+        N = tokens.size
+        ni = cnt_int[tokens]  # (N,)
+        nb = np.zeros(N, dtype=np.int64)
+        nb[j_edge] = 1
+        cnt = ni + nb
+        base = np.r_[0, np.cumsum(cnt)[:-1]]
+        total = int(cnt.sum())
+        J = np.empty(total, dtype=np.int64)
+        K = np.empty(total, dtype=np.int64)
+        # boundary ones
+        bpos = base[j_edge] + (0 if edge_first else ni[j_edge])
+        J[bpos] = j_edge
+        K[bpos] = k_edge
+        # internal ones
+        ti = int(ni.sum())
+        if ti:
+            jj = np.repeat(np.arange(N, dtype=np.int64), ni)
+            r = np.arange(ti, dtype=np.int64) - np.repeat(np.r_[0, np.cumsum(ni)[:-1]], ni)
+            ipos = base[jj] + (nb[jj] if edge_first else 0) + r
+            J[ipos] = jj
+            K[ipos] = kflat[off_int[tokens[jj]] + r]
+        return J, K
 
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(bytes (B,) uint8, bytes per segment (S,)) of flat token segments."""
-        tl = self.length[tokens]
-        cs = np.cumsum(tl)
-        nb = int(cs[-1]) if cs.size else 0
-        idx = np.repeat(self.offset[tokens] - (cs - tl), tl) + np.arange(nb, dtype=np.int64)
-        cst = np.r_[0, cs]
-        so = np.r_[0, np.cumsum(lengths)]
-        return self.table[idx], cst[so[1:]] - cst[so[:-1]]
+        """(word hashes uint64 (W,), words per segment (S,)) of flat token segments."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        N, S = tokens.size, lengths.size
+        if N == 0:
+            return np.zeros(0, np.uint64), np.zeros(S, np.int64)
+        seg = np.repeat(np.arange(S, dtype=np.int64), lengths)
+        tl = self.L[tokens]
+        offb = np.r_[0, np.cumsum(tl)[:-1]]  # byte offset of each token
+        with np.errstate(over="ignore"):
+            Bo = np.empty(N, dtype=np.uint64)  # B^offb
+            Bo[0] = 1
+            np.cumprod(self.BL[tokens[:-1]], out=Bo[1:])
+            Bio = np.empty(N, dtype=np.uint64)
+            Bio[0] = 1
+            np.cumprod(self.BiL[tokens[:-1]], out=Bio[1:])
+            Ptok = np.zeros(N, dtype=np.uint64)
+            np.cumsum(Bo[:-1] * self.Hfull[tokens[:-1]], out=Ptok[1:])
+        fw, lw = self.first_w[tokens], self.last_w[tokens]
+        new_seg = np.r_[True, seg[1:] != seg[:-1]]
+        end_seg = np.r_[seg[1:] != seg[:-1], True]
+        js = np.flatnonzero(fw & (new_seg | ~np.r_[False, lw[:-1]]))
+        je = np.flatnonzero(lw & (end_seg | ~np.r_[fw[1:], False]))
+        Js, Ks = self._place(js, np.zeros(js.size, np.int64), self.ns, self.s_off, self.sk, tokens, True)
+        Je, Ke = self._place(je, tl[je], self.ne, self.e_off, self.ek, tokens, False)
+        assert Js.size == Je.size, (Js.size, Je.size)
+        with np.errstate(over="ignore"):
+            ps = Ptok[Js] + Bo[Js] * self.H[self.hoff[tokens[Js]] + Ks]
+            pe = Ptok[Je] + Bo[Je] * self.H[self.hoff[tokens[Je]] + Ke]
+            h = (pe - ps) * (Bio[Js] * self.ipw[Ks])
+            wlen = (offb[Je] + Ke) - (offb[Js] + Ks)
+            h += wlen.astype(np.uint64) * _WORD_SALT
+        _fmix(h)
+        b0 = self.folded[self.off[tokens[Js]] + Ks]
+        keep = ~((wlen == 1) & (b0 >= ord("a")) & (b0 <= ord("z")))
+        counts = np.bincount(seg[Js[keep]], minlength=S).astype(np.int64)
+        return h[keep], counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,11 +739,10 @@ def _runs(mask: np.ndarray) -> tuple[int, int]:
 
 
 def training_units(tokens: np.ndarray, lengths: np.ndarray, special_arr: np.ndarray, cfg: ContaminationConfig,
-                   tbytes: "TokenBytes | None"):
+                   tbytes: "TokenWords | None"):
     """(units, units per segment, bad positions or None) of a batch of training segments."""
     if cfg.method == "words":
-        b, sb = tbytes(tokens, lengths)
-        h, counts = words_of(fold_bytes(b), sb)
+        h, counts = tbytes(tokens, lengths)
         return h, counts, None
     bad = np.isin(tokens, special_arr) if special_arr.size else None
     return tokens, lengths, bad
@@ -659,7 +754,7 @@ def check(
     special: set[int],
     cfg: ContaminationConfig,
     progress: bool = False,
-    tbytes: "TokenBytes | None" = None,
+    tbytes: "TokenWords | None" = None,
 ) -> dict[int, dict]:
     """Per n: coverage (I,), longest span (I,), and for attribution the item windows and hit pairs."""
     from tqdm.auto import tqdm
@@ -683,13 +778,26 @@ def check(
         res[n] = {"size_item": size_item, "ih": cat(hs, np.uint64), "istart": cat(st, np.int64),
                   "iseg": cat(sg, np.int64), "isize": cat(sz, np.int64)}
         all_h.append(res[n]["ih"])
-    index = NgramIndex(np.concatenate(all_h))  # every n and window size in one index (the size is in the hash)
+    # one index per window size (the size is also in the hash), each with a prefilter table of about
+    # 32 bits per key (at most 2^27): a window is looked up only among the item windows of its size
+    all_ih = np.concatenate(all_h)
+    all_sz = np.concatenate([res[n]["isize"] for n in cfg.ngram_sizes])
+    inverse = np.empty(all_ih.size, dtype=np.int64)
+    indexes: dict[int, tuple[NgramIndex, int]] = {}
+    base = 0
+    for s in sorted(sizes):
+        sel = np.flatnonzero(all_sz == s)
+        bits = int(min(27, max(16, np.ceil(np.log2(max(sel.size, 1) * 32)))))
+        ix = NgramIndex(all_ih[sel], bits)
+        inverse[sel] = base + ix.inverse
+        indexes[s] = (ix, base)
+        base += ix.keys.size
     a = 0
     for n in cfg.ngram_sizes:
         b = a + res[n]["ih"].size
-        res[n]["wkey"] = index.inverse[a:b]
+        res[n]["wkey"] = inverse[a:b]
         a = b
-    found = np.zeros(index.keys.size, bool)
+    found = np.zeros(base, bool)
     pairs: list[np.ndarray] = []
     n_rows = pq.ParquetFile(train_file).metadata.num_rows
     pbar = tqdm(total=n_rows, desc="contamination", unit="row", disable=not progress)
@@ -698,11 +806,13 @@ def check(
         units, ulen, bad = training_units(tokens, lengths, spec_arr, cfg, tbytes)
         win = Windows(units, ulen, bad)
         for s in sorted(sizes):
-            h, _, seg = win.hashes(s)
-            pos, key = index.lookup(h)
+            ix, kbase = indexes[s]
+            pos, key = ix.lookup(win.all_hashes(s))  # validity checked on the hits only
+            ok = win.valid(pos, s)
+            pos, key = pos[ok], key[ok] + kbase
             if pos.size:
                 found[key] = True
-                rows = row0 + seg[pos] % m
+                rows = row0 + win.seg[pos] % m
                 pairs.append((key.astype(np.int64) << np.int64(32)) | rows.astype(np.int64))
         if sum(x.size for x in pairs) > 4_000_000:
             pairs = [_cap_pairs(np.concatenate(pairs), cfg.max_rows_per_ngram)]
@@ -820,7 +930,7 @@ def run(
         benches = load_benchmarks(list(benchmarks_dir))
     words = cfg.method == "words"
     items = _word_items(tok, benches) if words else _tokenize_items(tok, benches)
-    tbytes = TokenBytes(tok, special) if words else None
+    tbytes = TokenWords(tok, special) if words else None
     load_s = time.time() - t_load
     t_check = time.time()
     res = check(train_file, items, special, cfg, progress, tbytes)
