@@ -25,14 +25,20 @@ Prompt layout (the training layout of pipeline/stages/tokenize.py, PrefixLM sema
   are sorted by prompt length and batched (`batch_size`), decoded greedily with the KV cache
   (model.generate), stopping at [EOA], at any `until` string (checked on the decoded text; the text
   is cut before it), or after max_gen_toks tokens. A `condition` generation kwarg (a task's
-  generation_kwargs, e.g. the held-out tasks of evaluation.heldout) sets that request's condition token.
+  generation_kwargs, e.g. the held-out tasks of evaluation.heldout) sets that request's condition.
+  The paper's protocol (evaluation.paper, tasks written by evaluation.tasks.write_paper_tasks) adds
+  three kwargs, the reference engine's behaviour: `strip` (the context is stripped first),
+  `max_context` (prompt + answer fit in min(max_context, the model's max_seq_len) tokens: the answer
+  may use what the prompt leaves, capped by max_gen_toks when that is not None) and `overlong: empty`
+  (a prompt of max_context tokens or more is not cut but answered with "", counted in `overlong`).
 - loglikelihood_rolling(text): an empty instruction, [BOQ][condition][EOQ], and the text as the
   response, scored in disjoint windows of max_length - 3 tokens (each window a fresh sample).
 - tokenizer: the checkpoint's own (tokenizer.json beside its config.json) unless one is given; a given
   one must be the file the checkpoint records (sha256), or for checkpoints without that record have the
   model's vocabulary size (evaluation.locate.checkpoint_tokenizer).
-- condition: the condition token used in the prompt ("direct" by default; evaluation.run uses "cot"
-  for the chain-of-thought tasks).
+- condition: the condition of the prompt ("direct" by default; evaluation.run uses "cot" for the harness's
+  chain-of-thought tasks), a comma-separated tag list ("synth,cot"): one condition token per tag after
+  [BOQ], in the given order, as in training (pipeline.stages.tokenize, SpecialIds.condition_ids).
 """
 
 from __future__ import annotations
@@ -74,7 +80,9 @@ class HRMLM(LM):
         self.ids = special_ids(self.meta)
         self.condition = condition
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
-        self.max_length = min(int(max_length), int(self.model.cfg.max_seq_len))  # what training fed at most
+        self.model_max = int(self.model.cfg.max_seq_len)
+        self.max_length = min(int(max_length), self.model_max)  # what training fed at most
+        self.overlong = 0  # paper-protocol prompts answered "" for not fitting their context (see the docstring)
         self.max_gen_toks = int(max_gen_toks)
         self.use_cache = bool(use_cache)
         self.share_prompts = bool(share_prompts)
@@ -91,9 +99,9 @@ class HRMLM(LM):
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def prompt_ids(self, context: str, room: int = 0, condition: str | None = None) -> list[int]:
-        """[BOQ][condition] context [EOQ], the context cut from its start to leave `room` tokens
+        """[BOQ][condition tags] context [EOQ], the context cut from its start to leave `room` tokens
         (condition: self.condition unless given)."""
-        head = [self.ids.boq, self.ids.condition(condition or self.condition)]
+        head = [self.ids.boq, *self.ids.condition_ids(condition or self.condition)]
         ctx = self.encode(context)
         keep = max(self.max_length - room - len(head) - 1, 0)
         ctx = ctx[len(ctx) - keep :] if len(ctx) > keep else ctx
@@ -222,7 +230,7 @@ class HRMLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         self._quiet = disable_tqdm or not self.progress
-        head = [self.ids.boq, self.ids.condition(self.condition), self.ids.eoq]
+        head = [self.ids.boq, *self.ids.condition_ids(self.condition), self.ids.eoq]
         W = self.max_length - len(head)
         out = []
         for req in requests:
@@ -236,27 +244,45 @@ class HRMLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         self._quiet = disable_tqdm or not self.progress
-        reqs = []
+        reqs = []  # (prompt ids, until, tokens to generate at most) or None: overlong, answered ""
         for req in requests:
             context, kw = req.args
             kw = dict(kw or {})
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
-            reqs.append((self.prompt_ids(context, room=max_new, condition=kw.get("condition")), until, max_new))
-        # batch requests of equal settings, longest prompts first
-        order = sorted(range(len(reqs)), key=lambda i: (tuple(reqs[i][1]), reqs[i][2], -len(reqs[i][0])))
-        res: list = [None] * len(reqs)
+            if kw.get("strip"):
+                context = context.strip()
+            cap = kw.get("max_gen_toks", self.max_gen_toks)
+            if kw.get("max_context") is None:
+                max_new = int(cap if cap is not None else self.max_gen_toks)
+                reqs.append((self.prompt_ids(context, room=max_new, condition=kw.get("condition")), until, max_new))
+                continue
+            limit = min(int(kw["max_context"]), self.model_max)
+            ids = [self.ids.boq, *self.ids.condition_ids(kw.get("condition") or self.condition),
+                   *self.encode(context), self.ids.eoq]
+            if len(ids) >= limit:
+                if kw.get("overlong", "empty") != "empty":
+                    raise ValueError(f"hrm: overlong={kw.get('overlong')!r}: only 'empty' is known")
+                reqs.append(None)
+                self.overlong += 1
+                continue
+            budget = limit - len(ids)
+            reqs.append((ids, until, budget if cap is None else min(budget, int(cap))))
+        # batch requests with the same stop strings, longest prompts first; each row stops at its own budget
+        todo = [i for i, r in enumerate(reqs) if r is not None]
+        order = sorted(todo, key=lambda i: (tuple(reqs[i][1]), -len(reqs[i][0]), -reqs[i][2]))
+        res: list = ["" if r is None else None for r in reqs]
         s = 0
         bar = tqdm(total=len(reqs), desc="generate_until", unit="req", disable=self._quiet, leave=False)
+        bar.update(len(reqs) - len(todo))
         while s < len(order):
-            key = (tuple(reqs[order[s]][1]), reqs[order[s]][2])
+            key = tuple(reqs[order[s]][1])
             idx = [order[s]]
             while len(idx) < self.batch_size and s + len(idx) < len(order) and \
-                    (tuple(reqs[order[s + len(idx)]][1]), reqs[order[s + len(idx)]][2]) == key:
+                    tuple(reqs[order[s + len(idx)]][1]) == key:
                 idx.append(order[s + len(idx)])
             s += len(idx)
-            for i, text in zip(idx, self.generate_batch([reqs[i][0] for i in idx], list(key[0]), key[1])):
+            for i, text in zip(idx, self.generate_batch([reqs[i][0] for i in idx], list(key), [reqs[i][2] for i in idx])):
                 res[i] = text
             bar.update(len(idx))
         bar.close()
@@ -264,15 +290,20 @@ class HRMLM(LM):
             self.cache_hook.add_partial("generate_until", req.args, r)
         return res
 
-    def generate_batch(self, prompts: list[list[int]], until: list[str], max_new: int) -> list[str]:
-        """Greedy continuations of the prompts, cut before the first `until` string."""
+    def generate_batch(self, prompts: list[list[int]], until: list[str], max_new: int | list[int]) -> list[str]:
+        """Greedy continuations of the prompts, cut before the first `until` string; `max_new`: tokens
+        at most, one number for all rows or one per row."""
+        budgets = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
+
         def stop_fn(row: int, toks: list[int]) -> bool:
+            if len(toks) >= budgets[row]:
+                return True
             if not until:
                 return False
             tail = self.decode(toks[-32:])  # stop strings are short: only the tail needs a look
             return any(u in tail for u in until)
 
-        outs = generate(self.model, prompts, max_new, stop_token_ids=[self.ids.eoa], stop_fn=stop_fn,
+        outs = generate(self.model, prompts, max(budgets), stop_token_ids=[self.ids.eoa], stop_fn=stop_fn,
                         use_cache=self.use_cache, pad_id=self.ids.pad)
         texts = []
         for o in outs:

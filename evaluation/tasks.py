@@ -135,7 +135,10 @@ def _write(path: Path, obj: dict) -> None:
     text = re.sub(r"'!fn (\w+)'", rf"!function {_UTILS}.\1", text)
     path.write_text(text)
     names = ", ".join(n for n in globals() if n.startswith(("drop_", "hellaswag_", "math_", "heldout_")))
-    (path.parent / f"{_UTILS}.py").write_text(f"from evaluation.tasks import {names}  # noqa: F401\n")
+    from evaluation.paper import HOOKS
+
+    (path.parent / f"{_UTILS}.py").write_text(f"from evaluation.tasks import {names}  # noqa: F401\n"
+                                              f"from evaluation.paper import {', '.join(HOOKS)}  # noqa: F401\n")
 
 
 def _files(bench: Path, name: str, splits: list[str]) -> dict[str, str]:
@@ -266,3 +269,88 @@ def _split_mmlu(bench: Path, out: Path) -> list[str]:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text("".join(x + "\n" for x in lines))
     return sorted(s for s, p in by.items() if p["test"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's protocol (evaluation.paper): generative, prompts stripped, condition tags per task
+# ------------------------------------------------------------------------------------------------
+PROTOCOLS = ("harness", "paper")
+PAPER_TASK_PREFIX = "hrm_paper_"
+
+
+def result_key(task: str, protocol: str) -> str:
+    """The key of a task's entry in results.json: the harness's under the task's name (as before the
+    paper protocol existed), the paper's as `<task>_paper`; demo_heldout has one protocol, its own."""
+    return task if protocol != "paper" or task == HELDOUT_TASK else f"{task}_paper"
+
+
+def write_paper_tasks(benchmarks_dir: str | os.PathLike, out: str | os.PathLike, tasks: list[str],
+                      conditions: dict[str, str] | None = None,
+                      max_gen_toks: int | None = None) -> dict[str, str]:
+    """Write the paper-protocol task YAMLs (`hrm_paper_<task>`, MMLU a group of 57 subjects) into `out`;
+    returns {task: local task or group name}. `conditions`: the condition each task is prompted with
+    (default: the paper's, evaluation.paper.PAPER; evaluation.run passes the tags the checkpoint's
+    tokenizer has). `max_gen_toks`: a cap on generated tokens (None: up to the context, the reference)."""
+    from evaluation.paper import PAPER
+
+    bench, out = Path(benchmarks_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {}
+    local = {"dataset_path": "json", "dataset_name": None, "training_split": None}
+    for t in tasks:
+        if t not in PAPER:
+            raise ValueError(f"evaluation: no paper protocol for task {t!r}; known: {sorted(PAPER)}")
+        p = PAPER[t]
+        gen = {"until": [], "condition": (conditions or {}).get(t, p.condition), "max_context": p.max_context,
+               "strip": True, "overlong": "empty", "max_gen_toks": max_gen_toks}
+        common = {**local, "output_type": "generate_until", "generation_kwargs": gen,
+                  "fewshot_config": {"sampler": "first_n"}, "target_delimiter": " ", "fewshot_delimiter": "\n\n",
+                  "metadata": {"version": 1, "protocol": "paper"}}
+        em = [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]
+        mc = {"doc_to_text": "!fn paper_mc_text", "doc_to_target": "!fn paper_mc_target",
+              "process_results": "!fn paper_mc_process_results", "metric_list": em}
+        name = f"{PAPER_TASK_PREFIX}{t}"
+        if t == "arc_challenge":
+            _write(out / "paper" / f"{name}.yaml", {
+                "task": name, **common, **mc, "process_docs": "!fn paper_arc_process_docs",
+                "dataset_kwargs": {"data_files": _files(bench, "arc_challenge", ["validation", "test"])},
+                "test_split": "test", "fewshot_split": "validation"})
+        elif t == "hellaswag":
+            _write(out / "paper" / f"{name}.yaml", {
+                "task": name, **common, **mc, "process_docs": "!fn paper_hellaswag_process_docs",
+                "dataset_kwargs": {"data_files": _files(bench, "hellaswag", ["validation"])},
+                "test_split": "validation", "fewshot_split": "validation"})
+        elif t == "drop":
+            _write(out / "paper" / f"{name}.yaml", {
+                "task": name, **common, "process_docs": "!fn drop_process_docs",
+                "doc_to_text": "!fn paper_drop_text", "doc_to_target": "!fn paper_drop_target",
+                "process_results": "!fn paper_drop_process_results",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("em", "f1")],
+                "dataset_kwargs": {"data_files": _files(bench, "drop", ["validation_subset"])},
+                "test_split": "validation_subset", "fewshot_split": "validation_subset"})
+        elif t in ("gsm8k", "minerva_math"):
+            folder, kind = ("gsm8k", "gsm8k") if t == "gsm8k" else ("math", "math")
+            _write(out / "paper" / f"{name}.yaml", {
+                "task": name, **common, "process_docs": f"!fn paper_{kind}_process_docs",
+                "doc_to_text": f"!fn paper_{kind}_text", "doc_to_target": "!fn paper_gold_target",
+                "process_results": "!fn paper_boxed_process_results", "metric_list": em,
+                "dataset_kwargs": {"data_files": _files(bench, folder, ["test"])}, "test_split": "test"})
+        elif t == "mmlu":
+            subjects = _split_mmlu(bench, out / "data" / "mmlu")
+            subtasks = []
+            for s in subjects:
+                d = out / "data" / "mmlu" / s
+                _write(out / "paper" / "mmlu" / f"{name}_{s}.yaml", {
+                    "task": f"{name}_{s}", "task_alias": s, **common, **mc,
+                    "process_docs": "!fn paper_mmlu_process_docs",
+                    "description": f"The following are multiple choice questions (with answers) about "
+                                   f"{s.replace('_', ' ')}.\n\n",
+                    "dataset_kwargs": {"data_files": {"test": str(d / "test.jsonl"), "dev": str(d / "dev.jsonl")}},
+                    "test_split": "test", "fewshot_split": "dev"})
+                subtasks.append(f"{name}_{s}")
+            _write(out / "paper" / "mmlu" / f"{name}.yaml", {
+                "group": name, "task": subtasks,
+                "aggregate_metric_list": [{"metric": "exact_match", "weight_by_size": False}],  # macro average
+                "metadata": {"version": 1}})
+        names[t] = name
+    return names

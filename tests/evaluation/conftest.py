@@ -15,11 +15,12 @@ from pipeline.stages import tokenize
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, gsm8k_rows):
-    """tok/ (vocab 600) and ckpt/: a checkpoint as written before checkpoints carried their tokenizer."""
+    """tok/ (vocab 600; conditions direct, cot and synth: the paper's `synth,cot` prompts) and ckpt/: a
+    checkpoint as written before checkpoints carried their tokenizer."""
     d = tmp_path_factory.mktemp("eval")
     rows = gsm8k_rows(d / "rows.jsonl", 1500)
-    tokenize.run(rows, d / "tok", TokenizerConfig(vocab_size=600, sample_rows=1500), conditions=["direct", "cot"],
-                 seed=0, progress=False)
+    tokenize.run(rows, d / "tok", TokenizerConfig(vocab_size=600, sample_rows=1500),
+                 conditions=["direct", "cot", "synth"], seed=0, progress=False)
     meta = json.loads((d / "tok" / "tokenizer_meta.json").read_text())
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("debug", vocab_size=meta["vocab_size"], max_seq_len=512))

@@ -130,7 +130,7 @@ def test_limit_is_per_benchmark_and_labelled(trained, bench, tmp_path):
     assert {k: sorted(v) for k, v in scored.items()} == sample_items(sizes, 8)
     md = (tmp_path / "eval" / "results.md").read_text()
     assert md.splitlines()[0].startswith("# LIMITED") and "--limit 8" in md.splitlines()[0]
-    assert f"| mmlu | 1 | 8 of {e['n_total']} | acc,none |" in md
+    assert f"| mmlu | harness | 1 | direct | 8 of {e['n_total']} | acc,none |" in md
 
 
 def test_run_folder_is_enough(trained, bench, tmp_path, capsys):

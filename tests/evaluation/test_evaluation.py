@@ -56,29 +56,56 @@ def test_adapter_loglikelihood_matches_direct_computation(trained):
     assert lm.generate_until(g) == a and all("\n\n" not in x for x in a)
 
 
-def test_end_to_end_with_clean_subset(trained, shared, tmp_path):
-    import evaluation
+def test_end_to_end_both_protocols_with_clean_subset(trained, shared, tmp_path, capsys):
+    """`hrm eval --protocol both` on a debug checkpoint: each task under lm-eval's standard protocol and the
+    paper's, full and clean-subset scores for both, tables naming protocol, shots, condition and n."""
+    import json
+
+    from evaluation.run import main
 
     bench = shared / "data" / "benchmarks"
     # contamination items for the clean-subset scores (training rows: GSM8K train)
     C.run(trained / "tok", bench, tmp_path / "contam", C.ContaminationConfig(benchmarks=("gsm8k", "arc_challenge", "hellaswag", "drop")),
           progress=False)
-    res = evaluation.run(trained / "ckpt", trained / "tok", bench, tmp_path / "eval", tasks=["arc_challenge", "gsm8k", "hellaswag", "drop"],
-                         limit=6, contamination_items=tmp_path / "contam",
-                         num_fewshot={"arc_challenge": 2, "hellaswag": 1, "drop": 1},
-                         max_gen_toks=24)
+    assert main(["--checkpoint", str(trained / "ckpt"), "--tokenizer", str(trained / "tok"), "--benchmarks", str(bench),
+                 "--output", str(tmp_path / "eval"), "--tasks", "arc_challenge,gsm8k,hellaswag,drop", "--limit", "6",
+                 "--contamination", str(tmp_path / "contam"), "--fewshot", "arc_challenge=2", "--fewshot", "hellaswag=1",
+                 "--fewshot", "drop=1", "--max-gen-toks", "24", "--protocol", "both"]) == 0
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert res["protocol"] == "both"
+    assert list(res["tasks"]) == ["arc_challenge", "gsm8k", "hellaswag", "drop",
+                                  "arc_challenge_paper", "gsm8k_paper", "hellaswag_paper", "drop_paper"]
     arc, gsm = res["tasks"]["arc_challenge"], res["tasks"]["gsm8k"]
     assert 0.0 <= arc["full"]["acc,none"] <= 1.0 and 0.0 <= arc["full"]["acc_norm,none"] <= 1.0
     assert 0.0 <= gsm["full"]["exact_match,strict-match"] <= 1.0
     assert 0.0 <= res["tasks"]["hellaswag"]["full"]["acc_norm,none"] <= 1.0
     assert 0.0 <= res["tasks"]["drop"]["full"]["f1,none"] <= 1.0
-    for e in res["tasks"].values():
+    for key, e in res["tasks"].items():
         sub = next(iter(e["subtasks"].values()))
-        assert sub["unmatched_docs"] == 0 and sub["n_clean"] == 6  # every doc mapped back; all clean
-        assert e["n"] == 6 and e["limited"] and e["n_total"] > 6  # --limit: items per benchmark
-        assert e["clean"] == e["full"]
+        assert sub["unmatched_docs"] == 0 and sub["n_clean"] == 6, key  # every doc mapped back; all clean
+        assert e["n"] == 6 and e["limited"] and e["n_total"] > 6, key  # --limit: items per benchmark
+        assert e["clean"] == e["full"], key
+        assert e["protocol"] == ("paper" if key.endswith("_paper") else "harness")
     assert arc["full"]["acc,none"] == pytest.approx(arc["harness_results"]["acc,none"])
-    for f in ("results.json", "results.md", "lm_eval_arc_challenge.json", "samples_gsm8k.jsonl"):
+    # the paper's entries: generative metrics, its conditions (the tokenizer has synth), its shot counts
+    p = {t: res["tasks"][f"{t}_paper"] for t in ("arc_challenge", "gsm8k", "hellaswag", "drop")}
+    assert set(p["arc_challenge"]["full"]) == {"exact_match,none"} and set(p["drop"]["full"]) == {"em,none", "f1,none"}
+    assert p["gsm8k"]["condition"] == "synth,cot" and not p["gsm8k"]["condition_missing_tags"]
+    assert p["arc_challenge"]["condition"] == "direct" and p["arc_challenge"]["num_fewshot"] == 2
+    assert p["gsm8k"]["num_fewshot"] == 0 and p["gsm8k"]["context"] == 512  # the debug model's max_seq_len
+    samples = [json.loads(x) for x in (tmp_path / "eval" / "samples_gsm8k_paper.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(s["arguments"][0][1]["condition"] == "synth,cot" for s in samples)
+    assert all(s["arguments"][0][0] == s["doc"]["question"].strip() for s in samples)  # 0-shot: the question
+    arc_p = [json.loads(x) for x in (tmp_path / "eval" / "samples_arc_challenge_paper.jsonl").read_text().splitlines()]
+    prompt = arc_p[0]["arguments"][0][0]
+    assert prompt.count("\nAnswer:") == 3 and prompt.startswith("Question: ")  # 2 shots inside the instruction
+    empty = sum(1 for s in arc_p if s["resps"][0][0] == "")
+    assert p["arc_challenge"]["n_overlong"] <= empty
+    for f in ("results.json", "results.md", "lm_eval_arc_challenge.json", "samples_gsm8k.jsonl",
+              "lm_eval_gsm8k_paper.json"):
         assert (tmp_path / "eval" / f).exists()
     md = (tmp_path / "eval" / "results.md").read_text()
-    assert md.startswith("# LIMITED") and "| arc_challenge | 2 | 6 of 1172 | acc,none |" in md
+    assert md.startswith("# LIMITED") and "| arc_challenge | harness | 2 | direct | 6 of 1172 | acc,none |" in md
+    assert "| gsm8k | paper | 0 | synth,cot | 6 of 1319 | exact_match,none |" in md
+    assert "| drop | paper | 1 | direct | 6 of 1000 | f1,none |" in md
+    assert md in capsys.readouterr().out  # the CLI prints the same table

@@ -191,7 +191,8 @@ def test_hrm_eval_runs_the_heldout_task_without_benchmarks(trained, demo_contami
         assert ctx == s["doc"]["question"] and kw["condition"] == s["doc"]["condition"] and kw["max_gen_toks"] <= 12
         assert s["exact_match"] == float(H.score(s["resps"][0][0], s["doc"]["answer"]))
     md = (out / "results.md").read_text()
-    assert f"| {HELDOUT_TASK} | 0 | 10 of {e['n_total']} | exact_match,none |" in md
+    assert (f"| {HELDOUT_TASK} | own (training prompt) | 0 | per subtask (its source's) | 10 of {e['n_total']} | "
+            "exact_match,none |") in md
     err = capsys.readouterr().err
     assert "no benchmark files for mmlu" in err
 
