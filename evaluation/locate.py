@@ -265,7 +265,7 @@ def record_evaluation(run_dir: str | os.PathLike, results: dict, output_dir: str
         "tasks": list(results["tasks"]),
         "limit": results.get("limit"), "seed": results.get("seed"), "limited": results.get("limited", False),
         "n": {t: e.get("n") for t, e in results["tasks"].items()},
-        "online": results.get("online", False),
+        "online": results.get("online", False), "protocol": results.get("protocol", "harness"),
         "contamination": _rel(results["contamination"], run_dir) if results.get("contamination") else None,
         "output": _rel(out, run_dir), "results": _rel(out / "results.json", run_dir),
         "report": _rel(out / "results.md", run_dir),

@@ -113,7 +113,11 @@ class EvalSettings(BaseModel):
     limit: Optional[int] = Field(50, ge=1, description="items per benchmark (seeded sample); empty: all")
     fewshot: dict[str, int] = Field(default_factory=dict, description="few-shot overrides, e.g. {\"mmlu\": 0}")
     batch_size: int = Field(8, ge=1)
-    max_gen_toks: int = Field(256, ge=1, description="tokens generated at most per answer (generative tasks)")
+    max_gen_toks: int = Field(256, ge=1, description="tokens generated at most per answer (generative tasks; "
+                                                       "caps the paper protocol's answers too)")
+    protocol: Literal["harness", "paper", "both"] = Field(
+        "harness", description="harness: lm-eval's standard tasks; paper: the HRM-Text reference's generative "
+                               "protocol (evaluation.paper); both: each task under both")
     checkpoint: Literal["ema", "raw"] = Field(
         "raw", description="which export to score: raw (the last step's weights) or ema (the paper's EMA, decay "
                            "0.9999: meaningful after thousands of steps, near the initial weights after a short run)")
@@ -329,12 +333,12 @@ def evaluate_task(checkpoint: str, benchmarks: Optional[str], contamination: Opt
         shutil.rmtree(tmp, ignore_errors=True)
         res = run_eval(checkpoint, None, benchmarks, tmp, tasks=settings.tasks, limit=settings.limit,
                        contamination_items=contamination, num_fewshot=settings.fewshot or None,
-                       batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
+                       batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks, protocol=settings.protocol)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     create_markdown_artifact(table(res), key=artifact_key("scores", run_label),
-                             description=f"scores of {checkpoint}, full vs clean ({out})")
+                             description=f"scores of {checkpoint}, full vs clean, protocol {settings.protocol} ({out})")
     return {"path": str(out.resolve()), "key": key, "version": key[:16], "results": str(done.resolve()),
             "tasks": list(res.get("tasks", {})), "limit": res.get("limit"), "limited": res.get("limited", False),
             "n": {t: e.get("n") for t, e in res.get("tasks", {}).items()}}

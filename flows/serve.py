@@ -59,7 +59,7 @@ def evaluate_flow(checkpoint: str, output_dir: str, benchmarks: Optional[str] = 
 
     res = run_eval(checkpoint, None, benchmarks, output_dir, tasks=settings.tasks, limit=settings.limit,
                    contamination_items=contamination, num_fewshot=settings.fewshot or None,
-                   batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks)
+                   batch_size=settings.batch_size, max_gen_toks=settings.max_gen_toks, protocol=settings.protocol)
     create_markdown_artifact(table(res), key=artifact_key("scores", Path(output_dir).resolve().name,
                                                           sha256_json(str(Path(output_dir).resolve()))[:8]),
                              description=f"scores of {checkpoint} ({Path(output_dir).resolve()})")

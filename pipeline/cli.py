@@ -138,7 +138,7 @@ def cmd_pipeline(args) -> int:
                           hostfile=args.hostfile, master_addr=args.master_addr, master_port=args.master_port,
                           node_rank=args.node_rank, extra_args=args.train_arg)
     evaluation = EvalSettings(tasks=args.tasks.split(",") if args.tasks else None, limit=args.limit or None,
-                              checkpoint=args.checkpoint, max_gen_toks=args.max_gen_toks)
+                              checkpoint=args.checkpoint, max_gen_toks=args.max_gen_toks, protocol=args.protocol)
     quiet_user_errors_on_console()
     res = pipeline(spec=str(args.spec), output_dir=args.output, overrides=args.set, from_stage=args.from_stage,
                    only=args.only, refresh=args.refresh, stop_after=args.stop_after, benchmarks=args.benchmarks,
@@ -460,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--tasks", default=None, help="comma-separated eval tasks (default: demo_heldout + given files)")
     pp.add_argument("--checkpoint", choices=["raw", "ema"], default="raw", help="export to evaluate")
     pp.add_argument("--max-gen-toks", type=int, default=256)
+    pp.add_argument("--protocol", choices=["harness", "paper", "both"], default="harness",
+                    help="evaluation protocol: lm-eval's standard tasks (default), the HRM-Text paper's generative "
+                         "one, or both side by side (see hrm eval -h)")
     pp.add_argument("--no-progress", action="store_true")
     pp.set_defaults(fn=cmd_pipeline)
 

@@ -233,6 +233,9 @@ def _step_of(name: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
+_PROTOCOL = {"harness": "harness", "paper": "paper", "heldout": "own (training prompt)"}  # evaluation.run
+
+
 def _evaluations(run_dir: Path, run: dict) -> list[dict]:
     out = []
     for rec in run.get("evaluations") or []:
@@ -243,8 +246,14 @@ def _evaluations(run_dir: Path, run: dict) -> list[dict]:
         tasks = []
         for t, e in ((res or {}).get("tasks") or {}).items():
             full, clean = e.get("full") or {}, e.get("clean")
+            ex = e.get("fewshot_exceptions") or {}
+            shots = f"{e.get('num_fewshot')}" + (f" ({', '.join(f'{k} {v}' for k, v in sorted(ex.items()))})"
+                                                 if ex else "")
+            proto = e.get("protocol", "harness")
             for metric in sorted(full):
-                tasks.append({"task": t, "metric": metric, "num_fewshot": e.get("num_fewshot"),
+                tasks.append({"task": t, "name": e.get("task", t), "metric": metric,
+                              "num_fewshot": e.get("num_fewshot"), "shots": shots,
+                              "protocol": _PROTOCOL.get(proto, proto), "condition": e.get("condition"),
                               "full": full[metric], "clean": None if clean is None else clean.get(metric),
                               "n": e.get("n"), "n_total": e.get("n_total"), "n_clean": e.get("n_clean"),
                               "limited": bool(e.get("limited"))})
@@ -983,7 +992,10 @@ def _scores(rep: dict) -> str:
             n = (f'{num(r["n"])} of {num(r["n_total"])}' if r.get("limited") else num(r.get("n")))
             first = i == 0 or ev["rows"][i - 1]["task"] != r["task"]
             span = f' rowspan="{per_task[r["task"]]}"'
-            lead = (f'<td{span}><b>{e(r["task"])}</b></td><td class="num"{span}>{num(r.get("num_fewshot"))}</td>'
+            lead = (f'<td{span}><b>{e(r.get("name", r["task"]))}</b></td>'
+                    f'<td{span}>{e(r.get("protocol", "harness"))}</td>'
+                    f'<td class="num"{span}>{e(r.get("shots", r.get("num_fewshot")))}</td>'
+                    f'<td{span}>{e(r.get("condition") or "")}</td>'
                     f'<td class="num n"{span} data-value="{_dv(r.get("n"))}">{n}'
                     + (' <span class="badge limited">LIMITED</span>' if r.get("limited") else "") + "</td>"
                     if first else "")
@@ -992,11 +1004,14 @@ def _scores(rep: dict) -> str:
                         + f'<td>{e(r["metric"])}</td><td class="num full">{_pct(r["full"])}</td>'
                         f'<td class="num clean">{_pct(r.get("clean"))}</td>'
                         f'<td class="num">{num(r.get("n_clean")) if r.get("clean") is not None else ""}</td></tr>')
-        body.append(head + '<table class="scores"><thead><tr><th>task</th><th class="num">shots</th><th class="num">n</th>'
+        body.append(head + '<table class="scores"><thead><tr><th>task</th><th>protocol</th><th class="num">shots</th>'
+                    '<th>condition</th><th class="num">n</th>'
                     '<th>metric</th><th class="num">full</th><th class="num">clean</th><th class="num">clean n</th></tr>'
                     "</thead><tbody>" + "".join(rows) + "</tbody></table>")
     return _section("scores", "Scores: full vs clean", "Scores in percent on every item scored (full) and on "
-                    "the items the contamination check bucketed clean; n is the items scored per task.", "".join(body))
+                    "the items the contamination check bucketed clean; n is the items scored per task; protocol: "
+                    "lm-eval's standard task (harness) or the HRM-Text paper's generative one (paper), with its shot "
+                    "count and condition.", "".join(body))
 
 
 def _pct(x: float | None) -> str:
