@@ -60,7 +60,7 @@ class AblationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     preset: Literal["debug", "cpu-small", "B", "L", "XL", "XXL"] = "cpu-small"
-    budget_tokens: int = Field(262_144, ge=1, description="training tokens (packed positions) of each rung "
+    budget_tokens: int = Field(131_072, ge=1, description="training tokens (packed positions) of each rung "
                                                            "(the HRM's when match=flops)")
     budget_flops: Optional[float] = Field(None, gt=0, description="instead: training FLOPs of each rung "
                                                                    "(each trains as many steps as fit)")
@@ -69,7 +69,7 @@ class AblationSettings(BaseModel):
                                               "tokens, to the HRM's FLOPs")
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(6e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(12, ge=0)
     seed: int = 1234
     engine: Literal["deepspeed", "torch"] = "deepspeed"
@@ -86,7 +86,7 @@ class AblationSettings(BaseModel):
 # Named presets: the CPU default (this 2-core machine, < 20 min on the demo), a GPU run, and the
 # tests' tiny one.
 ABLATION_PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(settings=dict(preset="cpu-small", budget_tokens=262_144, micro_batch_size=4, lr=6e-4,
+    "cpu": dict(settings=dict(preset="cpu-small", budget_tokens=131_072, micro_batch_size=4, lr=1e-3,
                               warmup_steps=12),
                 evaluation=dict(limit=100, max_gen_toks=96, batch_size=16, checkpoint="raw")),
     "gpu": dict(settings=dict(preset="B", budget_tokens=2_000_000_000, micro_batch_size=16, grad_accum=8,
@@ -156,7 +156,9 @@ def plan_rungs(pack_dir: str, s: AblationSettings) -> dict[str, dict]:
     steps: dict[str, int] = {}
     if s.budget_flops:
         for r, c in cfgs.items():
-            steps[r] = max(1, int(s.budget_flops // flops_per_step(c, s, seq_len, base_steps)))
+            n = max(1, int(s.budget_flops // flops_per_step(c, s, seq_len, base_steps)))
+            # the HRM's FLOPs per step follow its bp warmup over the run's own length: refine once
+            steps[r] = max(1, int(s.budget_flops // flops_per_step(c, s, seq_len, n)))
     elif s.match == "flops":
         hrm = _model_cfg("hrm", s, vocab, seq_len)
         target = base_steps * flops_per_step(hrm, s, seq_len, base_steps)
