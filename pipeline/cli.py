@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "in <run>/ablation")
     ab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec setting")
     ab.add_argument("--preset", default="cpu", choices=["cpu", "gpu", "tiny"],
-                    help="cpu: the 2-core default (cpu-small model, 262,144 tokens a rung); gpu: a real run "
+                    help="cpu: the 2-core default (cpu-small model, 131,072 tokens a rung); gpu: a real run "
                          "(model B, 2e9 tokens); tiny: the tests'")
     ab.add_argument("--budget", type=int, default=None, metavar="TOKENS",
                     help="training tokens of each rung (the HRM's with --match flops)")
