@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import io
+from pipeline import budget, io
 from pipeline.config import PackConfig
 from pipeline.schema import REMOVAL_SCHEMA
 
@@ -98,7 +98,7 @@ def read_shard(path: str | os.PathLike) -> pa.Table:
 
 def _flat(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list<int32> column, offsets starting at 0."""
-    arr = col.combine_chunks()
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     offsets = arr.offsets.to_numpy().astype(np.int64)
     values = arr.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
     return values.astype(np.int32, copy=False), offsets - offsets[0]
@@ -114,13 +114,16 @@ def _list(lengths: list[int], values: pa.Array) -> pa.Array:
 
 
 class _ShardWriter:
-    """Collects packed sequences and writes a shard every `rows_per_shard` of them."""
+    """Collects packed sequences and writes a shard every `rows_per_shard` of them. Samples are held as
+    row indices of the tokenized file; their ids are taken from `ids` (the id column) at the flush."""
 
-    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int):
+    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, ids: pa.Array,
+                 source_names: list[str]):
         self.out, self.seq_len, self.pad = out, seq_len, pad_id
         self.rows_per_shard = rows_per_shard
         self.schema = pack_schema(seq_len, pad_id)
         self.records: list[tuple[str, dict]] = []
+        self.all_ids, self.source_names = ids, source_names
         self._reset()
 
     def _reset(self) -> None:
@@ -128,23 +131,24 @@ class _ShardWriter:
         self.starts: list[int] = []
         self.lens: list[int] = []
         self.plens: list[int] = []
-        self.ids: list[str] = []
+        self.rows: list[int] = []
         self.per_row: list[int] = []
         self.epochs: list[int] = []
         self.sources: dict[str, int] = {}
         self.answer = 0
         self.truncated = 0
 
-    def add(self, seq: np.ndarray, starts, lens, plens, ids, srcs, epoch: int, truncated: int) -> None:
+    def add(self, seq: np.ndarray, starts, lens, plens, rows, srcs, epoch: int, truncated: int) -> None:
         self.tokens.append(seq)
         self.starts += starts
         self.lens += lens
         self.plens += plens
-        self.ids += ids
+        self.rows += rows
         self.per_row.append(len(starts))
         self.epochs.append(epoch)
         for s in srcs:
-            self.sources[s] = self.sources.get(s, 0) + 1
+            name = self.source_names[s]
+            self.sources[name] = self.sources.get(name, 0) + 1
         self.answer += sum(lens) - sum(plens)
         self.truncated += truncated
         if len(self.tokens) >= self.rows_per_shard:
@@ -157,13 +161,14 @@ class _ShardWriter:
         rows = len(self.tokens)
         flat = np.concatenate(self.tokens).astype(np.int32, copy=False)
         assert flat.shape == (rows * self.seq_len,)
+        ids = pa.array(self.all_ids.take(pa.array(np.asarray(self.rows, dtype=np.int64))).to_pylist(), pa.string())
         table = pa.Table.from_arrays(
             [
                 pa.FixedSizeListArray.from_arrays(pa.array(flat), self.seq_len),
                 _list(self.per_row, pa.array(np.asarray(self.starts, dtype=np.int32))),
                 _list(self.per_row, pa.array(np.asarray(self.lens, dtype=np.int32))),
                 _list(self.per_row, pa.array(np.asarray(self.plens, dtype=np.int32))),
-                _list(self.per_row, pa.array(self.ids, pa.string())),
+                _list(self.per_row, ids),
                 pa.array(np.asarray(self.epochs, dtype=np.int32)),
             ],
             schema=self.schema,
@@ -194,12 +199,101 @@ class _ShardWriter:
         self._reset()
 
 
-def _read_columns(path: Path, cols: list[str]) -> pa.Table:
+def _check_columns(path: Path, cols: list[str]) -> None:
     schema = pq.read_schema(path)
     missing = [c for c in cols if c not in schema.names]
     if missing:
         raise ValueError(f"pack: {path}: missing column(s) {missing}; found {schema.names}")
-    return pq.read_table(path, columns=cols)
+
+
+class _RowKeys:
+    """The per-row keys of the tokenized rows, read row group by row group (the token lists themselves go
+    to two flat int32 files, prompts and responses, from which the packer gathers them in batches).
+
+    Held per row: prompt and response lengths (int64 each), the row's offsets into the two token files
+    (int64 each), a source code (int32) and the id (an Arrow string: its bytes + 4). That is about
+    36 bytes + the id per row, whatever the lengths of the texts."""
+
+    def __init__(self, tok_file: Path, spill: Path, eoa: int, batch_rows: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        pf = pq.ParquetFile(tok_file, pre_buffer=False)
+        n = pf.metadata.num_rows
+        self.prompt_file, self.response_file = spill.with_suffix(".prompts"), spill.with_suffix(".responses")
+        P, R, ids, src = [], [], [], []
+        self.source_names: list[str] = []
+        code: dict[str, int] = {}
+        first_bad, n_bad = None, 0
+        bar = tqdm(total=n, desc="pack read", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
+        with open(self.prompt_file, "wb") as fp, open(self.response_file, "wb") as fr:
+            for b in pf.iter_batches(batch_size=batch_rows, columns=["id", "source", "prompt_ids", "response_ids"],
+                                     use_threads=False):
+                p_vals, p_off = _flat(b.column("prompt_ids"))
+                r_vals, r_off = _flat(b.column("response_ids"))
+                p_vals.tofile(fp)
+                r_vals.tofile(fr)
+                p_len, r_len = np.diff(p_off), np.diff(r_off)
+                last = r_vals[np.maximum(r_off[1:] - 1, 0)] if len(r_vals) else np.zeros(len(r_len), np.int32)
+                bad = np.flatnonzero((r_len == 0) | (last != eoa))
+                if len(bad):
+                    if first_bad is None:
+                        first_bad = b.column("id")[int(bad[0])].as_py()
+                    n_bad += len(bad)
+                P.append(p_len)
+                R.append(r_len)
+                ids.append(b.column("id"))
+                sources = b.column("source")
+                uniq = pc.unique(sources).to_pylist()
+                for s in uniq:
+                    if s not in code:
+                        code[s] = len(self.source_names)
+                        self.source_names.append(s)
+                idx = pc.index_in(sources, value_set=pa.array(uniq, sources.type)).to_numpy(zero_copy_only=False)
+                src.append(np.asarray([code[s] for s in uniq], dtype=np.int32)[idx])
+                bar.update(b.num_rows)
+        bar.close()
+        if first_bad is not None:
+            raise ValueError(
+                f"pack: {tok_file}: row {first_bad!r} (and {n_bad - 1} more): response_ids "
+                f"must end with <|eoa|> (id {eoa})"
+            )
+        cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
+        self.P, self.R = cat(P, np.int64), cat(R, np.int64)
+        self.src = cat(src, np.int32)
+        self.p_off = np.zeros(len(self.P) + 1, np.int64)
+        np.cumsum(self.P, out=self.p_off[1:])
+        self.r_off = np.zeros(len(self.R) + 1, np.int64)
+        np.cumsum(self.R, out=self.r_off[1:])
+        self.ids = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
+
+    def gather(self, rows: np.ndarray, keep_r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The prompts and kept responses of `rows` (in that order): (prompt values, prompt offsets,
+        response values, response offsets), offsets local to the batch. The token files are mapped for
+        the gather only (their pages leave the process with the mapping)."""
+        pv, po = _take(self.prompt_file, self.p_off[rows], self.P[rows])
+        rv, ro = _take(self.response_file, self.r_off[rows], keep_r[rows])
+        return pv, po, rv, ro
+
+    def close(self) -> None:
+        for f in (self.prompt_file, self.response_file):
+            if f.exists():
+                f.unlink()
+
+
+def _take(path: Path, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values [start, start+length) of each range of an int32 file, concatenated; with their offsets."""
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    total = int(off[-1])
+    if total == 0:
+        return np.zeros(0, np.int32), off
+    idx = np.repeat(starts - off[:-1], lengths) + np.arange(total, dtype=np.int64)
+    mm = np.memmap(path, dtype=np.int32, mode="r")
+    try:
+        vals = np.asarray(mm[idx])
+    finally:
+        del mm
+    return vals, off
 
 
 def _sum_sources(recs: list[dict]) -> dict[str, int]:
@@ -216,9 +310,18 @@ def run(
     output_dir: str | os.PathLike,
     cfg: PackConfig,
     *,
-    progress: bool = True, versioned: bool = False, force: bool = False,
+    progress: bool = True, versioned: bool = False, force: bool = False, memory_gb: float | None = None,
 ) -> dict:
-    """Pack the mixed samples into fixed-length sequences; return the stage manifest."""
+    """Pack the mixed samples into fixed-length sequences; return the stage manifest.
+
+    Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
+    fingerprint): the tokenized rows are read row group by row group into per-row keys (`_RowKeys`:
+    lengths, offsets, source code, id) while their tokens go to two flat files in the output folder
+    (removed at the end); the mix order needs every sample's row, so the mix's (epoch, order, id)
+    columns are read whole and turned into two int64 arrays (row, epoch: 16 bytes per sample). The
+    samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
+    files, each sample copied into its open sequence as it is placed (at most `open_bins` sequences
+    of seq_len tokens are open), and the shards written as they fill."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -245,23 +348,24 @@ def run(
     pad, eoa = int(meta["pad_id"]), int(meta["eoa_id"])
     seq_len, min_resp = cfg.seq_len, cfg.min_response_tokens
 
-    tok = _read_columns(tok_file, ["id", "source", "prompt_ids", "response_ids"])
-    mix = _read_columns(mix_file, ["epoch", "order", "id"])
-    mix = mix.sort_by([("epoch", "ascending"), ("order", "ascending")])
+    _check_columns(tok_file, ["id", "source", "prompt_ids", "response_ids"])
+    _check_columns(mix_file, ["epoch", "order", "id"])
+    # a tokenized row costs its token lists (about seq_len / 2 tokens of 4 bytes, at most) a few times over
+    read_rows = budget.batch_rows(memory_gb, row_bytes=4 * 3 * max(64, seq_len // 2))
+    keys = _RowKeys(tok_file, out / ".pack-spill", eoa, read_rows, progress)
+    try:
+        return _pack(keys, tok_file, mix_file, meta_file, out, cfg, fp, params, inputs, pad, seq_len, min_resp,
+                     open_bins, read_rows, progress, t0, tqdm)
+    finally:
+        keys.close()
+
+
+def _pack(keys: _RowKeys, tok_file, mix_file, meta_file, out: Path, cfg: PackConfig, fp, params, inputs, pad: int,
+          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, t0: float, tqdm) -> dict:
+    P, R = keys.P, keys.R
+    n_rows = len(P)
 
     # rows: lengths and fate
-    p_vals, p_off = _flat(tok["prompt_ids"])
-    r_vals, r_off = _flat(tok["response_ids"])
-    P = np.diff(p_off)
-    R = np.diff(r_off)
-    n_rows = len(P)
-    last = r_vals[np.maximum(r_off[1:] - 1, 0)]
-    bad = np.flatnonzero((R == 0) | (last != eoa))
-    if len(bad):
-        raise ValueError(
-            f"pack: {tok_file}: row {tok['id'][int(bad[0])].as_py()!r} (and {len(bad) - 1} more): response_ids "
-            f"must end with <|eoa|> (id {eoa})"
-        )
     resp_text = R - 1
     short = resp_text < min_resp
     too_long = ~short & (P >= seq_len - min_resp)
@@ -270,7 +374,9 @@ def run(
     truncated = keep_r < R
 
     # samples, in mix order
-    j_of = pc.index_in(mix["id"], value_set=tok["id"])
+    mix = pq.read_table(mix_file, columns=["epoch", "order", "id"])
+    mix = mix.sort_by([("epoch", "ascending"), ("order", "ascending")])
+    j_of = pc.index_in(mix["id"], value_set=keys.ids)
     if j_of.null_count:
         miss = mix.filter(pc.is_null(j_of))["id"]
         raise ValueError(
@@ -279,70 +385,77 @@ def run(
         )
     J = j_of.to_numpy(zero_copy_only=False).astype(np.int64)
     EP = mix["epoch"].to_numpy().astype(np.int64)
+    del mix, j_of
     dropped = short | too_long
-    ids_list = tok["id"].to_pylist()
-    src_list = tok["source"].to_pylist()
     keep_mask = ~dropped[J]
     kept_lengths = L[J[keep_mask]]
     min_len = int(kept_lengths.min()) if len(kept_lengths) else seq_len
+    del kept_lengths
 
-    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len))
+    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), keys.ids, keys.source_names)
 
-    def emit(rows: list[int], epoch: int) -> None:
-        seq = np.full(seq_len, pad, dtype=np.int32)
-        pos = 0
-        starts, lens, plens = [], [], []
-        for j in rows:
-            p0, p1 = p_off[j], p_off[j + 1]
-            seq[pos : pos + p1 - p0] = p_vals[p0:p1]
-            r0 = r_off[j]
-            k = int(keep_r[j])
-            seq[pos + p1 - p0 : pos + p1 - p0 + k] = r_vals[r0 : r0 + k]
-            starts.append(pos)
-            lens.append(int(L[j]))
-            plens.append(int(P[j]))
-            pos += int(L[j])
-        assert pos <= seq_len
-        writer.add(
-            seq,
-            starts,
-            lens,
-            plens,
-            [ids_list[j] for j in rows],
-            [src_list[j] for j in rows],
-            epoch,
-            int(sum(truncated[j] for j in rows)),
-        )
+    class _Bin:  # an open sequence: its tokens so far and its samples
+        __slots__ = ("seq", "pos", "starts", "lens", "plens", "rows", "trunc")
 
-    bins: list[list[int]] = []
+        def __init__(self):
+            self.seq = np.full(seq_len, pad, dtype=np.int32)
+            self.pos = 0
+            self.starts, self.lens, self.plens, self.rows = [], [], [], []
+            self.trunc = 0
+
+    def emit(b: _Bin, epoch: int) -> None:
+        assert b.pos <= seq_len
+        writer.add(b.seq, b.starts, b.lens, b.plens, b.rows, [int(src[j]) for j in b.rows], epoch, b.trunc)
+
+    src = keys.src
+    bins: list[_Bin] = []
     free: list[int] = []
     cur_epoch = None
     Lp = L.tolist()
-    dropped_l = dropped.tolist()
-    for i in tqdm(range(len(J)), desc="pack", unit="sample", disable=not progress, mininterval=1.0):
-        j = int(J[i])
-        e = int(EP[i])
-        if e != cur_epoch:
-            for b in bins:
-                emit(b, cur_epoch)
-            bins, free, cur_epoch = [], [], e
-        if dropped_l[j]:
-            continue
-        need = Lp[j]
-        for k, f in enumerate(free):
-            if f >= need:
-                bins[k].append(j)
-                free[k] = f - need
-                break
-        else:
-            if len(bins) >= open_bins:
+    Pp = P.tolist()
+    truncated_l = truncated.tolist()
+    bar = tqdm(total=len(J), desc="pack", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
+    for i0 in range(0, len(J), batch):
+        Jb = J[i0 : i0 + batch]
+        kb = keep_mask[i0 : i0 + batch]
+        pv, po, rv, ro = keys.gather(Jb[kb], keep_r)
+        k = 0  # the next kept sample of the batch
+        for j, e, kept in zip(Jb.tolist(), EP[i0 : i0 + batch].tolist(), kb.tolist()):
+            if e != cur_epoch:
+                for b in bins:
+                    emit(b, cur_epoch)
+                bins, free, cur_epoch = [], [], e
+            if not kept:
+                continue
+            need = Lp[j]
+            for q, f in enumerate(free):
+                if f >= need:
+                    b = bins[q]
+                    free[q] = f - need
+                    break
+            else:
+                if len(bins) >= open_bins:
+                    emit(bins.pop(0), cur_epoch)
+                    free.pop(0)
+                b = _Bin()
+                bins.append(b)
+                free.append(seq_len - need)
+            p = Pp[j]
+            pos = b.pos
+            b.seq[pos : pos + p] = pv[po[k] : po[k + 1]]
+            b.seq[pos + p : pos + need] = rv[ro[k] : ro[k + 1]]
+            b.starts.append(pos)
+            b.lens.append(need)
+            b.plens.append(p)
+            b.rows.append(j)
+            b.trunc += truncated_l[j]
+            b.pos = pos + need
+            k += 1
+            while bins and free[0] < min_len:
                 emit(bins.pop(0), cur_epoch)
                 free.pop(0)
-            bins.append([j])
-            free.append(seq_len - need)
-        while bins and free[0] < min_len:
-            emit(bins.pop(0), cur_epoch)
-            free.pop(0)
+        bar.update(len(Jb))
+    bar.close()
     for b in bins:
         emit(b, cur_epoch)
     writer.flush()
@@ -363,8 +476,8 @@ def run(
         detail += f"; {int(occ[j])} occurrence(s) in the mix"
         removals.append(
             {
-                "id": ids_list[j],
-                "source": src_list[j],
+                "id": keys.ids[int(j)].as_py(),
+                "source": keys.source_names[int(src[j])],
                 "stage": STAGE,
                 "reason": reason,
                 "detail": detail,
