@@ -10,8 +10,12 @@ Few-shot (`PAPER_FEWSHOT`, the paper's settings): MMLU 5, ARC-C 25, HellaSwag 10
 MATH 0. Few-shot examples come from: MMLU dev (first 5 of the subject, harness `first_n`), ARC-C
 validation, HellaSwag validation and DROP validation_subset (random, the evaluated item excluded by the
 harness when the few-shot split is the evaluated split). GSM8K and MATH keep the harness prompts
-("Question: ...\\nAnswer:" and Minerva's "Problem: ...\\nSolution:") at 0 shots; the paper's CoT
-prompt with the answer in \\boxed{} is a different prompt (not reproduced here).
+("Question: ...\\nAnswer:" and Minerva's "Problem: ...\\nSolution:") at 0 shots.
+
+The paper's protocol (`write_paper_tasks`, hooks in evaluation.paper) is a second set of local tasks,
+`hrm_paper_<name>` (MMLU: 57 subjects grouped as `hrm_paper_mmlu`, macro average): generative, the
+few-shot examples inside the instruction (first_n), generation kwargs naming the condition tags, the
+context and the stripping the `hrm` model applies (evaluation.lm), answers scored by evaluation.paper.
 
 The seventh task, `demo_heldout` (evaluation.heldout), is always local: problems of the demo's
 generators that are never training data, read from `<benchmarks_dir>/demo_heldout/test.jsonl` when the
