@@ -41,11 +41,11 @@ def _fmt(v: float) -> str:
 
 
 def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str, xlabel: str,
-               ylabel: str, *, xticklabels: Sequence[str] | None = None, width: int = 560, height: int = 320,
+               ylabel: str, *, xticklabels: Sequence[str] | None = None, width: int = 660, height: int = 320,
                ylim: tuple[float, float] | None = None) -> str:
     """An SVG line chart; series = [(label, xs, ys)]. xticklabels: names for x = 0, 1, 2, ..."""
     pts = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-    L, R, T, B = 60, 150, 30, 45
+    L, R, T, B = 60, 200, 30, 45
     w, h = width - L - R, height - T - B
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="11">',
@@ -96,13 +96,13 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], t
 
 
 def bar_chart(groups: Sequence[str], series: Sequence[tuple[str, Sequence[float | None]]], title: str,
-              ylabel: str, *, width: int = 560, height: int = 300) -> str:
+              ylabel: str, *, width: int = 660, height: int = 300) -> str:
     """Grouped bars: one group per entry of `groups`, one bar per series."""
-    L, R, T, B = 60, 150, 30, 60
+    L, R, T, B = 60, 200, 30, 60
     w, h = width - L - R, height - T - B
     vals = [v for _, vs in series for v in vs if v is not None and math.isfinite(v)]
-    y1 = max(vals + [1e-9])
-    y1 = y1 * 1.1
+    top = max(vals + [0.0])
+    y1 = top * 1.1 if top > 0 else 1.0  # all zeros (e.g. no item solved): a 0..1 axis
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="11">',
              f'<text x="{L + w / 2}" y="16" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
@@ -219,23 +219,25 @@ def plots(summary: dict) -> dict[str, str]:
         if not states:
             continue
         x = list(range(len(states)))
+        f = next((f for f in (1, 10, 100, 1000) if max(lens["kl"]) / f <= 1.0), 10000)  # KL drawn on the 0..1 axis
+        kl_label = "KL(final || state)" + (f" / {f}" if f > 1 else "")
         out[f"lens_{r['name']}"] = line_chart(
-            [("p(final prediction)", x, lens["p_final"]), ("KL(final || state) / 10", x, [k / 10 for k in lens["kl"]])],
-            f"logit lens: {r['title']}", "state (module call / layer)", "probability, KL/10 (nats)",
-            xticklabels=states)
-    ent = [(r["title"], r.get("attention_entropy") or {}) for r in rungs]
-    ent_series = []
-    labels: list[str] = []
-    for title, e in ent:
-        for part in ("prompt", "answer"):
-            vals = e.get(part)
-            if vals:
-                ent_series.append((f"{title} ({part})", list(range(len(vals))), vals))
-                labels = e["states"] if len(e["states"]) > len(labels) else labels
-    if ent_series:
-        out["attention_entropy"] = line_chart(ent_series, "attention entropy per layer / module call",
-                                              "layer (Transformer) / module call.layer (HRM)", "mean entropy (nats)",
-                                              width=760, xticklabels=labels)
+            [("p(final prediction)", x, lens["p_final"]), (kl_label, x, [k / f for k in lens["kl"]])],
+            f"logit lens: {r['title']}", "state (module call / layer)", "probability; " + kl_label + " (nats)",
+            xticklabels=states, ylim=(0.0, 1.0))
+    for arch, what in (("transformer", "Transformer rungs: causal vs PrefixLM, per layer"),
+                       ("hrm", "HRM: per module call and layer")):
+        series, labels = [], []
+        for r in rungs:
+            e = r.get("attention_entropy") or {}
+            if r["arch"] != arch or not e.get("states"):
+                continue
+            labels = e["states"]
+            for part in ("prompt", "answer"):
+                series.append((f"{r['short']} ({r['mask']}, {part} queries)", list(range(len(e[part]))), e[part]))
+        if series:
+            out[f"attention_entropy_{arch}"] = line_chart(series, f"attention entropy: {what}", "state",
+                                                          "mean entropy (nats)", width=860, xticklabels=labels)
     return out
 
 
