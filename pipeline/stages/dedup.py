@@ -76,7 +76,7 @@ from ..io import (
     write_parquet,
 )
 from .. import budget
-from ..rows import RowReader
+from ..rows import RowReader, _IdSet
 from ..schema import REMOVAL_SCHEMA
 
 STAGE = "dedup"
@@ -150,7 +150,13 @@ def run(
     root = None
     if cfg.near and survivors.size > 1:
         docs = out / "signatures" / DOCS_FILE
-        write_docs(_gather_texts(first.texts, survivors), docs)
+        pos = np.searchsorted(first.written, survivors)
+        assert np.array_equal(first.written[pos.clip(max=first.written.size - 1)], survivors), "a kept row's text"
+        if np.array_equal(pos, np.arange(first.written.size)):  # the texts file is the docs file
+            docs.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(first.texts, docs)
+        else:
+            write_docs(_gather_texts(first.texts, pos), docs)
         res = near_duplicates(docs, out, cfg, key=fp, progress=progress)
         lsh_info = res.info
         root = res.root
@@ -231,7 +237,8 @@ class FirstPass:
     rejects: list[dict]
     priority: np.ndarray | None  # (n,) the priority column (nulls after every value), if any
     hashes: np.ndarray | None  # (2, n) uint64: the exact-dedup key's 128-bit hash
-    texts: Path  # Arrow IPC file: instruction + newline + response of every row, input order
+    texts: Path  # Arrow IPC file: instruction + newline + response of the rows `written`, input order
+    written: np.ndarray  # (k,) ascending: every row that can be kept is among them
     strata: np.ndarray | None  # (n,) int32 code of each row's stratum, if the column exists
     strata_dict: list[str]
     schema: pa.Schema | None  # of the rows (JSONL: every batch's types unified)
@@ -266,6 +273,12 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     texts_path = spill / "texts.arrow"
     has_prio = has_stratum = None
     n = 0
+    # While the rows come in rank order (no priority, or priorities that never decrease), a row whose
+    # exact-dedup key was seen before can never be kept: its text is not written, and the texts file
+    # is the near step's docs file as it is. Once a priority decreases, every later text is written.
+    in_order, last_prio = True, None
+    seen = _IdSet() if cfg.exact else None
+    written: list[np.ndarray] = []  # rows whose text is in the texts file, ascending
     bar = tqdm(total=reader.total_rows, desc="dedup read", unit="row", unit_scale=True, disable=not progress)
     schema = pa.schema([("text", pa.large_string())])
     with pa.OSFile(str(texts_path), "wb") as sink, pa.ipc.new_file(sink, schema) as texts:
@@ -275,6 +288,11 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                 has_prio, has_stratum = "priority" in batch.column_names, "stratum" in batch.column_names
             if has_prio:
                 prio.append(_priority(batch["priority"]))
+                p = prio[-1]
+                if in_order and p.size:
+                    in_order = (last_prio is None or p[0] >= last_prio) and bool(np.all(p[1:] >= p[:-1]))
+                    last_prio = p[-1]
+            sel = np.arange(batch.num_rows)  # rows of the batch whose text is written
             if cfg.exact:
                 h = np.empty((2, batch.num_rows), np.uint64)
                 for s in range(0, batch.num_rows, EXACT_SLICE):
@@ -282,13 +300,18 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                     h[0, s : s + len(key)] = key.hash(seed=1).to_numpy()
                     h[1, s : s + len(key)] = key.hash(seed=2).to_numpy()
                 hashes.append(h)
+                if in_order:
+                    sel = np.flatnonzero(~seen.add_new_hashes(h[0], h[1]))
+                else:
+                    seen = None
             if has_stratum:
                 names = pc.fill_null(batch["stratum"].cast(pa.string()), "").combine_chunks().dictionary_encode()
                 codes = np.array([strata_dict.setdefault(x, len(strata_dict)) for x in names.dictionary.to_pylist()],
                                  np.int32)
                 strata.append(codes[names.indices.to_numpy(zero_copy_only=False)] if len(codes) else
                               np.zeros(0, np.int32))
-            joined = _joined_texts(batch, np.arange(batch.num_rows))
+            written.append(n + sel)
+            joined = _joined_texts(batch, sel)
             for s in range(0, len(joined), PART_ROWS):
                 texts.write_batch(pa.record_batch([joined.slice(s, PART_ROWS)], schema=schema))
             if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
@@ -310,6 +333,7 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
         priority=np.concatenate(prio) if has_prio else None,
         hashes=np.concatenate(hashes, axis=1) if hashes else np.zeros((2, 0), np.uint64),
         texts=texts_path,
+        written=np.concatenate(written) if written else np.zeros(0, np.int64),
         strata=np.concatenate(strata) if has_stratum else None,
         strata_dict=list(strata_dict),
         schema=schema_rows,
@@ -327,7 +351,7 @@ def _priority(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _gather_texts(texts: Path, rows: np.ndarray) -> Iterable[pa.Array]:
-    """The texts of `rows` (any order), PART_ROWS at a time, from the texts file."""
+    """The texts at positions `rows` (any order) of the texts file, PART_ROWS at a time."""
     for s in range(0, rows.size, PART_ROWS):
         part = rows[s : s + PART_ROWS]
         order = np.argsort(part, kind="stable")
