@@ -66,9 +66,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import io
+from pipeline import budget, io
 from pipeline.config import TokenizerConfig
-from pipeline.rows import load_rows
+from pipeline.rows import RowReader, _IdSet
 from pipeline.schema import CONDITION_SEP, NORMALIZED_FIELDS, REMOVAL_SCHEMA, parse_condition
 
 STAGE = "tokenizer"
@@ -213,68 +213,119 @@ def _removal(row_id: str, source: str, reason: str, detail: str | None) -> dict:
     return {"id": row_id, "source": source, "stage": STAGE, "reason": reason, "detail": detail, "duplicate_of": None}
 
 
-def _prepare_rows(input_path, conditions: list[str]) -> tuple[pa.Table, list[dict], int]:
-    """Load rows, fill stratum/rule, reject duplicate ids and unknown conditions.
-    Returns (table with _TEXT_COLS + instruction/response, removals, rows_in)."""
-    loaded = load_rows(input_path, stage=STAGE)
-    removals = [dict(r, stage=STAGE) for r in loaded.rejects]
-    t = loaded.table
-    rows_in = t.num_rows + len(removals)
-    for c in NORMALIZED_FIELDS:
-        t = t.set_column(t.column_names.index(c), c, pc.cast(t[c], pa.string()))
-    n = t.num_rows
-    for col, default in (("stratum", t["source"]), ("rule", pa.array(["default"] * n, pa.string()))):
-        if col in t.column_names:
-            filled = pc.cast(t[col], pa.string())
-            blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(filled)), 0), True)
-            filled = pc.if_else(blank, default, filled)
-            t = t.set_column(t.column_names.index(col), col, filled)
-        else:
-            t = t.append_column(col, default)
-    t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
+class _Prepared:
+    """The rows of the input as the stage takes them, a batch at a time: loaded by `RowReader` (its
+    rejections), stratum/rule filled, duplicate ids and unknown / malformed conditions removed. Each
+    pass over the input makes a new `_Prepared` (the same batches every time).
 
-    keep = np.ones(n, dtype=bool)
-    ids = t["id"].to_pylist()
-    sources = t["source"].to_pylist()
-    seen: dict[str, int] = {}
-    for i, rid in enumerate(ids):
-        if rid in seen:
-            keep[i] = False
-            r = _removal(rid, sources[i], "duplicate_id", f"row {i}: id already used by row {seen[rid]}")
-            r["duplicate_of"] = rid
-            removals.append(r)
-        else:
-            seen[rid] = i
-    known = set(conditions)
-    conds = t["condition"].to_pylist()
-    stored = list(conds)
-    for i, cond in enumerate(conds):
-        if not keep[i]:
-            continue
-        try:
-            tags = parse_condition(cond)
-        except ValueError as e:
-            keep[i] = False
-            removals.append(_removal(ids[i], sources[i], "bad_condition", str(e)))
-            continue
-        unknown = [c for c in tags if c not in known]
-        if unknown:
-            keep[i] = False
-            removals.append(_removal(ids[i], sources[i], "unknown_condition",
-                                     f"condition {cond!r}: tag(s) {unknown} not in {list(conditions)}"))
-        else:
-            stored[i] = CONDITION_SEP.join(tags)  # "synth, cot" -> "synth,cot"
-    if stored != conds:
-        t = t.set_column(t.column_names.index("condition"), "condition", pa.array(stored, pa.string()))
-    if not keep.all():
-        t = t.filter(pa.array(keep))
-    return t, removals, rows_in
+    After a pass: `removals` (the loader's rejections, then the duplicate ids, then the condition
+    removals, each in row order: as the whole-table version listed them), `rows_in`, `rows` (kept),
+    and with `keep_ids` the kept rows' ids (an Arrow string array: the only thing held per row)."""
+
+    def __init__(self, input_path, conditions: list[str], memory_gb: float | None, keep_ids: bool = False):
+        self.reader = RowReader(input_path, NORMALIZED_FIELDS, stage=STAGE,
+                                block_bytes=budget.block_bytes(memory_gb),
+                                batch_rows=budget.batch_rows(memory_gb, 4096))
+        self.conditions, self.known = list(conditions), set(conditions)
+        self.keep_ids = keep_ids
+        self.loaded = 0  # rows the loader kept so far (the row numbers of the duplicate details)
+        self.rows = 0
+        self.ids: list[pa.Array] = []  # kept rows' ids (keep_ids)
+        self._seen = _IdSet()
+        self._loaded_ids: list[pa.Array] = []  # every loaded id, for the duplicate details
+        self._dups: list[tuple[int, str, str]] = []  # (row, id, source) of each duplicate
+        self._cond_removals: list[dict] = []
+        self._cond_memo: dict[str, tuple[str | None, str | None, str | None]] = {}
+        self.removals: list[dict] = []
+        self.rows_in = 0
+
+    def _condition(self, cond: str) -> tuple[str | None, str | None, str | None]:
+        """(stored condition, None, None) or (None, reason, detail)."""
+        r = self._cond_memo.get(cond)
+        if r is None:
+            try:
+                tags = parse_condition(cond)
+            except ValueError as e:
+                r = (None, "bad_condition", str(e))
+            else:
+                unknown = [c for c in tags if c not in self.known]
+                if unknown:
+                    r = (None, "unknown_condition",
+                         f"condition {cond!r}: tag(s) {unknown} not in {self.conditions}")
+                else:
+                    r = (CONDITION_SEP.join(tags), None, None)  # "synth, cot" -> "synth,cot"
+            self._cond_memo[cond] = r
+        return r
+
+    def __iter__(self):
+        reader = self.reader
+        for t in reader:
+            t = reader.conform(t)
+            for c in NORMALIZED_FIELDS:
+                t = t.set_column(t.column_names.index(c), c, pc.cast(t[c], pa.string()))
+            n = t.num_rows
+            for col, default in (("stratum", t["source"]), ("rule", pa.array(["default"] * n, pa.string()))):
+                if col in t.column_names:
+                    filled = pc.cast(t[col], pa.string())
+                    blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(filled)), 0), True)
+                    filled = pc.if_else(blank, default, filled)
+                    t = t.set_column(t.column_names.index(col), col, filled)
+                else:
+                    t = t.append_column(col, default)
+            t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
+            id_col = t["id"].combine_chunks()
+            self._loaded_ids.append(id_col)
+            dup = self._seen.add_new(id_col)
+            keep = ~dup
+            ids = sources = None
+            if dup.any():
+                ids, sources = id_col.to_pylist(), t["source"].to_pylist()
+                for i in np.flatnonzero(dup).tolist():
+                    self._dups.append((self.loaded + i, ids[i], sources[i]))
+            conds = t["condition"].to_pylist()
+            stored = list(conds)
+            for i, cond in enumerate(conds):
+                if not keep[i]:
+                    continue
+                new, reason, detail = self._condition(cond)
+                if new is None:
+                    keep[i] = False
+                    if ids is None:
+                        ids, sources = id_col.to_pylist(), t["source"].to_pylist()
+                    self._cond_removals.append(_removal(ids[i], sources[i], reason, detail))
+                else:
+                    stored[i] = new
+            if stored != conds:
+                t = t.set_column(t.column_names.index("condition"), "condition", pa.array(stored, pa.string()))
+            if not keep.all():
+                t = t.filter(pa.array(keep))
+            self.loaded += n
+            self.rows += t.num_rows
+            if self.keep_ids:
+                self.ids.append(t["id"].combine_chunks())
+            if t.num_rows:
+                yield t
+        self.removals = [dict(r, stage=STAGE) for r in reader.rejects]
+        if self._dups:
+            all_ids = pa.chunked_array(self._loaded_ids, pa.string()).combine_chunks()
+            first = pc.index_in(pa.array([d[1] for d in self._dups], pa.string()), value_set=all_ids).to_pylist()
+            for (i, rid, src), f in zip(self._dups, first):
+                r = _removal(rid, src, "duplicate_id", f"row {i}: id already used by row {f}")
+                r["duplicate_of"] = rid
+                self.removals.append(r)
+        self._loaded_ids = []
+        self.removals += self._cond_removals
+        self.rows_in = self.loaded + len(reader.rejects)
+
+    def kept_ids(self) -> pa.Array:
+        return pa.chunked_array(self.ids, pa.string()).combine_chunks() if self.ids else pa.array([], pa.string())
 
 
-def _sample_indices(ids: list[str], sample_rows: int, seed: int) -> np.ndarray:
+def _sample_indices(ids: pa.Array | list[str], sample_rows: int, seed: int) -> np.ndarray:
     """Seeded sample of row indices, chosen among the id-sorted rows (independent of input order);
-    returned in id order."""
-    order = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
+    returned in id order. (Arrow sorts strings by their UTF-8 bytes: the code point order.)"""
+    ids = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
+    order = pc.sort_indices(ids).to_numpy().astype(np.int64)
     if sample_rows >= len(ids):
         return order
     rng = np.random.default_rng([seed, 0x70C])
@@ -383,6 +434,37 @@ def _list_array(seqs: list[list[int]]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)), lengths
 
 
+def _blocks(batches, rows: int):
+    """The rows of `batches` again in tables of exactly `rows` rows (the last one shorter), each column
+    one contiguous chunk."""
+    buf: list[pa.Table] = []
+    have = 0
+    for t in batches:
+        buf.append(t)
+        have += t.num_rows
+        while have >= rows:
+            whole = pa.concat_tables(buf)
+            yield whole.slice(0, rows).combine_chunks()
+            rest = whole.slice(rows)
+            buf, have = ([rest] if rest.num_rows else []), rest.num_rows
+    if have:
+        yield pa.concat_tables(buf).combine_chunks()
+
+
+def _gather(batches, rows: np.ndarray) -> pa.Table:
+    """instruction/response of the kept rows numbered `rows` (in that order), read batch by batch."""
+    want = np.sort(rows)
+    parts, start = [], 0
+    for t in batches:
+        lo, hi = np.searchsorted(want, [start, start + t.num_rows])
+        if hi > lo:
+            parts.append(t.select(["instruction", "response"]).take(pa.array(want[lo:hi] - start)))
+        start += t.num_rows
+    got = pa.concat_tables(parts) if parts else pa.table({"instruction": pa.array([], pa.string()),
+                                                           "response": pa.array([], pa.string())})
+    return got.take(pa.array(np.searchsorted(want, rows)))
+
+
 def run(
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -390,9 +472,15 @@ def run(
     *,
     conditions: list[str],
     seed: int,
-    progress: bool = True, versioned: bool = False, force: bool = False,
+    progress: bool = True, versioned: bool = False, force: bool = False, memory_gb: float | None = None,
 ) -> dict:
-    """Train or load the tokenizer, tokenize every row; return the stage manifest."""
+    """Train or load the tokenizer, tokenize every row; return the stage manifest.
+
+    Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the read batches; never part of
+    the fingerprint): a first pass over the input checks the rows and keeps only their ids (an Arrow
+    string array, for the training sample); with kind "train" a second pass gathers the sample's
+    texts (at most `cfg.sample_rows` rows, whatever the input's size); the last pass tokenizes the rows
+    BATCH_ROWS at a time and writes each batch as one Parquet row group."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -409,18 +497,26 @@ def run(
     if done is not None:
         return done
 
-    table, removals, rows_in = _prepare_rows(input_path, list(conditions))
-    if table.num_rows == 0:
+    first = _Prepared(input_path, list(conditions), memory_gb, keep_ids=cfg.kind == "train")
+    bar = tqdm(total=first.reader.total_rows, desc="tokenizer read", unit="row", unit_scale=True,
+               disable=not progress, mininterval=1.0)
+    for t in first:
+        bar.update(t.num_rows)
+    bar.close()
+    removals, rows_in, n = first.removals, first.rows_in, first.rows
+    if n == 0:
         raise ValueError(f"tokenizer: no usable rows in {input_path} ({len(removals)} rejected)")
-    ids = table["id"].to_pylist()
+    ids = first.kept_ids()
+    del first
 
     # 1. the tokenizer
     t_train = time.time()
     if cfg.kind == "train":
         sample = _sample_indices(ids, cfg.sample_rows, seed)
-        sample_ids = [ids[i] for i in sample]
+        sample_ids = ids.take(pa.array(sample)).to_pylist()
         sample_sha = hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()
-        sub = table.select(["instruction", "response"]).take(pa.array(sample))
+        del sample_ids
+        sub = _gather(_Prepared(input_path, list(conditions), memory_gb), sample)
         texts = chain.from_iterable(zip(sub["instruction"].to_pylist(), sub["response"].to_pylist()))
         tok = _train(texts, 2 * len(sample), cfg, specials, progress)
         del sub
@@ -462,24 +558,26 @@ def run(
     tokens_per_stratum: dict[str, int] = {}
     rows_per_stratum: dict[str, int] = {}
     total_prompt = total_response = 0
-    n = table.num_rows
+    del ids
     tok_path_out = out / TOKENIZED_FILE
     t_tok = time.time()
+    bar = tqdm(total=n, desc="tokenize", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
     with io.atomic_path(tok_path_out) as tmp:
         writer = pq.ParquetWriter(tmp, TOKENIZED_SCHEMA, compression="zstd")
         try:
-            for start in tqdm(range(0, n, BATCH_ROWS), desc="tokenize", unit="batch", disable=not progress):
-                b = table.slice(start, BATCH_ROWS)
+            for b in _blocks(_Prepared(input_path, list(conditions), memory_gb), BATCH_ROWS):
                 conds = b["condition"].to_pylist()
                 instr = _encode(tok, b["instruction"].to_pylist())
                 resp = _encode(tok, b["response"].to_pylist())
                 for c in set(conds) - cond_ids.keys():
                     cond_ids[c] = spec_ids.condition_ids(c)
                 prompts = [[boq, *cond_ids[c], *x, eoq] for c, x in zip(conds, instr)]
+                del instr
                 for r in resp:
                     r.append(eoa)
                 p_arr, p_len = _list_array(prompts)
                 r_arr, r_len = _list_array(resp)
+                del prompts, resp
                 cols = [b[c] for c in _TEXT_COLS] + [p_arr, r_arr, pa.array(p_len), pa.array(r_len)]
                 writer.write_table(pa.Table.from_arrays(cols, schema=TOKENIZED_SCHEMA), row_group_size=BATCH_ROWS)
                 total_prompt += int(p_len.sum())
@@ -488,8 +586,10 @@ def run(
                 for s, k in zip(b["stratum"].to_pylist(), per.tolist()):
                     tokens_per_stratum[s] = tokens_per_stratum.get(s, 0) + k
                     rows_per_stratum[s] = rows_per_stratum.get(s, 0) + 1
+                bar.update(b.num_rows)
         finally:
             writer.close()
+            bar.close()
     tokenize_s = time.time() - t_tok
 
     outputs = {
