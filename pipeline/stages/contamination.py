@@ -30,8 +30,10 @@ Method (cfg.method; per n in cfg.ngram_sizes, default 13 and 8)
   s = min(n, max(ceil(L/2), min(L, cfg.min_ngram))) words: n-grams from 2n words up; a shorter item with
   windows of half its length (two windows cover it; one half copied alone stays below the dirty edge),
   never fewer than min_ngram (8) words; an item of fewer than min_ngram words is matched whole (its
-  normalised text as a word-bounded substring of a training segment). The item's `ngram` column says
-  which size it got.
+  normalised text as a word-bounded substring of a training segment). A short item (fewer than 2n
+  words) is dirty only when one training row holds all of it: with so few words, a row sharing all but
+  a number or two ("Which is larger, 11/17 or 30/37?" against "... or 30/31?") is another problem, so
+  partial coverage puts it at most in not_dirty. The item's `ngram` column says which size it got.
 - tokens (the paper's Llama-2 check, kept for comparison): units are the pipeline's token ids; every
   item is tokenized (no special tokens) and matched with n-token windows; an item shorter than n tokens
   has no n-grams (coverage 0, counted as `too_short`); no n-gram contains a special token.
@@ -129,12 +131,15 @@ _BASE = np.uint64(0x9E3779B97F4A7C15 | 1)  # odd 64-bit multiplier of the polyno
 _TABLE_BITS = 26  # prefilter: one byte per 2^26 buckets of the hash's top bits (64 MiB)
 
 
-NORMALISATION = ("UTF-8 bytes (training rows: their token ids' bytes); ASCII letters lowercased, digits kept; "
-                 "every other byte (punctuation, symbols, whitespace, all non-ASCII bytes) is a separator; "
+NORMALISATION = ("UTF-8 bytes (training rows: their token ids' bytes); ASCII letters lowercased, digits kept, "
+                 "the operators + - * / = < > ^ % are words of their own; every other byte (punctuation, symbols, "
+                 "whitespace, all non-ASCII bytes) is a separator; "
                  "words are the runs between separators; one-letter words a-z (option labels, 'a', 'I') dropped")
 SHORT_RULE = ("an item of L words is matched with windows of min(n, max(ceil(L/2), min(L, {m}))) words: n-grams "
               "from 2n words up; below that half the item (two windows cover it), at least {m} words; an item of "
-              "fewer than {m} words is matched whole (its normalised text as a word-bounded substring)")
+              "fewer than {m} words is matched whole (its normalised text as a word-bounded substring). An item "
+              "shorter than 2n words is dirty only when one training row holds all of it; partly covered, it is "
+              "at most not_dirty")
 
 
 def bucket_of(coverage: np.ndarray, cfg: ContaminationConfig) -> np.ndarray:
@@ -336,11 +341,14 @@ class NgramIndex:
 # ----------------------------------------------------------------------------------------------
 # words: normalised text, independent of the tokenizer's boundaries
 # ----------------------------------------------------------------------------------------------
+SYMBOLS = b"+-*/=<>^%"  # math operators: words of their own (36 - 21 is not 36 + 21, -93 is not 93)
+
+
 def _fold_table() -> np.ndarray:
     t = np.zeros(256, dtype=np.uint8)  # 0: separator
     for b in range(128):
         c = chr(b)
-        if c.isdigit() or ("a" <= c <= "z"):
+        if c.isdigit() or ("a" <= c <= "z") or b in SYMBOLS:
             t[b] = b
         elif "A" <= c <= "Z":
             t[b] = b + 32
@@ -348,15 +356,28 @@ def _fold_table() -> np.ndarray:
 
 
 _FOLD = _fold_table()
+_SYM = np.zeros(256, dtype=bool)
+_SYM[list(SYMBOLS)] = True
 _WORD_SALT = np.uint64(0x2545F4914F6CDD1D)
 
 
 def fold_bytes(b: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes (N,) uint8 -> folded bytes, 0 for a separator: ASCII letters lowercased and digits
-    kept; everything else (ASCII punctuation, symbols, whitespace, and every non-ASCII byte: Unicode
-    quotes, dashes, minus signs, accents) is a separator. Byte by byte, so it does not depend on where
-    a tokenizer cut the text."""
+    """UTF-8 bytes (N,) uint8 -> folded bytes, 0 for a separator: ASCII letters lowercased, digits and
+    the math operators + - * / = < > ^ % kept (each operator is a word of its own); everything else
+    (other punctuation, symbols, whitespace, and every non-ASCII byte: Unicode quotes, dashes, minus
+    signs, accents) is a separator. Byte by byte, so it does not depend on where a tokenizer cut the text."""
     return _FOLD[b]
+
+
+def _word_edges(folded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) masks over folded bytes: where a word starts / where one ends (its last byte),
+    ignoring segments. A word is a run of letters and digits, or a single operator."""
+    isw = folded != 0
+    sym = _SYM[folded]
+    brk = ~isw | sym  # a word cannot continue across a separator or an operator
+    start = isw & (np.r_[True, brk[:-1]] | sym)
+    end = isw & (np.r_[brk[1:], True] | sym)
+    return start, end
 
 
 def words_of(folded: np.ndarray, seg_bytes: np.ndarray, with_spans: bool = False):
@@ -367,8 +388,7 @@ def words_of(folded: np.ndarray, seg_bytes: np.ndarray, with_spans: bool = False
     words per segment int64 (S,)), and with `with_spans` the byte (start, end) of each word."""
     S = seg_bytes.size
     isw = folded != 0
-    start = isw.copy()
-    start[1:] &= ~isw[:-1]
+    start, _ = _word_edges(folded)
     seg_start = np.r_[0, np.cumsum(seg_bytes)[:-1]] if S else np.zeros(0, np.int64)
     seg_start = seg_start[seg_bytes > 0]
     start[seg_start] = isw[seg_start]
@@ -472,17 +492,22 @@ class TokenWords:
             self.BL = pw[L]  # B^L[t]
             self.BiL = ipw[L]
         isw = folded != 0
+        sym = _SYM[folded]
         nonempty = L > 0
-        self.first_w = np.zeros(V, bool)
+        self.first_w = np.zeros(V, bool)  # first byte a letter or digit (may continue a word)
         self.last_w = np.zeros(V, bool)
-        self.first_w[nonempty] = isw[off[nonempty]]
-        self.last_w[nonempty] = isw[off[nonempty] + L[nonempty] - 1]
+        self.first_sym = np.zeros(V, bool)  # first byte an operator (a word of its own)
+        self.last_sym = np.zeros(V, bool)
+        fb, lb = off[nonempty], off[nonempty] + L[nonempty] - 1
+        self.first_w[nonempty] = isw[fb] & ~sym[fb]
+        self.last_w[nonempty] = isw[lb] & ~sym[lb]
+        self.first_sym[nonempty] = sym[fb]
+        self.last_sym[nonempty] = sym[lb]
         # internal word starts (k > 0: byte k a word byte after a separator) and ends (k < L: byte k a
         # separator after a word byte), flat per token in order
-        prev_sep = np.r_[True, ~isw[:-1]]
-        next_sep = np.r_[~isw[1:], True]
-        st = isw & prev_sep & (k_of_byte > 0)
-        en = isw & next_sep & (k_of_byte < L[tok_of_byte] - 1)
+        st_all, en_all = _word_edges(folded)  # (token edges are handled per batch: k = 0 and k = L)
+        st = st_all & (k_of_byte > 0)
+        en = en_all & (k_of_byte < L[tok_of_byte] - 1)
         self.ns = np.bincount(tok_of_byte[st], minlength=V).astype(np.int64)
         self.sk = k_of_byte[st]
         self.s_off = np.r_[0, np.cumsum(self.ns)[:-1]].astype(np.int64)
@@ -537,10 +562,13 @@ class TokenWords:
             Ptok = np.zeros(N, dtype=np.uint64)
             np.cumsum(Bo[:-1] * self.Hfull[tokens[:-1]], out=Ptok[1:])
         fw, lw = self.first_w[tokens], self.last_w[tokens]
+        fs, ls = self.first_sym[tokens], self.last_sym[tokens]
         new_seg = np.r_[True, seg[1:] != seg[:-1]]
         end_seg = np.r_[seg[1:] != seg[:-1], True]
-        js = np.flatnonzero(fw & (new_seg | ~np.r_[False, lw[:-1]]))
-        je = np.flatnonzero(lw & (end_seg | ~np.r_[fw[1:], False]))
+        # a word starts at a token's first byte when that is an operator, or a letter/digit that does not
+        # continue a letter/digit run of the token before (in the same segment); ends likewise
+        js = np.flatnonzero(fs | (fw & (new_seg | ~np.r_[False, lw[:-1]])))
+        je = np.flatnonzero(ls | (lw & (end_seg | ~np.r_[fw[1:], False])))
         Js, Ks = self._place(js, np.zeros(js.size, np.int64), self.ns, self.s_off, self.sk, tokens, True)
         Je, Ke = self._place(je, tl[je], self.ne, self.e_off, self.ek, tokens, False)
         assert Js.size == Je.size, (Js.size, Je.size)
@@ -945,6 +973,13 @@ def run(
         "length": pa.array(items.lengths.astype(np.int32)),
     }
     buckets = {n: bucket_of(res[n]["coverage"], cfg) for n in cfg.ngram_sizes}
+    item_off = np.r_[0, np.cumsum(items.lengths)]
+    if words:  # the short-item rule: a short item is dirty only when one training row holds all of it
+        for n in cfg.ngram_sizes:
+            for i in np.flatnonzero((items.lengths < 2 * n) & (buckets[n] == "dirty")):
+                per_row, _, _ = _attribute(int(i), res[n], items, item_off, cfg.dirty_at)
+                if not any(m.all() for m in per_row.values()):
+                    buckets[n][i] = "not_dirty"
     p = cfg.primary_n
     cols["coverage"] = pa.array(res[p]["coverage"], pa.float64())
     cols["longest_span"] = pa.array(res[p]["longest"].astype(np.int32))
@@ -960,7 +995,6 @@ def run(
     pf = pq.ParquetFile(train_file)
     id_src = pq.read_table(train_file, columns=["id", "source"])
     row_ids, row_src = id_src["id"], id_src["source"]
-    item_off = np.r_[0, np.cumsum(items.lengths)]
     names_arr = np.array(items.names, dtype=object)
     edge = {"not_clean": cfg.clean_below, "not_dirty": cfg.not_clean_below, "dirty": cfg.dirty_at}
     drop_from = BUCKETS.index(cfg.decontaminate_at)

@@ -124,19 +124,20 @@ def test_every_planted_item_found_bucketed_and_attributed(planted):
     assert arc_item["ngram"] == max(8, (arc_item["length"] + 1) // 2) < 13
     assert items["gsm8k/test/0"]["ngram"] == 13 and "fewer than 8 words is matched whole" in rep["short_item_rule"]
 
-    # unrelated rows are never flagged: outside GSM8K every not-clean item is planted or shares its text
-    # with a planted row (MMLU's sibling questions "Find the degree for the given field extension ...");
-    # in GSM8K the only others are test questions that share a sentence with a train question (real
-    # overlap); every matched span is in the row named for it
+    # unrelated rows never make an item dirty, and flag one only when they share its text: outside GSM8K
+    # and MATH every not-clean item is planted or shares its text with a planted row (MMLU's sibling
+    # questions "Find the degree for the given field extension ..."); GSM8K train rows share sentences
+    # with GSM8K test questions (real overlap) and arithmetic runs ("1 + 3 + 5 + 7 + 9 + 11") with a
+    # few short MATH problems; every matched span is in the row named for it
     planted_items = {p[0] for p in plants.values()}
-    for name in ("arc_challenge", "mmlu", "math", "hellaswag", "drop"):
+    for name in ("arc_challenge", "mmlu", "hellaswag", "drop"):
         got = rep["benchmarks"][name]["flagged_items"]
         assert {x["item_id"] for x in got} >= planted_items & {i for i in items if i.startswith(name + "/")}
         assert all(r["source"] == "leak" for x in got for r in x["responsible"] + x["top_rows"]), name
     others = [x for i, x in flagged.items() if i not in planted_items]
     assert all(x["bucket"] != "dirty" for x in others)
-    assert len([x for x in others if x["item_id"].startswith("gsm8k/")]) <= 5
-    assert sum(len(e["flagged_items"]) for e in rep["benchmarks"].values()) <= len(plants) + 10
+    by_gsm8k_rows = [x for x in others if all(r["source"] == "gsm8k" for r in x["responsible"])]
+    assert all(x["item_id"].startswith(("gsm8k/", "math/")) for x in by_gsm8k_rows) and len(by_gsm8k_rows) <= 8
     for x in flagged.values():
         for r in x["responsible"]:
             assert r["text"] in " ".join(C.normalized_words(texts[r["id"]])), (x["item_id"], r)
@@ -213,8 +214,8 @@ def test_cli_on_rows_file(planted, tmp_path, capsys):
 
 def test_words_hashes_and_buckets():
     # normalisation: case, punctuation, Unicode quotes/dashes/minus folded; option labels dropped
-    assert C.normalized_words("What is 12+30? (A) “Paris” — B. Lon-don; CAFÉ −4") == [
-        "what", "is", "12", "30", "paris", "lon", "don", "caf", "4"]
+    assert C.normalized_words("What is 12+30? (A) “Paris” — B. Lon-don; CAFÉ −4, -4 3/7") == [
+        "what", "is", "12", "+", "30", "paris", "lon", "-", "don", "caf", "4", "-", "4", "3", "/", "7"]
     toks = np.array([5, 6, 7, 8, 5, 6, 7, 1, 5, 6, 7], dtype=np.int64)
     h, starts, seg = C.window_hashes(toks, np.array([4, 7]), 3, bad=toks == 1)
     # windows (5,6,7) at 0, 4 and 8 hash the same; none crosses the segment end (3..5) or holds the 1
@@ -250,7 +251,7 @@ def test_token_words_equal_the_words_of_the_text(planted):
     raw = [" ".join(["", x, ""]).encode("utf-8") for x in text]  # a special token is a separator
     h2, counts2 = C.words_of(C.fold_bytes(np.frombuffer(b"".join(raw), dtype=np.uint8)), np.array([len(x) for x in raw]))
     assert counts.tolist() == counts2.tolist() and h.tolist() == h2.tolist() and h.size > 10_000
-    assert counts[:5].tolist() == [8, 7, 0, 0, 2]  # one-letter words dropped ("x", "A", "B", "n", "c", "d")
+    assert counts[:5].tolist() == [8, 9, 0, 0, 2]  # one-letter words dropped ("x", "A", "B", "n", "c", "d")
 
 
 def test_hub_benchmarks_code_path_on_local_dataset_folders(planted, tmp_path, monkeypatch):
