@@ -131,3 +131,16 @@ def test_adapter_paper_prompts(trained):
     assert out == ["", got[0]] and lm.overlong == 1
     with pytest.raises(KeyError, match="noisy"):
         lm.generate_until([Instance("generate_until", {}, (q, {**kw, "condition": "noisy,cot"}), 0)])
+
+
+def test_cli_protocol_choices(tmp_path, capsys):
+    from evaluation.run import main, protocols_of
+
+    assert protocols_of("both") == ["harness", "paper"] and protocols_of("paper") == ["paper"]
+    with pytest.raises(ValueError, match="harness, paper or both"):
+        protocols_of("reference")
+    for argv, msg in ((["--online", "--protocol", "paper"], "reads local benchmark files"),
+                      (["--protocol", "nope"], "invalid choice"), (["--max-gen-toks", "0"], "must be >= 1")):
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
+        assert msg in capsys.readouterr().err
