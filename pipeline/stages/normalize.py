@@ -48,12 +48,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..config import NormalizeConfig, SourceSpec
-from ..io import MANIFEST, open_stage, code_hash, finish_stage, fingerprint, read_json, write_parquet
+from .. import budget
+from ..io import MANIFEST, RowGroupWriter, open_stage, code_hash, finish_stage, fingerprint, read_json
 from ..rows import ROWS_FILE
 from ..schema import CONDITION_SEP, NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA, check_condition, parse_condition
 from .ingest import EmptySourcesError
@@ -184,7 +187,6 @@ class _Mapper:
                     f"source '{src.name}': field(s) {missing} named in the spec's 'fields' are not columns of "
                     f"the source; its columns are {sorted(c for c in columns if not c.startswith('_'))}"
                 )
-        self.seen_ids: set[str] = set()
 
     def _text(self, key: str, row: dict) -> str:
         kind, spec, names = self.parts[key]
@@ -256,23 +258,17 @@ class _Mapper:
         default_sub = file if s.kind == "local" else s.split if s.kind == "hub" else "all"
         sub = self._opt_str(f.subset, row, "subset", default_sub)
         out["origin"] = f"{s.name}/{sub}"
-        if rid in self.seen_ids:
-            raise _Bad("duplicate_id", f"id {rid!r} appears more than once in the source")
-        self.seen_ids.add(rid)
-        return out
+        return out  # the duplicate-id check comes last, in `_SourceNormalizer` (ids held hashed)
 
     def direct(self, out: dict, rid: str) -> dict:
-        """The direct version of a mapped row (id RID): its final answer as response."""
+        """The direct version of a mapped row (id RID): its final answer as response (a copy's id RID is
+        checked for duplicates by the caller, after this)."""
         ans, why = extract_answer(out["response"], self.src.answer_format)
         if ans is None:
             raise _Bad(NO_ANSWER, f"{why} (answer_format {self.src.answer_format!r})")
         cond = direct_condition(out["condition"])
         if any(t not in self.cfg.conditions for t in parse_condition(cond)):
             raise _Bad("unknown_condition", f"direct condition {cond!r}: a tag is not in {self.cfg.conditions}")
-        if rid != out["id"]:
-            if rid in self.seen_ids:
-                raise _Bad("duplicate_id", f"id {rid!r} appears more than once in the source")
-            self.seen_ids.add(rid)
         return {**out, "id": rid, "response": ans, "condition": cond}
 
 
@@ -301,43 +297,149 @@ def _iter_raw(table: pa.Table):
         yield from zip(data, files, idxs)
 
 
+class _Seen:
+    """The ids claimed so far, as 128-bit hashes (two seeded 64-bit polars hashes, 16 bytes per id) in
+    sorted runs merged as they grow: `contains` is a few binary searches per id."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []  # each (k, 2) uint64, sorted by (h0, h1)
+
+    @staticmethod
+    def _hash(ids: list[str]) -> np.ndarray:
+        import polars as pl
+
+        s = pl.Series(ids, dtype=pl.String)
+        return np.stack([s.hash(seed=21).to_numpy(), s.hash(seed=22).to_numpy()], axis=1)
+
+    def contains(self, ids: list[str]) -> np.ndarray:
+        found = np.zeros(len(ids), bool)
+        if not ids or not self.runs:
+            return found
+        h = self._hash(ids)
+        for run in self.runs:
+            pos = np.searchsorted(run[:, 0], h[:, 0])
+            hit = np.flatnonzero(pos < run.shape[0])
+            hit = hit[run[pos[hit], 0] == h[hit, 0]]
+            for i in hit.tolist():  # an equal h0 (nearly always the same id): compare h1 over the range
+                j = int(pos[i])
+                while j < run.shape[0] and run[j, 0] == h[i, 0]:
+                    if run[j, 1] == h[i, 1]:
+                        found[i] = True
+                        break
+                    j += 1
+        return found
+
+    def add(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        h = self._hash(ids)
+        self.runs.append(h[np.lexsort((h[:, 1], h[:, 0]))])
+        while len(self.runs) > 1 and self.runs[-2].shape[0] <= 2 * self.runs[-1].shape[0]:
+            m = np.concatenate([self.runs.pop(), self.runs.pop()])
+            self.runs.append(m[np.lexsort((m[:, 1], m[:, 0]))])
+
+
+class _SourceNormalizer:
+    """Normalizes one source's raw rows a batch at a time (the batches in file order give the rows and
+    rejects of the whole table at once). Held across batches: the hashed ids (`_Seen`) and counts."""
+
+    def __init__(self, src: SourceSpec, cfg: NormalizeConfig, columns: list[str] | None, many: bool):
+        self.src, self.many = src, many
+        self.mapper = _Mapper(src, cfg, columns, many)
+        self.seen = _Seen()
+        self.copies = 0
+
+    def batch(self, table: pa.Table) -> tuple[list[dict], list[dict]]:
+        src, mapper = self.src, self.mapper
+        plans = []  # per row: (rid, where, _Bad) or (rid, where, row, direct row or _Bad, copy id)
+        claims: list[str] = []  # the ids rows and copies would take, for one membership query
+        for obj, file, idx in _iter_raw(table):
+            where = f"{file}:{idx}"
+            rid = f"{src.name}/{file}:{idx}" if self.many else f"{src.name}/{idx}"
+            try:
+                if isinstance(obj, _Bad):
+                    raise obj
+                rid = mapper.row_id(obj, file, idx)
+                row = mapper.map(obj, rid, file)
+            except _Bad as b:
+                plans.append((rid, where, b))
+                continue
+            claims.append(rid)
+            cid = rid + DIRECT_SUFFIX if src.emit == "both" else rid
+            if src.emit != "cot":
+                try:
+                    d = mapper.direct(row, cid)
+                except _Bad as b:
+                    d = b
+                if src.emit == "both" and not isinstance(d, _Bad):
+                    claims.append(cid)
+            else:
+                d = None
+            plans.append((rid, where, row, d, cid))
+        before = dict(zip(claims, self.seen.contains(claims).tolist()))
+        local: set[str] = set()
+
+        def claim(i: str) -> bool:
+            if before[i] or i in local:
+                return False
+            local.add(i)
+            return True
+
+        rows, rejects = [], []
+
+        def reject(rid: str, reason: str, detail: str) -> None:
+            rejects.append({"id": rid, "source": src.name, "stage": STAGE, "reason": reason, "detail": detail,
+                            "duplicate_of": None})
+
+        dup = "duplicate_id"
+        for plan in plans:
+            if len(plan) == 3:
+                rid, where, b = plan
+                reject(rid, b.reason, f"{where}: {b.detail}")
+                continue
+            rid, where, row, d, cid = plan
+            if not claim(rid):
+                reject(rid, dup, f"{where}: id {rid!r} appears more than once in the source")
+                continue
+            if src.emit == "cot":
+                rows.append(row)
+            elif src.emit == "direct":
+                if isinstance(d, _Bad):
+                    reject(rid, d.reason, f"{where}: {d.detail}")
+                else:
+                    rows.append(d)
+            else:
+                rows.append(row)
+                self.copies += 1
+                if isinstance(d, _Bad):
+                    reject(cid, d.reason, f"{where}: direct copy of {rid}: {d.detail}")
+                elif not claim(cid):
+                    reject(cid, dup, f"{where}: direct copy of {rid}: id {cid!r} appears more than once in the source")
+                else:
+                    rows.append(d)
+        self.seen.add(sorted(local))
+        return rows, rejects
+
+
+def _source_files(pf: pq.ParquetFile, batch_rows: int) -> int:
+    """How many distinct `_file` values a raw ingest file holds (up to 2: only 'more than one' matters)."""
+    files: set[str] = set()
+    for b in pf.iter_batches(batch_size=batch_rows, columns=["_file"], use_threads=False):
+        files.update(pc.unique(b.column("_file")).to_pylist())
+        if len(files) > 1:
+            break
+    return len(files)
+
+
 def normalize_table(src: SourceSpec, cfg: NormalizeConfig, table: pa.Table, progress: bool = False,
                     stats: dict | None = None):
-    """Normalize one raw source table. Returns (rows: list[dict], rejects: list[dict]); STATS (a dict)
-    gets "direct_copies", the direct copies made (emit both), kept or rejected."""
-    # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
+    """Normalize one raw source table (whole, in memory). Returns (rows: list[dict], rejects: list[dict]);
+    STATS (a dict) gets "direct_copies", the direct copies made (emit both), kept or rejected."""
     columns = None if "_json" in table.column_names or table.num_rows == 0 else table.column_names
-    many = len(table.column("_file").unique()) > 1
-    mapper = _Mapper(src, cfg, columns, many)
-    rows, rejects = [], []
-    it = _iter_raw(table)
-    if progress:
-        it = tqdm(it, total=table.num_rows, desc=f"normalize {src.name}", unit="row", file=sys.stderr,
-                  mininterval=1.0)
-    copies = 0
-    for obj, file, idx in it:
-        where = f"{file}:{idx}"
-        rid = f"{src.name}/{file}:{idx}" if many else f"{src.name}/{idx}"
-        try:
-            if isinstance(obj, _Bad):
-                raise obj
-            rid = mapper.row_id(obj, file, idx)
-            row = mapper.map(obj, rid, file)
-            rows.append(mapper.direct(row, rid) if src.emit == "direct" else row)
-        except _Bad as b:
-            rejects.append({"id": rid, "source": src.name, "stage": STAGE, "reason": b.reason,
-                            "detail": f"{where}: {b.detail}", "duplicate_of": None})
-            continue
-        if src.emit == "both":
-            copies += 1
-            cid = rid + DIRECT_SUFFIX
-            try:
-                rows.append(mapper.direct(row, cid))
-            except _Bad as b:
-                rejects.append({"id": cid, "source": src.name, "stage": STAGE, "reason": b.reason,
-                                "detail": f"{where}: direct copy of {rid}: {b.detail}", "duplicate_of": None})
+    norm = _SourceNormalizer(src, cfg, columns, len(table.column("_file").unique()) > 1)
+    rows, rejects = norm.batch(table)
     if stats is not None:
-        stats["direct_copies"] = copies
+        stats["direct_copies"] = norm.copies
     return rows, rejects
 
 
@@ -353,8 +455,27 @@ def _ingest_warnings(ingest_dir: Path, names: set[str]) -> list[dict]:
     return [w for w in warnings if w.get("source") in names]
 
 
+def _warn_empty(ingest_warnings: list[dict], per_source: dict) -> list[dict]:
+    """The ingest warnings and one per source with 0 rows in (each printed to stderr)."""
+    warnings = list(ingest_warnings)
+    warned = {w["source"] for w in warnings if w.get("kind") == "empty_source"}
+    warnings += [{"source": k, "file": None, "kind": "empty_source", "message": f"source '{k}' is empty: 0 rows"}
+                 for k, v in per_source.items() if v["in"] == 0 and k not in warned]
+    for w in warnings:
+        print(f"[normalize] warning: {w['message']}", file=sys.stderr, flush=True)
+    return warnings
+
+
 def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: list[SourceSpec],
-        cfg: NormalizeConfig, *, progress: bool = True, versioned: bool = False, force: bool = False) -> dict:
+        cfg: NormalizeConfig, *, progress: bool = True, versioned: bool = False, force: bool = False,
+        memory_gb: float | None = None) -> dict:
+    """Normalize every source's ingested rows; return the stage manifest.
+
+    Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
+    fingerprint): each source's raw rows are read a batch at a time (Parquet row groups), mapped, and
+    the kept rows and rejects written row group by row group (byte-identical to writing them all at
+    once). Held across a source's batches: its ids as 128-bit hashes (16 bytes per id) for the
+    duplicate check."""
     ingest_dir, out = Path(ingest_dir), Path(output_dir)
     inputs = {s.name: ingest_dir / f"{s.name}.parquet" for s in sources}
     for name, p in inputs.items():
@@ -368,33 +489,46 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     if done is not None:
         return done
     t0 = time.time()
-    all_rows, all_rejects, per_source = [], [], {}
-    for s in sources:
-        table = pq.read_table(inputs[s.name])
-        stats: dict = {}
-        rows, rejects = normalize_table(s, cfg, table, progress, stats)
-        per_source[s.name] = {"in": table.num_rows, "kept": len(rows), "rejected": len(rejects),
-                              "reasons": dict(sorted(Counter(r["reason"] for r in rejects).items()))}
-        if s.emit != "cot":  # only then: the manifests of other sources stay as they were
-            per_source[s.name].update(emit=s.emit, direct_copies=stats["direct_copies"])
-        assert table.num_rows + stats["direct_copies"] == len(rows) + len(rejects), s.name
-        all_rows += rows
-        all_rejects += rejects
-    warnings = list(ingest_warnings)
-    warned = {w["source"] for w in warnings if w.get("kind") == "empty_source"}
-    warnings += [{"source": k, "file": None, "kind": "empty_source", "message": f"source '{k}' is empty: 0 rows"}
-                 for k, v in per_source.items() if v["in"] == 0 and k not in warned]
-    for w in warnings:
-        print(f"[normalize] warning: {w['message']}", file=sys.stderr, flush=True)
-    if all(v["in"] == 0 for v in per_source.values()):
-        raise EmptySourcesError(f"every source is empty (0 rows): {sorted(per_source)}; nothing to normalize")
-    outputs = {
-        ROWS_FILE: write_parquet(pa.Table.from_pylist(all_rows, schema=NORMALIZED_FULL_SCHEMA), out / ROWS_FILE),
-        REJECTS_FILE: write_parquet(pa.Table.from_pylist(all_rejects, schema=REMOVAL_SCHEMA), out / REJECTS_FILE),
-    }
-    counts = {"rows_in": sum(v["in"] for v in per_source.values()), "kept": len(all_rows),
-              "rejected": len(all_rejects),
-              "reasons": dict(sorted(Counter(r["reason"] for r in all_rejects).items())),
+    per_source = {}
+    reasons: Counter = Counter()
+    rows_per_batch = budget.batch_rows(memory_gb, 8192)  # a raw row costs a few KB as Python objects
+    with RowGroupWriter(out / ROWS_FILE, NORMALIZED_FULL_SCHEMA) as w_rows, \
+            RowGroupWriter(out / REJECTS_FILE, REMOVAL_SCHEMA) as w_rej:
+        for s in sources:
+            pf = pq.ParquetFile(inputs[s.name], pre_buffer=False)
+            n_in = pf.metadata.num_rows
+            names = pf.schema_arrow.names
+            # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
+            columns = None if "_json" in names or n_in == 0 else names
+            norm = _SourceNormalizer(s, cfg, columns, n_in > 0 and _source_files(pf, rows_per_batch) > 1)
+            kept = rejected = 0
+            src_reasons: Counter = Counter()
+            bar = tqdm(total=n_in, desc=f"normalize {s.name}", unit="row", unit_scale=True, file=sys.stderr,
+                       mininterval=1.0, disable=not progress)
+            for b in pf.iter_batches(batch_size=rows_per_batch, use_threads=False):
+                rows, rejects = norm.batch(pa.Table.from_batches([b]))
+                w_rows.write(pa.Table.from_pylist(rows, schema=NORMALIZED_FULL_SCHEMA))
+                w_rej.write(pa.Table.from_pylist(rejects, schema=REMOVAL_SCHEMA))
+                kept += len(rows)
+                rejected += len(rejects)
+                src_reasons.update(r["reason"] for r in rejects)
+                bar.update(b.num_rows)
+                del rows, rejects
+            bar.close()
+            per_source[s.name] = {"in": n_in, "kept": kept, "rejected": rejected,
+                                  "reasons": dict(sorted(src_reasons.items()))}
+            if s.emit != "cot":  # only then: the manifests of other sources stay as they were
+                per_source[s.name].update(emit=s.emit, direct_copies=norm.copies)
+            assert n_in + norm.copies == kept + rejected, s.name
+            reasons.update(src_reasons)
+        if all(v["in"] == 0 for v in per_source.values()):
+            _warn_empty(ingest_warnings, per_source)
+            raise EmptySourcesError(f"every source is empty (0 rows): {sorted(per_source)}; nothing to normalize")
+    warnings = _warn_empty(ingest_warnings, per_source)
+    outputs = {ROWS_FILE: w_rows.record, REJECTS_FILE: w_rej.record}
+    counts = {"rows_in": sum(v["in"] for v in per_source.values()), "kept": w_rows.record["rows"],
+              "rejected": w_rej.record["rows"],
+              "reasons": dict(sorted(reasons.items())),
               "per_source": per_source}
     manifest = {"stage": STAGE, "fingerprint": fp, "params": params, "outputs": outputs, "counts": counts,
                 "warnings": warnings}
