@@ -71,10 +71,12 @@ def ingest_task(sources: list[SourceSpec], output_dir: str, seed: int, local_fil
 
 @task(name="normalize", **_opts(("ingest_dir",), "pipeline.stages.normalize", "pipeline.rows"))
 def normalize_task(ingest_dir: str, output_dir: str, sources: list[SourceSpec], cfg: NormalizeConfig,
-                   progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
+                   progress: bool = True, versioned: bool = True, force: bool = False,
+                   memory_gb: float | None = None) -> dict:
     from pipeline.stages import normalize
 
-    return normalize.run(ingest_dir, output_dir, sources, cfg, progress=progress, versioned=versioned, force=force)
+    return normalize.run(ingest_dir, output_dir, sources, cfg, progress=progress, versioned=versioned, force=force,
+                         memory_gb=memory_gb)
 
 
 @task(name="stratify", **_opts(("input_dir",), "pipeline.stages.stratify", "pipeline.rows"))
@@ -98,11 +100,12 @@ def dedup_task(input_dir: str, output_dir: str, cfg: DedupConfig, progress: bool
 
 @task(name="tokenizer", **_opts(("input_dir",), "pipeline.stages.tokenize", "pipeline.rows"))
 def tokenizer_task(input_dir: str, output_dir: str, cfg: TokenizerConfig, conditions: list[str], seed: int,
-                   progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
+                   progress: bool = True, versioned: bool = True, force: bool = False,
+                   memory_gb: float | None = None) -> dict:
     from pipeline.stages import tokenize
 
     return tokenize.run(input_dir, output_dir, cfg, conditions=conditions, seed=seed, progress=progress,
-                        versioned=versioned, force=force)
+                        versioned=versioned, force=force, memory_gb=memory_gb)
 
 
 @task(name="contamination", **_opts(("input_dir", "benchmarks"), "pipeline.stages.contamination"))
@@ -126,10 +129,11 @@ def mix_task(input_dir: str, output_dir: str, cfg: MixConfig, rules: list[Stratu
 
 @task(name="pack", **_opts(("tokenized_dir", "mix_dir"), "pipeline.stages.pack"))
 def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig, progress: bool = True,
-              versioned: bool = True, force: bool = False) -> dict:
+              versioned: bool = True, force: bool = False, memory_gb: float | None = None) -> dict:
     from pipeline.stages import pack
 
-    return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force)
+    return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force,
+                    memory_gb=memory_gb)
 
 
 @task(name="lineage", **_opts(("stage_dirs",), "pipeline.lineage"))
@@ -347,7 +351,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
         if st == "ingest":
             return call(ingest_task, st, {}, [], sources=s.sources, seed=s.seed, local_file_hashes=_local_hashes(s))
         if st == "normalize":
-            return call(normalize_task, st, {"ingest_dir": upstream("ingest")}, ["ingest"], sources=s.sources, cfg=s.normalize)
+            return call(normalize_task, st, {"ingest_dir": upstream("ingest")}, ["ingest"], sources=s.sources, cfg=s.normalize,
+                        memory_gb=s.resources.memory_gb)
         if st == "stratify":
             return call(stratify_task, st, {"input_dir": upstream("normalize")}, ["normalize"], rules=s.stratify.rules,
                         source_order=[x.name for x in s.sources], memory_gb=s.resources.memory_gb)
@@ -356,7 +361,7 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
                         memory_gb=s.resources.memory_gb)
         if st == "tokenizer":
             return call(tokenizer_task, st, {"input_dir": upstream("dedup")}, ["dedup"], cfg=s.tokenizer,
-                        conditions=list(s.normalize.conditions), seed=s.seed)
+                        conditions=list(s.normalize.conditions), seed=s.seed, memory_gb=s.resources.memory_gb)
         if st == "contamination":
             assert contam is not None
             cfg = ContaminationConfig(**contam.model_dump(exclude={"benchmarks_dir", "hub"}))
@@ -373,7 +378,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
             return call(mix_task, st, {"input_dir": rows}, [src], cfg=s.mix, rules=s.stratify.rules, seed=s.mix_seed)
         if st == "pack":
             src, rows = train_rows()
-            return call(pack_task, st, {"tokenized_dir": rows, "mix_dir": upstream("mix")}, [src, "mix"], cfg=s.pack)
+            return call(pack_task, st, {"tokenized_dir": rows, "mix_dir": upstream("mix")}, [src, "mix"], cfg=s.pack,
+                        memory_gb=s.resources.memory_gb)
         if st == "lineage":
             dirs = {x: upstream(x) for x in ("normalize", "stratify", "dedup", "tokenizer", "mix", "pack")}
             if decon:

@@ -326,7 +326,8 @@ def _run_stage(args, spec) -> dict:
         if not args.input:
             _die("stage normalize needs --input (an ingest folder)")
         cfg = _stage_cfg(C.NormalizeConfig, spec.normalize, ov, "normalize")
-        man = normalize.run(args.input, args.output, spec.sources, cfg, progress=progress)
+        man = normalize.run(args.input, args.output, spec.sources, cfg, progress=progress,
+                            memory_gb=spec.resources.memory_gb)
     elif name == "stratify":
         from .stages import stratify
 
@@ -346,7 +347,7 @@ def _run_stage(args, spec) -> dict:
         cfg = _stage_cfg(C.TokenizerConfig, spec.tokenizer if spec else None, ov, "tokenizer")
         conds = list(spec.normalize.conditions if spec else C.NormalizeConfig().conditions)
         man = tokenize.run(args.input, args.output, cfg, conditions=conds, seed=spec.seed if spec else 1234,
-                           progress=progress)
+                           progress=progress, memory_gb=spec.resources.memory_gb if spec else None)
     elif name == "mix":
         from .stages import mix
 
@@ -360,7 +361,8 @@ def _run_stage(args, spec) -> dict:
         if not args.mix:
             _die("stage pack needs --mix (a mix folder) besides --input (a tokenizer folder)")
         cfg = _stage_cfg(C.PackConfig, spec.pack if spec else None, ov, "pack")
-        man = pack.run(args.input, args.mix, args.output, cfg, progress=progress)
+        man = pack.run(args.input, args.mix, args.output, cfg, progress=progress,
+                       memory_gb=spec.resources.memory_gb if spec else None)
     else:  # argparse restricts choices
         raise AssertionError(name)
     return man
