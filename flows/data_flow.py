@@ -138,11 +138,12 @@ def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig
 
 @task(name="lineage", **_opts(("stage_dirs",), "pipeline.lineage"))
 def lineage_task(stage_dirs: dict[str, str], output_dir: str, title: str, progress: bool = True,
-                 versioned: bool = True, force: bool = False) -> dict:
+                 versioned: bool = True, force: bool = False, memory_gb: float | None = None) -> dict:
     """`stage_dirs`: {stage: version folder} of the stages it reads (hashed by content for the cache)."""
     from pipeline import lineage
 
-    man = lineage.run(stage_dirs, output_dir, progress=progress, title=title, versioned=versioned, force=force)
+    man = lineage.run(stage_dirs, output_dir, progress=progress, title=title, versioned=versioned, force=force,
+                      memory_gb=memory_gb)
     if not man["counts"]["balanced"]:  # the report is written first, so the rows at fault can be read
         raise lineage.LineageError(f"lineage does not balance: some rows are unaccounted for, removed twice or both "
                                    f"removed and packed; see {Path(man['path']) / 'lineage.json'}")
@@ -384,7 +385,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
             dirs = {x: upstream(x) for x in ("normalize", "stratify", "dedup", "tokenizer", "mix", "pack")}
             if decon:
                 dirs["contamination"] = upstream("contamination")
-            m = call(lineage_task, st, {"stage_dirs": dirs}, list(dirs), title=f"{s.name} ({root})")
+            m = call(lineage_task, st, {"stage_dirs": dirs}, list(dirs), title=f"{s.name} ({root})",
+                     memory_gb=s.resources.memory_gb)
             create_markdown_artifact((Path(m["path"]) / "lineage.md").read_text(),
                                      key=artifact_key("lineage", label),
                                      description=f"lineage of {s.name} in {root}: where every row came from, why "

@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from .io import code_hash, file_record, finish_stage, fingerprint, open_stage
-from .io import read_json, write_json, write_parquet
+from .io import read_json, write_json
 from .runs import RUN_MANIFEST, read_run, stage_dir
 
 STAGE = "lineage"
@@ -166,8 +167,151 @@ def build(run_dir: str | os.PathLike | Stages) -> tuple[pl.DataFrame, dict]:
     return df, summary
 
 
+def _lineage_batch(rows: pl.DataFrame, rem_first: pl.DataFrame, packed: pl.DataFrame) -> pl.DataFrame:
+    """`build`'s per-row lineage of some stratified rows."""
+    df = (rows.join(rem_first, on="id", how="left")
+          .join(packed, on="id", how="left")
+          .with_columns(times_packed=pl.col("times_packed").fill_null(0)))
+    df = df.with_columns(
+        status=pl.when(pl.col("reason").is_not_null() & (pl.col("times_packed") > 0)).then(pl.lit("conflict"))
+        .when(pl.col("reason").is_not_null()).then(pl.lit("removed"))
+        .when(pl.col("times_packed") > 0).then(pl.lit("packed"))
+        .otherwise(pl.lit("unaccounted")))
+    return df.select("id", "source", "stratum", "status", "stage", "reason", "detail", "duplicate_of", "times_packed")
+
+
+def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.PathLike | None = None, *,
+                    memory_gb: float | None = None, progress: bool = False) -> tuple[dict, dict | None]:
+    """`build` with the stratified rows read a batch at a time: the per-row lineage is written to
+    `rows_path` row group by row group (byte-identical to `build`'s table written whole) and the
+    summary is summed over the batches. Returns (summary, file record of rows_path or None).
+    Held whole: the removed rows and the packed ids with their counts."""
+    from tqdm import tqdm
+
+    from . import budget
+    from .io import RowGroupWriter
+
+    d = stage_dirs(run_dir)
+    for st in ("normalize", "stratify", "pack"):
+        if st not in d or not (d[st] / "manifest.json").exists():
+            raise LineageError(f"lineage: no finished {st} stage folder ({d.get(st, 'missing')})")
+    rem = _removals(d)
+    twice = rem.group_by("id").len().filter(pl.col("len") > 1)
+    rem_first = rem.unique("id", keep="first", maintain_order=True)
+    packed = _packed_counts(d)
+    packed_seen = np.zeros(packed.height, bool)  # packed ids found among the stratified rows
+    packed_idx = packed.with_row_index("_k")
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(d["stratify"] / "rows.parquet", pre_buffer=False)
+    n_rows = pf.metadata.num_rows
+    status_n: dict[str, int] = {}
+    by_source: dict[tuple, int] = {}  # (source, status) and (source, "removed", stage, reason)
+    by_stratum: dict[tuple, int] = {}
+    times_packed: dict[str, int] = {}
+    firsts: dict[str, list] = {"unaccounted": [], "conflict": []}
+    examples: dict[tuple, list] = {}
+    sources: set = set()
+    writer = RowGroupWriter(rows_path, None) if rows_path is not None else None
+    bar = tqdm(total=n_rows, desc="lineage", unit="row", unit_scale=True, disable=not progress)
+    try:
+        if writer is not None:
+            writer.__enter__()
+        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, 256), columns=["id", "source", "stratum"],
+                                     use_threads=False):
+            rows = pl.from_arrow(pa.Table.from_batches([batch]))
+            df = _lineage_batch(rows, rem_first, packed)
+            if writer is not None:
+                t = df.to_arrow()
+                if writer.schema is None:
+                    writer.schema = t.schema
+                writer.write(t)
+            hit = rows.select("id").join(packed_idx, on="id", how="inner")["_k"].to_numpy()
+            packed_seen[hit] = True
+            for r in df.group_by("status").len().iter_rows():
+                status_n[r[0]] = status_n.get(r[0], 0) + r[1]
+            for r in df.group_by("source", "status").len().iter_rows():
+                sources.add(r[0])
+                by_source[(r[0], r[1])] = by_source.get((r[0], r[1]), 0) + r[2]
+            removed = df.filter(pl.col("status") == "removed")
+            for r in removed.group_by("source", "stage", "reason").len().iter_rows():
+                k = (r[0], "removed", r[1], r[2])
+                by_source[k] = by_source.get(k, 0) + r[3]
+            for r in df.group_by("stratum", "status").len().iter_rows():
+                by_stratum[(r[0], r[1])] = by_stratum.get((r[0], r[1]), 0) + r[2]
+            for r in removed.group_by("stratum", "stage", "reason").len().iter_rows():
+                k = (r[0], "removed", r[1], r[2])
+                by_stratum[k] = by_stratum.get(k, 0) + r[3]
+            for r in df.group_by("stratum").agg(pl.col("times_packed").sum()).iter_rows():
+                times_packed[r[0]] = times_packed.get(r[0], 0) + int(r[1])
+            for st in ("unaccounted", "conflict"):
+                if len(firsts[st]) < 20:
+                    firsts[st] += df.filter(pl.col("status") == st)["id"].head(20 - len(firsts[st])).to_list()
+            for key, sub in removed.group_by("stage", "reason"):
+                got = examples.setdefault(key, [])
+                if len(got) < 3:
+                    got += sub.head(3 - len(got)).select("id", "source", "detail", "duplicate_of").to_dicts()
+            bar.update(batch.num_rows)
+        if writer is not None:
+            if writer.schema is None:  # no stratified row: the empty table's schema
+                writer.schema = _lineage_batch(pl.from_arrow(pf.schema_arrow.empty_table().select(
+                    ["id", "source", "stratum"])), rem_first, packed).to_arrow().schema
+            writer.__exit__(None, None, None)
+    except BaseException as e:
+        if writer is not None:
+            writer.__exit__(type(e), e, e.__traceback__)
+        raise
+    finally:
+        bar.close()
+
+    norm_man = read_json(d["normalize"] / "manifest.json")
+    per_source = {}
+    for src, c in norm_man["counts"]["per_source"].items():
+        removed_by = {f"{k[2]}:{k[3]}": v for k, v in sorted(
+            ((k, v) for k, v in by_source.items() if len(k) == 4 and k[0] == src), key=lambda kv: kv[0][2:])}
+        per_source[src] = {
+            "ingested": c["in"], "rejected_at_normalize": c["reasons"],
+            "stratified": sum(v for k, v in by_source.items() if len(k) == 2 and k[0] == src),
+            **({"direct_copies": c["direct_copies"]} if c.get("direct_copies") else {}),
+            "packed": by_source.get((src, "packed"), 0),
+            "removed": by_source.get((src, "removed"), 0),
+            "removed_by": removed_by,
+        }
+    per_stratum = {}
+    for name in sorted({k[0] for k in by_stratum}):
+        reasons = {f"{k[2]}:{k[3]}": v for k, v in sorted(
+            ((k, v) for k, v in by_stratum.items() if len(k) == 4 and k[0] == name), key=lambda kv: kv[0][2:])}
+        entry = {
+            "in": sum(v for k, v in by_stratum.items() if len(k) == 2 and k[0] == name),
+            "packed": by_stratum.get((name, "packed"), 0),
+            "times_packed": times_packed.get(name, 0),
+            "removed": reasons,
+            "unaccounted": by_stratum.get((name, "unaccounted"), 0),
+            "conflicts": by_stratum.get((name, "conflict"), 0),
+        }
+        entry["balanced"] = entry["in"] == entry["packed"] + sum(entry["removed"].values())
+        per_stratum[name] = entry
+    stray = int(packed.height - packed_seen.sum())
+    summary = {
+        "rows_stratified": n_rows,
+        "rows_packed": status_n.get("packed", 0),
+        "rows_removed": status_n.get("removed", 0),
+        "unaccounted": firsts["unaccounted"],
+        "conflicts": firsts["conflict"],
+        "removed_twice": twice["id"].head(20).to_list(),
+        "packed_ids_not_in_stratify": stray,
+        "per_source": per_source,
+        "per_stratum": per_stratum,
+        "examples": {f"{k[0]}:{k[1]}": v for k, v in sorted(examples.items())},
+    }
+    summary["warnings"] = norm_man.get("warnings") or []
+    summary["balanced"] = (not summary["unaccounted"] and not summary["conflicts"] and not summary["removed_twice"]
+                           and stray == 0 and all(v["balanced"] for v in per_stratum.values()))
+    return summary, (writer.record if writer is not None else None)
+
+
 def run(run_dir: str | os.PathLike | Stages, output_dir: str | os.PathLike | None = None, *, progress: bool = True,
-        title: str | None = None, versioned: bool = False, force: bool = False) -> dict:
+        title: str | None = None, versioned: bool = False, force: bool = False, memory_gb: float | None = None) -> dict:
     """Account for every row of a run (a run folder, or {stage: folder}) into OUTPUT_DIR (default
     `<run>/lineage`)."""
     if output_dir is None and isinstance(run_dir, dict):
@@ -180,10 +324,10 @@ def run(run_dir: str | os.PathLike | Stages, output_dir: str | os.PathLike | Non
     if done is not None:
         return done
     t0 = time.time()
-    df, summary = build(d)
+    summary, rows_rec = build_streaming(d, out / "lineage.parquet", memory_gb=memory_gb, progress=progress)
     write_json(summary, out / "lineage.json")
     (out / "lineage.md").write_text(report_markdown(summary, f"Lineage of {name}"))
-    outputs = {"lineage.parquet": write_parquet(df.to_arrow(), out / "lineage.parquet"),
+    outputs = {"lineage.parquet": rows_rec,
                "lineage.json": file_record(out / "lineage.json"), "lineage.md": file_record(out / "lineage.md")}
     counts = {k: summary[k] for k in ("rows_stratified", "rows_packed", "rows_removed", "balanced")}
     manifest = {"stage": STAGE, "fingerprint": fp, "outputs": outputs, "counts": counts}
