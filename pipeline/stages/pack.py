@@ -281,18 +281,20 @@ class _RowKeys:
 
 
 def _take(path: Path, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values [start, start+length) of each range of an int32 file, concatenated; with their offsets."""
+    """Values [start, start+length) of each range of an int32 file, concatenated; with their offsets.
+    Read range by range (pread), not through a memory map: a mapped file's pages around each range
+    (read-ahead, fault-around: 64 KB and more) would count in the process's RSS."""
     off = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=off[1:])
-    total = int(off[-1])
-    if total == 0:
-        return np.zeros(0, np.int32), off
-    idx = np.repeat(starts - off[:-1], lengths) + np.arange(total, dtype=np.int64)
-    mm = np.memmap(path, dtype=np.int32, mode="r")
+    vals = np.empty(int(off[-1]), np.int32)
+    mv = memoryview(vals).cast("B")
+    fd = os.open(path, os.O_RDONLY)
     try:
-        vals = np.asarray(mm[idx])
+        for s, o, n in zip((starts * 4).tolist(), (off[:-1] * 4).tolist(), (lengths * 4).tolist()):
+            if n and os.preadv(fd, [mv[o : o + n]], s) != n:
+                raise OSError(f"pack: {path}: short read at byte {s}")
     finally:
-        del mm
+        os.close(fd)
     return vals, off
 
 
@@ -354,14 +356,16 @@ def run(
     read_rows = budget.batch_rows(memory_gb, row_bytes=4 * 3 * max(64, seq_len // 2))
     keys = _RowKeys(tok_file, out / ".pack-spill", eoa, read_rows, progress)
     try:
-        return _pack(keys, tok_file, mix_file, meta_file, out, cfg, fp, params, inputs, pad, seq_len, min_resp,
-                     open_bins, read_rows, progress, t0, tqdm)
+        manifest = _pack(keys, tok_file, mix_file, out, cfg, fp, params, inputs, pad, seq_len, min_resp, open_bins,
+                         read_rows, progress, tqdm)
     finally:
-        keys.close()
+        keys.close()  # before finish_stage renames a versioned folder into place
+    return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
 
-def _pack(keys: _RowKeys, tok_file, mix_file, meta_file, out: Path, cfg: PackConfig, fp, params, inputs, pad: int,
-          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, t0: float, tqdm) -> dict:
+def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, params, inputs, pad: int,
+          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, tqdm) -> dict:
+    """The packing itself; returns the manifest (written by `run`)."""
     P, R = keys.P, keys.R
     n_rows = len(P)
 
@@ -535,4 +539,4 @@ def _pack(keys: _RowKeys, tok_file, mix_file, meta_file, out: Path, cfg: PackCon
         "seq_len": seq_len,
         "pad_id": pad,
     }
-    return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
+    return manifest
