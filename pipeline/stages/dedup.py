@@ -323,10 +323,12 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
             n += batch.num_rows
             bar.update(batch.num_rows)
     bar.close()
-    if reader.kind == "jsonl":
-        schema_rows = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+    if not schemas:  # no row: the columns the loader gives an empty file
+        schema_rows = reader.assemble([]).schema
+    elif reader.kind == "jsonl":
+        schema_rows = pa.unify_schemas(schemas, promote_options="permissive")
     else:
-        schema_rows = schemas[0] if schemas else None
+        schema_rows = schemas[0]
     return FirstPass(
         rows=n,
         rejects=reader.rejects,

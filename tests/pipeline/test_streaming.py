@@ -259,3 +259,15 @@ def test_stratify_stays_within_a_low_memory_budget(tmp_path):
     assert int(r["out"].strip()) == n
     assert text_mb > 150
     assert r["maxrss_mb"] < 400, r
+
+
+def test_dedup_of_a_file_without_a_good_row_writes_empty_outputs(tmp_path):
+    from pipeline.config import DedupConfig
+    from pipeline.stages import dedup
+
+    f = tmp_path / "rows.jsonl"
+    _write_jsonl(f, ["{bad", json.dumps({"instruction": "x", "response": " "})])
+    man = dedup.run(f, tmp_path / "out", DedupConfig(), progress=False)
+    assert man["counts"] == {"rows_in": 0, "kept": 0, "exact_duplicates": 0, "near_duplicates": 0, "rejected": 2}
+    rows = pq.read_table(tmp_path / "out" / "rows.parquet")
+    assert rows.num_rows == 0 and rows.column_names == list(REQ)
