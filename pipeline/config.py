@@ -194,7 +194,7 @@ class TokenizerConfig(Strict):
     name: str | None = None  # pretrained: a Hub tokenizer name or a local tokenizer.json
     # every digit its own pre-token (the reference tokenizer splits one per number character), so BPE
     # never merges digit runs; saved in tokenizer.json, so every later load encodes numbers the same way
-    split_digits: bool = False  # the reference splits; not yet the default here (see README)
+    split_digits: bool = True  # as the reference; false keeps BPE digit runs (for comparison)
 
     @model_validator(mode="after")
     def _pretrained_name(self) -> "TokenizerConfig":

@@ -8,7 +8,7 @@ Tokenizer
 - kind "train": a byte-level BPE (`tokenizers` library: ByteLevel pre-tokenizer and decoder, the 256
   byte alphabet always in the vocabulary, no normalizer, so decode(encode(text)) == text) trained on a
   seeded sample of `cfg.sample_rows` rows (their instruction and response texts, fed in id order).
-  With `cfg.split_digits` (off by default for now: see README) the pre-tokenizer first isolates every
+  With `cfg.split_digits` (the default; false keeps BPE digit runs) the pre-tokenizer first isolates every
   digit (`Digits(individual_digits=True)`, then ByteLevel), as the reference tokenizer does (one
   pre-token per number character): BPE never merges digit runs, so "1234" is 4 tokens. The
   pre-tokenizer is saved in tokenizer.json, so every later load (`load_tokenizer`: contamination,

@@ -256,7 +256,7 @@ def test_digits_split_by_default_and_kept_by_every_load(tmp_path, tok_run, rows)
     """Every digit is its own token (the reference's \\p{N} split); the saved tokenizer.json carries the
     pre-tokenizer, so load_tokenizer (contamination, evaluation) encodes numbers the same way."""
     d, _, _ = tok_run
-    assert CFG.split_digits is True  # (the default is still off: see README)
+    assert CFG.split_digits is True  # (also the default)
     tok, meta = T.load_tokenizer(d / "out")
     assert meta["split_digits"] is True and T.splits_digits(tok)
     enc = tok.encode("She paid 1234 dollars and 72 cents.", add_special_tokens=False)
