@@ -279,10 +279,13 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     in_order, last_prio = True, None
     seen = _IdSet() if cfg.exact else None
     written: list[np.ndarray] = []  # rows whose text is in the texts file, ascending
-    bar = tqdm(total=reader.total_rows, desc="dedup read", unit="row", unit_scale=True, disable=not progress)
+    bar = None  # opened at the first batch: an input that fails before any row shows no bar
     schema = pa.schema([("text", pa.large_string())])
     with pa.OSFile(str(texts_path), "wb") as sink, pa.ipc.new_file(sink, schema) as texts:
         for batch in reader:
+            if bar is None:
+                bar = tqdm(total=reader.total_rows, desc="dedup read", unit="row", unit_scale=True,
+                           disable=not progress)
             batch = reader.conform(batch)
             if has_prio is None:
                 has_prio, has_stratum = "priority" in batch.column_names, "stratum" in batch.column_names
@@ -322,7 +325,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
             schemas.append(batch.schema)
             n += batch.num_rows
             bar.update(batch.num_rows)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if not schemas:  # no row: the columns the loader gives an empty file
         schema_rows = reader.assemble([]).schema
     elif reader.kind == "jsonl":

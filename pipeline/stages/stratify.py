@@ -96,9 +96,12 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     order = list(source_order or [])
     stats = _StrataStats()
     by_rule: dict[str, int] = {}
-    bar = tqdm(total=reader.total_rows, desc="stratify", unit="row", unit_scale=True, disable=not progress)
+    bar = None  # opened at the first batch: an input that fails before any row shows no bar
     with RowGroupWriter(out / ROWS_FILE, STRATIFIED_SCHEMA) as w:
         for batch in reader:
+            if bar is None:
+                bar = tqdm(total=reader.total_rows, desc="stratify", unit="row", unit_scale=True,
+                           disable=not progress)
             df = pl.from_arrow(reader.conform(batch))
             if "origin" not in df.columns:
                 df = df.with_columns(origin=pl.col("source"))
@@ -114,7 +117,8 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
             for r in df.group_by("rule").len().to_dicts():
                 by_rule[r["rule"]] = by_rule.get(r["rule"], 0) + r["len"]
             bar.update(batch.num_rows)
-    bar.close()
+    if bar is not None:
+        bar.close()
     kept = w.record["rows"]
     strata = stats.result()
     write_json(strata, out / STRATA_FILE)
