@@ -18,8 +18,9 @@ Inputs
 Method (cfg.method; per n in cfg.ngram_sizes, default 13 and 8)
 - words (the default; GPT-3 / OLMo style): matching on normalised text, independent of the tokenizer's
   boundaries (the same question tokenizes differently alone and inside a row: "?" vs "?\n" merges).
-  Text is folded byte by byte (`fold_bytes`: ASCII letters lowercased, digits kept, every other byte -
-  punctuation, symbols, whitespace and all non-ASCII bytes (Unicode quotes, dashes, minus signs,
+  Text is folded byte by byte (`fold_bytes`: ASCII letters lowercased, digits kept, the operators
+  + - * / = < > ^ % kept as words of their own (36 - 21 is not 36 + 21, -93 is not 93), every other
+  byte - punctuation, symbols, whitespace and all non-ASCII bytes (Unicode quotes, dashes, minus signs,
   accented letters) - a separator) and split into words; one-letter words a-z are dropped (option
   labels "A." "(b)" between appended choices, and "a", "I"). Folding per byte makes it exact to work
   from token ids: the training rows are never decoded; `TokenWords` folds each vocabulary entry's bytes
@@ -38,11 +39,12 @@ Method (cfg.method; per n in cfg.ngram_sizes, default 13 and 8)
   item is tokenized (no special tokens) and matched with n-token windows; an item shorter than n tokens
   has no n-grams (coverage 0, counted as `too_short`); no n-gram contains a special token.
 - Hashing (both): prefix hashes of the units give the hash of any window of any size in two array
-  operations (`Windows`); the window size is mixed into the hash so every size of every n lives in one
-  sorted uint64 array of distinct item window hashes (the index), with a 2^26-bit table of their top bits
-  as a prefilter. The training units are streamed in row batches as one flat array (prompt and response
-  are separate segments: no window crosses them), every window of every size in use is hashed in one
-  vectorised pass and looked up with np.searchsorted. Hits are kept as (index entry, training row)
+  operations (`Windows`); the window size is mixed into the hash. Per window size in use, the distinct
+  item window hashes form a sorted uint64 array (the index) with a table of their top bits (about 32
+  bits per key, at most 2^27) as a prefilter. The training units are streamed in row batches as one
+  flat array (prompt and response are separate segments), every window start of every size in use is
+  hashed in one vectorised pass and looked up with np.searchsorted; a hit whose window crosses a
+  segment end (or, for tokens, holds a special token) is dropped. Hits are kept as (index entry, training row)
   pairs, at most `cfg.max_rows_per_ngram` rows per window (attribution). Indexing the (small) benchmark
   side and streaming the (large) training side gives exactly the set "item windows that occur in
   training" that an index of the training data would, with memory bounded by one batch.
