@@ -655,13 +655,36 @@ class SignatureStore:
 
 def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int) -> pa.Table:
     """LSH buckets of all parts -> bucket_dir/candidates.parquet (a, b, estimated_jaccard), a < b,
-    sorted by (a, b)."""
-    keys, valid = [np.zeros((bands, 0), np.uint64)], [np.zeros(0, bool)]
-    for p in parts:
-        sig = np.load(p)
-        keys.append(minhash.band_keys(sig, bands, rows))
-        valid.append(sig[:, 0] != minhash.EMPTY)  # no shingle: never a near duplicate
-    pairs = minhash.candidate_pairs(np.concatenate(keys, axis=1), np.concatenate(valid))
+    sorted by (a, b).
+
+    Out of core: each part's band keys are appended to one file per band (bucket_dir/band-NN.u64), then
+    each band's keys alone give that band's pairs (`minhash.candidate_pairs`); the pairs of all bands
+    are merged. Held at once: one part's signatures and keys, then one band's keys (8 bytes a
+    document) and the pairs."""
+    bucket_dir.mkdir(parents=True, exist_ok=True)
+    band_files = [bucket_dir / f"band-{j:02d}.u64" for j in range(bands)]
+    valid = [np.zeros(0, bool)]
+    sinks = [open(f, "wb") for f in band_files]
+    try:
+        for p in parts:
+            sig = np.load(p, mmap_mode="r")
+            keys = minhash.band_keys(sig, bands, rows)  # (bands, n)
+            for j in range(bands):
+                keys[j].tofile(sinks[j])
+            valid.append(sig[:, 0] != minhash.EMPTY)  # no shingle: never a near duplicate
+            del sig, keys
+    finally:
+        for f in sinks:
+            f.close()
+    ok = np.concatenate(valid)
+    D = ok.size
+    edges = [np.zeros((0, 2), np.int64)]
+    for f in band_files:
+        edges.append(minhash.candidate_pairs(np.fromfile(f, np.uint64)[None, :], ok))
+        f.unlink()
+    e = np.concatenate(edges)
+    code = np.unique(e[:, 0] * np.int64(max(D, 1)) + e[:, 1])  # as candidate_pairs merges its bands
+    pairs = np.stack([code // max(D, 1), code % max(D, 1)], axis=1)
     store = SignatureStore(parts)
     est = minhash.estimated_jaccard(store.rows(pairs[:, 0]), store.rows(pairs[:, 1]))
     cand = pa.table(

@@ -271,3 +271,30 @@ def test_dedup_of_a_file_without_a_good_row_writes_empty_outputs(tmp_path):
     assert man["counts"] == {"rows_in": 0, "kept": 0, "exact_duplicates": 0, "near_duplicates": 0, "rejected": 2}
     rows = pq.read_table(tmp_path / "out" / "rows.parquet")
     assert rows.num_rows == 0 and rows.column_names == list(REQ)
+
+
+def test_lsh_buckets_band_by_band_on_disk_equal_all_bands_in_memory(tmp_path):
+    """bucket_step writes each part's band keys to one file per band and pairs each band alone: the
+    candidates are those of `minhash.candidate_pairs` over every band of every part at once."""
+    import numpy as np
+
+    from pipeline import minhash
+    from pipeline.config import DedupConfig
+    from pipeline.stages import dedup
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(200)]
+    texts = [" ".join(rng.choice(words, 30)) for _ in range(3000)]
+    texts += [t.replace("w1 ", "w2 ", 1) for t in texts[:500]]
+    dedup.write_docs(pa.array(texts, pa.large_string()), tmp_path / "docs.arrow")
+    cfg = DedupConfig(threshold=0.5)
+    parts = dedup.signature_step(tmp_path / "docs.arrow", tmp_path / "sig", cfg, key=None, part_rows=700,
+                                 progress=False)
+    bands, rows, _ = dedup.lsh_params(cfg)
+    cand = dedup.bucket_step(parts, tmp_path / "buckets", bands, rows)
+    keys = np.concatenate([minhash.band_keys(np.load(p), bands, rows) for p in parts], axis=1)
+    valid = np.concatenate([np.load(p)[:, 0] != minhash.EMPTY for p in parts])
+    ref = minhash.candidate_pairs(keys, valid)
+    assert len(parts) == 5 and ref.shape[0] >= 500
+    assert np.array_equal(np.stack([cand["a"].to_numpy(), cand["b"].to_numpy()], axis=1), ref)
+    assert [p.name for p in (tmp_path / "buckets").iterdir()] == ["candidates.parquet"]  # band files removed
