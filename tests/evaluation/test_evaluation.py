@@ -70,7 +70,7 @@ def test_end_to_end_both_protocols_with_clean_subset(trained, shared, tmp_path, 
     assert main(["--checkpoint", str(trained / "ckpt"), "--tokenizer", str(trained / "tok"), "--benchmarks", str(bench),
                  "--output", str(tmp_path / "eval"), "--tasks", "arc_challenge,gsm8k,hellaswag,drop", "--limit", "6",
                  "--contamination", str(tmp_path / "contam"), "--fewshot", "arc_challenge=2", "--fewshot", "hellaswag=1",
-                 "--fewshot", "drop=1", "--max-gen-toks", "24", "--protocol", "both"]) == 0
+                 "--fewshot", "drop=1", "--max-gen-toks", "16", "--protocol", "both"]) == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["protocol"] == "both"
     assert list(res["tasks"]) == ["arc_challenge", "gsm8k", "hellaswag", "drop",
