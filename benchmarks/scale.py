@@ -142,7 +142,10 @@ def child(args: argparse.Namespace) -> None:
         n = len(texts)
     else:
         raise SystemExit(f"unknown stage {args.stage}")
-    print(json.dumps({"rows": n, "seconds": time.perf_counter() - t0}))
+    res = {"rows": n, "seconds": time.perf_counter() - t0}
+    if (work / "timing.json").exists():  # a stage's own split of its time
+        res["timing"] = {k: round(v, 1) for k, v in json.loads((work / "timing.json").read_text()).items()}
+    print(json.dumps(res))
 
 
 def measure(stage: str, code: Path, inp: Path, out: Path, budget: float | None, workers: int) -> dict:
@@ -229,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{stage:<10}{name:<6}  failed: {r['error']}")
             continue
         print(f"{stage:<10}{name:<6}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>11,.0f}{r['maxrss_mb']:>13,.0f}")
+    for stage, name, r in results:
+        if r.get("timing"):
+            print(f"{stage} ({name}) steps, seconds: {r['timing']}")
     sec = {(s, n): r.get("seconds") for s, n, r in results}
     if sec.get(("dedup", "new")) and sec.get(("library", "new")):
         ratio = sec[("dedup", "new")] / sec[("library", "new")]
