@@ -211,8 +211,8 @@ class _RowKeys:
     to two flat int32 files, prompts and responses, from which the packer gathers them in batches).
 
     Held per row: prompt and response lengths (int64 each), the row's offsets into the two token files
-    (int64 each), a source code (int32) and the id (an Arrow string: its bytes + 4). That is about
-    36 bytes + the id per row, whatever the lengths of the texts."""
+    (int64 each), a source code (int32) and the id (an Arrow large string: its bytes + 8). That is about
+    40 bytes + the id per row, whatever the lengths of the texts."""
 
     def __init__(self, tok_file: Path, spill: Path, eoa: int, batch_rows: int, progress: bool):
         from tqdm.auto import tqdm
@@ -264,7 +264,9 @@ class _RowKeys:
         np.cumsum(self.P, out=self.p_off[1:])
         self.r_off = np.zeros(len(self.R) + 1, np.int64)
         np.cumsum(self.R, out=self.r_off[1:])
-        self.ids = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
+        # large_string: the ids of a hundred million rows pass the 2 GB a string array's offsets can address
+        self.ids = (pa.chunked_array([c.cast(pa.large_string()) for c in ids], pa.large_string()).combine_chunks()
+                    if ids else pa.array([], pa.large_string()))
 
     def gather(self, rows: np.ndarray, keep_r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The prompts and kept responses of `rows` (in that order): (prompt values, prompt offsets,
@@ -380,7 +382,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     # samples, in mix order
     mix = pq.read_table(mix_file, columns=["epoch", "order", "id"])
     mix = mix.sort_by([("epoch", "ascending"), ("order", "ascending")])
-    j_of = pc.index_in(mix["id"], value_set=keys.ids)
+    j_of = pc.index_in(mix["id"].cast(pa.large_string()), value_set=keys.ids)
     if j_of.null_count:
         miss = mix.filter(pc.is_null(j_of))["id"]
         raise ValueError(

@@ -220,7 +220,7 @@ class _Prepared:
 
     After a pass: `removals` (the loader's rejections, then the duplicate ids, then the condition
     removals, each in row order: as the whole-table version listed them), `rows_in`, `rows` (kept),
-    and with `keep_ids` the kept rows' ids (an Arrow string array: the only thing held per row)."""
+    and with `keep_ids` the kept rows' ids (an Arrow large string array: the only thing held per row)."""
 
     def __init__(self, input_path, conditions: list[str], memory_gb: float | None, keep_ids: bool = False):
         self.reader = RowReader(input_path, NORMALIZED_FIELDS, stage=STAGE,
@@ -274,7 +274,7 @@ class _Prepared:
                     t = t.append_column(col, default)
             t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
             id_col = t["id"].combine_chunks()
-            self._loaded_ids.append(id_col)
+            self._loaded_ids.append(id_col.cast(pa.large_string()))  # past 2 GB of ids as well
             dup = self._seen.add_new(id_col)
             keep = ~dup
             ids = sources = None
@@ -302,13 +302,13 @@ class _Prepared:
             self.loaded += n
             self.rows += t.num_rows
             if self.keep_ids:
-                self.ids.append(t["id"].combine_chunks())
+                self.ids.append(t["id"].combine_chunks().cast(pa.large_string()))
             if t.num_rows:
                 yield t
         self.removals = [dict(r, stage=STAGE) for r in reader.rejects]
         if self._dups:
-            all_ids = pa.chunked_array(self._loaded_ids, pa.string()).combine_chunks()
-            first = pc.index_in(pa.array([d[1] for d in self._dups], pa.string()), value_set=all_ids).to_pylist()
+            all_ids = pa.chunked_array(self._loaded_ids, pa.large_string()).combine_chunks()
+            first = pc.index_in(pa.array([d[1] for d in self._dups], pa.large_string()), value_set=all_ids).to_pylist()
             for (i, rid, src), f in zip(self._dups, first):
                 r = _removal(rid, src, "duplicate_id", f"row {i}: id already used by row {f}")
                 r["duplicate_of"] = rid
@@ -318,7 +318,8 @@ class _Prepared:
         self.rows_in = self.loaded + len(reader.rejects)
 
     def kept_ids(self) -> pa.Array:
-        return pa.chunked_array(self.ids, pa.string()).combine_chunks() if self.ids else pa.array([], pa.string())
+        return (pa.chunked_array(self.ids, pa.large_string()).combine_chunks() if self.ids
+                else pa.array([], pa.large_string()))
 
 
 def _sample_indices(ids: pa.Array | list[str], sample_rows: int, seed: int) -> np.ndarray:

@@ -217,7 +217,7 @@ def test_hrm_stage_pack_stays_within_a_low_memory_budget(tmp_path):
     the code before issue 13 peaked at 909 MB on them) under a 0.3 GB budget stays under 350 MB
     (measured: about 307 MB, of which about 90 MB is the interpreter with pyarrow/numpy/the CLI), peak
     RSS by getrusage in a waiter process. What stays in memory is per row: lengths, offsets, a source
-    code and the id (about 36 bytes + the id), and per mix sample its row and epoch; the tokens are
+    code and the id (about 40 bytes + the id), and per mix sample its row and epoch; the tokens are
     gathered from the spill files a batch of samples at a time."""
     n = 400_000
     rng = np.random.default_rng(0)
