@@ -169,6 +169,15 @@ def test_decontaminate_at_a_lower_bucket(planted):
     assert rep["decontaminate_at"] == "not_clean"
     with pytest.raises(ValueError, match="decontaminate_at"):
         ContaminationConfig(decontaminate_at="clean")
+    # the spec setting (hrm run --set contamination.decontaminate_at=...) reaches the stage's config
+    from flows.data_flow import contamination_settings
+    from pipeline.spec import load_spec
+
+    sp = load_spec("demo", [f"contamination.benchmarks_dir={bench}", "contamination.decontaminate_at=not_dirty",
+                            "contamination.decontaminate=true", "contamination.method=tokens"])
+    c = contamination_settings(sp, None, None)
+    cfg = ContaminationConfig(**c.model_dump(exclude={"benchmarks_dir", "hub"}))
+    assert (cfg.decontaminate_at, cfg.method, cfg.decontaminate) == ("not_dirty", "tokens", True)
 
 
 def test_token_method_is_the_llama2_check(planted):
