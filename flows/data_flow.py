@@ -120,11 +120,12 @@ def contamination_task(input_dir: str, benchmarks: str | list[str], output_dir: 
 
 @task(name="mix", **_opts(("input_dir",), "pipeline.stages.mix"))
 def mix_task(input_dir: str, output_dir: str, cfg: MixConfig, rules: list[StratumRule], seed: int,
-             progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
+             progress: bool = True, versioned: bool = True, force: bool = False,
+             memory_gb: float | None = None) -> dict:
     from pipeline.stages import mix
 
     return mix.run(input_dir, output_dir, cfg, rules=rules, seed=seed, progress=progress, versioned=versioned,
-                   force=force)
+                   force=force, memory_gb=memory_gb)
 
 
 @task(name="pack", **_opts(("tokenized_dir", "mix_dir"), "pipeline.stages.pack"))
@@ -376,7 +377,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
             return call(contamination_task, st, {"input_dir": upstream("tokenizer")}, ["tokenizer"], benchmarks=bench, cfg=cfg)
         if st == "mix":
             src, rows = train_rows()
-            return call(mix_task, st, {"input_dir": rows}, [src], cfg=s.mix, rules=s.stratify.rules, seed=s.mix_seed)
+            return call(mix_task, st, {"input_dir": rows}, [src], cfg=s.mix, rules=s.stratify.rules, seed=s.mix_seed,
+                        memory_gb=s.resources.memory_gb)
         if st == "pack":
             src, rows = train_rows()
             return call(pack_task, st, {"tokenized_dir": rows, "mix_dir": upstream("mix")}, [src, "mix"], cfg=s.pack,

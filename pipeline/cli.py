@@ -354,7 +354,8 @@ def _run_stage(args, spec) -> dict:
         cfg = _stage_cfg(C.MixConfig, spec.mix if spec else None, ov, "mix")
         rules = spec.stratify.rules if spec else []
         seed = spec.mix_seed if spec else (cfg.seed if cfg.seed is not None else 1234)
-        man = mix.run(args.input, args.output, cfg, rules=rules, seed=seed, progress=progress)
+        man = mix.run(args.input, args.output, cfg, rules=rules, seed=seed, progress=progress,
+                      memory_gb=spec.resources.memory_gb if spec else None)
     elif name == "pack":
         from .stages import pack
 

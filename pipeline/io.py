@@ -91,7 +91,8 @@ class RowGroupWriter:
     """Parquet written row group by row group (atomically), byte-identical to `write_parquet` of all
     the rows at once as one chunk: rows are buffered until ROW_GROUP of them are there, and each row
     group is written as one contiguous chunk (the Parquet encoder's pages depend on the chunks it is
-    given). `record` ({sha256, rows, bytes}) is set when the block ends.
+    given). `record` ({sha256, rows, bytes}) is set when the block ends. `new_chunk()` makes the rows
+    written next a chunk of their own, as in a whole table made of several chunks (one per epoch, say).
 
         with RowGroupWriter(path, schema) as w:
             for batch in batches:
@@ -104,6 +105,12 @@ class RowGroupWriter:
         self.buffered = 0
         self.rows = 0
         self.record: dict = {}
+        self.breaks: list[int] = []  # offsets in the buffered rows where a new chunk starts
+
+    def new_chunk(self) -> None:
+        """The rows written next begin a new chunk (of the whole table this file equals)."""
+        if self.buffered and (not self.breaks or self.breaks[-1] != self.buffered):
+            self.breaks.append(self.buffered)
 
     def __enter__(self) -> "RowGroupWriter":
         self._ctx = atomic_path(self.path)
@@ -122,9 +129,12 @@ class RowGroupWriter:
     def _flush(self, k: int) -> None:
         t = pa.concat_tables(self.buf)
         head, rest = t.slice(0, k), t.slice(k)
+        cuts = [0] + [b for b in self.breaks if 0 < b < k] + [k]
+        head = pa.concat_tables([head.slice(a, b - a).combine_chunks() for a, b in zip(cuts[:-1], cuts[1:])])
+        self.breaks = [b - k for b in self.breaks if b > k]
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-        self.writer.write_table(head.combine_chunks(), row_group_size=self.row_group)
+        self.writer.write_table(head, row_group_size=self.row_group)
         self.rows += head.num_rows
         self.buf = [rest] if rest.num_rows else []
         self.buffered = rest.num_rows

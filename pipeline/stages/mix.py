@@ -75,7 +75,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import io
+from pipeline import budget, io
 from pipeline.config import MixConfig, StratumRule
 from pipeline.schema import REMOVAL_SCHEMA
 
@@ -358,6 +358,54 @@ def _token_cap_rows(tok_perm: np.ndarray, ptr: int, cap_tokens: int, limit: int)
     return max(1, min(k, limit))
 
 
+@dataclass
+class _Keys:
+    """The per-row keys mix needs, in the file's row order."""
+
+    ids: pa.Array  # large_string
+    tokens: np.ndarray  # int64: prompt_tokens + response_tokens
+    stratum: np.ndarray  # int32 codes into stratum_names (sorted, so code order = name order)
+    rule: np.ndarray  # int32 codes into rule_names
+    source: np.ndarray  # int32 codes into source_names
+    stratum_names: list[str]
+    rule_names: list[str]
+    source_names: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+
+def _read_keys(src: Path, cols: list[str]) -> _Keys:
+    pf = pq.ParquetFile(src, pre_buffer=False)
+    ids: list[pa.Array] = []
+    tokens: list[np.ndarray] = []
+    raw: dict[str, list[np.ndarray]] = {"stratum": [], "rule": [], "source": []}
+    seen: dict[str, dict[str, int]] = {k: {} for k in raw}
+    for i in range(pf.num_row_groups):
+        t = pf.read_row_group(i, columns=cols)
+        ids.append(t["id"].combine_chunks().cast(pa.large_string()))
+        tokens.append(t["prompt_tokens"].to_numpy().astype(np.int64) + t["response_tokens"].to_numpy().astype(np.int64))
+        for k in raw:
+            enc = t[k].combine_chunks().dictionary_encode()
+            local = np.array([seen[k].setdefault(v, len(seen[k])) for v in enc.dictionary.to_pylist()], np.int32)
+            raw[k].append(local[enc.indices.to_numpy(zero_copy_only=False)] if len(local) else np.zeros(0, np.int32))
+    names: dict[str, list[str]] = {}
+    codes: dict[str, np.ndarray] = {}
+    for k in raw:
+        first = list(seen[k])  # code of first appearance -> name
+        names[k] = sorted(first)
+        pos = {v: j for j, v in enumerate(names[k])}
+        remap = np.array([pos[v] for v in first], np.int32) if first else np.zeros(0, np.int32)
+        codes[k] = remap[np.concatenate(raw[k])] if raw[k] else np.zeros(0, np.int32)
+    return _Keys(
+        ids=pa.concat_arrays(ids) if ids else pa.array([], pa.large_string()),
+        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+        stratum=codes["stratum"], rule=codes["rule"], source=codes["source"],
+        stratum_names=names["stratum"], rule_names=names["rule"], source_names=names["source"],
+    )
+
+
 def run(
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -366,8 +414,15 @@ def run(
     rules: list[StratumRule],
     seed: int,
     progress: bool = True, versioned: bool = False, force: bool = False,
+    memory_gb: float | None = None,
 ) -> dict:
-    """Select and order the samples of every epoch; return the stage manifest."""
+    """Select and order the samples of every epoch; return the stage manifest.
+
+    Streams: the tokenized rows are read row group by row group into small per-row keys (the id as
+    one Arrow string array, stratum/rule/source codes, the token count; the texts and token lists are
+    never read), the permutations are of row indices, and the sample list and the removals are
+    gathered and written a batch at a time (`memory_gb` sizes the batches). The outputs do not depend
+    on the batch size."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -391,32 +446,38 @@ def run(
     missing = [c for c in cols if c not in names]
     if missing:
         raise ValueError(f"mix: {src}: missing column(s) {missing}; expected at least {cols}, found {names}")
-    t = pq.read_table(src, columns=cols)
-    n_all = t.num_rows
+    keys = _read_keys(src, cols)
+    n_all = keys.n
     if n_all == 0:
         raise ValueError(f"mix: {src} has no rows")
-    if pc.count_distinct(t["id"]).as_py() != n_all:
+    if pc.count_distinct(keys.ids).as_py() != n_all:
         raise ValueError(f"mix: {src}: ids are not unique")
-    tokens = t["prompt_tokens"].to_numpy().astype(np.int64) + t["response_tokens"].to_numpy().astype(np.int64)
+    tokens = keys.tokens
 
-    # strata: contiguous groups of the rows sorted by (stratum, id)
-    order = pc.sort_indices(t, sort_keys=[("stratum", "ascending"), ("id", "ascending")]).to_numpy()
-    st_sorted = t["stratum"].take(pa.array(order)).combine_chunks()
-    codes = st_sorted.dictionary_encode().indices.to_numpy()
+    # strata: contiguous groups of the rows sorted by (stratum, id); stratum codes follow the names' order
+    order = pc.sort_indices(
+        pa.table({"s": keys.stratum, "id": keys.ids}), sort_keys=[("s", "ascending"), ("id", "ascending")]
+    ).to_numpy()
+    codes = keys.stratum[order]
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [n_all]])
-    rule_col = t["rule"]
+    pairs = np.unique(keys.stratum.astype(np.int64) * len(keys.rule_names) + keys.rule)
+    rules_of: dict[int, list[str]] = {}
+    for v in pairs.tolist():
+        rules_of.setdefault(v // len(keys.rule_names), []).append(keys.rule_names[v % len(keys.rule_names)])
     groups: dict[str, np.ndarray] = {}
     stats: dict[str, StratumStats] = {}
     for a, b in zip(bounds[:-1], bounds[1:]):
         idx = order[a:b]
-        name = st_sorted[int(a)].as_py()
-        labels = pc.unique(rule_col.take(pa.array(idx))).to_pylist()
+        code = int(codes[a])
+        name = keys.stratum_names[code]
+        labels = rules_of[code]
         if len(labels) != 1:
             raise ValueError(
                 f"mix: stratum {name!r} has rows with different rules {sorted(labels)}; one rule per stratum"
             )
         groups[name] = idx
         stats[name] = StratumStats(rows=len(idx), mean_tokens=float(tokens[idx].mean()), rule=labels[0])
+    del order, codes
 
     mp = plan(stats, cfg, rules, max_repeat=max_repeat)
 
@@ -482,44 +543,59 @@ def run(
         ps = per_stratum[name]
         ps["effective_repeat"] = ps["seen_tokens"] / ps["unique_tokens"] if ps["unique_tokens"] else 0.0
 
-    # global shuffle per epoch, write the sample list
-    ids = t["id"].combine_chunks()
-    tables = []
+    # global shuffle per epoch, the sample list written a batch at a time (one chunk per epoch, as the
+    # whole table of all epochs was written before)
+    ids = keys.ids
+    step = budget.batch_rows(memory_gb, row_bytes=max(16.0, ids.nbytes / n_all) * 3)
     seen_rows_per_epoch = []
-    for e in range(E):
-        part = np.concatenate(epoch_parts[e]) if epoch_parts[e] else np.zeros(0, np.int64)
-        part = part[np.random.default_rng(derive_seed(seed, "shuffle", e)).permutation(len(part))]
-        seen_rows_per_epoch.append(int(len(part)))
-        tables.append(
-            pa.Table.from_arrays(
-                [
-                    pa.array(np.full(len(part), e, dtype=np.int32)),
-                    pa.array(np.arange(len(part), dtype=np.int64)),
-                    ids.take(pa.array(part)),
-                ],
-                schema=MIX_SCHEMA,
-            )
-        )
-    mix_table = pa.concat_tables(tables)
+    with io.RowGroupWriter(out / MIX_FILE, MIX_SCHEMA) as w:
+        for e in range(E):
+            part = np.concatenate(epoch_parts[e]) if epoch_parts[e] else np.zeros(0, np.int64)
+            epoch_parts[e] = []
+            part = part[np.random.default_rng(derive_seed(seed, "shuffle", e)).permutation(len(part))]
+            seen_rows_per_epoch.append(int(len(part)))
+            w.new_chunk()
+            for s0 in range(0, len(part), step):
+                p = part[s0 : s0 + step]
+                w.write(
+                    pa.Table.from_arrays(
+                        [
+                            pa.array(np.full(len(p), e, dtype=np.int32)),
+                            pa.array(np.arange(s0, s0 + len(p), dtype=np.int64)),
+                            ids.take(pa.array(p)).cast(pa.string()),
+                        ],
+                        schema=MIX_SCHEMA,
+                    )
+                )
+            del part
+    mix_record = w.record
 
     # removals: never selected
-    never = pa.array(np.flatnonzero(~used))
+    never = np.flatnonzero(~used)
     detail = {
         name: f"stratum {name!r} (rule {p['rule']!r}): in none of the {E} epoch windows "
         f"({p['unique_rows']} of {p['rows_available']} rows used)"
         for name, p in per_stratum.items()
     }
-    removals = pa.Table.from_arrays(
-        [
-            ids.take(never),
-            t["source"].take(never).combine_chunks(),
-            pa.array([STAGE] * len(never), pa.string()),
-            pa.array(["capped"] * len(never), pa.string()),
-            pa.array([detail[s] for s in t["stratum"].take(never).to_pylist()], pa.string()),
-            pa.nulls(len(never), pa.string()),
-        ],
-        schema=REMOVAL_SCHEMA,
-    )
+    details = pa.array([detail.get(x, "") for x in keys.stratum_names], pa.string())
+    sources = pa.array(keys.source_names, pa.string())
+    with io.RowGroupWriter(out / REMOVALS_FILE, REMOVAL_SCHEMA) as w:
+        for s0 in range(0, len(never), step):
+            nv = never[s0 : s0 + step]
+            w.write(
+                pa.Table.from_arrays(
+                    [
+                        ids.take(pa.array(nv)).cast(pa.string()),
+                        sources.take(pa.array(keys.source[nv])),
+                        pa.array([STAGE] * len(nv), pa.string()),
+                        pa.array(["capped"] * len(nv), pa.string()),
+                        details.take(pa.array(keys.stratum[nv])),
+                        pa.nulls(len(nv), pa.string()),
+                    ],
+                    schema=REMOVAL_SCHEMA,
+                )
+            )
+    removals_record = w.record
 
     unique_tokens = int(tokens[used].sum())
     seen_tokens = sum(p["seen_tokens"] for p in per_stratum.values())
@@ -543,7 +619,7 @@ def run(
             "rows_capped": int(len(never)),
             "tokens_available": int(tokens.sum()),
             "unique_tokens": unique_tokens,
-            "seen_rows": int(len(mix_table)),
+            "seen_rows": int(sum(seen_rows_per_epoch)),
             "seen_tokens": seen_tokens,
             "seen_rows_per_epoch": seen_rows_per_epoch,
             "effective_repeat": seen_tokens / unique_tokens if unique_tokens else 0.0,
@@ -555,9 +631,9 @@ def run(
     }
 
     outputs = {
-        MIX_FILE: io.write_parquet(mix_table, out / MIX_FILE),
+        MIX_FILE: mix_record,
         REPORT_FILE: None,
-        REMOVALS_FILE: io.write_parquet(removals, out / REMOVALS_FILE),
+        REMOVALS_FILE: removals_record,
     }
     io.write_json(report, out / REPORT_FILE)
     outputs[REPORT_FILE] = io.file_record(out / REPORT_FILE)

@@ -298,3 +298,54 @@ def test_lsh_buckets_band_by_band_on_disk_equal_all_bands_in_memory(tmp_path):
     assert len(parts) == 5 and ref.shape[0] >= 500
     assert np.array_equal(np.stack([cand["a"].to_numpy(), cand["b"].to_numpy()], axis=1), ref)
     assert [p.name for p in (tmp_path / "buckets").iterdir()] == ["candidates.parquet"]  # band files removed
+
+
+# ------------------------------------------------------------------------------------------------
+# mix and ingest stream
+# ------------------------------------------------------------------------------------------------
+def test_row_group_writer_keeps_the_chunks_of_a_whole_table_made_of_several(tmp_path):
+    """new_chunk(): the file equals write_parquet of a table whose chunks break where new_chunk was
+    called (mix writes one chunk per epoch, as its whole table of all epochs was)."""
+    from pipeline.io import RowGroupWriter, write_parquet
+
+    parts = [pa.Table.from_pylist(_rows(n, s)) for n, s in ((30_000, 0), (50_000, 30_000), (3, 80_000), (20_000, 9))]
+    whole = write_parquet(pa.concat_tables(parts), tmp_path / "a.parquet")
+    with RowGroupWriter(tmp_path / "b.parquet", parts[0].schema) as w:
+        for p in parts:
+            w.new_chunk()
+            for s in range(0, p.num_rows, 7_001):
+                w.write(p.slice(s, 7_001))
+    assert w.record == whole
+
+
+def _tokenized(path: Path, n: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    st = rng.choice(["a/x", "a/y", "b", "é"], n)
+    rule = np.where(st == "a/x", "capr", np.where(st == "b", "capt", np.where(st == "é", "down", "default")))
+    t = pa.table({"id": [f"r{i:05d}" for i in rng.permutation(n)], "source": rng.choice(["p", "q"], n),
+                  "stratum": st, "rule": rule, "prompt_tokens": rng.integers(1, 9, n).astype("int32"),
+                  "response_tokens": rng.integers(1, 90, n).astype("int32")})
+    pq.write_table(t, path, row_group_size=700)
+
+
+def test_mix_in_small_batches_is_byte_identical_to_one_batch(tmp_path, monkeypatch):
+    from pipeline.config import MixConfig, StratumRule
+    from pipeline.stages import mix
+
+    _tokenized(tmp_path / "tokenized.parquet", 3000)
+    rules = [StratumRule(match="*", name="capr", cap_rows=300, repeat=1.5),
+             StratumRule(match="*", name="capt", cap_tokens=9000, repeat=2.3),
+             StratumRule(match="*", name="down", repeat=0.4)]
+    runs = {}
+    for how, rows in (("whole", 1 << 30), ("batches", 97)):
+        _batches(monkeypatch, rows, 2048)
+        runs[how] = mix.run(tmp_path, tmp_path / how, MixConfig(epochs=3), rules=rules, seed=5, progress=False)
+    assert runs["whole"]["outputs"] == runs["batches"]["outputs"]
+    assert runs["whole"]["counts"]["rows_capped"] > 100 and runs["whole"]["counts"]["seen_rows"] > 3000
+    m = pq.read_table(tmp_path / "batches" / "mix.parquet")
+    assert m["order"].to_pylist()[:5] == [0, 1, 2, 3, 4] and sorted(set(m["epoch"].to_pylist())) == [0, 1, 2]
+    rem = pq.read_table(tmp_path / "batches" / "removals.parquet")
+    assert set(rem["id"].to_pylist()).isdisjoint(m["id"].to_pylist())
+    assert rem.num_rows + len(set(m["id"].to_pylist())) == 3000
