@@ -322,7 +322,8 @@ def run(
     fingerprint): the tokenized rows are read row group by row group into per-row keys (`_RowKeys`:
     lengths, offsets, source code, id) while their tokens go to two flat files in the output folder
     (removed at the end); the mix order needs every sample's row, so the mix's (epoch, order, id)
-    columns are read whole and turned into two int64 arrays (row, epoch: 16 bytes per sample). The
+    columns are read whole (the ids only until they are matched) and turned into two int64 arrays (row,
+    epoch: 16 bytes per sample). The
     samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
     files, each sample copied into its open sequence as it is placed (at most `open_bins` sequences
     of seq_len tokens are open), and the shards written as they fill."""
@@ -381,17 +382,17 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
 
     # samples, in mix order
     mix = pq.read_table(mix_file, columns=["epoch", "order", "id"])
-    mix = mix.sort_by([("epoch", "ascending"), ("order", "ascending")])
+    perm = np.lexsort((mix["order"].to_numpy(), mix["epoch"].to_numpy()))  # (epoch, order): the mix order
     j_of = pc.index_in(mix["id"].cast(pa.large_string()), value_set=keys.ids)
     if j_of.null_count:
-        miss = mix.filter(pc.is_null(j_of))["id"]
+        miss = mix.take(pa.array(perm)).filter(pc.is_null(j_of.take(pa.array(perm))))["id"]
         raise ValueError(
             f"pack: {mix_file} names {len(miss)} sample(s) not in {tok_file}, e.g. {miss.slice(0, 3).to_pylist()}: "
             f"the mix was made from another tokenizer output"
         )
-    J = j_of.to_numpy(zero_copy_only=False).astype(np.int64)
-    EP = mix["epoch"].to_numpy().astype(np.int64)
-    del mix, j_of
+    J = j_of.to_numpy(zero_copy_only=False).astype(np.int64)[perm]
+    EP = mix["epoch"].to_numpy().astype(np.int64)[perm]
+    del mix, j_of, perm
     dropped = short | too_long
     keep_mask = ~dropped[J]
     kept_lengths = L[J[keep_mask]]
@@ -417,23 +418,22 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     bins: list[_Bin] = []
     free: list[int] = []
     cur_epoch = None
-    Lp = L.tolist()
-    Pp = P.tolist()
-    truncated_l = truncated.tolist()
     bar = tqdm(total=len(J), desc="pack", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
     for i0 in range(0, len(J), batch):
         Jb = J[i0 : i0 + batch]
         kb = keep_mask[i0 : i0 + batch]
         pv, po, rv, ro = keys.gather(Jb[kb], keep_r)
         k = 0  # the next kept sample of the batch
-        for j, e, kept in zip(Jb.tolist(), EP[i0 : i0 + batch].tolist(), kb.tolist()):
+        # the batch's lengths as Python ints (lists per batch: per row they would cost ~36 bytes each)
+        Lb, Pb, Tb = L[Jb].tolist(), P[Jb].tolist(), truncated[Jb].tolist()
+        for x, (j, e, kept) in enumerate(zip(Jb.tolist(), EP[i0 : i0 + batch].tolist(), kb.tolist())):
             if e != cur_epoch:
                 for b in bins:
                     emit(b, cur_epoch)
                 bins, free, cur_epoch = [], [], e
             if not kept:
                 continue
-            need = Lp[j]
+            need = Lb[x]
             for q, f in enumerate(free):
                 if f >= need:
                     b = bins[q]
@@ -446,7 +446,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
                 b = _Bin()
                 bins.append(b)
                 free.append(seq_len - need)
-            p = Pp[j]
+            p = Pb[x]
             pos = b.pos
             b.seq[pos : pos + p] = pv[po[k] : po[k + 1]]
             b.seq[pos + p : pos + need] = rv[ro[k] : ro[k + 1]]
@@ -454,7 +454,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
             b.lens.append(need)
             b.plens.append(p)
             b.rows.append(j)
-            b.trunc += truncated_l[j]
+            b.trunc += Tb[x]
             b.pos = pos + need
             k += 1
             while bins and free[0] < min_len:
