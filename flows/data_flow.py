@@ -63,10 +63,12 @@ def _opts(path_params: tuple[str, ...], *modules: str) -> dict:
 @task(name="ingest", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_on_network_errors,
       **_opts((), "pipeline.stages.ingest", "pipeline.generators"))
 def ingest_task(sources: list[SourceSpec], output_dir: str, seed: int, local_file_hashes: dict[str, str],
-                progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
+                progress: bool = True, versioned: bool = True, force: bool = False,
+                memory_gb: float | None = None) -> dict:
     from pipeline.stages import ingest
 
-    return ingest.run(sources, output_dir, seed=seed, progress=progress, versioned=versioned, force=force)
+    return ingest.run(sources, output_dir, seed=seed, progress=progress, versioned=versioned, force=force,
+                      memory_gb=memory_gb)
 
 
 @task(name="normalize", **_opts(("ingest_dir",), "pipeline.stages.normalize", "pipeline.rows"))
@@ -351,7 +353,8 @@ def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: Contami
 
     def step(st: str) -> dict | None:
         if st == "ingest":
-            return call(ingest_task, st, {}, [], sources=s.sources, seed=s.seed, local_file_hashes=_local_hashes(s))
+            return call(ingest_task, st, {}, [], sources=s.sources, seed=s.seed, local_file_hashes=_local_hashes(s),
+                        memory_gb=s.resources.memory_gb)
         if st == "normalize":
             return call(normalize_task, st, {"ingest_dir": upstream("ingest")}, ["ingest"], sources=s.sources, cfg=s.normalize,
                         memory_gb=s.resources.memory_gb)

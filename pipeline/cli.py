@@ -317,7 +317,8 @@ def _run_stage(args, spec) -> dict:
         from .stages import ingest
 
         try:
-            man = ingest.run(spec.sources, args.output, seed=spec.seed, progress=progress)
+            man = ingest.run(spec.sources, args.output, seed=spec.seed, progress=progress,
+                             memory_gb=spec.resources.memory_gb)
         except ingest.SourceFetchError as e:  # a network read: worth running again, not a traceback
             _die(f"{e} (a network error: run the command again to retry)", 1)
     elif name == "normalize":

@@ -9,7 +9,9 @@ file, split or generator it came from) and `_row` (its index there, or line numb
 
 Outputs in the stage folder: `<source>.parquet` per source, and `manifest.json` recording for each
 source where it came from (path or Hub id, config, split, requested and resolved revision, file
-sha256s), its row count and its license when known. Each source is fingerprinted on its own, so a
+sha256s), its row count and its license when known. Local files and Hub splits stream: they are read a
+block or batch at a time (`memory_gb` sizes them; Hub splits through datasets' streaming mode) and
+written row group by row group, byte-identical to the whole-table write. Each source is fingerprinted on its own, so a
 rerun fetches only the sources whose definition or files changed.
 
 A UTF-8 byte-order mark at the start of a JSONL file is dropped. An empty source (or an empty file of
@@ -37,14 +39,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .. import generators
+from .. import budget, generators
 from ..config import SourceSpec
 from ..io import atomic_path, code_hash, finish_stage, open_stage, read_json, sha256_file, sha256_json
-from ..io import MANIFEST, write_parquet
+from ..io import MANIFEST, RowGroupWriter, write_parquet
 
 STAGE = "ingest"
 SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 RAW_META = ("_file", "_row", "_json")
+JSONL_RAW = pa.schema([pa.field("_json", pa.binary()), pa.field("_file", pa.string()), pa.field("_row", pa.int64())])
 
 
 BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, written by some editors and exporters
@@ -89,35 +92,62 @@ def local_files(path: str, source: str | None = None) -> list[Path]:
     return files
 
 
-def _read_jsonl_raw(f: Path, name: str) -> pa.Table:
-    import gzip
+class _JsonlLines:
+    """A JSONL file's raw lines (`_json`, `_file`, `_row` = line number) a block of about `block` bytes
+    at a time; blank lines are skipped, a BOM at the start dropped. Only the first `keep` lines are
+    yielded (None: all), but every line is counted (`rows`)."""
 
-    opener = gzip.open if f.name.endswith(".gz") else open
-    lines, rows = [], []
-    with opener(f, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if not raw.strip():
-                continue
-            lines.append(raw.rstrip(b"\r\n"))
-            rows.append(lineno)
-    return pa.table(
-        {
-            "_json": pa.array(lines, pa.binary()),
-            "_file": pa.array([name] * len(lines), pa.string()),
-            "_row": pa.array(rows, pa.int64()),
-        }
-    )
+    def __init__(self, f: Path, name: str, block: int, keep: int | None = None):
+        self.f, self.name, self.block, self.keep = f, name, block, keep
+        self.rows = 0
+
+    def _table(self, lines: list[bytes], rows: list[int]) -> pa.Table:
+        return pa.table({"_json": pa.array(lines, pa.binary()), "_file": pa.array([self.name] * len(lines), pa.string()),
+                         "_row": pa.array(rows, pa.int64())})
+
+    def __iter__(self):
+        import gzip
+
+        opener = gzip.open if self.f.name.endswith(".gz") else open
+        lines: list[bytes] = []
+        rows: list[int] = []
+        size = 0
+        with opener(self.f, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if lineno == 1 and raw.startswith(BOM):
+                    raw = raw[len(BOM):]
+                if not raw.strip():
+                    continue
+                self.rows += 1
+                if self.keep is not None and self.rows > self.keep:
+                    continue  # counted, not kept
+                lines.append(raw.rstrip(b"\r\n"))
+                rows.append(lineno)
+                size += len(raw)
+                if size >= self.block:
+                    yield self._table(lines, rows)
+                    lines, rows, size = [], [], 0
+        if lines:
+            yield self._table(lines, rows)
 
 
-def _with_meta(table: pa.Table, name: str) -> pa.Table:
+def _with_meta(table: pa.Table, name: str, start: int = 0) -> pa.Table:
+    """`_file` and `_row` (the row's index in its file or split: start, start + 1, ...) appended."""
     for c in RAW_META:
         if c in table.column_names:
             raise IngestError(f"{name}: column {c!r} is reserved by the pipeline; rename it in the source")
     n = table.num_rows
     table = table.append_column("_file", pa.array([name] * n, pa.string()))
-    return table.append_column("_row", pa.array(range(n), pa.int64()))
+    return table.append_column("_row", pa.array(np.arange(start, start + n, dtype=np.int64)))
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch in the source's schema (columns other files have added as nulls, types promoted), as
+    concatenating the files' tables did."""
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    t = pa.concat_tables([schema.empty_table(), table], promote_options="permissive")
+    return t.select(schema.names).cast(schema)
 
 
 def _concat(tables: list[pa.Table], what: str) -> pa.Table:
@@ -127,54 +157,119 @@ def _concat(tables: list[pa.Table], what: str) -> pa.Table:
         raise IngestError(f"{what}: files have incompatible columns: {e}") from None
 
 
-def _ingest_local(src: SourceSpec) -> tuple[pa.Table, dict]:
+def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[int, dict, dict]:
+    """Each file read a block (JSONL) or a batch of a row group (Parquet) at a time and written as it
+    comes: the file equals the whole-table write of every file's rows concatenated (one chunk per file)."""
     files = local_files(src.path, src.name)
     base = Path(src.path).expanduser()
     root = base if base.is_dir() else base.parent if base.is_file() else Path(os.path.commonpath([str(f.parent) for f in files]))
-    tables, records = [], {}
-    for f in files:
-        name = str(f.relative_to(root)) if f.is_relative_to(root) else f.name
+    names = [str(f.relative_to(root)) if f.is_relative_to(root) else f.name for f in files]
+    empties = []
+    for f, name in zip(files, names):
         if f.name.endswith(".parquet"):
             try:
-                raw = pq.read_table(f)
+                empties.append(_with_meta(pq.read_schema(f).empty_table(), name))
             except (pa.ArrowException, OSError) as e:
                 raise IngestError(f"source '{src.name}': {f} is not a readable Parquet file: {e}") from None
-            t = _with_meta(raw, f"{name}")
         else:
-            try:
-                t = _read_jsonl_raw(f, name)
-            except (OSError, EOFError) as e:  # gone since listed, no permission, corrupt gzip
-                raise IngestError(f"source '{src.name}': cannot read {f}: {type(e).__name__}: {e}") from None
-        tables.append(t)
-        records[name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size, "rows": t.num_rows}
-    table = _concat(tables, f"source '{src.name}'")
-    if src.max_rows is not None:
-        table = table.slice(0, src.max_rows)
-    return table, {"files": records}
+            empties.append(JSONL_RAW.empty_table())
+    schema = _concat(empties, f"source '{src.name}'").schema
+    block = budget.block_bytes(memory_gb)
+    left = src.max_rows  # rows still to write (None: all)
+    records: dict = {}
+    total = 0
+    with RowGroupWriter(dst, schema) as w:
+        for f, name in zip(files, names):
+            w.new_chunk()
+            if f.name.endswith(".parquet"):
+                try:
+                    pf = pq.ParquetFile(f, pre_buffer=False)
+                    n_file = pf.metadata.num_rows
+                    row_bytes = max(1.0, pf.metadata.serialized_size / max(1, n_file))
+                    if pf.metadata.num_row_groups:
+                        rg = pf.metadata.row_group(0)
+                        row_bytes = max(row_bytes, rg.total_byte_size / max(1, rg.num_rows))
+                    start = 0
+                    if left is None or left > 0:
+                        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, row_bytes * 2),
+                                                     use_threads=False):
+                            t = _with_meta(pa.Table.from_batches([batch]), name, start)
+                            start += t.num_rows
+                            if left is not None:
+                                t = t.slice(0, left)
+                                left -= t.num_rows
+                            w.write(_conform(t, schema))
+                            total += t.num_rows
+                            if left == 0:
+                                break
+                except (pa.ArrowException, OSError) as e:
+                    raise IngestError(f"source '{src.name}': {f} is not a readable Parquet file: {e}") from None
+            else:
+                lines = _JsonlLines(f, name, block, keep=left)
+                try:
+                    for t in lines:
+                        w.write(_conform(t, schema))
+                        total += t.num_rows
+                except (OSError, EOFError) as e:  # gone since listed, no permission, corrupt gzip
+                    raise IngestError(f"source '{src.name}': cannot read {f}: {type(e).__name__}: {e}") from None
+                n_file = lines.rows
+                if left is not None:
+                    left = max(0, left - n_file)
+            records[name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size, "rows": n_file}
+    return total, {"files": records}, w.record
 
 
-def _ingest_hub(src: SourceSpec, progress: bool) -> tuple[pa.Table, dict]:
+def _ingest_hub(src: SourceSpec, dst: Path, progress: bool, memory_gb: float | None) -> tuple[int, dict, dict]:
+    """The split streamed (datasets' streaming mode) and written a batch at a time."""
     import datasets
 
     if not progress:
         datasets.disable_progress_bars()
-    split = src.split if src.max_rows is None else f"{src.split}[:{src.max_rows}]"
     failed = None
-    try:
-        ds = datasets.load_dataset(src.path, src.config, split=split, revision=src.revision)
-    except Exception as e:  # network, auth, missing config: say which source and what was asked
-        what = (f"source '{src.name}': cannot load Hub dataset {src.path!r} (config={src.config!r}, "
+
+    def _fail(e: Exception) -> str:
+        return (f"source '{src.name}': cannot load Hub dataset {src.path!r} (config={src.config!r}, "
                 f"split={src.split!r}, revision={src.revision!r}): {type(e).__name__}: {e}")
+
+    try:
+        ds = datasets.load_dataset(src.path, src.config, split=src.split, revision=src.revision, streaming=True)
+        if src.max_rows is not None:
+            ds = ds.take(src.max_rows)
+    except Exception as e:  # network, auth, missing config: say which source and what was asked
         if is_transient(e):
-            raise SourceFetchError(what) from e
-        failed = what
+            raise SourceFetchError(_fail(e)) from e
+        failed = _fail(e)
     if failed is not None:  # raised outside the handler: no network error hangs on as its context
         raise IngestError(failed)
-    ds = ds.flatten_indices() if getattr(ds, "_indices", None) is not None else ds
-    table = ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
-    if src.data_file_field:
-        table = _add_data_file_column(src, table)
-    table = _with_meta(table, f"{src.split}")
+    files = _data_files(src) if src.data_file_field else None
+    step = budget.batch_rows(memory_gb, 2048)
+    n = 0
+    w = RowGroupWriter(dst, None)
+    try:
+        with w:
+            for table in ds.with_format("arrow").iter(batch_size=step):
+                if src.data_file_field:
+                    table = _add_data_file_column(src, table, files, n)
+                table = _with_meta(table, f"{src.split}", n)
+                if w.schema is None:
+                    w.schema = table.schema
+                w.write(_conform(table, w.schema))
+                n += table.num_rows
+            if w.schema is None:
+                w.schema = _with_meta(pa.table({}), f"{src.split}").schema
+            if files is not None:
+                total = int(sum(c for _, c in files))
+                if n > total or (src.max_rows is None and n != total):
+                    raise IngestError(f"source '{src.name}': the loaded split has {n} rows but its data files hold "
+                                      f"{total}; cannot tell which file each row came from")
+    except (IngestError, SourceFetchError):
+        raise
+    except Exception as e:  # a read of the stream failed
+        if is_transient(e):
+            raise SourceFetchError(_fail(e)) from e
+        failed = _fail(e)
+    if failed is not None:
+        raise IngestError(failed)
     resolved = None
     if not Path(src.path).exists():  # a Hub id, not a local dataset folder
         try:
@@ -188,9 +283,9 @@ def _ingest_hub(src: SourceSpec, progress: bool) -> tuple[pa.Table, dict]:
         lic = ds.info.license or None
     except Exception:
         pass
-    return table, {"hub": {"path": src.path, "config": src.config, "split": src.split,
-                           "revision": src.revision, "resolved_revision": resolved,
-                           "fingerprint": getattr(ds, "_fingerprint", None)}, "license_from_hub": lic}
+    return n, {"hub": {"path": src.path, "config": src.config, "split": src.split,
+                       "revision": src.revision, "resolved_revision": resolved,
+                       "streamed": True}, "license_from_hub": lic}, w.record
 
 
 def _relative_data_file(src: SourceSpec, f: str) -> str:
@@ -207,16 +302,12 @@ def _relative_data_file(src: SourceSpec, f: str) -> str:
     return fp.name
 
 
-def _add_data_file_column(src: SourceSpec, table: pa.Table) -> pa.Table:
-    """Append `src.data_file_field`: the data file each row came from. The split's Parquet files are
-    listed by the dataset builder in the order `load_dataset` reads them; each file's row count comes
-    from its Parquet footer, so row i belongs to the file whose cumulative count first exceeds i."""
+def _data_files(src: SourceSpec) -> list[tuple[str, int]]:
+    """(path inside the dataset, rows) of the split's Parquet data files, in the order the dataset
+    builder lists (and `load_dataset` reads) them; the row counts come from the Parquet footers."""
     import datasets
     import fsspec
 
-    col = src.data_file_field
-    if col in table.column_names:
-        raise IngestError(f"source '{src.name}': data_file_field {col!r} is already a column of the dataset")
     try:
         builder = datasets.load_dataset_builder(src.path, src.config, revision=src.revision)
         files = list((builder.config.data_files or {}).get(src.split) or [])
@@ -226,19 +317,25 @@ def _add_data_file_column(src: SourceSpec, table: pa.Table) -> pa.Table:
     if not files or not all(str(f).endswith(".parquet") for f in files):
         raise IngestError(f"source '{src.name}': data_file_field needs Parquet data files for split "
                           f"{src.split!r}; found {[str(f) for f in files][:5]}")
-    names, counts = [], []
+    out = []
     for f in files:
         with fsspec.open(str(f), "rb") as fh:
-            counts.append(pq.ParquetFile(fh).metadata.num_rows)
-        names.append(_relative_data_file(src, str(f)))
-    total = sum(counts)
-    n = table.num_rows
-    if n > total or (src.max_rows is None and n != total):
-        raise IngestError(f"source '{src.name}': the loaded split has {n} rows but its data files hold {total}; "
-                          "cannot tell which file each row came from")
-    idx = np.repeat(np.arange(len(counts), dtype=np.int64), counts)[:n]
-    per_row = pa.array(names, pa.string()).take(pa.array(idx))
-    return table.append_column(col, per_row)
+            out.append((_relative_data_file(src, str(f)), pq.ParquetFile(fh).metadata.num_rows))
+    return out
+
+
+def _add_data_file_column(src: SourceSpec, table: pa.Table, files: list[tuple[str, int]], start: int) -> pa.Table:
+    """Append `src.data_file_field` to a batch of the split whose first row is row `start`: row i
+    belongs to the file whose cumulative row count first exceeds i."""
+    col = src.data_file_field
+    if col in table.column_names:
+        raise IngestError(f"source '{src.name}': data_file_field {col!r} is already a column of the dataset")
+    cum = np.cumsum([c for _, c in files])
+    idx = np.searchsorted(cum, np.arange(start, start + table.num_rows, dtype=np.int64), side="right")
+    if table.num_rows and idx[-1] >= len(files):
+        raise IngestError(f"source '{src.name}': the loaded split has more than {int(cum[-1])} rows, the rows its "
+                          "data files hold; cannot tell which file each row came from")
+    return table.append_column(col, pa.array([f for f, _ in files], pa.string()).take(pa.array(idx)))
 
 
 def _ingest_generator(src: SourceSpec, seed: int) -> tuple[pa.Table, dict]:
@@ -289,7 +386,10 @@ def _previous_sources(out: Path, versioned: bool) -> dict[str, tuple[dict, Path]
 
 
 def run(sources: list[SourceSpec], output_dir: str | os.PathLike, *, seed: int = 1234, progress: bool = True,
-        versioned: bool = False, force: bool = False) -> dict:
+        versioned: bool = False, force: bool = False, memory_gb: float | None = None) -> dict:
+    """Fetch every source into `<source>.parquet`. Local files and Hub splits stream: read a block or
+    batch at a time (sized by `memory_gb`) and written row group by row group; the outputs do not
+    depend on the batch size."""
     fps = {s.name: _source_fingerprint(s, seed) for s in sources}
     fp = sha256_json(fps)
     # read before open_stage, which removes the stale manifest of a plain (unversioned) folder
@@ -315,15 +415,15 @@ def run(sources: list[SourceSpec], output_dir: str | os.PathLike, *, seed: int =
         if progress:
             print(f"[ingest] {s.name}: {s.kind} {s.path or s.generator}", file=sys.stderr, flush=True)
         if s.kind == "local":
-            table, where = _ingest_local(s)
+            n_rows, where, rec = _ingest_local(s, out / fname, memory_gb)
         elif s.kind == "hub":
-            table, where = _ingest_hub(s, progress)
+            n_rows, where, rec = _ingest_hub(s, out / fname, progress, memory_gb)
         else:
             table, where = _ingest_generator(s, seed)
-        rec = write_parquet(table, out / fname)
+            rec, n_rows = write_parquet(table, out / fname), table.num_rows
         lic = s.license or where.pop("license_from_hub", None)
         where.pop("license_from_hub", None)
-        records[s.name] = {"fingerprint": fps[s.name], "kind": s.kind, "rows": table.num_rows,
+        records[s.name] = {"fingerprint": fps[s.name], "kind": s.kind, "rows": n_rows,
                            "license": lic, "output": rec, **where}
         outputs[fname] = rec
         timing[s.name] = round(time.time() - ts, 3)

@@ -349,3 +349,62 @@ def test_mix_in_small_batches_is_byte_identical_to_one_batch(tmp_path, monkeypat
     rem = pq.read_table(tmp_path / "batches" / "removals.parquet")
     assert set(rem["id"].to_pylist()).isdisjoint(m["id"].to_pylist())
     assert rem.num_rows + len(set(m["id"].to_pylist())) == 3000
+
+
+def test_ingest_in_small_batches_is_byte_identical_to_one_batch(tmp_path, monkeypatch):
+    """Local JSONL (BOM, blank lines, gzip, CRLF) and Parquet files of different columns, max_rows
+    across files, and a Hub-like folder streamed through datasets: the same bytes in 97-row batches /
+    2 KB blocks as in one batch, and the concatenation of every file's rows (one chunk per file)."""
+    import gzip
+
+    from pipeline.config import SourceSpec
+    from pipeline.io import write_parquet
+    from pipeline.stages import ingest
+
+    d = tmp_path / "loc"
+    (d / "sub").mkdir(parents=True)
+    lines = [json.dumps({"instruction": f"q{i}", "response": "a" * (i % 30)}) for i in range(1200)]
+    (d / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines[:800]).encode() + b"\n\n  \n")
+    with gzip.open(d / "sub" / "b.jsonl.gz", "wb") as f:
+        f.write("\r\n".join(lines[800:]).encode())
+    pq.write_table(pa.table({"instruction": [f"p{i}" for i in range(900)], "response": ["r"] * 900,
+                             "n": pa.array(range(900), pa.int32())}), d / "c.parquet", row_group_size=250)
+    pq.write_table(pa.table({"instruction": ["z"] * 50, "n": pa.array(range(50), pa.int64()), "x": [1.5] * 50}),
+                   d / "sub" / "d.parquet")
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    for k, n in enumerate((700, 40)):
+        pq.write_table(pa.table({"query": [f"f{k} q{i}" for i in range(n)], "answer": ["x"] * n}),
+                       hub / f"train-0000{k}-of-00002.parquet")
+    srcs = [SourceSpec(name="loc", kind="local", path=str(d)),
+            SourceSpec(name="cut", kind="local", path=str(d), max_rows=1500),
+            SourceSpec(name="hub", kind="hub", path=str(hub.parent), split="train", data_file_field="data_file"),
+            SourceSpec(name="hubcut", kind="hub", path=str(hub.parent), split="train", max_rows=710)]
+    runs = {}
+    for how, rows, block in (("whole", 1 << 30, 1 << 30), ("batches", 97, 2048)):
+        _batches(monkeypatch, rows, block)
+        runs[how] = ingest.run(srcs, tmp_path / how, progress=False)
+    assert runs["whole"]["outputs"] == runs["batches"]["outputs"]
+    assert runs["batches"]["counts"]["rows"] == {"loc": 2150, "cut": 1500, "hub": 740, "hubcut": 710}
+    # the whole-table reference: every file's rows concatenated
+    names = ["a.jsonl", "c.parquet", "sub/b.jsonl.gz", "sub/d.parquet"]
+    parts = []
+    for name in names:
+        f = d / name
+        if name.endswith(".parquet"):
+            t = pq.read_table(f)
+            t = t.append_column("_file", pa.array([name] * t.num_rows)).append_column(
+                "_row", pa.array(range(t.num_rows), pa.int64()))
+        else:
+            raw = (gzip.decompress(f.read_bytes()) if name.endswith(".gz") else f.read_bytes()).removeprefix(b"\xef\xbb\xbf")
+            kept = [(i, x.rstrip(b"\r")) for i, x in enumerate(raw.split(b"\n"), 1) if x.strip()]
+            t = pa.table({"_json": pa.array([x for _, x in kept], pa.binary()), "_file": [name] * len(kept),
+                          "_row": pa.array([i for i, _ in kept], pa.int64())})
+        parts.append(t)
+    ref = pa.concat_tables(parts, promote_options="permissive")
+    assert write_parquet(ref, tmp_path / "ref.parquet")["sha256"] == runs["batches"]["outputs"]["loc.parquet"]["sha256"]
+    assert write_parquet(ref.slice(0, 1500), tmp_path / "ref2.parquet")["sha256"] == \
+        runs["batches"]["outputs"]["cut.parquet"]["sha256"]
+    h = pq.read_table(tmp_path / "batches" / "hub.parquet")
+    assert h["data_file"].to_pylist() == ["data/train-00000-of-00002.parquet"] * 700 + ["data/train-00001-of-00002.parquet"] * 40
+    assert h["_row"].to_pylist() == list(range(740))
