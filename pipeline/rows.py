@@ -130,6 +130,39 @@ _SOLID = np.ones(256, bool)  # bytes that make a line non-blank: all but bytes.s
 _SOLID[[9, 10, 11, 12, 13, 32]] = False
 
 
+def _all_space(col):
+    """Per string: empty or only whitespace (null for null) = utf8_trim_whitespace leaves "" (the same
+    Unicode whitespace, checked over every code point), without copying the texts."""
+    return pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col))
+
+
+def _line_bounds(block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, lines) of a block's lines: byte offsets of every line (without its newline; no
+    line after a final newline) and the indices of the non-blank ones (a byte that bytes.strip() keeps).
+    Newlines found with bytes.find (memchr; no per-byte arrays); a line is non-blank at once when its
+    first byte is, and only lines that start with whitespace are stripped to know."""
+    nl: list[int] = []
+    find, add = block.find, nl.append
+    i = find(b"\n")
+    while i >= 0:
+        add(i)
+        i = find(b"\n", i + 1)
+    nla = np.array(nl, np.int64)
+    starts = np.concatenate([np.zeros(1, np.int64), nla + 1])
+    ends = np.concatenate([nla, np.array([len(block)], np.int64)])
+    if starts[-1] == len(block):  # the block ends with a newline: no line after it
+        starts, ends = starts[:-1], ends[:-1]
+    if not starts.size:
+        return starts, ends, starts
+    arr = np.frombuffer(block, np.uint8)
+    nonempty = ends > starts
+    solid = np.zeros(starts.size, bool)
+    solid[nonempty] = _SOLID[arr[starts[nonempty]]]
+    for k in np.flatnonzero(nonempty & ~solid).tolist():  # starts with whitespace: look at the whole line
+        solid[k] = bool(block[starts[k] : ends[k]].strip())
+    return starts, ends, np.flatnonzero(solid)
+
+
 class RowReader:
     """The rows of a stage folder, Parquet or JSONL file in batches (pa.Table each), with the same
     defaults, checks and rejections as `load_rows` (which is this reader's batches concatenated).
@@ -259,7 +292,7 @@ class RowReader:
             bad = None
             for c in required:
                 col = table[c]
-                is_bad = pc.or_(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
+                is_bad = pc.or_(pc.is_null(col), _all_space(col))
                 is_bad = pc.fill_null(is_bad, True)
                 bad = is_bad if bad is None else pc.or_(bad, is_bad)
             if bad is not None and pc.any(bad).as_py():
@@ -307,15 +340,7 @@ class RowReader:
 
         opts = pajson.ReadOptions(use_threads=True, block_size=1 << 20)
         for first_line, block in self._blocks():
-            arr = np.frombuffer(block, np.uint8)
-            nl = np.flatnonzero(arr == 10)
-            starts = np.concatenate([[0], nl + 1])
-            ends = np.concatenate([nl, [arr.size]])
-            if starts[-1] == arr.size:  # the block ends with a newline: no line after it
-                starts, ends = starts[:-1], ends[:-1]
-            solid = _SOLID[arr]  # (bytes,) a byte that makes its line non-blank
-            lines = np.flatnonzero(np.logical_or.reduceat(solid, starts) & (ends > starts)) if starts.size else starts
-            del solid
+            starts, ends, lines = _line_bounds(block)
             linenos = first_line + lines
             table = None
             try:
@@ -364,13 +389,13 @@ class RowReader:
             else:
                 default = pa.array(np.full(n, self.fill[c], object), pa.string()) if n else pa.array([], pa.string())
             col = table[c]
-            blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True)
+            blank = pc.fill_null(_all_space(col), True)
             table = table.set_column(table.column_names.index(c), c, pc.if_else(blank, default, col))
         missing, empty = {}, {}  # per required column: (n,) bool
         for c in required:
             col = table[c]
             missing[c] = pc.is_null(col).to_numpy(zero_copy_only=False)
-            empty[c] = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False).to_numpy(
+            empty[c] = pc.fill_null(_all_space(col), False).to_numpy(
                 zero_copy_only=False
             )
         bad = np.zeros(n, bool)
@@ -554,6 +579,6 @@ def _fill_parquet(table: pa.Table, p: Path, required: tuple[str, ...], defaults:
             col = col.cast(pa.string())
         elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             continue  # reported as a wrong column type below
-        blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), True)
+        blank = pc.fill_null(_all_space(col), True)
         table = table.set_column(table.column_names.index(c), c, pc.if_else(blank, default, col))
     return table

@@ -124,7 +124,14 @@ def run(
     spill.mkdir(parents=True)
 
     # 1. one pass over the rows: exact-dedup hashes, priorities, strata, the texts to a file
-    first = _first_pass(input_path, spill, cfg, memory_gb, progress)
+    # with several workers, the signature parts are computed while the rows are read (_EagerSignatures)
+    eager = _EagerSignatures(spill, out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 else None
+    try:
+        first = _first_pass(input_path, spill, cfg, memory_gb, progress, eager)
+    except BaseException:
+        if eager is not None:
+            eager.abandon()
+        raise
     n, rejects = first.rows, first.rejects
     rank = first.rank()  # (n,) row indices, best first
     timing["load"] = time.perf_counter() - t0
@@ -155,7 +162,11 @@ def run(
         if np.array_equal(pos, np.arange(first.written.size)):  # the texts file is the docs file
             docs.parent.mkdir(parents=True, exist_ok=True)
             os.replace(first.texts, docs)
+            if eager is not None:  # its parts are this docs file's
+                eager.finish(int(first.written.size))
         else:
+            if eager is not None:
+                eager.abandon()
             write_docs(_gather_texts(first.texts, pos), docs)
         res = near_duplicates(docs, out, cfg, key=fp, progress=progress)
         lsh_info = res.info
@@ -174,6 +185,8 @@ def run(
         docs.unlink()  # a copy of the input text
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
     else:  # no near step this time: no step files of an earlier run left behind
+        if eager is not None:
+            eager.abandon()
         for step in ("signatures", "buckets", "verify"):
             shutil.rmtree(out / step, ignore_errors=True)
     timing["near"] = time.perf_counter() - t
@@ -262,7 +275,88 @@ def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048) -> Row
     )
 
 
-def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | None, progress: bool) -> FirstPass:
+class _EagerSignatures:
+    """The near step's signature parts computed while the first pass still reads: while the rows come
+    in rank order, the texts the first pass writes are the docs file's, so every PART_ROWS of them make
+    one signature part (the same bytes `signature_step` writes). Each part's texts go to a small spill
+    file that a worker process (cfg.workers of them, forkserver) turns into signatures/part-NNNNN.npy;
+    the JSON parsing and hashing of the next batches overlap with it. `finish` writes signatures/meta.json
+    with the stage's key, so `signature_step` finds the parts done; `abandon` (the rows stopped coming
+    in rank order) waits for the workers and leaves no meta, so the parts are computed again there."""
+
+    PENDING = 2  # parts waiting per worker before the reader waits for the oldest
+
+    def __init__(self, spill: Path, sig_dir: Path, cfg: DedupConfig, key: str):
+        self.spill, self.sig_dir, self.key = spill, sig_dir, key
+        self.workers = cfg.workers
+        self.job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
+        self.buf: list[pa.Array] = []
+        self.buffered = 0
+        self.parts = 0
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: list = []
+        self.active = True
+        sig_dir.mkdir(parents=True, exist_ok=True)
+        (sig_dir / "meta.json").unlink(missing_ok=True)
+        for old in sig_dir.glob("part-*.npy"):
+            old.unlink()
+
+    def add(self, texts: pa.Array) -> None:
+        if not self.active or len(texts) == 0:
+            return
+        self.buf.append(texts)
+        self.buffered += len(texts)
+        while self.buffered >= PART_ROWS:
+            self._submit(PART_ROWS)
+
+    def _submit(self, k: int) -> None:
+        joined = pa.concat_arrays(self.buf) if len(self.buf) > 1 else self.buf[0]
+        head, rest = joined.slice(0, k), joined.slice(k)
+        self.buf, self.buffered = ([rest] if len(rest) else []), len(rest)
+        f = self.spill / f"sigtexts-{self.parts:05d}.arrow"
+        write_docs(head, f)
+        if self.pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload([__name__])
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        out = self.sig_dir / f"part-{self.parts:05d}.npy"
+        self.pending.append(self.pool.submit(_signature_file, f, k, out, self.job))
+        self.parts += 1
+        while len(self.pending) > self.PENDING * self.workers:
+            self.pending.pop(0).result()
+
+    def _close(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pending = []
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+                self.pool = None
+
+    def abandon(self) -> None:
+        if self.active:
+            self.active = False
+            self.buf = []
+            self._close()
+
+    def finish(self, n_docs: int) -> None:
+        if not self.active:
+            return
+        if self.buffered:
+            self._submit(self.buffered)
+        self._close()
+        write_json({"key": self.key, "docs": n_docs, "part_rows": PART_ROWS}, self.sig_dir / "meta.json")
+
+
+def _signature_file(path: Path, n: int, out_path: Path, job: dict) -> None:
+    signature_part(path, 0, n, out_path, **job)
+    path.unlink()
+
+
+def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | None, progress: bool,
+                eager: _EagerSignatures | None = None) -> FirstPass:
     reader = _reader(input_path, memory_gb)
     prio: list[np.ndarray] = []
     hashes: list[np.ndarray] = []
@@ -307,6 +401,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                     sel = np.flatnonzero(~seen.add_new_hashes(h[0], h[1]))
                 else:
                     seen = None
+            if eager is not None and not in_order:
+                eager.abandon()
             if has_stratum:
                 names = pc.fill_null(batch["stratum"].cast(pa.string()), "").combine_chunks().dictionary_encode()
                 codes = np.array([strata_dict.setdefault(x, len(strata_dict)) for x in names.dictionary.to_pylist()],
@@ -317,6 +413,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
             joined = _joined_texts(batch, sel)
             for s in range(0, len(joined), PART_ROWS):
                 texts.write_batch(pa.record_batch([joined.slice(s, PART_ROWS)], schema=schema))
+            if eager is not None:
+                eager.add(joined)
             if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
                 f = spill / f"rows-{len(spilled):05d}.arrow"
                 with pa.OSFile(str(f), "wb") as rs, pa.ipc.new_file(rs, batch.schema) as w:

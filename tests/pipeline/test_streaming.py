@@ -408,3 +408,28 @@ def test_ingest_in_small_batches_is_byte_identical_to_one_batch(tmp_path, monkey
     h = pq.read_table(tmp_path / "batches" / "hub.parquet")
     assert h["data_file"].to_pylist() == ["data/train-00000-of-00002.parquet"] * 700 + ["data/train-00001-of-00002.parquet"] * 40
     assert h["_row"].to_pylist() == list(range(740))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_dedup_signatures_computed_while_reading_equal_the_near_steps(tmp_path, monkeypatch, drop):
+    """With workers > 1 the signature parts are computed while the rows are read (rows in rank
+    order); when a priority drops midway they are computed again by the near step. Either way the
+    outputs and signature parts are those of one worker."""
+    from pipeline.config import DedupConfig
+    from pipeline.stages import dedup
+
+    rows = _corpus(1500)
+    for i, r in enumerate(rows):
+        r["priority"] = 1 if i < 1100 or not drop else 0  # a drop at row 1100: rows no longer in rank order
+    _write_jsonl(tmp_path / "rows.jsonl", [json.dumps(r) for r in rows])
+    _batches(monkeypatch, 97, 2048)
+    monkeypatch.setattr(dedup, "PART_ROWS", 200)
+    m1 = dedup.run(tmp_path / "rows.jsonl", tmp_path / "one", DedupConfig(num_perm=64, threshold=0.7), progress=False)
+    m2 = dedup.run(tmp_path / "rows.jsonl", tmp_path / "two", DedupConfig(num_perm=64, threshold=0.7, workers=2),
+                   progress=False)
+    assert m1["outputs"] == m2["outputs"] and m1["counts"] == m2["counts"]
+    assert m1["counts"]["exact_duplicates"] > 20 and m1["lsh"]["signature_parts"] >= 6
+    for k in range(m1["lsh"]["signature_parts"]):
+        part = f"signatures/part-{k:05d}.npy"
+        assert (tmp_path / "one" / part).read_bytes() == (tmp_path / "two" / part).read_bytes()
+    assert not list((tmp_path / "two").glob("spill*"))
