@@ -293,12 +293,15 @@ def _train_result(out: Path, key: str, settings: TrainSettings) -> dict:
 
 
 @task(name="check", **_opts())
-def check_task(pack_dir: str, benchmarks: str, check_root: str, key: str, run_label: str) -> dict:
-    """The contamination check of the packed training rows against the benchmarks."""
+def check_task(pack_dir: str, benchmarks: str, check_root: str, key: str, run_label: str,
+               settings: Optional[dict] = None) -> dict:
+    """The contamination check of the packed training rows against the benchmarks, with the spec's
+    contamination settings (`settings`: a ContaminationConfig as a dict; the defaults when None)."""
     from pipeline.config import ContaminationConfig
     from pipeline.stages import contamination
 
-    m = contamination.run(pack_dir, benchmarks, check_root, ContaminationConfig(), progress=False, versioned=True)
+    cfg = ContaminationConfig.model_validate(settings or {})
+    m = contamination.run(pack_dir, benchmarks, check_root, cfg, progress=False, versioned=True)
     rep = json.loads((Path(m["path"]) / "report.json").read_text())
     n = str(rep.get("primary_n"))
     rows = []
@@ -309,6 +312,18 @@ def check_task(pack_dir: str, benchmarks: str, check_root: str, key: str, run_la
     create_table_artifact(rows, key=artifact_key("check", run_label),
                           description=f"contamination of the packed training data ({m['path']})")
     return m
+
+
+def check_settings(s) -> dict:
+    """The check step's contamination settings: the spec's `contamination` section (method, n-gram sizes,
+    buckets, ...) without its data-flow fields (benchmarks folder, hub, decontaminate)."""
+    from pipeline.config import ContaminationConfig
+
+    if s is None or s.contamination is None:
+        return ContaminationConfig().model_dump(mode="json")
+    data = {k: v for k, v in s.contamination.model_dump(mode="json").items() if k in ContaminationConfig.model_fields}
+    data["decontaminate"] = False
+    return ContaminationConfig.model_validate(data).model_dump(mode="json")
 
 
 def eval_key(checkpoint: str, benchmarks: str | None, contamination: str | None, settings: EvalSettings) -> str:
@@ -419,7 +434,8 @@ def pipeline(spec: str = "demo", output_dir: Optional[str] = None, overrides: li
                        progress, logger, label=label, check_later="check" in model_todo)
         steps: dict[str, dict] = {}
         for st in model_todo:
-            steps[st] = _model_step(st, root, res, steps, train, evaluation, bench, refresh, label, logger)
+            steps[st] = _model_step(st, root, res, steps, train, evaluation, bench, refresh, label, logger,
+                                        check_settings(s))
             res["ran"].append(st)
         res["model"] = steps
     logger.info("pipeline done: %s (report: %s)", root, root / "report" / "index.html")
@@ -456,7 +472,8 @@ def _upstream_pack(root: Path, res: dict) -> str:
 
 
 def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: TrainSettings,
-                evaluation: EvalSettings, bench: str | None, refresh: list[str], label: str, logger) -> dict:
+                evaluation: EvalSettings, bench: str | None, refresh: list[str], label: str, logger,
+                cset: dict | None = None) -> dict:
     force = st in refresh
     run = read_run(root) if (root / RUN_MANIFEST).exists() else {}
     results = root / ".prefect" / "results"  # cache records live with the run folder, like the data stages'
@@ -483,14 +500,15 @@ def _model_step(st: str, root: Path, res: dict, steps: dict[str, dict], train: T
     if st == "check":
         pack = _upstream_pack(root, res)
         cb = check_benchmarks(root, bench)
-        key = sha256_json({"pack": content_hash(pack), "bench": Path(cb).name})
+        cset = cset or check_settings(None)
+        key = sha256_json({"pack": content_hash(pack), "bench": Path(cb).name, "settings": cset})
         check = check_task.with_options(result_storage=results)
         m = check.with_options(refresh_cache=force)(pack_dir=pack, benchmarks=cb, check_root=str(root / "check"),
-                                                   key=key, run_label=label)
+                                                   key=key, run_label=label, settings=cset)
         if not result_intact(m):
             logger.warning("check: the cached result names %s, which is gone or changed: checking again", m.get("path"))
             m = check.with_options(refresh_cache=True)(pack_dir=pack, benchmarks=cb, check_root=str(root / "check"),
-                                                       key=key, run_label=label)
+                                                       key=key, run_label=label, settings=cset)
         update_run(root, check={"dir": os.path.relpath(m["path"], root), "version": Path(m["path"]).name,
                                 "benchmarks": bench, "checked": os.path.relpath(cb, root),
                                 "pack_version": Path(pack).name})

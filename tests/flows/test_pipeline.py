@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline_flow import EvalSettings, TrainSettings, pipeline, plan_pipeline
+from flows.pipeline_flow import EvalSettings, TrainSettings, check_settings, pipeline, plan_pipeline
 from pipeline.io import read_json
 from pipeline.runs import read_run
 
@@ -46,6 +46,20 @@ def test_plan_pipeline_steps():
         plan_pipeline("report", None, "check", False, False)
     with pytest.raises(ValueError, match="stop_after must be one of"):
         plan_pipeline("nope", None, None, False, False)
+
+
+def test_check_step_uses_the_spec_contamination_settings():
+    """The check of the packed data runs with the spec's contamination settings (method, buckets), never
+    decontaminates, and a settings change changes what the step is keyed on."""
+    from pipeline.spec import load_spec
+
+    default = check_settings(load_spec("demo"))
+    assert default["method"] == "words" and default["decontaminate"] is False
+    s = load_spec("demo", ["contamination.method=tokens", "contamination.dirty_at=0.9",
+                           "contamination.decontaminate=true"])
+    got = check_settings(s)
+    assert got["method"] == "tokens" and got["dirty_at"] == 0.9 and got["decontaminate"] is False
+    assert "benchmarks_dir" not in got and got != default
 
 
 def test_pipeline_end_to_end_and_cached_rerun(harness, tmp_path, shared, gsm8k_train):
