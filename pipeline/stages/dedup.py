@@ -582,10 +582,18 @@ def exact_from_hashes(h: np.ndarray, rank: np.ndarray) -> np.ndarray:
 def _joined_texts(table: pa.Table, rows: np.ndarray) -> pa.Array:
     """instruction + newline + response of the given rows, as one large_string array."""
     big = pa.large_string()  # either column may be string or large_string
-    joined = pc.binary_join_element_wise(
-        table["instruction"].take(rows).cast(big), table["response"].take(rows).cast(big), pa.scalar("\n", big)
-    )
-    return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+    n = table.num_rows
+    whole = rows.size * 2 >= n  # most rows (pass 1: all but the exact copies): join the columns, then take
+
+    def col(c: str) -> pa.Array:
+        a = table[c]
+        a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+        return (a if whole else a.take(pa.array(rows))).cast(big)
+
+    joined = pc.binary_join_element_wise(col("instruction"), col("response"), pa.scalar("\n", big))
+    if whole and not np.array_equal(rows, np.arange(n)):
+        joined = joined.take(pa.array(rows))
+    return joined
 
 
 # ------------------------------------------------------------------------------------------------
