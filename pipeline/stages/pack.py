@@ -321,10 +321,9 @@ def run(
     Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
     fingerprint): the tokenized rows are read row group by row group into per-row keys (`_RowKeys`:
     lengths, offsets, source code, id) while their tokens go to two flat files in the output folder
-    (removed at the end); the mix order needs every sample's row, so the mix's (epoch, order, id)
-    columns are read whole (the ids only until they are matched) and turned into two int64 arrays (row,
-    epoch: 16 bytes per sample). The
-    samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
+    (removed at the end); the mix order needs every sample's row, so the mix is read a batch at a
+    time, its ids matched to rows, and kept as int64 arrays (row, epoch, order: 24 bytes per sample,
+    16 once sorted by (epoch, order)). The samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
     files, each sample copied into its open sequence as it is placed (at most `open_bins` sequences
     of seq_len tokens are open), and the shards written as they fill."""
     from tqdm.auto import tqdm
@@ -360,14 +359,14 @@ def run(
     keys = _RowKeys(tok_file, out / ".pack-spill", eoa, read_rows, progress)
     try:
         manifest = _pack(keys, tok_file, mix_file, out, cfg, fp, params, inputs, pad, seq_len, min_resp, open_bins,
-                         read_rows, progress, tqdm)
+                         read_rows, progress, tqdm, memory_gb)
     finally:
         keys.close()  # before finish_stage renames a versioned folder into place
     return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
 
 def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, params, inputs, pad: int,
-          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, tqdm) -> dict:
+          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, tqdm, memory_gb) -> dict:
     """The packing itself; returns the manifest (written by `run`)."""
     P, R = keys.P, keys.R
     n_rows = len(P)
@@ -381,18 +380,30 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     truncated = keep_r < R
 
     # samples, in mix order
-    mix = pq.read_table(mix_file, columns=["epoch", "order", "id"])
-    perm = np.lexsort((mix["order"].to_numpy(), mix["epoch"].to_numpy()))  # (epoch, order): the mix order
-    j_of = pc.index_in(mix["id"].cast(pa.large_string()), value_set=keys.ids)
-    if j_of.null_count:
-        miss = mix.take(pa.array(perm)).filter(pc.is_null(j_of.take(pa.array(perm))))["id"]
+    # the mix read a batch at a time: each batch's ids matched to rows (no id of the mix is kept)
+    mix_pf = pq.ParquetFile(mix_file, pre_buffer=False)
+    ep_l, ord_l, j_l, missing = [], [], [], []
+    for mb in mix_pf.iter_batches(batch_size=budget.batch_rows(memory_gb, 64), columns=["epoch", "order", "id"],
+                                  use_threads=False):
+        j_of = pc.index_in(mb.column("id").cast(pa.large_string()), value_set=keys.ids)
+        if j_of.null_count:
+            miss = pc.is_null(j_of)
+            missing.append(pa.Table.from_batches([mb]).filter(miss))
+            j_of = pc.fill_null(j_of, 0)
+        ep_l.append(mb.column("epoch").to_numpy().astype(np.int64))
+        ord_l.append(mb.column("order").to_numpy().astype(np.int64))
+        j_l.append(j_of.to_numpy(zero_copy_only=False).astype(np.int64))
+    if missing:
+        miss = pa.concat_tables(missing).sort_by([("epoch", "ascending"), ("order", "ascending")])["id"]
         raise ValueError(
             f"pack: {mix_file} names {len(miss)} sample(s) not in {tok_file}, e.g. {miss.slice(0, 3).to_pylist()}: "
             f"the mix was made from another tokenizer output"
         )
-    J = j_of.to_numpy(zero_copy_only=False).astype(np.int64)[perm]
-    EP = mix["epoch"].to_numpy().astype(np.int64)[perm]
-    del mix, j_of, perm
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    EP, order = cat(ep_l), cat(ord_l)
+    perm = np.lexsort((order, EP))  # (epoch, order): the mix order
+    J, EP = cat(j_l)[perm], EP[perm]
+    del ep_l, ord_l, j_l, order, perm
     dropped = short | too_long
     keep_mask = ~dropped[J]
     kept_lengths = L[J[keep_mask]]

@@ -214,8 +214,8 @@ resources: {memory_gb: 0.3}
 
 def test_hrm_stage_pack_stays_within_a_low_memory_budget(tmp_path):
     """`hrm stage pack` on 400k tokenized rows (64M tokens: 243 MB as int32; the whole-table pack of
-    the code before issue 13 peaked at 909 MB on them) under a 0.3 GB budget stays under 350 MB
-    (measured: about 271 MB, of which about 90 MB is the interpreter with pyarrow/numpy/the CLI), peak
+    the code before issue 13 peaked at 909 MB on them) under a 0.3 GB budget stays under 360 MB
+    (measured: 270-315 MB from run to run, of which about 90 MB is the interpreter with pyarrow/numpy/the CLI), peak
     RSS by getrusage in a waiter process. What stays in memory is per row: lengths, offsets, a source
     code and the id (about 40 bytes + the id), and per mix sample its row and epoch; the tokens are
     gathered from the spill files a batch of samples at a time."""
@@ -254,4 +254,4 @@ def test_hrm_stage_pack_stays_within_a_low_memory_budget(tmp_path):
     counts = json.loads(r["out"])["counts"]
     assert counts["samples_packed"] == n and counts["sequences"] > 50_000
     assert tokens > 240 * 2**20
-    assert r["maxrss_mb"] < 350, r["maxrss_mb"]
+    assert r["maxrss_mb"] < 360, r["maxrss_mb"]
