@@ -268,8 +268,8 @@ class ContaminationSpec(ContaminationConfig):
 # resources
 # ----------------------------------------------------------------------------------------------
 class ResourcesConfig(Strict):
-    """What the data stages may use. `memory_gb`: the budget the streaming stages (stratify, dedup,
-    lineage, and the readers of every stage) size their batches by (pipeline/budget.py), so that peak
+    """What the data stages may use. `memory_gb`: the budget the streaming stages (ingest, normalize,
+    stratify, dedup, tokenizer, mix, pack, lineage) size their batches by (pipeline/budget.py), so that peak
     RSS stays within it whatever the row count. Never part of a stage's fingerprint: it changes how
     much is held at once, never the outputs."""
 
