@@ -18,7 +18,8 @@ trace reads the stage versions the run manifest (`run.json`) names and follows t
 - dedup: kept (and which rows were removed as its duplicates), or removed: reason, duplicate_of, detail;
 - tokenizer: prompt and response tokens (specials included), or removed;
 - contamination (when the run has it): removed for the benchmark item it makes dirty, or kept; a
-  check-only stage names the dirty items the row is responsible for, without removing it;
+  check-only stage names every item that is not clean the row is responsible for (with its bucket),
+  without removing it;
 - mix: the (epoch, order) of every time it was selected, or capped;
 - pack: every shard, sequence (in the shard and in the whole pack folder, the index the trainer
   reports) and token range [start, end) it was packed at, per epoch; truncation; or removed;
@@ -496,13 +497,19 @@ def trace(run_dir: str | os.PathLike, row_id: str) -> dict:
                 return _finish(d, run, root, dirs)
             step("contamination", "kept", "kept: makes no benchmark item dirty")
         else:
-            items = _dirty_items(dirs["contamination"], row_id)
-            if items:
-                named = ", ".join(items[:SHOWN]) + (" ..." if len(items) > SHOWN else "")
-                txt = f"checked, not removed (no decontamination): responsible for dirty item(s) {named}"
+            flagged = _flagged_items(dirs["contamination"], row_id)
+            items = [f for f, b in flagged if b == "dirty"]
+            if flagged:
+                by_bucket: dict[str, list[str]] = {}
+                for f, b in flagged:
+                    by_bucket.setdefault(b, []).append(f)
+                named = "; ".join(f"{b} item(s) " + ", ".join(fs[:SHOWN]) + (" ..." if len(fs) > SHOWN else "")
+                                  for b, fs in sorted(by_bucket.items(), key=lambda kv: -BUCKET_RANK.get(kv[0], 0)))
+                txt = f"checked, not removed (no decontamination): responsible for {named}"
             else:
-                txt = "checked: makes no benchmark item dirty (no decontamination)"
-            step("contamination", "checked", txt, dirty_items=items)
+                txt = "checked: responsible for no benchmark item that is not clean (no decontamination)"
+            step("contamination", "checked", txt, dirty_items=items,
+                 flagged_items=[{"item": f, "bucket": b} for f, b in flagged])
 
     if "mix" not in dirs or removed_here("mix"):
         return _finish(d, run, root, dirs)
@@ -544,16 +551,20 @@ def trace(run_dir: str | os.PathLike, row_id: str) -> dict:
     return _finish(d, run, root, dirs)
 
 
-def _dirty_items(contam: Path, row_id: str) -> list[str]:
-    """The benchmark items a check-only contamination stage names this row responsible for."""
+BUCKET_RANK = {"not_clean": 1, "not_dirty": 2, "dirty": 3}
+
+
+def _flagged_items(contam: Path, row_id: str) -> list[tuple[str, str]]:
+    """(benchmark:item, bucket) for every item that is not clean and names this row among its responsible
+    rows in a check-only contamination stage (older reports list dirty items only)."""
     f = contam / "report.json"
     if not f.exists():
         return []
     out = []
     for name, b in (read_json(f).get("benchmarks") or {}).items():
-        for it in b.get("dirty_items") or []:
+        for it in b.get("flagged_items", b.get("dirty_items")) or []:
             if any(r.get("id") == row_id for r in it.get("responsible") or []):
-                out.append(f"{name}:{it.get('item_id')}")
+                out.append((f"{name}:{it.get('item_id')}", it.get("bucket", "dirty")))
     return out
 
 

@@ -267,3 +267,23 @@ def test_training_record_and_unfinished_runs(run, tmp_path):
     d = trace(copy, row["id"])
     assert d["outcome"] == {"status": "in_progress", "stage": "tokenizer", "next": "mix"}
     assert why(copy, row["id"]).splitlines()[0] == "kept through tokenizer; the run has no mix output yet"
+
+
+def test_check_only_names_items_not_dirty_too(run, tmp_path):
+    """A check-only contamination stage: the row behind an item that is only partly copied (not_dirty)
+    is named with that bucket, beside the dirty item it copies whole."""
+    from pipeline.stages import contamination
+    from pipeline.trace import _flagged_items
+
+    planted = json.loads((run.parent / "bench" / "gsm8k" / "test.jsonl").read_text().splitlines()[PLANTED])
+    words = planted["question"].split()
+    assert len(words) >= 30
+    # about 60% of the item is the planted row's question, the rest words no training row has
+    partial = " ".join(words[:30] + [f"zebra{i} quokka{i}" for i in range(10)])
+    bench = tmp_path / "bench" / "gsm8k"
+    bench.mkdir(parents=True)
+    (bench / "test.jsonl").write_text(json.dumps(planted) + "\n" + json.dumps({**planted, "question": partial}) + "\n")
+    m = contamination.run(stage_dir(run, "tokenizer"), tmp_path / "bench", tmp_path / "contam", progress=False)
+    got = dict(_flagged_items(Path(m["path"]) if "path" in m else tmp_path / "contam", "messy/5"))
+    assert got == {"gsm8k:gsm8k/test/0": "dirty", "gsm8k:gsm8k/test/1": "not_dirty"}, got
+    assert _flagged_items(tmp_path / "contam", "messy/1") == []
