@@ -115,9 +115,9 @@ def _list(lengths: list[int], values: pa.Array) -> pa.Array:
 
 class _ShardWriter:
     """Collects packed sequences and writes a shard every `rows_per_shard` of them. Samples are held as
-    row indices of the tokenized file; their ids are taken from `ids` (the id column) at the flush."""
+    row indices of the tokenized file; their ids are read from the keys' id file (`ids(rows)`) at the flush."""
 
-    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, ids: pa.Array,
+    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, ids,
                  source_names: list[str]):
         self.out, self.seq_len, self.pad = out, seq_len, pad_id
         self.rows_per_shard = rows_per_shard
@@ -161,7 +161,7 @@ class _ShardWriter:
         rows = len(self.tokens)
         flat = np.concatenate(self.tokens).astype(np.int32, copy=False)
         assert flat.shape == (rows * self.seq_len,)
-        ids = pa.array(self.all_ids.take(pa.array(np.asarray(self.rows, dtype=np.int64))).to_pylist(), pa.string())
+        ids = self.all_ids(np.asarray(self.rows, dtype=np.int64)).cast(pa.string())
         table = pa.Table.from_arrays(
             [
                 pa.FixedSizeListArray.from_arrays(pa.array(flat), self.seq_len),
@@ -207,12 +207,14 @@ def _check_columns(path: Path, cols: list[str]) -> None:
 
 
 class _RowKeys:
-    """The per-row keys of the tokenized rows, read row group by row group (the token lists themselves go
-    to two flat int32 files, prompts and responses, from which the packer gathers them in batches).
+    """The per-row keys of the tokenized rows, read row group by row group. The token lists go to two
+    flat int32 files (prompts, responses) and the ids to a bytes file (the UTF-8 of each id, one after
+    the other), from which the packer gathers them in batches; no id string stays in memory.
 
-    Held per row: prompt and response lengths (int64 each), the row's offsets into the two token files
-    (int64 each), a source code (int32) and the id (an Arrow large string: its bytes + 8). That is about
-    40 bytes + the id per row, whatever the lengths of the texts."""
+    Held per row: prompt and response lengths (int32 each), the row's offsets into the three files
+    (int64 each), a source code (int32), and for matching the mix's ids to rows a 64-bit hash of the
+    id, sorted, with its row (int32 below 2**31 rows): about 52 bytes a row, whatever the lengths of the
+    texts and ids. A hash only proposes a row: the id itself is compared (read back from the file)."""
 
     def __init__(self, tok_file: Path, spill: Path, eoa: int, batch_rows: int, progress: bool):
         from tqdm.auto import tqdm
@@ -220,12 +222,14 @@ class _RowKeys:
         pf = pq.ParquetFile(tok_file, pre_buffer=False)
         n = pf.metadata.num_rows
         self.prompt_file, self.response_file = spill.with_suffix(".prompts"), spill.with_suffix(".responses")
-        P, R, ids, src = [], [], [], []
+        self.id_file = spill.with_suffix(".ids")
+        P, R, src, ilen, hashes = [], [], [], [], []
         self.source_names: list[str] = []
         code: dict[str, int] = {}
         first_bad, n_bad = None, 0
         bar = tqdm(total=n, desc="pack read", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
-        with open(self.prompt_file, "wb") as fp, open(self.response_file, "wb") as fr:
+        done = 0
+        with open(self.prompt_file, "wb") as fp, open(self.response_file, "wb") as fr, open(self.id_file, "wb") as fi:
             for b in pf.iter_batches(batch_size=batch_rows, columns=["id", "source", "prompt_ids", "response_ids"],
                                      use_threads=False):
                 p_vals, p_off = _flat(b.column("prompt_ids"))
@@ -239,9 +243,16 @@ class _RowKeys:
                     if first_bad is None:
                         first_bad = b.column("id")[int(bad[0])].as_py()
                     n_bad += len(bad)
-                P.append(p_len)
-                R.append(r_len)
-                ids.append(b.column("id"))
+                P.append(p_len.astype(np.int32))
+                R.append(r_len.astype(np.int32))
+                id_col = b.column("id")
+                if id_col.null_count:
+                    k = int(np.flatnonzero(pc.is_null(id_col).to_numpy(zero_copy_only=False))[0])
+                    raise ValueError(f"pack: {tok_file}: row {done + k}: id is null")
+                id_vals, id_off = _utf8(id_col)
+                fi.write(id_vals)
+                ilen.append(np.diff(id_off))
+                hashes.append(_hash(id_col))
                 sources = b.column("source")
                 uniq = pc.unique(sources).to_pylist()
                 for s in uniq:
@@ -250,6 +261,7 @@ class _RowKeys:
                         self.source_names.append(s)
                 idx = pc.index_in(sources, value_set=pa.array(uniq, sources.type)).to_numpy(zero_copy_only=False)
                 src.append(np.asarray([code[s] for s in uniq], dtype=np.int32)[idx])
+                done += b.num_rows
                 bar.update(b.num_rows)
         bar.close()
         if first_bad is not None:
@@ -258,41 +270,96 @@ class _RowKeys:
                 f"must end with <|eoa|> (id {eoa})"
             )
         cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
-        self.P, self.R = cat(P, np.int64), cat(R, np.int64)
+        self.P, self.R = cat(P, np.int32), cat(R, np.int32)
+        del P, R
         self.src = cat(src, np.int32)
-        self.p_off = np.zeros(len(self.P) + 1, np.int64)
-        np.cumsum(self.P, out=self.p_off[1:])
-        self.r_off = np.zeros(len(self.R) + 1, np.int64)
-        np.cumsum(self.R, out=self.r_off[1:])
-        # large_string: the ids of a hundred million rows pass the 2 GB a string array's offsets can address
-        self.ids = (pa.chunked_array([c.cast(pa.large_string()) for c in ids], pa.large_string()).combine_chunks()
-                    if ids else pa.array([], pa.large_string()))
+        self.p_off = _offsets(self.P)
+        self.r_off = _offsets(self.R)
+        self.i_off = _offsets(cat(ilen, np.int64))
+        del ilen
+        h = cat(hashes, np.int64)
+        del hashes
+        self.row_dtype = np.int32 if len(h) < 2**31 else np.int64
+        by_hash = np.argsort(h, kind="stable").astype(self.row_dtype)  # equal hashes: rows in file order
+        self.H = h[by_hash]
+        del h
+        self.H_row = by_hash
+
+    def ids(self, rows: np.ndarray) -> pa.Array:
+        """The ids of `rows` (in that order), a large_string array read from the id file."""
+        vals, off = _take(self.id_file, self.i_off[rows], self.i_off[rows + 1] - self.i_off[rows], np.uint8)
+        return pa.Array.from_buffers(pa.large_string(), len(rows), [None, pa.py_buffer(off), pa.py_buffer(vals)])
+
+    def find(self, ids: pa.Array) -> np.ndarray:
+        """The row of each of `ids` (the first row with that id, as `pc.index_in` finds it), -1 where
+        no row has it: candidates by hash, then the ids compared."""
+        q = _hash(ids)
+        lo = np.searchsorted(self.H, q, side="left")
+        hi = np.searchsorted(self.H, q, side="right")
+        res = np.full(len(q), -1, np.int64)
+        one = np.flatnonzero(hi - lo == 1)
+        if len(one):
+            rows = self.H_row[lo[one]].astype(np.int64)
+            same = pc.equal(self.ids(rows), ids.take(pa.array(one)).cast(pa.large_string()))
+            ok = same.to_numpy(zero_copy_only=False)
+            res[one[ok]] = rows[ok]
+        for x in np.flatnonzero(hi - lo > 1).tolist():  # the same hash for several rows (or equal ids)
+            want = ids[x].as_py()
+            cand = np.sort(self.H_row[lo[x] : hi[x]].astype(np.int64))
+            for j, got in zip(cand.tolist(), self.ids(cand).to_pylist()):
+                if got == want:
+                    res[x] = j
+                    break
+        return res
 
     def gather(self, rows: np.ndarray, keep_r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The prompts and kept responses of `rows` (in that order): (prompt values, prompt offsets,
-        response values, response offsets), offsets local to the batch. The token files are mapped for
-        the gather only (their pages leave the process with the mapping)."""
+        response values, response offsets), offsets local to the batch. Read from the token files range
+        by range (`_take`)."""
         pv, po = _take(self.prompt_file, self.p_off[rows], self.P[rows])
         rv, ro = _take(self.response_file, self.r_off[rows], keep_r[rows])
         return pv, po, rv, ro
 
     def close(self) -> None:
-        for f in (self.prompt_file, self.response_file):
+        for f in (self.prompt_file, self.response_file, self.id_file):
             if f.exists():
                 f.unlink()
 
 
-def _take(path: Path, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values [start, start+length) of each range of an int32 file, concatenated; with their offsets.
-    Read range by range (pread), not through a memory map: a mapped file's pages around each range
-    (read-ahead, fault-around: 64 KB and more) would count in the process's RSS."""
+def _offsets(lengths: np.ndarray) -> np.ndarray:
     off = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=off[1:])
-    vals = np.empty(int(off[-1]), np.int32)
+    return off
+
+
+def _utf8(col) -> tuple[memoryview, np.ndarray]:
+    """(bytes, offsets from 0) of a string column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = arr.cast(pa.large_string())
+    off = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    vals = memoryview(data)[int(off[0]) : int(off[-1])] if data is not None else memoryview(b"")
+    return vals, off - off[0]
+
+
+def _hash(col) -> np.ndarray:
+    """A 64-bit hash of each string: Python's string hash (SipHash; salted per process, so only
+    compared within one run), taken a batch at a time."""
+    return np.fromiter(map(hash, col.to_pylist()), np.int64, count=len(col))
+
+
+def _take(path: Path, starts: np.ndarray, lengths: np.ndarray, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Values [start, start+length) of each range of a file of `dtype` values, concatenated; with their
+    offsets. Read range by range (pread), not through a memory map: a mapped file's pages around each
+    range (read-ahead, fault-around: 64 KB and more) would count in the process's RSS."""
+    size = np.dtype(dtype).itemsize
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    vals = np.empty(int(off[-1]), dtype)
     mv = memoryview(vals).cast("B")
     fd = os.open(path, os.O_RDONLY)
     try:
-        for s, o, n in zip((starts * 4).tolist(), (off[:-1] * 4).tolist(), (lengths * 4).tolist()):
+        for s, o, n in zip((starts * size).tolist(), (off[:-1] * size).tolist(), (lengths * size).tolist()):
             if n and os.preadv(fd, [mv[o : o + n]], s) != n:
                 raise OSError(f"pack: {path}: short read at byte {s}")
     finally:
@@ -320,12 +387,13 @@ def run(
 
     Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
     fingerprint): the tokenized rows are read row group by row group into per-row keys (`_RowKeys`:
-    lengths, offsets, source code, id) while their tokens go to two flat files in the output folder
-    (removed at the end); the mix order needs every sample's row, so the mix is read a batch at a
-    time, its ids matched to rows, and kept as int64 arrays (row, epoch, order: 24 bytes per sample,
-    16 once sorted by (epoch, order)). The samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
-    files, each sample copied into its open sequence as it is placed (at most `open_bins` sequences
-    of seq_len tokens are open), and the shards written as they fill."""
+    lengths, file offsets, source code, a sorted 64-bit hash of the id; about 52 bytes a row) while
+    their tokens and ids go to three flat files in the output folder (removed at the end). The mix is
+    read a batch at a time, its ids matched to rows (hash, then the id compared), and kept as int32
+    (row, epoch) per sample (8 bytes; the order too, and a sort, only for a mix not in (epoch, order)).
+    The samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
+    files, each sample copied into its open sequence as it is placed (at most `open_bins` sequences of
+    seq_len tokens are open), and the shards written as they fill, their ids read back from the id file."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -372,43 +440,59 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     n_rows = len(P)
 
     # rows: lengths and fate
-    resp_text = R - 1
-    short = resp_text < min_resp
+    short = R < min_resp + 1  # response tokens, EOA excluded (R - 1), fewer than min_resp
     too_long = ~short & (P >= seq_len - min_resp)
     keep_r = np.minimum(R, seq_len - P)  # kept response tokens (only meaningful for kept rows)
     L = P + keep_r
     truncated = keep_r < R
 
     # samples, in mix order
-    # the mix read a batch at a time: each batch's ids matched to rows (no id of the mix is kept)
+    # the mix read a batch at a time: each batch's ids matched to rows (no id of the mix is kept). A mix
+    # written by the mix stage is already in (epoch, order): then only (row, epoch) are kept per sample
+    # (int32 each below 2**31 rows); otherwise the order too, and the samples sorted by (epoch, order).
     mix_pf = pq.ParquetFile(mix_file, pre_buffer=False)
+    mb_rows = budget.batch_rows(memory_gb, 64)
+    in_order, prev = True, None
+    for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order"], use_threads=False):
+        e = mb.column("epoch").to_numpy().astype(np.int64)
+        o = mb.column("order").to_numpy().astype(np.int64)
+        if prev is not None:
+            e, o = np.concatenate([[prev[0]], e]), np.concatenate([[prev[1]], o])
+        de, do = np.diff(e), np.diff(o)
+        if ((de < 0) | ((de == 0) & (do <= 0))).any():
+            in_order = False
+            break
+        if len(e):
+            prev = (e[-1], o[-1])
     ep_l, ord_l, j_l, missing = [], [], [], []
-    for mb in mix_pf.iter_batches(batch_size=budget.batch_rows(memory_gb, 64), columns=["epoch", "order", "id"],
-                                  use_threads=False):
-        j_of = pc.index_in(mb.column("id").cast(pa.large_string()), value_set=keys.ids)
-        if j_of.null_count:
-            miss = pc.is_null(j_of)
+    for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order", "id"], use_threads=False):
+        j_of = keys.find(mb.column("id"))
+        if (j_of < 0).any():
+            miss = pa.array(j_of < 0)
             missing.append(pa.Table.from_batches([mb]).filter(miss))
-            j_of = pc.fill_null(j_of, 0)
-        ep_l.append(mb.column("epoch").to_numpy().astype(np.int64))
-        ord_l.append(mb.column("order").to_numpy().astype(np.int64))
-        j_l.append(j_of.to_numpy(zero_copy_only=False).astype(np.int64))
+            j_of[j_of < 0] = 0
+        ep_l.append(mb.column("epoch").to_numpy().astype(np.int32))
+        if not in_order:
+            ord_l.append(mb.column("order").to_numpy().astype(np.int64))
+        j_l.append(j_of.astype(keys.row_dtype))
     if missing:
         miss = pa.concat_tables(missing).sort_by([("epoch", "ascending"), ("order", "ascending")])["id"]
         raise ValueError(
             f"pack: {mix_file} names {len(miss)} sample(s) not in {tok_file}, e.g. {miss.slice(0, 3).to_pylist()}: "
             f"the mix was made from another tokenizer output"
         )
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-    EP, order = cat(ep_l), cat(ord_l)
-    perm = np.lexsort((order, EP))  # (epoch, order): the mix order
-    J, EP = cat(j_l)[perm], EP[perm]
-    del ep_l, ord_l, j_l, order, perm
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+    EP, J = cat(ep_l, np.int32), cat(j_l, keys.row_dtype)
+    del ep_l, j_l
+    if not in_order:
+        perm = np.lexsort((cat(ord_l, np.int64), EP))  # (epoch, order): the mix order
+        J, EP = J[perm], EP[perm]
+        del perm
+    del ord_l
     dropped = short | too_long
-    keep_mask = ~dropped[J]
-    kept_lengths = L[J[keep_mask]]
-    min_len = int(kept_lengths.min()) if len(kept_lengths) else seq_len
-    del kept_lengths
+    occ = np.bincount(J, minlength=n_rows)  # occurrences of each row in the mix
+    kept_rows = occ.astype(bool) & ~dropped
+    min_len = int(L[kept_rows].min()) if kept_rows.any() else seq_len
 
     writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), keys.ids, keys.source_names)
 
@@ -431,8 +515,8 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     cur_epoch = None
     bar = tqdm(total=len(J), desc="pack", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
     for i0 in range(0, len(J), batch):
-        Jb = J[i0 : i0 + batch]
-        kb = keep_mask[i0 : i0 + batch]
+        Jb = J[i0 : i0 + batch].astype(np.int64)
+        kb = ~dropped[Jb]
         pv, po, rv, ro = keys.gather(Jb[kb], keep_r)
         k = 0  # the next kept sample of the batch
         # the batch's lengths as Python ints (lists per batch: per row they would cost ~36 bytes each)
@@ -478,22 +562,23 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     writer.flush()
 
     # accounting
-    occ = np.bincount(J, minlength=n_rows)
     in_mix = occ > 0
     removals = []
     reason_rows: dict[str, int] = {}
     reason_samples: dict[str, int] = {}
-    for j in np.flatnonzero(in_mix & dropped):
+    gone = np.flatnonzero(in_mix & dropped)
+    gone_ids = keys.ids(gone).to_pylist() if len(gone) else []
+    for j, rid in zip(gone.tolist(), gone_ids):
         if short[j]:
             reason = "short_response"
-            detail = f"{int(resp_text[j])} response token(s) (EOA excluded) < min_response_tokens {min_resp}"
+            detail = f"{int(R[j]) - 1} response token(s) (EOA excluded) < min_response_tokens {min_resp}"
         else:
             reason = "prompt_too_long"
             detail = f"prompt of {int(P[j])} tokens >= seq_len {seq_len} - min_response_tokens {min_resp}"
         detail += f"; {int(occ[j])} occurrence(s) in the mix"
         removals.append(
             {
-                "id": keys.ids[int(j)].as_py(),
+                "id": rid,
                 "source": keys.source_names[int(src[j])],
                 "stage": STAGE,
                 "reason": reason,
@@ -520,7 +605,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     sequences = int(sum(r["rows"] for r in recs))
     tokens = sequences * seq_len
     non_pad = int(sum(r["non_pad_tokens"] for r in recs))
-    kept_occ = ~dropped[J]
+    kept_occ = np.where(dropped, 0, occ)  # occurrences of each kept row
     assert samples_packed == int(kept_occ.sum())
     assert rows_in == rows_packed + len(removals)
     counts = {
@@ -531,8 +616,8 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
         "samples_in": int(len(J)),
         "samples_packed": samples_packed,
         "samples_removed_by_reason": dict(sorted(reason_samples.items())),
-        "samples_truncated": int(truncated[J[kept_occ]].sum()),
-        "tokens_truncated": int((R - keep_r)[J[kept_occ]].sum()),
+        "samples_truncated": int(kept_occ[truncated].sum()),
+        "tokens_truncated": int((kept_occ * (R - keep_r).astype(np.int64)).sum()),
         "sequences": sequences,
         "shards": len(recs),
         "tokens": tokens,

@@ -193,6 +193,38 @@ def test_pack_streams_byte_identical(tokenized, tmp_path, small_batches):
     assert seen == c["samples_packed"]
 
 
+def test_pack_matches_ids_exactly_when_hashes_collide(tokenized, tmp_path, monkeypatch):
+    """Pack matches the mix's ids to rows by a 64-bit hash and then compares the ids themselves: with a
+    hash that puts every id in one of 3 buckets the shards and removals are the same bytes, a mix id
+    that is in no row (but shares a bucket with many) is still reported, and a row id given twice in
+    the tokenized file is matched to its first row."""
+    d, _ = tokenized
+    cfg = PackConfig(seq_len=256, min_response_tokens=2, shard_tokens=400 * 256)
+    pack.run(d / "tok", d / "mix", tmp_path / "a", cfg, progress=False)
+    monkeypatch.setattr(pack, "_hash", lambda col: np.array([len(x) % 3 for x in col.to_pylist()], np.int64))
+    pack.run(d / "tok", d / "mix", tmp_path / "b", cfg, progress=False)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    m = pq.read_table(d / "mix" / "mix.parquet")
+    bad = tmp_path / "badmix"
+    bad.mkdir()
+    ids = m["id"].to_pylist()
+    ids[7] = "r-not-there"
+    pq.write_table(m.set_column(2, "id", pa.array(ids)), bad / "mix.parquet")
+    with pytest.raises(ValueError, match=r"names 1 sample\(s\) not in .*'r-not-there'"):
+        pack.run(d / "tok", bad, tmp_path / "c", cfg, progress=False)
+    # the same id on two rows: the first one's row is the sample's (its tokens), as pc.index_in finds it
+    t = pq.read_table(d / "tok" / "tokenized.parquet").slice(0, 40)
+    dup = t.set_column(0, "id", pa.array(t["id"].to_pylist()[:20] * 2))
+    pq.write_table(dup, tmp_path / "dup.parquet")
+    meta = json.loads((d / "tok" / "tokenizer_meta.json").read_text())
+    keys = pack._RowKeys(tmp_path / "dup.parquet", tmp_path / ".spill", int(meta["eoa_id"]), 16, False)
+    try:
+        want = dup["id"].to_pylist()[:20] + ["absent"]
+        assert keys.find(pa.array(want)).tolist() == list(range(20)) + [-1]
+    finally:
+        keys.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # pack under a low memory budget
 # ------------------------------------------------------------------------------------------------
