@@ -48,6 +48,7 @@ from pipeline.spec import load_spec
 from pipeline.stages.ingest import local_files
 
 from .cache import StageCache
+from .dask_runner import map_parts, parts_runner
 from .errors import retry_on_network_errors
 
 STAGES = ("ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack")
@@ -68,7 +69,7 @@ def ingest_task(sources: list[SourceSpec], output_dir: str, seed: int, local_fil
     from pipeline.stages import ingest
 
     return ingest.run(sources, output_dir, seed=seed, progress=progress, versioned=versioned, force=force,
-                      memory_gb=memory_gb)
+                      memory_gb=memory_gb, map_parts=map_parts())
 
 
 @task(name="normalize", **_opts(("ingest_dir",), "pipeline.stages.normalize", "pipeline.rows"))
@@ -78,7 +79,7 @@ def normalize_task(ingest_dir: str, output_dir: str, sources: list[SourceSpec], 
     from pipeline.stages import normalize
 
     return normalize.run(ingest_dir, output_dir, sources, cfg, progress=progress, versioned=versioned, force=force,
-                         memory_gb=memory_gb)
+                         memory_gb=memory_gb, map_parts=map_parts())
 
 
 @task(name="stratify", **_opts(("input_dir",), "pipeline.stages.stratify", "pipeline.rows"))
@@ -97,7 +98,7 @@ def dedup_task(input_dir: str, output_dir: str, cfg: DedupConfig, progress: bool
     from pipeline.stages import dedup
 
     return dedup.run(input_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force,
-                     memory_gb=memory_gb)
+                     memory_gb=memory_gb, map_parts=map_parts())
 
 
 @task(name="tokenizer", **_opts(("input_dir",), "pipeline.stages.tokenize", "pipeline.rows"))
@@ -252,14 +253,17 @@ def _mark_stale(stages: dict[str, dict]) -> None:
 def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str = "pack",
               benchmarks: str | None = None, decontaminate: bool | None = None,
               overrides: list[str] | None = None, from_stage: str | None = None, only: str | None = None,
-              refresh: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+              refresh: list[str] | None = None, progress: bool = True, runner: str | None = None,
+              address: str | None = None, workers: int | None = None) -> dict[str, Any]:
     """Run the data stages of SPEC (a path or a bundled spec name) into OUTPUT_DIR (default runs/<name>).
 
     `stop_after` ends the flow after that stage (ingest ... pack; pack is followed by lineage).
     `overrides`: spec settings as KEY=VALUE (`dedup.threshold=0.7`), validated like the spec.
     `from_stage` starts at that stage, `only` runs that stage alone: both read the outputs of the stages
     before it from the run manifest. `refresh` recomputes the named stages even if cached.
-    `benchmarks` (a local benchmark folder) and `decontaminate` override the spec's contamination section."""
+    `benchmarks` (a local benchmark folder) and `decontaminate` override the spec's contamination section.
+    `runner` ("local" or "dask"), `address` and `workers` override the spec's resources.runner, .address and
+    .workers: with dask, the stages' parts run as tasks on a Dask cluster (flows/dask_runner.py), same outputs."""
     refresh = list(refresh or [])
     bad = [r for r in refresh if r not in ALL_STAGES]
     if bad:
@@ -278,7 +282,8 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
             h = lock["taken_over"]
             logger.warning("took over the lock of %s left by PID %s (%s, started %s), which is no longer running",
                            root, h.get("pid"), h.get("what"), h.get("started"))
-        return _run(s, spec, root, todo, contam, refresh, overrides, progress, logger)
+        return _run(s, spec, root, todo, contam, refresh, overrides, progress, logger, runner=runner, address=address,
+                    workers=workers)
 
 
 def run_label(s: RunSpec, root: Path) -> str:
@@ -296,7 +301,21 @@ def _counts_artifact(st: str, m: dict, label: str) -> None:
 
 def _run(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: ContaminationSpec | None,
          refresh: list[str], overrides: list[str] | None, progress: bool, logger,
-         label: str | None = None, check_later: bool = False) -> dict[str, Any]:
+         label: str | None = None, check_later: bool = False, runner: str | None = None,
+         address: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """The stages of TODO, their parts on the runner given (else the spec's resources.runner)."""
+    r = s.resources
+    runner = runner or (address and "dask") or r.runner
+    address = address or (r.address if runner == "dask" else None)
+    if runner != "local":
+        logger.info("runner: %s (%s)", runner, address or f"LocalCluster of {workers or r.workers} workers on 127.0.0.1")
+    with parts_runner(runner, address, workers or r.workers):
+        return _run_stages(s, spec_arg, root, todo, contam, refresh, overrides, progress, logger, label, check_later)
+
+
+def _run_stages(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: ContaminationSpec | None,
+                refresh: list[str], overrides: list[str] | None, progress: bool, logger,
+                label: str | None = None, check_later: bool = False) -> dict[str, Any]:
     label = label or run_label(s, root)
     results = root / ".prefect" / "results"
     t0 = time.time()

@@ -114,7 +114,8 @@ def cmd_run(args) -> int:
     res = data_flow(spec=str(args.spec), output_dir=args.output, stop_after=args.stop_after,
                     benchmarks=args.benchmarks, decontaminate=True if args.decontaminate else None,
                     overrides=args.set or None, from_stage=args.from_stage, only=args.only,
-                    refresh=args.refresh or None, progress=not args.no_progress)
+                    refresh=args.refresh or None, progress=not args.no_progress, runner=args.runner,
+                    address=args.address, workers=args.workers)
     print(json.dumps({"output_dir": res["output_dir"], "ran": res["ran"],
                       "stages": {k: {"dir": v["path"],
                                      "counts": {a: b for a, b in v.get("counts", {}).items() if not isinstance(b, dict)}}
@@ -427,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this stage alone on the latest outputs of the stages before it (from the run manifest)")
     r.add_argument("--refresh", action="append", default=[], choices=stage_names, metavar="STAGE",
                    help="recompute this stage even if a cached result exists (repeatable)")
+    r.add_argument("--runner", choices=["local", "dask"], default=None,
+                   help="where the stages' parts run: local (this process) or dask (Prefect tasks on a Dask cluster; "
+                        "same outputs); default: the spec's resources.runner (local)")
+    r.add_argument("--address", default=None, metavar="tcp://HOST:PORT",
+                   help="the Dask scheduler to use (implies --runner dask); default: a LocalCluster on 127.0.0.1")
+    r.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the LocalCluster (default: the spec's resources.workers, 2)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(fn=cmd_run)
 

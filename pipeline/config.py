@@ -274,6 +274,12 @@ class ResourcesConfig(Strict):
     much is held at once, never the outputs."""
 
     memory_gb: float = Field(default=4.0, gt=0)
+    # where the stages' parts (a source, a MinHash signature part) run: "local" (this process) or "dask"
+    # (tasks on the Dask scheduler at `address`, else a LocalCluster of `workers` processes on 127.0.0.1;
+    # flows/dask_runner.py). Never part of a fingerprint: the outputs are the same bytes.
+    runner: Literal["local", "dask"] = "local"
+    address: str | None = None
+    workers: int = Field(default=2, ge=1)
 
 
 class RunSpec(Strict):

@@ -76,6 +76,7 @@ from ..io import (
     write_parquet,
 )
 from .. import budget
+from ..parts import MapParts
 from ..rows import RowReader, _IdSet
 from ..schema import REMOVAL_SCHEMA
 
@@ -98,6 +99,7 @@ CLUSTERS_SCHEMA = pa.schema(
 def run(
     input_path: str | os.PathLike, output_dir: str | os.PathLike, cfg: DedupConfig, *, progress: bool = True,
     versioned: bool = False, force: bool = False, memory_gb: float | None = None,
+    map_parts: MapParts | None = None,
 ) -> dict:
     """Deduplicate `input_path` (a stage folder, .parquet or .jsonl in the normalized schema) into
     `output_dir`; returns the manifest (from a finished identical run without recomputing, if any).
@@ -110,7 +112,9 @@ def run(
 
     With cfg.workers > 1 the signature parts are computed by processes started with multiprocessing's
     forkserver method, so a script calling this must guard its entry point (if __name__ == "__main__").
-    cfg.workers and memory_gb are left out of the fingerprint: they never change the outputs."""
+    cfg.workers and memory_gb are left out of the fingerprint: they never change the outputs.
+    With `map_parts` (pipeline.parts), the signature parts are handed to it instead (after the first
+    pass; cfg.workers is then not used)."""
     # workers only changes how fast the signatures are computed, never the outputs
     params = cfg.model_dump(exclude={"workers"})
     fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
@@ -125,7 +129,8 @@ def run(
 
     # 1. one pass over the rows: exact-dedup hashes, priorities, strata, the texts to a file
     # with several workers, the signature parts are computed while the rows are read (_EagerSignatures)
-    eager = _EagerSignatures(spill, out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 else None
+    eager = _EagerSignatures(spill, out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 \
+        and map_parts is None else None
     try:
         first = _first_pass(input_path, spill, cfg, memory_gb, progress, eager)
     except BaseException:
@@ -168,7 +173,7 @@ def run(
             if eager is not None:
                 eager.abandon()
             write_docs(_gather_texts(first.texts, pos), docs)
-        res = near_duplicates(docs, out, cfg, key=fp, progress=progress)
+        res = near_duplicates(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
         lsh_info = res.info
         root = res.root
         dup = np.flatnonzero(res.root != np.arange(survivors.size))
@@ -649,6 +654,7 @@ def near_duplicates(
     key: str | None = None,
     part_rows: int | None = None,
     progress: bool = False,
+    map_parts: MapParts | None = None,
 ) -> NearResult:
     """Near-duplicate clusters of the texts in `docs` (see `write_docs`; best-ranked first): writes
     signatures/ and buckets/ into work_dir. With `key`, signature parts of an interrupted run with the
@@ -656,7 +662,8 @@ def near_duplicates(
     work = Path(work_dir)
     part_rows = part_rows or PART_ROWS
     t0 = time.perf_counter()
-    parts = signature_step(docs, work / "signatures", cfg, key=key, part_rows=part_rows, progress=progress)
+    parts = signature_step(docs, work / "signatures", cfg, key=key, part_rows=part_rows, progress=progress,
+                           map_parts=map_parts)
     t1 = time.perf_counter()
     bands, rows, verify_at = lsh_params(cfg)
     cand = bucket_step(parts, work / "buckets", bands, rows)
@@ -693,10 +700,12 @@ def near_duplicates(
 
 
 def signature_step(
-    docs: Path, sig_dir: Path, cfg: DedupConfig, *, key: str | None, part_rows: int, progress: bool
+    docs: Path, sig_dir: Path, cfg: DedupConfig, *, key: str | None, part_rows: int, progress: bool,
+    map_parts: MapParts | None = None,
 ) -> list[Path]:
-    """One signature part per `part_rows` documents of the docs file, computed by cfg.workers processes
-    (parts of a run with the same `key` already there are kept); returns the part paths in order."""
+    """One signature part per `part_rows` documents of the docs file, computed by cfg.workers processes,
+    or handed to `map_parts` (`signature_part_job`) when given (parts of a run with the same `key`
+    already there are kept); returns the part paths in order."""
     with pa.memory_map(str(docs)) as src:
         n_docs = pa.ipc.open_file(src).read_all().num_rows
     meta = {"key": key, "docs": n_docs, "part_rows": part_rows}
@@ -712,7 +721,10 @@ def signature_step(
     if todo:
         job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
         bar = tqdm(total=len(todo), desc="dedup signatures", unit="part", disable=not progress)
-        if cfg.workers == 1 or len(todo) == 1:
+        if map_parts is not None:
+            map_parts(signature_part_job, [(docs, *bounds[i], parts[i], job) for i in todo])
+            bar.update(len(todo))
+        elif cfg.workers == 1 or len(todo) == 1:
             for i in todo:
                 signature_part(docs, *bounds[i], parts[i], **job)
                 bar.update()
@@ -728,6 +740,12 @@ def signature_step(
                     bar.update()
         bar.close()
     return parts
+
+
+def signature_part_job(docs: Path, start: int, stop: int, out_path: Path, job: dict) -> str:
+    """`signature_part` as one part for `map_parts` (job: its keyword arguments); returns out_path."""
+    signature_part(docs, start, stop, out_path, **job)
+    return str(out_path)
 
 
 def signature_part(

@@ -43,6 +43,7 @@ from .. import budget, generators
 from ..config import SourceSpec
 from ..io import atomic_path, code_hash, finish_stage, open_stage, read_json, sha256_file, sha256_json
 from ..io import MANIFEST, RowGroupWriter, write_parquet
+from ..parts import MapParts, serial
 
 STAGE = "ingest"
 SUPPORTED = (".jsonl", ".jsonl.gz", ".json", ".parquet")
@@ -385,11 +386,33 @@ def _previous_sources(out: Path, versioned: bool) -> dict[str, tuple[dict, Path]
     return old
 
 
+def ingest_source(s: SourceSpec, out: Path, seed: int, fp: str, progress: bool,
+                  memory_gb: float | None) -> tuple[dict, float]:
+    """One part of the stage: source `s` into `out/<name>.parquet`; returns (its record, seconds)."""
+    fname = f"{s.name}.parquet"
+    ts = time.time()
+    if progress:
+        print(f"[ingest] {s.name}: {s.kind} {s.path or s.generator}", file=sys.stderr, flush=True)
+    if s.kind == "local":
+        n_rows, where, rec = _ingest_local(s, out / fname, memory_gb)
+    elif s.kind == "hub":
+        n_rows, where, rec = _ingest_hub(s, out / fname, progress, memory_gb)
+    else:
+        table, where = _ingest_generator(s, seed)
+        rec, n_rows = write_parquet(table, out / fname), table.num_rows
+    lic = s.license or where.pop("license_from_hub", None)
+    where.pop("license_from_hub", None)
+    return ({"fingerprint": fp, "kind": s.kind, "rows": n_rows, "license": lic, "output": rec, **where},
+            round(time.time() - ts, 3))
+
+
 def run(sources: list[SourceSpec], output_dir: str | os.PathLike, *, seed: int = 1234, progress: bool = True,
-        versioned: bool = False, force: bool = False, memory_gb: float | None = None) -> dict:
+        versioned: bool = False, force: bool = False, memory_gb: float | None = None,
+        map_parts: MapParts | None = None) -> dict:
     """Fetch every source into `<source>.parquet`. Local files and Hub splits stream: read a block or
     batch at a time (sized by `memory_gb`) and written row group by row group; the outputs do not
-    depend on the batch size."""
+    depend on the batch size. Each source to fetch is a part (`ingest_source`) handed to `map_parts`
+    (default: one after the other here); the manifest lists them in the spec's order."""
     fps = {s.name: _source_fingerprint(s, seed) for s in sources}
     fp = sha256_json(fps)
     # read before open_stage, which removes the stale manifest of a plain (unversioned) folder
@@ -400,6 +423,7 @@ def run(sources: list[SourceSpec], output_dir: str | os.PathLike, *, seed: int =
     old = {} if force else prior or _previous_sources(out, versioned)
     t0 = time.time()
     records, outputs, timing = {}, {}, {}
+    todo: list[SourceSpec] = []
     for s in sources:
         fname = f"{s.name}.parquet"
         prev, prev_dir = old.get(s.name, (None, None))
@@ -408,25 +432,16 @@ def run(sources: list[SourceSpec], output_dir: str | os.PathLike, *, seed: int =
             if prev_dir != out:
                 _link_or_copy(prev_dir / fname, out / fname)
             records[s.name] = prev
-            outputs[fname] = prev["output"]
             timing[s.name] = "reused"
-            continue
-        ts = time.time()
-        if progress:
-            print(f"[ingest] {s.name}: {s.kind} {s.path or s.generator}", file=sys.stderr, flush=True)
-        if s.kind == "local":
-            n_rows, where, rec = _ingest_local(s, out / fname, memory_gb)
-        elif s.kind == "hub":
-            n_rows, where, rec = _ingest_hub(s, out / fname, progress, memory_gb)
         else:
-            table, where = _ingest_generator(s, seed)
-            rec, n_rows = write_parquet(table, out / fname), table.num_rows
-        lic = s.license or where.pop("license_from_hub", None)
-        where.pop("license_from_hub", None)
-        records[s.name] = {"fingerprint": fps[s.name], "kind": s.kind, "rows": n_rows,
-                           "license": lic, "output": rec, **where}
-        outputs[fname] = rec
-        timing[s.name] = round(time.time() - ts, 3)
+            todo.append(s)
+    done_parts = (map_parts or serial)(ingest_source, [(s, out, seed, fps[s.name], progress, memory_gb) for s in todo])
+    for s, (rec, secs) in zip(todo, done_parts):
+        records[s.name] = rec
+        timing[s.name] = secs
+    records = {s.name: records[s.name] for s in sources}  # the spec's order, whoever computed them
+    outputs = {f"{name}.parquet": rec["output"] for name, rec in records.items()}
+    timing = {s.name: timing[s.name] for s in sources}
     warnings = empty_warnings(records)
     for w in warnings:
         print(f"[ingest] warning: {w['message']}", file=sys.stderr, flush=True)

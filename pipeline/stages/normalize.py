@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import string
 import sys
 import time
@@ -57,6 +58,7 @@ from tqdm import tqdm
 from ..config import NormalizeConfig, SourceSpec
 from .. import budget
 from ..io import MANIFEST, RowGroupWriter, open_stage, code_hash, finish_stage, fingerprint, read_json
+from ..parts import MapParts
 from ..rows import ROWS_FILE
 from ..schema import CONDITION_SEP, NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA, check_condition, parse_condition
 from .ingest import EmptySourcesError
@@ -466,10 +468,52 @@ def _warn_empty(ingest_warnings: list[dict], per_source: dict) -> list[dict]:
     return warnings
 
 
+def _normalize_source(s: SourceSpec, cfg: NormalizeConfig, path: Path, rows_per_batch: int, progress: bool,
+                      w_rows: RowGroupWriter, w_rej: RowGroupWriter) -> tuple[dict, Counter]:
+    """Source `s`'s ingested rows (`path`) mapped and written to w_rows / w_rej; returns (its counts,
+    its reject reasons)."""
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    n_in = pf.metadata.num_rows
+    names = pf.schema_arrow.names
+    # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
+    columns = None if "_json" in names or n_in == 0 else names
+    norm = _SourceNormalizer(s, cfg, columns, n_in > 0 and _source_files(pf, rows_per_batch) > 1)
+    kept = rejected = 0
+    src_reasons: Counter = Counter()
+    bar = tqdm(total=n_in, desc=f"normalize {s.name}", unit="row", unit_scale=True, file=sys.stderr,
+               mininterval=1.0, disable=not progress)
+    for b in pf.iter_batches(batch_size=rows_per_batch, use_threads=False):
+        rows, rejects = norm.batch(pa.Table.from_batches([b]))
+        w_rows.write(pa.Table.from_pylist(rows, schema=NORMALIZED_FULL_SCHEMA))
+        w_rej.write(pa.Table.from_pylist(rejects, schema=REMOVAL_SCHEMA))
+        kept += len(rows)
+        rejected += len(rejects)
+        src_reasons.update(r["reason"] for r in rejects)
+        bar.update(b.num_rows)
+        del rows, rejects
+    bar.close()
+    st = {"in": n_in, "kept": kept, "rejected": rejected, "reasons": dict(sorted(src_reasons.items()))}
+    if s.emit != "cot":  # only then: the manifests of other sources stay as they were
+        st.update(emit=s.emit, direct_copies=norm.copies)
+    assert n_in + norm.copies == kept + rejected, s.name
+    return st, src_reasons
+
+
+def normalize_source_part(s: SourceSpec, cfg: NormalizeConfig, path: Path, parts: Path, rows_per_batch: int,
+                          progress: bool) -> tuple[dict, Counter]:
+    """One part of the stage: source `s` into parts/<name>.rows.parquet and .rejects.parquet (the rows
+    `_normalize_source` would write for it); returns what `_normalize_source` returns."""
+    with RowGroupWriter(parts / f"{s.name}.{ROWS_FILE}", NORMALIZED_FULL_SCHEMA) as w_rows, \
+            RowGroupWriter(parts / f"{s.name}.{REJECTS_FILE}", REMOVAL_SCHEMA) as w_rej:
+        return _normalize_source(s, cfg, path, rows_per_batch, progress, w_rows, w_rej)
+
+
 def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: list[SourceSpec],
         cfg: NormalizeConfig, *, progress: bool = True, versioned: bool = False, force: bool = False,
-        memory_gb: float | None = None) -> dict:
-    """Normalize every source's ingested rows; return the stage manifest.
+        memory_gb: float | None = None, map_parts: MapParts | None = None) -> dict:
+    """Normalize every source's ingested rows; return the stage manifest. With `map_parts`, each source
+    is a part (`normalize_source_part`) written to parts/ and the parts are then appended in the spec's
+    order: the same bytes as the single-process run.
 
     Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
     fingerprint): each source's raw rows are read a batch at a time (Parquet row groups), mapped, and
@@ -494,32 +538,22 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     rows_per_batch = budget.batch_rows(memory_gb, 8192)  # a raw row costs a few KB as Python objects
     with RowGroupWriter(out / ROWS_FILE, NORMALIZED_FULL_SCHEMA) as w_rows, \
             RowGroupWriter(out / REJECTS_FILE, REMOVAL_SCHEMA) as w_rej:
-        for s in sources:
-            pf = pq.ParquetFile(inputs[s.name], pre_buffer=False)
-            n_in = pf.metadata.num_rows
-            names = pf.schema_arrow.names
-            # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
-            columns = None if "_json" in names or n_in == 0 else names
-            norm = _SourceNormalizer(s, cfg, columns, n_in > 0 and _source_files(pf, rows_per_batch) > 1)
-            kept = rejected = 0
-            src_reasons: Counter = Counter()
-            bar = tqdm(total=n_in, desc=f"normalize {s.name}", unit="row", unit_scale=True, file=sys.stderr,
-                       mininterval=1.0, disable=not progress)
-            for b in pf.iter_batches(batch_size=rows_per_batch, use_threads=False):
-                rows, rejects = norm.batch(pa.Table.from_batches([b]))
-                w_rows.write(pa.Table.from_pylist(rows, schema=NORMALIZED_FULL_SCHEMA))
-                w_rej.write(pa.Table.from_pylist(rejects, schema=REMOVAL_SCHEMA))
-                kept += len(rows)
-                rejected += len(rejects)
-                src_reasons.update(r["reason"] for r in rejects)
-                bar.update(b.num_rows)
-                del rows, rejects
-            bar.close()
-            per_source[s.name] = {"in": n_in, "kept": kept, "rejected": rejected,
-                                  "reasons": dict(sorted(src_reasons.items()))}
-            if s.emit != "cot":  # only then: the manifests of other sources stay as they were
-                per_source[s.name].update(emit=s.emit, direct_copies=norm.copies)
-            assert n_in + norm.copies == kept + rejected, s.name
+        if map_parts is None:  # every source straight into the stage's files
+            stats = [_normalize_source(s, cfg, inputs[s.name], rows_per_batch, progress, w_rows, w_rej)
+                     for s in sources]
+        else:  # one part per source into parts/, then the parts appended in the spec's order
+            parts = out / "parts"
+            parts.mkdir(exist_ok=True)
+            stats = map_parts(normalize_source_part, [(s, cfg, inputs[s.name], parts, rows_per_batch, progress)
+                                                      for s in sources])
+            for s in sources:
+                for f, w in ((parts / f"{s.name}.{ROWS_FILE}", w_rows), (parts / f"{s.name}.{REJECTS_FILE}", w_rej)):
+                    pf = pq.ParquetFile(f, pre_buffer=False)
+                    for i in range(pf.num_row_groups):
+                        w.write(pf.read_row_group(i, use_threads=False).replace_schema_metadata(w.schema.metadata))
+            shutil.rmtree(parts)
+        for s, (st, src_reasons) in zip(sources, stats):
+            per_source[s.name] = st
             reasons.update(src_reasons)
         if all(v["in"] == 0 for v in per_source.values()):
             _warn_empty(ingest_warnings, per_source)
