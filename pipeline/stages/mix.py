@@ -363,7 +363,7 @@ class _Keys:
     """The per-row keys mix needs, in the file's row order."""
 
     ids: pa.Array  # large_string
-    tokens: np.ndarray  # int64: prompt_tokens + response_tokens
+    tokens: np.ndarray  # int32: prompt_tokens + response_tokens of one row (sums are taken in int64)
     stratum: np.ndarray  # int32 codes into stratum_names (sorted, so code order = name order)
     rule: np.ndarray  # int32 codes into rule_names
     source: np.ndarray  # int32 codes into source_names
@@ -376,6 +376,12 @@ class _Keys:
         return len(self.tokens)
 
 
+def _row_tokens(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """A row's tokens as int32 (int64 only if a row has 2**31 tokens or more)."""
+    t = p.astype(np.int64) + r.astype(np.int64)
+    return t.astype(np.int32) if not len(t) or t.max() < 2**31 else t
+
+
 def _read_keys(src: Path, cols: list[str]) -> _Keys:
     pf = pq.ParquetFile(src, pre_buffer=False)
     ids: list[pa.Array] = []
@@ -385,7 +391,7 @@ def _read_keys(src: Path, cols: list[str]) -> _Keys:
     for i in range(pf.num_row_groups):
         t = pf.read_row_group(i, columns=cols)
         ids.append(t["id"].combine_chunks().cast(pa.large_string()))
-        tokens.append(t["prompt_tokens"].to_numpy().astype(np.int64) + t["response_tokens"].to_numpy().astype(np.int64))
+        tokens.append(_row_tokens(t["prompt_tokens"].to_numpy(), t["response_tokens"].to_numpy()))
         for k in raw:
             enc = t[k].combine_chunks().dictionary_encode()
             local = np.array([seen[k].setdefault(v, len(seen[k])) for v in enc.dictionary.to_pylist()], np.int32)
@@ -400,10 +406,25 @@ def _read_keys(src: Path, cols: list[str]) -> _Keys:
         codes[k] = remap[np.concatenate(raw[k])] if raw[k] else np.zeros(0, np.int32)
     return _Keys(
         ids=pa.concat_arrays(ids) if ids else pa.array([], pa.large_string()),
-        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
         stratum=codes["stratum"], rule=codes["rule"], source=codes["source"],
         stratum_names=names["stratum"], rule_names=names["rule"], source_names=names["source"],
     )
+
+
+def _check_unique(ids: pa.Array, by_id: np.ndarray, src: Path, step: int) -> None:
+    """Raise if an id is on two rows: `by_id` orders the ids, so a repeat is next to its first."""
+    if ids.null_count:
+        raise ValueError(f"mix: {src}: row {int(np.flatnonzero(pc.is_null(ids).to_numpy(zero_copy_only=False))[0])}: "
+                         f"id is null")
+    for s0 in range(0, len(by_id), step):
+        rows = by_id[max(0, s0 - 1) : s0 + step]
+        c = ids.take(pa.array(rows))
+        same = pc.equal(c[1:], c[:-1]).to_numpy(zero_copy_only=False)
+        if same.any():
+            x = int(np.flatnonzero(same)[0])
+            a, b = sorted((int(rows[x]), int(rows[x + 1])))
+            raise ValueError(f"mix: {src}: ids are not unique: rows {a} and {b} both have id {c[x].as_py()!r}")
 
 
 def run(
@@ -450,14 +471,16 @@ def run(
     n_all = keys.n
     if n_all == 0:
         raise ValueError(f"mix: {src} has no rows")
-    if pc.count_distinct(keys.ids).as_py() != n_all:
-        raise ValueError(f"mix: {src}: ids are not unique")
     tokens = keys.tokens
 
-    # strata: contiguous groups of the rows sorted by (stratum, id); stratum codes follow the names' order
-    order = pc.sort_indices(
-        pa.table({"s": keys.stratum, "id": keys.ids}), sort_keys=[("s", "ascending"), ("id", "ascending")]
-    ).to_numpy()
+    # strata: contiguous groups of the rows sorted by (stratum, id); stratum codes follow the names' order.
+    # The ids are sorted alone (row indices), checked for repeats a batch at a time (neighbours in that
+    # order: no hash table of every id), then ordered by stratum with a stable sort.
+    row_t = np.int32 if n_all < 2**31 else np.int64
+    by_id = pc.sort_indices(keys.ids).to_numpy().astype(row_t)
+    _check_unique(keys.ids, by_id, src, budget.batch_rows(memory_gb, 64))
+    order = by_id[np.argsort(keys.stratum[by_id], kind="stable")]
+    del by_id
     codes = keys.stratum[order]
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [n_all]])
     pairs = np.unique(keys.stratum.astype(np.int64) * len(keys.rule_names) + keys.rule)
