@@ -85,3 +85,15 @@ def test_runner_setting_is_checked():
     with pytest.raises(ValueError, match="--address is for --runner dask"):
         with parts_runner("local", "tcp://127.0.0.1:8786"):
             pass
+
+
+def test_spec_runner_setting_is_validated(tmp_path):
+    from pipeline.spec import load_spec
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(TINY + "resources: {runner: dask, address: 'tcp://127.0.0.1:8786', workers: 3}\n")
+    r = load_spec(str(spec)).resources
+    assert (r.runner, r.address, r.workers) == ("dask", "tcp://127.0.0.1:8786", 3)
+    spec.write_text(TINY + "resources: {runner: ray}\n")
+    with pytest.raises(Exception, match="runner"):
+        load_spec(str(spec))
