@@ -248,9 +248,10 @@ def test_hrm_stage_pack_stays_within_a_low_memory_budget(tmp_path):
     """`hrm stage pack` on 400k tokenized rows (64M tokens: 243 MB as int32; the whole-table pack of
     the code before issue 13 peaked at 909 MB on them) under a 0.3 GB budget stays under 360 MB
     (measured: 270-315 MB from run to run, of which about 90 MB is the interpreter with pyarrow/numpy/the CLI), peak
-    RSS by getrusage in a waiter process. What stays in memory is per row: lengths, offsets, a source
-    code and the id (about 40 bytes + the id), and per mix sample its row and epoch; the tokens are
-    gathered from the spill files a batch of samples at a time."""
+    RSS by getrusage in a waiter process. What stays in memory is per row: lengths, file offsets, a
+    source code and a sorted 64-bit hash of the id (about 52 bytes; the ids are in a spill file), and per
+    mix sample its row and epoch (int32 each); the tokens and ids are gathered from the spill files a
+    batch of samples at a time."""
     n = 400_000
     rng = np.random.default_rng(0)
 
