@@ -333,7 +333,10 @@ def eval_key(checkpoint: str, benchmarks: str | None, contamination: str | None,
                         "settings": settings.model_dump(exclude={"batch_size"}), "code": _code(EVAL_CODE)})
 
 
-@task(name="evaluate", **_opts())
+# log_prints off: datasets fingerprints lm-eval's process_docs functions with dill, which reads their
+# globals from `dis.dis` output captured on stdout; Prefect's print-to-log patch sent that disassembly
+# (100+ lines per task) into the run's logs instead. Progress and scores are logged explicitly.
+@task(name="evaluate", log_prints=False, **_opts())
 def evaluate_task(checkpoint: str, benchmarks: Optional[str], contamination: Optional[str], eval_root: str,
                   settings: EvalSettings, key: str, run_label: str) -> dict:
     """lm-evaluation-harness on the checkpoint; full and clean-subset scores."""

@@ -62,7 +62,7 @@ def test_check_step_uses_the_spec_contamination_settings():
     assert "benchmarks_dir" not in got and got != default
 
 
-def test_pipeline_end_to_end_and_cached_rerun(harness, tmp_path, shared, gsm8k_train):
+def test_pipeline_end_to_end_and_cached_rerun(harness, tmp_path, shared, gsm8k_train, capfd, caplog):
     test_rows = [json.loads(x) for x in (shared / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()[:40]]
     bench = tmp_path / "bench" / "gsm8k"
     bench.mkdir(parents=True)
@@ -84,7 +84,8 @@ def test_pipeline_end_to_end_and_cached_rerun(harness, tmp_path, shared, gsm8k_t
         """))
     out = tmp_path / "run"
     train = TrainSettings(preset="debug", steps=3, warmup_steps=1, save_every=0, micro_batch_size=2)
-    evaluation = EvalSettings(tasks=["gsm8k", "demo_heldout"], limit=3, max_gen_toks=8, batch_size=4)
+    evaluation = EvalSettings(tasks=["gsm8k", "demo_heldout"], limit=3, max_gen_toks=8, batch_size=4,
+                              protocol="both")
     kw = dict(spec=str(spec), output_dir=str(out), benchmarks=str(tmp_path / "bench"), train=train,
               evaluation=evaluation)
     first = pipeline(**kw, return_state=True)
@@ -112,9 +113,15 @@ def test_pipeline_end_to_end_and_cached_rerun(harness, tmp_path, shared, gsm8k_t
     assert all(r["source"] == "planted" for d in dirty for r in d["responsible"])
     # evaluation: full and clean-subset scores, limited and labelled so
     results = read_json(m["evaluate"]["results"])
-    assert results["limited"] and set(results["tasks"]) == {"gsm8k", "demo_heldout"}
+    assert results["limited"] and set(results["tasks"]) == {"gsm8k", "gsm8k_paper", "demo_heldout"}
     assert results["tasks"]["gsm8k"]["n"] == 3 and "clean" in json.dumps(results["tasks"]["gsm8k"])
     assert run["evaluations"][-1]["output"] == f"eval/{m['evaluate']['version']}"
+    # the evaluate task's output holds its own lines, not the disassembly dill prints while datasets hashes
+    # the paper tasks' process_docs (Prefect's print capture used to route it into the run's logs)
+    cap = capfd.readouterr()
+    seen = cap.out + cap.err + caplog.text  # stdout/stderr, and the log records (Prefect's console included)
+    assert "[eval" in seen and "done in" in seen
+    assert "LOAD_CONST" not in seen and "RETURN_VALUE" not in seen
     # the report
     html = (out / "report" / "index.html").read_text()
     assert "gsm8k" in html and m["train"]["version"] in html
