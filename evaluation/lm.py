@@ -50,7 +50,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from evaluation.locate import checkpoint_tokenizer
-from model import generate, load_checkpoint
+from model import generate, load_checkpoint, pad_pairs
 from model.generate import _left_pad
 from pipeline.stages.tokenize import load_tokenizer, special_ids
 
@@ -110,18 +110,8 @@ class HRMLM(LM):
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum log p(response | prompt), all greedy) per (prompt ids, response ids), one batch."""
-        B = len(pairs)
-        T = max(len(p) + len(r) for p, r in pairs)
-        ids = torch.full((B, T), self.ids.pad, dtype=torch.long)
-        seg = torch.zeros(B, T, dtype=torch.long)
-        prm = torch.zeros(B, T, dtype=torch.bool)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        for b, (p, r) in enumerate(pairs):
-            L = len(p) + len(r)
-            ids[b, :L] = torch.tensor(p + r)
-            seg[b, :L] = 1
-            prm[b, : len(p)] = True
-            pos[b, :L] = torch.arange(L)
+        batch = pad_pairs(pairs, self.ids.pad)  # (B, T) each
+        ids, seg, prm, pos = batch["input_ids"], batch["segment_ids"], batch["is_prompt"], batch["position_ids"]
         dev = self._device
         logits = self.model(ids.to(dev), segment_ids=seg.to(dev), position_ids=pos.to(dev), is_prompt=prm.to(dev),
                             attn_backend="sdpa").logits.float()  # (B, T, V)

@@ -205,23 +205,11 @@ def diag_prompts(items: list[dict], n: int) -> list[dict]:
 
 def _pack_pairs(pairs: list[tuple[list[int], list[int]]], pad: int):
     """(kwargs for forward, answer labels) of (prompt, response) pairs, one per row, right-padded."""
-    import torch
+    from model import build_labels, pad_pairs
 
-    from model import build_labels
-
-    B, T = len(pairs), max(len(p) + len(r) for p, r in pairs)
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    seg = torch.zeros(B, T, dtype=torch.long)
-    prm = torch.zeros(B, T, dtype=torch.bool)
-    pos = torch.zeros(B, T, dtype=torch.long)
-    for b, (p, r) in enumerate(pairs):
-        L = len(p) + len(r)
-        ids[b, :L] = torch.tensor(p + r)
-        seg[b, :L] = 1
-        prm[b, : len(p)] = True
-        pos[b, :L] = torch.arange(L)
-    labels = build_labels(ids, seg, prm, "answer")
-    return dict(input_ids=ids, segment_ids=seg, position_ids=pos, is_prompt=prm), labels
+    kw = pad_pairs(pairs, pad)
+    labels = build_labels(kw["input_ids"], kw["segment_ids"], kw["is_prompt"], "answer")
+    return kw, labels
 
 
 def run_diagnostics(checkpoint: str, n_prompts: int, batch_size: int = 4, items: list[dict] | None = None) -> dict:

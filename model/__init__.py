@@ -4,7 +4,7 @@ Public API:
   ModelConfig, PRESETS                         typed config + named presets (debug, cpu-small, B, L, XL, XXL)
   HRM, Transformer, build_model, ModelOutput   the networks
   bp_schedule, lm_loss                         truncated-backprop warmup schedule, the loss
-  PackedBatch, pack_samples, random_packed_batch, metadata_from_boundaries, build_labels,
+  PackedBatch, pack_samples, pad_pairs, random_packed_batch, metadata_from_boundaries, build_labels,
   dense_mask, flex_block_mask, count_allowed_pairs           masks / labels from packing metadata
   KVCache, generate, sample_next               cached generation
   count_flops, FlopCount                       FLOP counter for MFU
@@ -26,6 +26,7 @@ from model.masks import (
     flex_block_mask,
     metadata_from_boundaries,
     pack_samples,
+    pad_pairs,
     random_packed_batch,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "Transformer",
     "bp_schedule",
     "build_labels",
+    "pad_pairs",
     "build_model",
     "count_allowed_pairs",
     "count_flops",

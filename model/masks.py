@@ -98,6 +98,23 @@ def build_labels(
     return labels
 
 
+def pad_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int) -> dict[str, Tensor]:
+    """A batch of (prompt ids, response ids) pairs, one sample per row, right-padded with `pad`:
+    input_ids, segment_ids (1 on the sample, 0 on padding), position_ids and is_prompt, each (B, T)."""
+    B, T = len(pairs), max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    seg = torch.zeros(B, T, dtype=torch.long)
+    prm = torch.zeros(B, T, dtype=torch.bool)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b, (p, r) in enumerate(pairs):
+        L = len(p) + len(r)
+        ids[b, :L] = torch.tensor(list(p) + list(r))
+        seg[b, :L] = 1
+        prm[b, : len(p)] = True
+        pos[b, :L] = torch.arange(L)
+    return dict(input_ids=ids, segment_ids=seg, position_ids=pos, is_prompt=prm)
+
+
 def pack_samples(
     samples: Sequence[tuple[Sequence[int], Sequence[int]]],
     seq_len: int,

@@ -105,15 +105,7 @@ def build(run_dir: str | os.PathLike | Stages) -> tuple[pl.DataFrame, dict]:
     rem = _removals(d)
     twice = rem.group_by("id").len().filter(pl.col("len") > 1)
     packed = _packed_counts(d)
-    df = (rows.join(rem.unique("id", keep="first", maintain_order=True), on="id", how="left")
-          .join(packed, on="id", how="left")
-          .with_columns(times_packed=pl.col("times_packed").fill_null(0)))
-    df = df.with_columns(
-        status=pl.when(pl.col("reason").is_not_null() & (pl.col("times_packed") > 0)).then(pl.lit("conflict"))
-        .when(pl.col("reason").is_not_null()).then(pl.lit("removed"))
-        .when(pl.col("times_packed") > 0).then(pl.lit("packed"))
-        .otherwise(pl.lit("unaccounted")))
-    df = df.select("id", "source", "stratum", "status", "stage", "reason", "detail", "duplicate_of", "times_packed")
+    df = _lineage_batch(rows, rem.unique("id", keep="first", maintain_order=True), packed)
 
     norm_man = read_json(d["normalize"] / "manifest.json")
     norm = norm_man["counts"]["per_source"]

@@ -154,3 +154,16 @@ def test_flex_backend_refused_on_cpu():
     with pytest.raises(ValueError, match="CUDA"):
         model(**b.as_kwargs())
     model(**b.as_kwargs(), attn_backend="sdpa")  # a per-call override
+
+
+def test_pad_pairs_lays_out_one_sample_per_row():
+    from model import pad_pairs
+
+    b = pad_pairs([([5, 6], [7]), ([8], [9, 10, 11])], pad=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 10, 11]]
+    assert b["segment_ids"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert b["is_prompt"].tolist() == [[True, True, False, False], [True, False, False, False]]
+    # the answer-only labels of such a batch: the last prompt token predicts the first response token
+    labels = build_labels(b["input_ids"], b["segment_ids"], b["is_prompt"], "answer")
+    assert labels.tolist() == [[-100, 7, -100, -100], [9, 10, 11, -100]]
