@@ -6,6 +6,7 @@ peak RSS, the streaming code beside the in-memory code of an earlier commit run 
                                                                    # `git archive <commit> | tar -x -C DIR`
     python benchmarks/scale.py --rows 10000000 --stages dedup      # 10M / 100M: bigger machines
     python benchmarks/scale.py --rows 1000000 --memory-gb 1        # a lower memory budget
+    python benchmarks/scale.py --rows 10000000 --flow              # the whole data flow, stage by stage
 
 Corpus (not timed): JSONL rows {id, instruction, response, source, domain, condition} with an
 instruction of 8-30 and a response of 30-120 words drawn from a 20,000-word vocabulary with Zipf
@@ -21,6 +22,13 @@ worker processes) are done, so the peak RSS is that of the stage's largest proce
   library   the near-dedup kernel alone from texts in memory (dedup.near_duplicates, as
             benchmarks/dedup.py times it): the bar `hrm stage dedup` is held to (<= 1.2x its time)
 The new code gets `resources.memory_gb` (--memory-gb, default the spec default) as its budget.
+
+--flow: the whole data flow on the corpus, one stage after the other, each stage in a fresh process
+(measured as above) reading the previous stages' folders: ingest (a spec with the JSONL as one local
+source, `source` as the subset), normalize, stratify (a cap, an upsample and a catch-all rule), dedup,
+tokenizer (BPE trained on a 200k-row sample), contamination (when --benchmarks names a folder of
+benchmark test sets: the rows checked against them), mix, pack (1,024-token sequences), lineage. The
+stage folders are kept in <work>/flow until the next --flow run.
 """
 
 from __future__ import annotations
@@ -140,6 +148,8 @@ def child(args: argparse.Namespace) -> None:
         dedup.write_docs(texts, work / "docs.arrow")
         dedup.near_duplicates(work / "docs.arrow", work, DedupConfig(workers=args.workers))
         n = len(texts)
+    elif args.stage.startswith("flow:"):
+        n = flow_stage(args.stage[5:], Path(args.input), work, args.budget, args.benchmarks)
     else:
         raise SystemExit(f"unknown stage {args.stage}")
     res = {"rows": n, "seconds": time.perf_counter() - t0}
@@ -148,10 +158,93 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
-def measure(stage: str, code: Path, inp: Path, out: Path, budget: float | None, workers: int) -> dict:
+FLOW = ("ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack", "lineage")
+
+
+def flow_spec(jsonl: Path, rows: int) -> str:
+    """The spec of --flow: the corpus as one local source, its `source` column the subset (8 strata)."""
+    return f"""name: scale
+seed: 1234
+sources:
+  - name: corpus
+    kind: local
+    path: {jsonl}
+    fields: {{instruction: instruction, response: response, id: id, condition: condition, domain: domain,
+             subset: source}}
+stratify:
+  rules:
+    - {{match: corpus/src0, cap_rows: {max(rows // 40, 1)}}}
+    - {{match: corpus/src1, repeat: 2}}
+    - {{match: "*", name: everything_else}}
+tokenizer: {{vocab_size: 8192, sample_rows: 200000}}
+pack: {{seq_len: 1024}}
+"""
+
+
+def flow_stage(stage: str, flow: Path, work: Path, budget: float, benchmarks: str | None) -> int:
+    """One stage of --flow, reading the earlier stages' folders under FLOW, writing WORK; rows it read."""
+    from pipeline.io import read_json
+    from pipeline.spec import load_spec
+
+    s = load_spec(str(flow / "spec.yaml"))
+    kw = {"progress": False}
+    if stage == "ingest":
+        from pipeline.stages import ingest
+
+        man = ingest.run(s.sources, work, seed=s.seed, memory_gb=budget, **kw)
+    elif stage == "normalize":
+        from pipeline.stages import normalize
+
+        man = normalize.run(flow / "ingest", work, s.sources, s.normalize, memory_gb=budget, **kw)
+    elif stage == "stratify":
+        from pipeline.stages import stratify
+
+        man = stratify.run(flow / "normalize", work, s.stratify.rules, source_order=[x.name for x in s.sources],
+                           memory_gb=budget, **kw)
+    elif stage == "dedup":
+        from pipeline.stages import dedup
+
+        man = dedup.run(flow / "stratify", work, s.dedup, memory_gb=budget, **kw)
+    elif stage == "tokenizer":
+        from pipeline.stages import tokenize
+
+        man = tokenize.run(flow / "dedup", work, s.tokenizer, conditions=list(s.normalize.conditions), seed=s.seed,
+                           memory_gb=budget, **kw)
+    elif stage == "contamination":
+        from pipeline.config import ContaminationConfig
+        from pipeline.stages import contamination
+
+        man = contamination.run(flow / "tokenizer", benchmarks, work, ContaminationConfig(), **kw)
+    elif stage == "mix":
+        from pipeline.stages import mix
+
+        man = mix.run(flow / "tokenizer", work, s.mix, rules=s.stratify.rules, seed=s.seed, memory_gb=budget, **kw)
+    elif stage == "pack":
+        from pipeline.stages import pack
+
+        man = pack.run(flow / "tokenizer", flow / "mix", work, s.pack, memory_gb=budget, **kw)
+    elif stage == "lineage":
+        from pipeline import lineage
+
+        dirs = {st: flow / st for st in ("normalize", "stratify", "dedup", "tokenizer", "mix", "pack")}
+        man = lineage.run(dirs, work, title="scale", memory_gb=budget, **kw)
+    else:
+        raise SystemExit(f"unknown flow stage {stage}")
+    # the rows the stage read (ingest: the rows it wrote; pack: the mix's rows; lineage: all rows)
+    c = man.get("counts") or read_json(work / "manifest.json").get("counts", {})
+    for k in ("rows_in", "train_rows", "total_rows", "rows_stratified"):
+        if isinstance(c.get(k), int):
+            return c[k]
+    return next((v for v in c.values() if isinstance(v, int)), 0)
+
+
+def measure(stage: str, code: Path, inp: Path, out: Path, budget: float | None, workers: int,
+            benchmarks: str | None = None) -> dict:
     """Run one stage in a fresh process under a waiter that reports RUSAGE_CHILDREN maxrss."""
     cmd = [sys.executable, __file__, "--child", stage, "--code", str(code), "--input", str(inp), "--out", str(out),
            "--workers", str(workers)]
+    if benchmarks:
+        cmd += ["--benchmarks", benchmarks]
     if budget is not None:
         cmd += ["--budget", str(budget)]
     waiter = (
@@ -180,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stages", default="load,stratify,dedup,library")
     ap.add_argument("--memory-gb", type=float, default=None, help="the new code's budget (default: the spec's)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="dedup signature processes")
+    ap.add_argument("--flow", action="store_true", help="the whole data flow, stage by stage (see above)")
+    ap.add_argument("--benchmarks", default=None, help="--flow: a folder of benchmark test sets "
+                    "(<name>/<split>.jsonl) for the contamination stage; without it that stage is skipped")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--code", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--input", default=None, help=argparse.SUPPRESS)
@@ -207,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
 
         pl.scan_ndjson(jsonl).sink_parquet(parquet, compression="zstd")
     print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; budget {budget:g} GB")
+    if args.flow:
+        run_flow(args, work, jsonl, budget)
+        return
     codes = [("new", ROOT, budget)] + ([("old", args.old.resolve(), None)] if args.old else [])
     results = []
     for stage in args.stages.split(","):
@@ -239,6 +338,46 @@ def main(argv: list[str] | None = None) -> None:
     if sec.get(("dedup", "new")) and sec.get(("library", "new")):
         ratio = sec[("dedup", "new")] / sec[("library", "new")]
         print(f"hrm stage dedup / library path time: {ratio:.2f}x (target <= 1.2x)")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def run_flow(args: argparse.Namespace, work: Path, jsonl: Path, budget: float) -> None:
+    flow = work / "flow"
+    subprocess.run(["rm", "-rf", str(flow)], check=True)
+    flow.mkdir(parents=True)
+    (flow / "spec.yaml").write_text(flow_spec(jsonl.resolve(), args.rows))
+    bench = str(Path(args.benchmarks).resolve()) if args.benchmarks else None
+    results = []
+    for stage in FLOW:
+        if stage == "contamination" and not bench:
+            print("contamination: skipped (no --benchmarks)", flush=True)
+            continue
+        print(f"{stage} ...", flush=True)
+        r = measure(f"flow:{stage}", ROOT, flow, flow / stage, budget, args.workers, bench)
+        results.append((stage, r))
+        print(f"  {r}", flush=True)
+        if "error" in r:
+            break
+    print()
+    print(f"{args.rows:,} rows, the whole data flow; seconds = the stage's own time in its process (imports "
+          f"excluded); rows = rows the stage read; peak RSS = the stage process tree's largest process; budget "
+          f"{budget:g} GB")
+    hdr = f"{'stage':<14}{'rows':>12}{'seconds':>9}{'rows/s':>11}{'us/row':>8}{'peak RSS MB':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    tot = 0.0
+    for stage, r in results:
+        if "error" in r:
+            print(f"{stage:<14}  failed: {r['error']}")
+            continue
+        tot += r["seconds"]
+        rate = r["rows"] / r["seconds"] if r["seconds"] else 0
+        print(f"{stage:<14}{r['rows']:>12,}{r['seconds']:>9.1f}{rate:>11,.0f}{1e6 / max(rate, 1e-9):>8.1f}"
+              f"{r['maxrss_mb']:>13,.0f}")
+    peak = max((r.get("maxrss_mb", 0) for _, r in results), default=0)
+    print(f"{'total':<14}{'':>12}{tot:>9.1f}{'':>11}{1e6 * tot / args.rows:>8.1f}{peak:>13,.0f}")
+    (work / "flow-results.json").write_text(json.dumps({"rows": args.rows, "budget_gb": budget,
+                                                        "stages": dict(results)}, indent=1))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
