@@ -44,6 +44,7 @@ from pipeline.config import (ContaminationConfig, ContaminationSpec, DedupConfig
 from pipeline.io import completed_manifest, sha256_file, sha256_json
 from pipeline.runs import RunError, read_run, run_lock, stage_dir, stage_entry, write_run, RUN_MANIFEST
 from pipeline.checks import require_ok
+from pipeline import storage
 from pipeline.spec import load_spec
 from pipeline.stages.ingest import local_files
 
@@ -137,7 +138,7 @@ def pack_task(tokenized_dir: str, mix_dir: str, output_dir: str, cfg: PackConfig
     from pipeline.stages import pack
 
     return pack.run(tokenized_dir, mix_dir, output_dir, cfg, progress=progress, versioned=versioned, force=force,
-                    memory_gb=memory_gb)
+                    memory_gb=memory_gb, map_parts=map_parts())
 
 
 @task(name="lineage", **_opts(("stage_dirs",), "pipeline.lineage"))
@@ -275,15 +276,27 @@ def data_flow(spec: str = "demo", output_dir: str | None = None, stop_after: str
     if contam is not None and contam.benchmarks_dir is not None and not Path(contam.benchmarks_dir).is_dir():
         raise FileNotFoundError(f"contamination.benchmarks_dir: {contam.benchmarks_dir} is not a folder")
     todo = plan_stages(stop_after, from_stage, only, contam is not None)
-    root = Path(output_dir or Path("runs") / s.name).resolve()
+    remote = str(output_dir).rstrip("/") if storage.is_remote(output_dir) else None
+    if remote:  # computed in a local mirror; each finished stage version is published (pipeline/storage.py)
+        root = storage.mirror_dir(remote)
+    else:
+        root = Path(storage.local_path(output_dir) if output_dir else Path("runs") / s.name).resolve()
     logger = get_run_logger()
     with run_lock(root, what=f"hrm run {spec}") as lock:
         if lock.get("taken_over"):
             h = lock["taken_over"]
             logger.warning("took over the lock of %s left by PID %s (%s, started %s), which is no longer running",
                            root, h.get("pid"), h.get("what"), h.get("started"))
-        return _run(s, spec, root, todo, contam, refresh, overrides, progress, logger, runner=runner, address=address,
-                    workers=workers)
+        if not remote:
+            return _run(s, spec, root, todo, contam, refresh, overrides, progress, logger, runner=runner,
+                        address=address, workers=workers)
+        with storage.mirror(root, remote):
+            if storage.pull_file(storage.join(remote, RUN_MANIFEST), root / RUN_MANIFEST):
+                logger.info("remote run %s: run manifest fetched into the local mirror %s", remote, root)
+            res = _run(s, spec, root, todo, contam, refresh, overrides, progress, logger, runner=runner,
+                       address=address, workers=workers)
+        logger.info("remote run %s: every stage version published (files, then _files.json), then run.json", remote)
+        return {**res, "output_dir": remote, "mirror": str(root)}
 
 
 def run_label(s: RunSpec, root: Path) -> str:
@@ -331,7 +344,14 @@ def _run_stages(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: 
         entries[st] = stage_entry(root, st, m, {k: Path(v).name for k, v in inputs.items()})
         _mark_stale(entries)
         cur = read_run(root) if (root / RUN_MANIFEST).exists() else prev  # keeps what other commands wrote since
-        write_run(root, _run_manifest(s, spec_arg, root, entries, contam, overrides, cur))
+        run = _run_manifest(s, spec_arg, root, entries, contam, overrides, cur)
+        remote = storage.remote_for(root)
+        if remote:
+            run["remote"] = remote
+        write_run(root, run)
+        if remote:  # the version (its files, then its _files.json), then the run manifest naming it
+            storage.publish_version(m["path"])
+            storage.write_bytes(storage.join(remote, RUN_MANIFEST), (root / RUN_MANIFEST).read_bytes())
 
     def upstream(st: str) -> str:
         """The folder of an earlier stage: from this run, else from the run manifest."""

@@ -61,6 +61,7 @@ import pyarrow.parquet as pq
 
 from pipeline import budget, io
 from pipeline.config import PackConfig
+from pipeline.parts import MapParts
 from pipeline.schema import REMOVAL_SCHEMA
 
 STAGE = "pack"
@@ -114,20 +115,24 @@ def _list(lengths: list[int], values: pa.Array) -> pa.Array:
 
 
 class _ShardWriter:
-    """Collects packed sequences and writes a shard every `rows_per_shard` of them. Samples are held as
-    row indices of the tokenized file; their ids are read from the keys' id file (`ids(rows)`) at the flush."""
+    """Collects the plan of packed sequences (each sample's row, offset, lengths; no tokens) and hands a
+    shard's plan out every `rows_per_shard` sequences: `write_shard` gathers its tokens and ids from the
+    spill files and writes it. Without `map_parts` each shard is written as its plan fills (one shard's
+    tokens in memory); with it, each plan goes to a small file in the output folder and the shards are
+    written at the end as parts (`write_shard_part`), merged in shard order (`finish`)."""
 
-    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, ids,
-                 source_names: list[str]):
+    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, keys: "_RowKeys",
+                 map_parts=None):
         self.out, self.seq_len, self.pad = out, seq_len, pad_id
         self.rows_per_shard = rows_per_shard
-        self.schema = pack_schema(seq_len, pad_id)
+        self.keys, self.map_parts = keys, map_parts
         self.records: list[tuple[str, dict]] = []
-        self.all_ids, self.source_names = ids, source_names
+        self.plans: list[tuple] = []  # with map_parts: one part's arguments per shard
+        self.files = (str(keys.prompt_file), str(keys.response_file), str(keys.id_file))
+        self.k = 0
         self._reset()
 
     def _reset(self) -> None:
-        self.tokens: list[np.ndarray] = []
         self.starts: list[int] = []
         self.lens: list[int] = []
         self.plens: list[int] = []
@@ -138,65 +143,115 @@ class _ShardWriter:
         self.answer = 0
         self.truncated = 0
 
-    def add(self, seq: np.ndarray, starts, lens, plens, rows, srcs, epoch: int, truncated: int) -> None:
-        self.tokens.append(seq)
+    def add(self, starts, lens, plens, rows, epoch: int, truncated: int) -> None:
         self.starts += starts
         self.lens += lens
         self.plens += plens
         self.rows += rows
         self.per_row.append(len(starts))
         self.epochs.append(epoch)
-        for s in srcs:
-            name = self.source_names[s]
+        names, src = self.keys.source_names, self.keys.src
+        for j in rows:
+            name = names[int(src[j])]
             self.sources[name] = self.sources.get(name, 0) + 1
         self.answer += sum(lens) - sum(plens)
         self.truncated += truncated
-        if len(self.tokens) >= self.rows_per_shard:
+        if len(self.per_row) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:
-        if not self.tokens:
+        if not self.per_row:
             return
-        k = len(self.records)
-        rows = len(self.tokens)
-        flat = np.concatenate(self.tokens).astype(np.int32, copy=False)
-        assert flat.shape == (rows * self.seq_len,)
-        ids = self.all_ids(np.asarray(self.rows, dtype=np.int64)).cast(pa.string())
-        table = pa.Table.from_arrays(
-            [
-                pa.FixedSizeListArray.from_arrays(pa.array(flat), self.seq_len),
-                _list(self.per_row, pa.array(np.asarray(self.starts, dtype=np.int32))),
-                _list(self.per_row, pa.array(np.asarray(self.lens, dtype=np.int32))),
-                _list(self.per_row, pa.array(np.asarray(self.plens, dtype=np.int32))),
-                _list(self.per_row, ids),
-                pa.array(np.asarray(self.epochs, dtype=np.int32)),
-            ],
-            schema=self.schema,
-        )
-        path = self.out / shard_name(k)
-        with io.atomic_path(path) as tmp:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.schema) as w:
-                w.write_table(table, max_chunksize=1024)
-        rec = io.file_record(path, rows=rows)
-        ep: dict[str, int] = {}
-        for e in self.epochs:
-            ep[str(e)] = ep.get(str(e), 0) + 1
-        rec.update(
-            {
-                "tokens": rows * self.seq_len,
-                "non_pad_tokens": int(sum(self.lens)),
-                "samples": len(self.lens),
-                "answer_tokens": int(self.answer),
-                "truncated_samples": int(self.truncated),
-                "sources": dict(sorted(self.sources.items())),
-                "epochs": ep,
-            }
-        )
-        io.write_json(
-            {"file": path.name, "seq_len": self.seq_len, "pad_id": self.pad, **rec}, path.with_suffix(".json")
-        )
-        self.records.append((path.name, rec))
+        keys = self.keys
+        rows = np.asarray(self.rows, dtype=np.int64)
+        lens = np.asarray(self.lens, dtype=np.int32)
+        plens = np.asarray(self.plens, dtype=np.int32)
+        plan = {
+            "p_start": keys.p_off[rows], "r_start": keys.r_off[rows], "i_start": keys.i_off[rows],
+            "i_len": keys.i_off[rows + 1] - keys.i_off[rows],
+            "starts": np.asarray(self.starts, dtype=np.int32), "lens": lens, "plens": plens,
+            "per_row": np.asarray(self.per_row, dtype=np.int64), "epochs": np.asarray(self.epochs, dtype=np.int32),
+        }
+        stats = {"answer_tokens": int(self.answer), "truncated_samples": int(self.truncated),
+                 "sources": dict(sorted(self.sources.items()))}
+        job = (str(self.out), self.k, self.seq_len, self.pad, self.files, stats)
+        if self.map_parts is None:
+            self.records.append(write_shard(*job, plan))
+        else:  # the plan to a file: the driver holds no shard's plan until the parts run
+            path = self.out / f".pack-plan-{self.k:05d}.npz"
+            np.savez(path, **plan)
+            self.plans.append((*job, str(path)))
+        self.k += 1
         self._reset()
+
+    def finish(self) -> None:
+        """The last shard; with `map_parts`, every shard written as a part, records in shard order."""
+        self.flush()
+        if self.map_parts is not None and self.plans:
+            self.records = [tuple(r) for r in self.map_parts(write_shard_part, self.plans)]
+            for job in self.plans:
+                Path(job[-1]).unlink(missing_ok=True)
+
+
+def write_shard(out: str, k: int, seq_len: int, pad: int, files: tuple[str, str, str], stats: dict,
+                plan: dict) -> tuple[str, dict]:
+    """Write shard k from its plan: each sample's prompt and kept response tokens read from the spill
+    files (`files`: prompts, responses, ids) at its row's offsets and placed at its offset in its
+    sequence (the rest <|pad|>), its id read from the id file; then `shard-k.json`. Returns
+    (file name, record)."""
+    per_row, starts, lens, plens = plan["per_row"], plan["starts"], plan["lens"], plan["plens"]
+    rows = len(per_row)
+    flat = np.full(rows * seq_len, pad, dtype=np.int32)
+    dest = np.repeat(np.arange(rows, dtype=np.int64) * seq_len, per_row) + starts  # each sample's first token
+    rlens = (lens - plens).astype(np.int64)
+    for path, first, n, shift in ((files[0], plan["p_start"], plens.astype(np.int64), 0),
+                                  (files[1], plan["r_start"], rlens, plens.astype(np.int64))):
+        vals, off = _take(Path(path), first, n)
+        if len(vals):
+            flat[np.repeat(dest + shift - off[:-1], n) + np.arange(len(vals), dtype=np.int64)] = vals
+    id_vals, id_off = _take(Path(files[2]), plan["i_start"], plan["i_len"], np.uint8)
+    ids = pa.Array.from_buffers(pa.large_string(), len(lens), [None, pa.py_buffer(id_off), pa.py_buffer(id_vals)])
+    schema = pack_schema(seq_len, pad)
+    table = pa.Table.from_arrays(
+        [
+            pa.FixedSizeListArray.from_arrays(pa.array(flat), seq_len),
+            _list(per_row, pa.array(starts)),
+            _list(per_row, pa.array(lens)),
+            _list(per_row, pa.array(plens)),
+            _list(per_row, ids.cast(pa.string())),
+            pa.array(plan["epochs"]),
+        ],
+        schema=schema,
+    )
+    path = Path(out) / shard_name(k)
+    with io.atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+            w.write_table(table, max_chunksize=1024)
+    rec = io.file_record(path, rows=rows)
+    ep: dict[str, int] = {}
+    for e in plan["epochs"].tolist():
+        ep[str(e)] = ep.get(str(e), 0) + 1
+    rec.update(
+        {
+            "tokens": rows * seq_len,
+            "non_pad_tokens": int(lens.sum(dtype=np.int64)),
+            "samples": len(lens),
+            "answer_tokens": stats["answer_tokens"],
+            "truncated_samples": stats["truncated_samples"],
+            "sources": stats["sources"],
+            "epochs": ep,
+        }
+    )
+    io.write_json({"file": path.name, "seq_len": seq_len, "pad_id": pad, **rec}, path.with_suffix(".json"))
+    return path.name, rec
+
+
+def write_shard_part(out: str, k: int, seq_len: int, pad: int, files: tuple[str, str, str], stats: dict,
+                     plan_file: str) -> tuple[str, dict]:
+    """`write_shard` as one part for `map_parts` (pipeline.parts): the plan read from its file."""
+    with np.load(plan_file) as z:
+        plan = {name: z[name] for name in z.files}
+    return write_shard(out, k, seq_len, pad, files, stats, plan)
 
 
 def _check_columns(path: Path, cols: list[str]) -> None:
@@ -312,14 +367,6 @@ class _RowKeys:
                     break
         return res
 
-    def gather(self, rows: np.ndarray, keep_r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The prompts and kept responses of `rows` (in that order): (prompt values, prompt offsets,
-        response values, response offsets), offsets local to the batch. Read from the token files range
-        by range (`_take`)."""
-        pv, po = _take(self.prompt_file, self.p_off[rows], self.P[rows])
-        rv, ro = _take(self.response_file, self.r_off[rows], keep_r[rows])
-        return pv, po, rv, ro
-
     def close(self) -> None:
         for f in (self.prompt_file, self.response_file, self.id_file):
             if f.exists():
@@ -382,6 +429,7 @@ def run(
     cfg: PackConfig,
     *,
     progress: bool = True, versioned: bool = False, force: bool = False, memory_gb: float | None = None,
+    map_parts: MapParts | None = None,
 ) -> dict:
     """Pack the mixed samples into fixed-length sequences; return the stage manifest.
 
@@ -391,9 +439,13 @@ def run(
     their tokens and ids go to three flat files in the output folder (removed at the end). The mix is
     read a batch at a time, its ids matched to rows (hash, then the id compared), and kept as int32
     (row, epoch) per sample (8 bytes; the order too, and a sort, only for a mix not in (epoch, order)).
-    The samples are then packed in mix order a batch at a time, the batch's tokens gathered from the
-    files, each sample copied into its open sequence as it is placed (at most `open_bins` sequences of
-    seq_len tokens are open), and the shards written as they fill, their ids read back from the id file."""
+    The samples are then placed in mix order a batch at a time (at most `open_bins` sequences open):
+    this plan (which sample goes where: row, offset, lengths) is made here, and writing a shard (its
+    tokens gathered from the spill files into place, its ids read back from the id file, the Arrow file,
+    its record) is a part (`write_shard`), one shard's tokens in memory at a time. With
+    `map_parts` (pipeline.parts) the shards are handed to it as parts after the plan is made and merged
+    in shard order: the same shards and manifest as the single-process path, which writes each shard as
+    its plan fills. The spill files are in the output folder: the workers must see it."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -427,14 +479,15 @@ def run(
     keys = _RowKeys(tok_file, out / ".pack-spill", eoa, read_rows, progress)
     try:
         manifest = _pack(keys, tok_file, mix_file, out, cfg, fp, params, inputs, pad, seq_len, min_resp, open_bins,
-                         read_rows, progress, tqdm, memory_gb)
+                         read_rows, progress, tqdm, memory_gb, map_parts)
     finally:
         keys.close()  # before finish_stage renames a versioned folder into place
     return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
 
 def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, params, inputs, pad: int,
-          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, tqdm, memory_gb) -> dict:
+          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, tqdm, memory_gb,
+          map_parts: MapParts | None = None) -> dict:
     """The packing itself; returns the manifest (written by `run`)."""
     P, R = keys.P, keys.R
     n_rows = len(P)
@@ -494,22 +547,20 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     kept_rows = occ.astype(bool) & ~dropped
     min_len = int(L[kept_rows].min()) if kept_rows.any() else seq_len
 
-    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), keys.ids, keys.source_names)
+    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), keys, map_parts)
 
-    class _Bin:  # an open sequence: its tokens so far and its samples
-        __slots__ = ("seq", "pos", "starts", "lens", "plens", "rows", "trunc")
+    class _Bin:  # an open sequence: its samples so far (their tokens are gathered when the shard is written)
+        __slots__ = ("pos", "starts", "lens", "plens", "rows", "trunc")
 
         def __init__(self):
-            self.seq = np.full(seq_len, pad, dtype=np.int32)
             self.pos = 0
             self.starts, self.lens, self.plens, self.rows = [], [], [], []
             self.trunc = 0
 
     def emit(b: _Bin, epoch: int) -> None:
         assert b.pos <= seq_len
-        writer.add(b.seq, b.starts, b.lens, b.plens, b.rows, [int(src[j]) for j in b.rows], epoch, b.trunc)
+        writer.add(b.starts, b.lens, b.plens, b.rows, epoch, b.trunc)
 
-    src = keys.src
     bins: list[_Bin] = []
     free: list[int] = []
     cur_epoch = None
@@ -517,8 +568,6 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     for i0 in range(0, len(J), batch):
         Jb = J[i0 : i0 + batch].astype(np.int64)
         kb = ~dropped[Jb]
-        pv, po, rv, ro = keys.gather(Jb[kb], keep_r)
-        k = 0  # the next kept sample of the batch
         # the batch's lengths as Python ints (lists per batch: per row they would cost ~36 bytes each)
         Lb, Pb, Tb = L[Jb].tolist(), P[Jb].tolist(), truncated[Jb].tolist()
         for x, (j, e, kept) in enumerate(zip(Jb.tolist(), EP[i0 : i0 + batch].tolist(), kb.tolist())):
@@ -541,17 +590,12 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
                 b = _Bin()
                 bins.append(b)
                 free.append(seq_len - need)
-            p = Pb[x]
-            pos = b.pos
-            b.seq[pos : pos + p] = pv[po[k] : po[k + 1]]
-            b.seq[pos + p : pos + need] = rv[ro[k] : ro[k + 1]]
-            b.starts.append(pos)
+            b.starts.append(b.pos)
             b.lens.append(need)
-            b.plens.append(p)
+            b.plens.append(Pb[x])
             b.rows.append(j)
             b.trunc += Tb[x]
-            b.pos = pos + need
-            k += 1
+            b.pos += need
             while bins and free[0] < min_len:
                 emit(bins.pop(0), cur_epoch)
                 free.pop(0)
@@ -559,7 +603,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     bar.close()
     for b in bins:
         emit(b, cur_epoch)
-    writer.flush()
+    writer.finish()
 
     # accounting
     in_mix = occ > 0
@@ -579,7 +623,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
         removals.append(
             {
                 "id": rid,
-                "source": keys.source_names[int(src[j])],
+                "source": keys.source_names[int(keys.src[j])],
                 "stage": STAGE,
                 "reason": reason,
                 "detail": detail,

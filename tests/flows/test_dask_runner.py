@@ -67,7 +67,7 @@ def test_dask_runner_outputs_equal_the_local_run(harness, tmp_path):
     assert not any("/parts/" in k for k in b)  # normalize's per-source parts are merged and removed
     # the parts ran as Prefect task runs: one per source for ingest and normalize, one signature part
     want = {"ingest_source-0", "ingest_source-1", "normalize_source_part-0", "normalize_source_part-1",
-            "signature_part_job-0"}
+            "signature_part_job-0", "write_shard_part-0"}
     deadline = time.time() + 30
     while True:
         with get_client(sync_client=True) as c:

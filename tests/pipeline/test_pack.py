@@ -213,6 +213,33 @@ def test_deterministic_idempotent_and_stale_shards(pipeline_dirs, tmp_path):
     assert nf["counts"]["non_pad_tokens"] == man["counts"]["non_pad_tokens"]
 
 
+def reversed_parts(calls: list):
+    """A `map_parts` (pipeline.parts) that pickles each part and computes them last first, as another
+    process would; it records the part calls."""
+    import pickle
+
+    def run(fn, args):
+        calls.append((fn.__name__, len(args)))
+        jobs = [pickle.loads(pickle.dumps((fn, tuple(a)))) for a in args]
+        got = {i: f(*a) for i, (f, a) in reversed(list(enumerate(jobs)))}
+        return [got[i] for i in range(len(args))]
+
+    return run
+
+
+def test_shards_as_parts_equal_the_single_process_run(pipeline_dirs, tmp_path):
+    """Each shard written as a part (the Dask runner's path), computed last first: the same shard files,
+    shard records and manifest outputs as the single-process run; no plan file left behind."""
+    d, _, _, man = pipeline_dirs
+    calls: list = []
+    got = P.run(d / "tok", d / "mix", tmp_path / "parts", CFG, progress=False, map_parts=reversed_parts(calls))
+    assert calls == [("write_shard_part", len(man["shards"]))] and len(man["shards"]) > 2
+    assert got["outputs"] == man["outputs"] and got["counts"] == man["counts"]
+    for name in man["outputs"]:
+        assert (tmp_path / "parts" / name).read_bytes() == (d / "pack" / name).read_bytes(), name
+    assert not list((tmp_path / "parts").glob(".pack-*"))
+
+
 def test_repeated_samples_and_bad_inputs(pipeline_dirs, tmp_path):
     d, _, _, _ = pipeline_dirs
     rules = RULES + [StratumRule(match="*", name="default", repeat=2.0)]
