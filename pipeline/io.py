@@ -260,6 +260,11 @@ def open_stage(output_dir: str | os.PathLike, fp: str, *, versioned: bool = Fals
     final = root / fp[:VERSION_LEN]
     if not force:
         done = completed_manifest(final, fp)
+        if done is None:
+            from .storage import fetch_version  # a run folder on object storage: the version published there
+
+            if fetch_version(final, fp):
+                done = completed_manifest(final, fp)
         if done is not None:
             return final, {**done, "path": str(final.resolve())}
     work = root / f"{TMP_PREFIX}{fp[:VERSION_LEN]}"

@@ -105,6 +105,10 @@ def stage_dir(run_dir: str | os.PathLike, stage: str, check: bool = True) -> Pat
                        f"`hrm run SPEC -o {run_dir}` (or `--from {stage}`) first")
     d = Path(ent["dir"])
     d = d if d.is_absolute() else run_dir / d
+    if not (d / MANIFEST).exists():
+        from .storage import fetch_version  # a mirror of a run on object storage: fetched on first use
+
+        fetch_version(d)
     if check and not (d / MANIFEST).exists():
         raise RunError(f"{run_dir}: the run manifest names {d} for {stage}, but it has no {MANIFEST} (removed by "
                        f"`hrm gc`, or by hand?): rerun `hrm run SPEC -o {run_dir}` to recompute it")
@@ -116,7 +120,12 @@ def stage_dir(run_dir: str | os.PathLike, stage: str, check: bool = True) -> Pat
 
 def resolve_stage(path: str | os.PathLike, stage: str) -> Path:
     """A folder holding STAGE's outputs, from any of: the stage version folder itself (or any folder
-    with the stage's manifest), a run folder, or a run's stage root (`runs/demo/pack`)."""
+    with the stage's manifest), a run folder, or a run's stage root (`runs/demo/pack`); any of them may
+    be a URL on object storage (`s3://bucket/runs/demo`), fetched and checked first (pipeline/storage.py)."""
+    from .storage import is_remote, localize
+
+    if is_remote(path):
+        path = localize(str(path))
     p = Path(path)
     if not p.exists():
         raise RunError(f"{path} does not exist")
@@ -143,7 +152,11 @@ UPSTREAM = {"normalize": "ingest", "stratify": "normalize", "dedup": "stratify",
 def resolve_input(path: str | os.PathLike, wanted: str) -> str:
     """An input folder given to `hrm stage`: a run folder becomes the version of stage WANTED that its
     run manifest names, a run's stage root (`runs/demo/tokenizer`) that stage's version; files and
-    plain stage folders are returned as given."""
+    plain stage folders are returned as given; a URL on object storage is fetched first."""
+    from .storage import is_remote, localize
+
+    if is_remote(path):
+        path = localize(str(path))
     p = Path(path)
     if not p.is_dir() or (p / MANIFEST).exists():
         return str(path)

@@ -69,8 +69,13 @@ class SourceFetchError(ConnectionError):
 
 def find_local_files(path: str) -> list[Path]:
     """A file, a folder (its supported files, recursively) or a glob, sorted for determinism; [] when
-    nothing matches."""
-    p = Path(path).expanduser()
+    nothing matches. A remote URL (s3://, gs://, memory://) gives its objects fetched into the local
+    content-addressed cache (pipeline/storage.py), sorted by their names under the source."""
+    from .. import storage
+
+    if storage.is_remote(path):
+        return storage.fetch_files(path, SUPPORTED)
+    p = storage.local_path(path).expanduser()
     if p.is_file():
         files = [p]
     elif p.is_dir():
@@ -162,9 +167,7 @@ def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[
     """Each file read a block (JSONL) or a batch of a row group (Parquet) at a time and written as it
     comes: the file equals the whole-table write of every file's rows concatenated (one chunk per file)."""
     files = local_files(src.path, src.name)
-    base = Path(src.path).expanduser()
-    root = base if base.is_dir() else base.parent if base.is_file() else Path(os.path.commonpath([str(f.parent) for f in files]))
-    names = [str(f.relative_to(root)) if f.is_relative_to(root) else f.name for f in files]
+    names = _file_names(src, files)
     empties = []
     for f, name in zip(files, names):
         if f.name.endswith(".parquet"):
@@ -357,10 +360,25 @@ def _ingest_generator(src: SourceSpec, seed: int) -> tuple[pa.Table, dict]:
     return table, {"generator": {"name": src.generator, "params": dict(src.params), "seed": gseed}}
 
 
+def _file_names(src: SourceSpec, files: list[Path]) -> list[str]:
+    """Each file's name under the source's path (the `_file` of its rows)."""
+    from .. import storage
+
+    if storage.is_remote(src.path):
+        return [storage.cached_name(f) for f in files]
+    base = storage.local_path(src.path).expanduser()
+    root = base if base.is_dir() else base.parent if base.is_file() else Path(os.path.commonpath([str(f.parent) for f in files]))
+    return [str(f.relative_to(root)) if f.is_relative_to(root) else f.name for f in files]
+
+
 def _source_fingerprint(src: SourceSpec, seed: int) -> str:
     ident: dict = {"spec": src.model_dump(), "code": code_hash(sys.modules[__name__])}
     if src.kind == "local":
-        ident["files"] = {str(f): sha256_file(f) for f in local_files(src.path, src.name)}
+        from .. import storage
+
+        files = local_files(src.path, src.name)
+        keys = [f"{src.path}#{n}" for n in _file_names(src, files)] if storage.is_remote(src.path) else map(str, files)
+        ident["files"] = {k: sha256_file(f) for k, f in zip(keys, files)}
     elif src.kind == "generator":
         ident["seed"] = seed
         ident["generator_code"] = code_hash(generators)
