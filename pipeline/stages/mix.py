@@ -346,34 +346,24 @@ def _resolve_tokenized(input_path: str | os.PathLike) -> Path:
     return f
 
 
-def _window(ptr: int, size: int, n: int) -> np.ndarray:
-    """Positions ptr, ptr+1, ... (size of them) in a permutation of n, wrapping around."""
-    return (ptr + np.arange(size, dtype=np.int64)) % n
+def _wrap(arr: np.ndarray, ptr: int, size: int) -> np.ndarray:
+    """arr[ptr], arr[ptr+1], ... (size of them, size <= len(arr)), wrapping around at the end: the values
+    of positions (ptr + i) % len(arr), by two slices (no index array)."""
+    n = len(arr)
+    end = ptr + size
+    return arr[ptr:end].copy() if end <= n else np.concatenate([arr[ptr:], arr[: end - n]])
 
 
 def _token_cap_rows(tok_perm: np.ndarray, ptr: int, cap_tokens: int, limit: int) -> int:
     n = len(tok_perm)
-    cums = np.cumsum(tok_perm[_window(ptr, min(limit, n), n)])
+    cums = np.cumsum(_wrap(tok_perm, ptr, min(limit, n)), dtype=np.int64)
     k = int(np.searchsorted(cums, cap_tokens, side="right"))
     return max(1, min(k, limit))
 
 
-@dataclass
-class _Keys:
-    """The per-row keys mix needs, in the file's row order."""
-
-    ids: pa.Array  # large_string
-    tokens: np.ndarray  # int32: prompt_tokens + response_tokens of one row (sums are taken in int64)
-    stratum: np.ndarray  # int32 codes into stratum_names (sorted, so code order = name order)
-    rule: np.ndarray  # int32 codes into rule_names
-    source: np.ndarray  # int32 codes into source_names
-    stratum_names: list[str]
-    rule_names: list[str]
-    source_names: list[str]
-
-    @property
-    def n(self) -> int:
-        return len(self.tokens)
+def _code_dtype(k: int) -> type:
+    """The smallest signed integer type for codes 0..k-1."""
+    return np.int8 if k <= 2**7 else np.int16 if k <= 2**15 else np.int32
 
 
 def _row_tokens(p: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -382,49 +372,297 @@ def _row_tokens(p: np.ndarray, r: np.ndarray) -> np.ndarray:
     return t.astype(np.int32) if not len(t) or t.max() < 2**31 else t
 
 
-def _read_keys(src: Path, cols: list[str]) -> _Keys:
+def _utf8(arr: pa.Array) -> tuple[memoryview, np.ndarray]:
+    """(bytes, int64 offsets from 0) of a string array."""
+    arr = arr.cast(pa.large_string())
+    off = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    vals = memoryview(data)[int(off[0]) : int(off[-1])] if data is not None and len(arr) else memoryview(b"")
+    return vals, off - off[0]
+
+
+class _IdFile:
+    """The ids of the tokenized rows in a spill file, in row order (their UTF-8 one after the other),
+    with their offsets in memory (uint32 while the file is under 4 GiB, else int64): no id string stays
+    in memory. `take(rows)` reads the ids of any rows back a window of the file at a time."""
+
+    def __init__(self, path: Path, window_bytes: int):
+        self.path, self.window = path, int(window_bytes)
+        self._f = open(path, "wb")
+        self._lens: list[np.ndarray] = []
+        self.off = np.zeros(1, np.int64)
+
+    def add(self, ids: pa.Array) -> None:
+        vals, off = _utf8(ids)
+        self._f.write(vals)
+        self._lens.append(np.diff(off).astype(np.int32))
+
+    def finish(self) -> None:
+        self._f.close()
+        total = int(sum(int(x.sum(dtype=np.int64)) for x in self._lens))
+        self.off = np.zeros(sum(len(x) for x in self._lens) + 1, np.uint32 if total < 2**32 else np.int64)
+        at = 1
+        while self._lens:  # chunk by chunk: no int64 array of all the lengths
+            x = self._lens.pop(0)
+            np.cumsum(x, dtype=self.off.dtype, out=self.off[at : at + len(x)])
+            self.off[at : at + len(x)] += self.off[at - 1]
+            at += len(x)
+
+    def take(self, rows: np.ndarray) -> pa.Array:
+        """The ids of `rows` (in that order) as a large_string array. The rows are visited in file order:
+        each read (pread) covers the next rows wanted up to `window` bytes of the file (the rows between
+        them included), the ids are taken out of it by Arrow, and the result is put back in the order
+        asked. Reads are disjoint, so a batch reads the file once at most, in at most len(rows) reads."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return pa.array([], pa.large_string())
+        o = np.argsort(rows, kind="stable")
+        sr = rows[o]
+        start = self.off[sr].astype(np.int64)
+        end = self.off[sr + 1].astype(np.int64)
+        pieces = []
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            j = 0
+            while j < len(sr):
+                j1 = max(j + 1, int(np.searchsorted(end, start[j] + self.window, side="right")))
+                r0, r1 = int(sr[j]), int(sr[j1 - 1]) + 1
+                base, size = int(start[j]), int(end[j1 - 1] - start[j])
+                buf = os.pread(fd, size, base)
+                if len(buf) != size:
+                    raise OSError(f"mix: {self.path}: short read at byte {base}")
+                offs = self.off[r0 : r1 + 1].astype(np.int64) - base
+                win = pa.Array.from_buffers(pa.large_string(), r1 - r0, [None, pa.py_buffer(offs), pa.py_buffer(buf)])
+                pieces.append(win.take(pa.array(sr[j:j1] - r0)))
+                j = j1
+        finally:
+            os.close(fd)
+        inv = np.empty(len(o), np.int64)
+        inv[o] = np.arange(len(o))
+        return pa.concat_arrays(pieces).take(pa.array(inv))
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+# sizes of the out-of-core id sort and of the id file's reads (the budget sets them; tests lower the floors)
+_RUN_ROW_BYTES = 128  # memory per row of a run while it is sorted
+_MIN_MERGE_BATCH = 256  # rows per batch of a spilled run
+_MIN_WINDOW = 1 << 20  # bytes of the id file read at once
+_RUN_SCHEMA = pa.schema([pa.field("id", pa.large_string()), pa.field("row", pa.int64())])
+
+
+class _IdRuns:
+    """The ids sorted out of core: runs of rows (as many as the budget allows) are sorted by id in
+    memory and, when there is more than one, spilled to one Arrow IPC file in batches; `merge` then
+    goes through them all in id order (a k-way merge a batch per run at a time)."""
+
+    def __init__(self, path: Path, batch: int):
+        self.path, self.batch = path, max(1, int(batch))
+        self.mem: tuple[pa.Array, np.ndarray] | None = None  # the only run, kept in memory
+        self.runs: list[tuple[int, int]] = []  # per spilled run: its batches [a, b) in the file
+        self._writer = None
+        self._nb = 0
+
+    def add(self, ids: pa.Array, first_row: int, last: bool) -> None:
+        """One run: `ids` of the rows first_row, first_row+1, ...; `last`: no run follows."""
+        idx = pc.sort_indices(ids)
+        sids = ids.take(idx)
+        rows = idx.to_numpy().astype(np.int64) + first_row
+        if last and self._writer is None:
+            self.mem = (sids, rows)
+            return
+        if self._writer is None:
+            self._sink = pa.OSFile(str(self.path), "wb")
+            self._writer = pa.ipc.new_file(self._sink, _RUN_SCHEMA)
+        a = self._nb
+        for s0 in range(0, len(rows), self.batch):
+            self._writer.write_batch(pa.record_batch([sids.slice(s0, self.batch), pa.array(rows[s0 : s0 + self.batch])],
+                                                     schema=_RUN_SCHEMA))
+            self._nb += 1
+        self.runs.append((a, self._nb))
+        if last:
+            self._writer.close()
+            self._sink.close()
+
+    def merge(self):
+        """Yield (ids, rows) chunks, together all rows in id order (equal ids: in row order)."""
+        if self.mem is not None:
+            sids, rows = self.mem
+            self.mem = None
+            for s0 in range(0, len(rows), self.batch):
+                yield sids.slice(s0, self.batch), rows[s0 : s0 + self.batch]
+            return
+        if not self.runs:
+            return
+        with pa.OSFile(str(self.path), "rb") as src:
+            reader = pa.ipc.open_file(src)
+            nxt = [a for a, _ in self.runs]
+            bufs: list[tuple[pa.Array, np.ndarray] | None] = [None] * len(self.runs)
+            while True:
+                for k, (a, b) in enumerate(self.runs):  # refill the runs whose batch is used up
+                    if bufs[k] is None and nxt[k] < b:
+                        rb = reader.get_batch(nxt[k])
+                        nxt[k] += 1
+                        bufs[k] = (rb.column(0), rb.column(1).to_numpy())
+                live = [k for k in range(len(bufs)) if bufs[k] is not None]
+                if not live:
+                    return
+                # every row up to the smallest of the batches' last ids can go: no run has a smaller one left
+                bound = min((bufs[k][0][-1].as_py() for k in live), key=lambda s: s.encode())
+                ids, rows = [], []
+                for k in live:  # in run order, so that equal ids stay in row order (a stable sort)
+                    bi, br = bufs[k]
+                    m = int(pc.sum(pc.less_equal(bi, pa.scalar(bound, pa.large_string()))).as_py() or 0)
+                    if m:
+                        ids.append(bi.slice(0, m))
+                        rows.append(br[:m])
+                    bufs[k] = (bi.slice(m), br[m:]) if m < len(br) else None
+                ids_c = pa.concat_arrays(ids)
+                rows_c = np.concatenate(rows)
+                if len(ids) > 1:
+                    o = pc.sort_indices(ids_c)
+                    ids_c, rows_c = ids_c.take(o), rows_c[o.to_numpy()]
+                yield ids_c, rows_c
+
+    def close(self) -> None:
+        if self._writer is not None and not self._sink.closed:
+            self._sink.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Keys:
+    """The per-row keys mix keeps in memory, in the file's row order; the ids are in `ids` (a spill
+    file), and `order` is the rows grouped by stratum (in name order) and, within one, in id order."""
+
+    ids: _IdFile
+    order: np.ndarray  # int32 (int64 from 2**31 rows)
+    tokens: np.ndarray  # int32: prompt_tokens + response_tokens of one row (sums are taken in int64)
+    stratum: np.ndarray  # int8/16/32 codes into stratum_names (sorted, so code order = name order)
+    source: np.ndarray  # int8/16/32 codes into source_names
+    stratum_names: list[str]
+    source_names: list[str]
+    rules_of: dict[int, list[str]]  # stratum code -> the rules its rows name
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+
+def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None, progress: bool) -> _Keys:
+    """One pass over the tokenized rows a batch at a time: token counts and stratum/source codes kept,
+    ids written to the id file and sorted in runs (`_IdRuns`); then the runs merged, the ids checked for
+    repeats in id order (a repeat is next to its first) and the rows placed by stratum."""
+    from tqdm.auto import tqdm
+
+    usable = budget.usable_bytes(memory_gb)
+    run_rows = budget.batch_rows(memory_gb, row_bytes=_RUN_ROW_BYTES)  # a run's ids are sorted in memory at once
+    run_bytes = max(1 << 20, int(usable * budget.BATCH_SHARE / 2))
     pf = pq.ParquetFile(src, pre_buffer=False)
-    ids: list[pa.Array] = []
-    tokens: list[np.ndarray] = []
-    raw: dict[str, list[np.ndarray]] = {"stratum": [], "rule": [], "source": []}
-    seen: dict[str, dict[str, int]] = {k: {} for k in raw}
-    for i in range(pf.num_row_groups):
-        t = pf.read_row_group(i, columns=cols)
-        ids.append(t["id"].combine_chunks().cast(pa.large_string()))
-        tokens.append(_row_tokens(t["prompt_tokens"].to_numpy(), t["response_tokens"].to_numpy()))
-        for k in raw:
-            enc = t[k].combine_chunks().dictionary_encode()
-            local = np.array([seen[k].setdefault(v, len(seen[k])) for v in enc.dictionary.to_pylist()], np.int32)
-            raw[k].append(local[enc.indices.to_numpy(zero_copy_only=False)] if len(local) else np.zeros(0, np.int32))
-    names: dict[str, list[str]] = {}
-    codes: dict[str, np.ndarray] = {}
-    for k in raw:
-        first = list(seen[k])  # code of first appearance -> name
-        names[k] = sorted(first)
-        pos = {v: j for j, v in enumerate(names[k])}
-        remap = np.array([pos[v] for v in first], np.int32) if first else np.zeros(0, np.int32)
-        codes[k] = remap[np.concatenate(raw[k])] if raw[k] else np.zeros(0, np.int32)
-    return _Keys(
-        ids=pa.concat_arrays(ids) if ids else pa.array([], pa.large_string()),
-        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
-        stratum=codes["stratum"], rule=codes["rule"], source=codes["source"],
-        stratum_names=names["stratum"], rule_names=names["rule"], source_names=names["source"],
-    )
+    n_all = pf.metadata.num_rows
+    ids = _IdFile(spill.with_suffix(".ids"), window_bytes=min(64 << 20, max(_MIN_WINDOW, usable // 64)))
+    runs = _IdRuns(spill.with_suffix(".runs"), batch=max(_MIN_MERGE_BATCH, run_rows // 16))
+    try:
+        tokens: list[np.ndarray] = []
+        raw: dict[str, list[np.ndarray]] = {"stratum": [], "source": []}
+        seen: dict[str, dict[str, int]] = {k: {} for k in ("stratum", "source", "rule")}
+        pairs: set[tuple[int, int]] = set()
+        run_ids: list[pa.Array] = []
+        run_first = run_n = run_b = 0
+        done = 0
+        bar = tqdm(total=n_all, desc="mix read", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
+        for b in pf.iter_batches(batch_size=min(run_rows, 65536), columns=cols, use_threads=False):
+            id_col = b.column("id")
+            if id_col.null_count:
+                k = int(np.flatnonzero(pc.is_null(id_col).to_numpy(zero_copy_only=False))[0])
+                raise ValueError(f"mix: {src}: row {done + k}: id is null")
+            id_col = id_col.cast(pa.large_string())
+            ids.add(id_col)
+            tokens.append(_row_tokens(b.column("prompt_tokens").to_numpy(), b.column("response_tokens").to_numpy()))
+            local: dict[str, np.ndarray] = {}
+            for k in ("stratum", "source", "rule"):
+                enc = b.column(k).dictionary_encode()
+                m = np.array([seen[k].setdefault(v, len(seen[k])) for v in enc.dictionary.to_pylist()], np.int32)
+                local[k] = m[enc.indices.to_numpy(zero_copy_only=False)] if len(m) else np.zeros(0, np.int32)
+            pairs.update(zip(*np.unique(np.stack([local["stratum"], local["rule"]]), axis=1).tolist()))
+            raw["stratum"].append(local["stratum"])
+            raw["source"].append(local["source"])
+            run_ids.append(id_col)
+            run_n += b.num_rows
+            run_b += id_col.nbytes
+            done += b.num_rows
+            bar.update(b.num_rows)
+            if (run_n >= run_rows or run_b >= run_bytes) and done < n_all:
+                runs.add(pa.concat_arrays(run_ids), run_first, last=False)
+                run_ids, run_first, run_n, run_b = [], done, 0, 0
+        bar.close()
+        if run_ids or runs.runs:
+            runs.add(pa.concat_arrays(run_ids) if run_ids else pa.array([], pa.large_string()), run_first, last=True)
+        del run_ids
+        ids.finish()
+        tok = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        del tokens
+        names: dict[str, list[str]] = {}
+        codes: dict[str, np.ndarray] = {}
+        for k in raw:  # first-appearance codes -> codes in name order, chunk by chunk
+            first = list(seen[k])
+            names[k] = sorted(first)
+            pos = {v: j for j, v in enumerate(names[k])}
+            dt = _code_dtype(len(first))
+            remap = np.array([pos[v] for v in first], dt) if first else np.zeros(0, dt)
+            out = np.empty(n_all, dt)
+            at = 0
+            while raw[k]:
+                x = raw[k].pop(0)
+                out[at : at + len(x)] = remap[x]
+                at += len(x)
+            codes[k] = out
+        spos = {v: j for j, v in enumerate(names["stratum"])}
+        rule_first = list(seen["rule"])
+        rules_of: dict[int, list[str]] = {}
+        strat_first = list(seen["stratum"])
+        for s, r in sorted(pairs):
+            rules_of.setdefault(spos[strat_first[s]], []).append(rule_first[r])
+        for v in rules_of.values():
+            v.sort()
 
-
-def _check_unique(ids: pa.Array, by_id: np.ndarray, src: Path, step: int) -> None:
-    """Raise if an id is on two rows: `by_id` orders the ids, so a repeat is next to its first."""
-    if ids.null_count:
-        raise ValueError(f"mix: {src}: row {int(np.flatnonzero(pc.is_null(ids).to_numpy(zero_copy_only=False))[0])}: "
-                         f"id is null")
-    for s0 in range(0, len(by_id), step):
-        rows = by_id[max(0, s0 - 1) : s0 + step]
-        c = ids.take(pa.array(rows))
-        same = pc.equal(c[1:], c[:-1]).to_numpy(zero_copy_only=False)
-        if same.any():
-            x = int(np.flatnonzero(same)[0])
-            a, b = sorted((int(rows[x]), int(rows[x + 1])))
-            raise ValueError(f"mix: {src}: ids are not unique: rows {a} and {b} both have id {c[x].as_py()!r}")
+        # the rows in id order, checked for repeats, placed by stratum (a counting sort: stable)
+        strat = codes["stratum"]
+        row_t = np.int32 if n_all < 2**31 else np.int64
+        order = np.empty(n_all, row_t)
+        cursor = np.zeros(len(names["stratum"]) + 1, np.int64)
+        np.cumsum(np.bincount(strat, minlength=len(names["stratum"])), out=cursor[1:])
+        prev: tuple[Any, int] | None = None  # the last id of the previous chunk, and its row
+        for cids, crows in runs.merge():
+            if not len(crows):
+                continue
+            same = pc.equal(cids[1:], cids[:-1]).to_numpy(zero_copy_only=False)
+            if prev is not None and cids[0].as_py() == prev[0]:
+                a, b = sorted((prev[1], int(crows[0])))
+                raise ValueError(f"mix: {src}: ids are not unique: rows {a} and {b} both have id {prev[0]!r}")
+            if same.any():
+                x = int(np.flatnonzero(same)[0])
+                a, b = sorted((int(crows[x]), int(crows[x + 1])))
+                raise ValueError(f"mix: {src}: ids are not unique: rows {a} and {b} both have id {cids[x].as_py()!r}")
+            prev = (cids[-1].as_py(), int(crows[-1]))
+            c = strat[crows]
+            o = np.argsort(c, kind="stable")
+            c, r = c[o], crows[o]
+            cut = np.flatnonzero(np.diff(c)) + 1
+            for a, b in zip(np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [len(c)]]).tolist()):
+                s = int(c[a])
+                order[cursor[s] : cursor[s] + b - a] = r[a:b]
+                cursor[s] += b - a
+        return _Keys(ids=ids, order=order, tokens=tok, stratum=strat, source=codes["source"],
+                     stratum_names=names["stratum"], source_names=names["source"], rules_of=rules_of)
+    except BaseException:
+        ids.close()
+        raise
+    finally:
+        runs.close()
 
 
 def run(
@@ -439,11 +677,13 @@ def run(
 ) -> dict:
     """Select and order the samples of every epoch; return the stage manifest.
 
-    Streams: the tokenized rows are read row group by row group into small per-row keys (the id as
-    one Arrow string array, stratum/rule/source codes, the token count; the texts and token lists are
-    never read), the permutations are of row indices, and the sample list and the removals are
-    gathered and written a batch at a time (`memory_gb` sizes the batches). The outputs do not depend
-    on the batch size."""
+    Streams, with a few bytes a row in memory (about 20-30: the token count, the stratum and source
+    codes, the rows in stratum/id order, the id file's offsets, a used flag, and while an epoch is
+    shuffled its samples as row numbers): the tokenized rows are read a batch at a time (the texts and
+    token lists never), the ids go to a spill file and are sorted out of core (sorted runs merged), the
+    permutations are of row numbers, each epoch's samples are spilled until it is shuffled, and the
+    sample list and the removals are written a batch at a time with their ids read back from the spill
+    file (`memory_gb` sizes the runs and batches). The outputs do not depend on the batch sizes."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -467,115 +707,131 @@ def run(
     missing = [c for c in cols if c not in names]
     if missing:
         raise ValueError(f"mix: {src}: missing column(s) {missing}; expected at least {cols}, found {names}")
-    keys = _read_keys(src, cols)
-    n_all = keys.n
-    if n_all == 0:
+    if pq.ParquetFile(src).metadata.num_rows == 0:
         raise ValueError(f"mix: {src} has no rows")
-    tokens = keys.tokens
+    spill = out / ".mix-spill"
+    keys = _read_keys(src, cols, spill, memory_gb, progress)
+    epoch_files = [spill.with_suffix(f".epoch{e}") for e in range(cfg.epochs)]
+    try:
+        manifest = _mix(keys, src, out, cfg, rules, seed, max_repeat, fp, params, epoch_files, memory_gb, progress,
+                        tqdm)
+    finally:
+        keys.ids.close()
+        for f in epoch_files:
+            f.unlink(missing_ok=True)
+    return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
-    # strata: contiguous groups of the rows sorted by (stratum, id); stratum codes follow the names' order.
-    # The ids are sorted alone (row indices), checked for repeats a batch at a time (neighbours in that
-    # order: no hash table of every id), then ordered by stratum with a stable sort.
-    row_t = np.int32 if n_all < 2**31 else np.int64
-    by_id = pc.sort_indices(keys.ids).to_numpy().astype(row_t)
-    _check_unique(keys.ids, by_id, src, budget.batch_rows(memory_gb, 64))
-    order = by_id[np.argsort(keys.stratum[by_id], kind="stable")]
-    del by_id
-    codes = keys.stratum[order]
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(codes)) + 1, [n_all]])
-    pairs = np.unique(keys.stratum.astype(np.int64) * len(keys.rule_names) + keys.rule)
-    rules_of: dict[int, list[str]] = {}
-    for v in pairs.tolist():
-        rules_of.setdefault(v // len(keys.rule_names), []).append(keys.rule_names[v % len(keys.rule_names)])
+
+def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, max_repeat, fp, params,
+         epoch_files: list[Path], memory_gb, progress: bool, tqdm) -> dict:
+    n_all = keys.n
+    tokens = keys.tokens
+    order = keys.order
+    bounds = np.zeros(len(keys.stratum_names) + 1, np.int64)
+    np.cumsum(np.bincount(keys.stratum, minlength=len(keys.stratum_names)), out=bounds[1:])
     groups: dict[str, np.ndarray] = {}
     stats: dict[str, StratumStats] = {}
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for code, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if a == b:
+            continue
         idx = order[a:b]
-        code = int(codes[a])
         name = keys.stratum_names[code]
-        labels = rules_of[code]
+        labels = keys.rules_of[code]
         if len(labels) != 1:
             raise ValueError(
                 f"mix: stratum {name!r} has rows with different rules {sorted(labels)}; one rule per stratum"
             )
         groups[name] = idx
         stats[name] = StratumStats(rows=len(idx), mean_tokens=float(tokens[idx].mean()), rule=labels[0])
-    del order, codes
 
     mp = plan(stats, cfg, rules, max_repeat=max_repeat)
 
-    # per stratum: persistent permutation, epoch windows, copies
+    # per stratum: persistent permutation, epoch windows, copies; each epoch's samples (row numbers) are
+    # appended to its spill file, stratum after stratum
     E = cfg.epochs
-    epoch_parts: list[list[np.ndarray]] = [[] for _ in range(E)]
+    row_t = order.dtype
     used = np.zeros(n_all, dtype=bool)
     per_stratum: dict[str, dict] = {}
-    for name in tqdm(sorted(groups), desc="mix strata", unit="stratum", disable=not progress):
-        idx = groups[name]
-        sp = mp.strata[name]
-        n = len(idx)
-        perm = idx[np.random.default_rng(derive_seed(seed, "perm", name)).permutation(n)]
-        tok_perm = tokens[perm]
-        cap = n if sp.cap_rows is None else min(n, sp.cap_rows)
-        r = sp.repeat
-        full = int(math.floor(r + 1e-12))
-        frac = max(0.0, r - full)
-        ptr = 0
-        carry_x = 0.0  # cumulative fractional rows planned (extra copies, or the downsampled window)
-        carry_n = 0  # cumulative fractional rows taken
-        seen_per_epoch = []
-        seen_tok = 0
-        for e in range(E):
-            w = cap
-            if sp.cap_tokens is not None:
-                w = _token_cap_rows(tok_perm, ptr, sp.cap_tokens, cap)
-            carry_x += frac * w
-            x = min(w, max(0, _round(carry_x) - carry_n))
-            carry_n += x
-            if full == 0:  # downsample: the first x rows of the window; the pointer moves by x
-                win = perm[_window(ptr, x, n)]
-                ptr = (ptr + x) % n
-                sel = [win]
-            else:
-                win = perm[_window(ptr, w, n)]
-                ptr = (ptr + w) % n
-                sel = [win] * full
-                if x:
-                    pick = np.random.default_rng(derive_seed(seed, "extra", name, e)).choice(w, size=x, replace=False)
-                    sel.append(win[np.sort(pick)])
-            part = np.concatenate(sel) if sel else np.zeros(0, np.int64)
-            used[win] = True
-            epoch_parts[e].append(part)
-            seen_per_epoch.append(int(len(part)))
-            seen_tok += int(tokens[part].sum())
-        u = used[idx]
-        per_stratum[name] = {
-            "rule": sp.rule,
-            "rows_available": n,
-            "tokens_available": int(tokens[idx].sum()),
-            "window_rows": cap if sp.cap_tokens is None else None,
-            "cap_rows": sp.cap_rows,
-            "cap_tokens": sp.cap_tokens,
-            "repeat": sp.repeat,
-            "unique_rows": int(u.sum()),
-            "unique_tokens": int(tokens[idx][u].sum()),
-            "seen_rows": int(sum(seen_per_epoch)),
-            "seen_tokens": seen_tok,
-            "seen_rows_per_epoch": seen_per_epoch,
-            "rows_never_used": int(n - u.sum()),
-        }
-        ps = per_stratum[name]
-        ps["effective_repeat"] = ps["seen_tokens"] / ps["unique_tokens"] if ps["unique_tokens"] else 0.0
+    sinks = [open(f, "wb") for f in epoch_files]
+    try:
+        for name in tqdm(sorted(groups), desc="mix strata", unit="stratum", disable=not progress):
+            idx = groups[name]
+            sp = mp.strata[name]
+            n = len(idx)
+            # idx[rng.permutation(n)], shuffled in place (the same swaps, so the same order)
+            perm = idx.copy()
+            np.random.default_rng(derive_seed(seed, "perm", name)).shuffle(perm)
+            tok_perm = tokens[perm]
+            cap = n if sp.cap_rows is None else min(n, sp.cap_rows)
+            r = sp.repeat
+            full = int(math.floor(r + 1e-12))
+            frac = max(0.0, r - full)
+            ptr = 0
+            carry_x = 0.0  # cumulative fractional rows planned (extra copies, or the downsampled window)
+            carry_n = 0  # cumulative fractional rows taken
+            seen_per_epoch = []
+            seen_tok = 0
+            for e in range(E):
+                w = cap
+                if sp.cap_tokens is not None:
+                    w = _token_cap_rows(tok_perm, ptr, sp.cap_tokens, cap)
+                carry_x += frac * w
+                x = min(w, max(0, _round(carry_x) - carry_n))
+                carry_n += x
+                if full == 0:  # downsample: the first x rows of the window; the pointer moves by x
+                    win = _wrap(perm, ptr, x)
+                    ptr = (ptr + x) % n
+                    sel = [win]
+                else:
+                    win = _wrap(perm, ptr, w)
+                    ptr = (ptr + w) % n
+                    sel = [win] * full
+                    if x:
+                        pick = np.random.default_rng(derive_seed(seed, "extra", name, e)).choice(w, size=x, replace=False)
+                        sel.append(win[np.sort(pick)])
+                used[win] = True
+                k = 0
+                for s in sel:
+                    s.astype(row_t, copy=False).tofile(sinks[e])
+                    k += len(s)
+                    seen_tok += int(tokens[s].sum(dtype=np.int64))
+                seen_per_epoch.append(k)
+            del perm, tok_perm
+            u = used[idx]
+            per_stratum[name] = {
+                "rule": sp.rule,
+                "rows_available": n,
+                "tokens_available": int(tokens[idx].sum(dtype=np.int64)),
+                "window_rows": cap if sp.cap_tokens is None else None,
+                "cap_rows": sp.cap_rows,
+                "cap_tokens": sp.cap_tokens,
+                "repeat": sp.repeat,
+                "unique_rows": int(u.sum()),
+                "unique_tokens": int(tokens[idx][u].sum(dtype=np.int64)),
+                "seen_rows": int(sum(seen_per_epoch)),
+                "seen_tokens": seen_tok,
+                "seen_rows_per_epoch": seen_per_epoch,
+                "rows_never_used": int(n - u.sum()),
+            }
+            ps = per_stratum[name]
+            ps["effective_repeat"] = ps["seen_tokens"] / ps["unique_tokens"] if ps["unique_tokens"] else 0.0
+    finally:
+        for f in sinks:
+            f.close()
+    del groups, idx
+    keys.order = order = None  # no longer needed: the epochs' samples are in their files
 
     # global shuffle per epoch, the sample list written a batch at a time (one chunk per epoch, as the
     # whole table of all epochs was written before)
     ids = keys.ids
-    step = budget.batch_rows(memory_gb, row_bytes=max(16.0, ids.nbytes / n_all) * 3)
+    mean_id = float(ids.off[-1]) / max(1, n_all)
+    step = budget.batch_rows(memory_gb, row_bytes=max(16.0, mean_id + 8) * 3)
     seen_rows_per_epoch = []
     with io.RowGroupWriter(out / MIX_FILE, MIX_SCHEMA) as w:
         for e in range(E):
-            part = np.concatenate(epoch_parts[e]) if epoch_parts[e] else np.zeros(0, np.int64)
-            epoch_parts[e] = []
-            part = part[np.random.default_rng(derive_seed(seed, "shuffle", e)).permutation(len(part))]
+            part = np.fromfile(epoch_files[e], dtype=row_t)
+            epoch_files[e].unlink()
+            np.random.default_rng(derive_seed(seed, "shuffle", e)).shuffle(part)  # = part[rng.permutation(len)]
             seen_rows_per_epoch.append(int(len(part)))
             w.new_chunk()
             for s0 in range(0, len(part), step):
@@ -585,7 +841,7 @@ def run(
                         [
                             pa.array(np.full(len(p), e, dtype=np.int32)),
                             pa.array(np.arange(s0, s0 + len(p), dtype=np.int64)),
-                            ids.take(pa.array(p)).cast(pa.string()),
+                            ids.take(p).cast(pa.string()),
                         ],
                         schema=MIX_SCHEMA,
                     )
@@ -593,8 +849,8 @@ def run(
             del part
     mix_record = w.record
 
-    # removals: never selected
-    never = np.flatnonzero(~used)
+    # removals: never selected (in row order, a range of rows at a time)
+    rows_capped = int(n_all - used.sum())
     detail = {
         name: f"stratum {name!r} (rule {p['rule']!r}): in none of the {E} epoch windows "
         f"({p['unique_rows']} of {p['rows_available']} rows used)"
@@ -603,12 +859,14 @@ def run(
     details = pa.array([detail.get(x, "") for x in keys.stratum_names], pa.string())
     sources = pa.array(keys.source_names, pa.string())
     with io.RowGroupWriter(out / REMOVALS_FILE, REMOVAL_SCHEMA) as w:
-        for s0 in range(0, len(never), step):
-            nv = never[s0 : s0 + step]
+        for s0 in range(0, n_all, step):
+            nv = s0 + np.flatnonzero(~used[s0 : s0 + step])
+            if not len(nv):
+                continue
             w.write(
                 pa.Table.from_arrays(
                     [
-                        ids.take(pa.array(nv)).cast(pa.string()),
+                        ids.take(nv).cast(pa.string()),
                         sources.take(pa.array(keys.source[nv])),
                         pa.array([STAGE] * len(nv), pa.string()),
                         pa.array(["capped"] * len(nv), pa.string()),
@@ -639,7 +897,7 @@ def run(
         "totals": {
             "rows_available": n_all,
             "rows_used": int(used.sum()),
-            "rows_capped": int(len(never)),
+            "rows_capped": rows_capped,
             "tokens_available": int(tokens.sum()),
             "unique_tokens": unique_tokens,
             "seen_rows": int(sum(seen_rows_per_epoch)),
@@ -665,7 +923,7 @@ def run(
         "rows_in": n_all,
         "rows_used": report["totals"]["rows_used"],
         "rows_capped": report["totals"]["rows_capped"],
-        "removed_by_reason": {"capped": report["totals"]["rows_capped"]} if len(never) else {},
+        "removed_by_reason": {"capped": report["totals"]["rows_capped"]} if rows_capped else {},
         "strata": len(per_stratum),
         "epochs": E,
         "seen_rows": report["totals"]["seen_rows"],
@@ -681,4 +939,4 @@ def run(
         "outputs": outputs,
         "counts": counts,
     }
-    return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
+    return manifest

@@ -340,9 +340,17 @@ def test_bad_input_named(tmp_path):
         M.run(tmp_path / "nowhere", tmp_path / "m", MixConfig(), rules=[], seed=1, progress=False)
 
 
-def test_repeated_id_named(tmp_path):
-    """Ids are checked for repeats a batch at a time in id order (no hash table of all ids): a repeat is
-    found across a batch boundary too and named with both rows, in different strata too."""
+@pytest.mark.parametrize("run_rows,batch", [(None, None), (4, 2), (8, 3), (16, 5), (41, 7)])
+def test_repeated_id_named(tmp_path, monkeypatch, run_rows, batch):
+    """Ids are checked for repeats in id order as the sorted runs are merged (no hash table of all
+    ids): a repeat is found inside a run, across runs, and across merge chunks, in different strata
+    too, and named with both rows."""
+    from pipeline import budget
+
+    if run_rows is not None:  # runs of run_rows rows, spilled in batches of `batch` rows
+        monkeypatch.setattr(budget, "MIN_ROWS", run_rows)
+        monkeypatch.setattr(M, "_RUN_ROW_BYTES", 1 << 40)
+        monkeypatch.setattr(M, "_MIN_MERGE_BATCH", batch)
     n = 50
     ids = [f"r{i:03d}" for i in range(n)]
     ids[41] = ids[7]  # "r007" twice, far apart in the file, next to each other in id order
@@ -354,10 +362,9 @@ def test_repeated_id_named(tmp_path):
     with pytest.raises(ValueError, match=r"ids are not unique: rows 7 and 41 both have id 'r007'"):
         M.run(tmp_path, tmp_path / "m", MixConfig(), rules=[], seed=1, progress=False, memory_gb=0.001)
     assert not (tmp_path / "m" / "mix.parquet").exists()
-    arr = pa.array(ids, pa.large_string())
-    by_id = np.argsort(np.array(ids), kind="stable")
-    assert list(by_id[7:9]) == [7, 41]
-    for step in (1, 7, 8, 9, 100):  # the pair inside a batch or split by a batch boundary
-        with pytest.raises(ValueError, match=r"rows 7 and 41 both"):
-            M._check_unique(arr, by_id, tmp_path, step)
-    M._check_unique(arr, np.delete(by_id, 8), tmp_path, 8)  # without the repeat: fine
+    ids[41] = "r041"  # without the repeat: fine, and no spill file is left
+    pq.write_table(pa.table({"id": ids, "source": ["s"] * n, "stratum": ["a"] * n, "rule": ["default"] * n,
+                             "prompt_tokens": [3] * n, "response_tokens": [2] * n}), tmp_path / "tokenized.parquet")
+    man = M.run(tmp_path, tmp_path / "ok", MixConfig(), rules=[], seed=1, progress=False, memory_gb=0.001)
+    assert man["counts"]["seen_rows"] == n
+    assert sorted(p.name for p in (tmp_path / "ok").rglob(".*")) == []

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import budget
-from pipeline.config import MixConfig, NormalizeConfig, PackConfig, SourceSpec, TokenizerConfig
+from pipeline.config import MixConfig, NormalizeConfig, PackConfig, SourceSpec, StratumRule, TokenizerConfig
 from pipeline.io import sha256_file, write_parquet
 from pipeline.schema import NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA
 from pipeline.stages import ingest, mix, normalize, pack, tokenize
@@ -223,6 +224,49 @@ def test_pack_matches_ids_exactly_when_hashes_collide(tokenized, tmp_path, monke
         assert keys.find(pa.array(want)).tolist() == list(range(20)) + [-1]
     finally:
         keys.close()
+
+
+def test_mix_streams_byte_identical(tokenized, tmp_path, monkeypatch):
+    """Mix sorts the ids out of core (sorted runs spilled and merged) and reads them back from a spill
+    file: with runs of 64 rows, merge batches of 16 and id-file reads of 256 bytes the outputs are the
+    bytes of the default sizes (one run in memory), with caps, token caps, fractional repeats and
+    downsampling; and the default-rule mix is the whole-table reference: per stratum (in name order) its
+    ids sorted and permuted once, every epoch the whole stratum, each epoch shuffled."""
+    d, _ = tokenized
+    ref = pq.read_table(d / "tok" / "tokenized.parquet", columns=["id", "stratum"]).to_pylist()
+    by_stratum: dict[str, list[str]] = {}
+    for r in ref:
+        by_stratum.setdefault(r["stratum"], []).append(r["id"])
+    perm = []
+    for name in sorted(by_stratum):
+        ids = sorted(by_stratum[name])
+        perm += [ids[i] for i in np.random.default_rng(mix.derive_seed(2, "perm", name)).permutation(len(ids))]
+    got = pq.read_table(d / "mix" / "mix.parquet")
+    for e in range(2):
+        want = [perm[i] for i in np.random.default_rng(mix.derive_seed(2, "shuffle", e)).permutation(len(perm))]
+        assert got.filter(pc.equal(got["epoch"], e))["id"].to_pylist() == want
+
+    t = pq.read_table(d / "tok" / "tokenized.parquet")
+    rule_of = {"st0": "cap", "st1": "tok", "st2": "half", "st3": "more"}
+    t = t.set_column(t.schema.get_field_index("rule"), "rule",
+                     pa.array([rule_of.get(x, "default") for x in t["stratum"].to_pylist()]))
+    (tmp_path / "tok").mkdir()
+    pq.write_table(t, tmp_path / "tok" / "tokenized.parquet", row_group_size=300)
+    rules = [StratumRule(match="st0", name="cap", cap_rows=250, repeat=1.5),
+             StratumRule(match="st1", name="tok", cap_tokens=20_000),
+             StratumRule(match="st2", name="half", repeat=0.4), StratumRule(match="st3", name="more", repeat=2.3)]
+    cfg = MixConfig(epochs=3)
+    a = mix.run(tmp_path / "tok", tmp_path / "a", cfg, rules=rules, seed=7, progress=False)
+    monkeypatch.setattr(budget, "MIN_ROWS", 64)
+    monkeypatch.setattr(mix, "_RUN_ROW_BYTES", 1 << 40)
+    monkeypatch.setattr(mix, "_MIN_MERGE_BATCH", 16)
+    monkeypatch.setattr(mix, "_MIN_WINDOW", 256)
+    mix.run(tmp_path / "tok", tmp_path / "b", cfg, rules=rules, seed=7, progress=False, memory_gb=TINY)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
+    c = a["counts"]
+    assert c["rows_capped"] > 500 and c["seen_rows"] > 3 * c["rows_in"] / 2 and len(c["seen_rows_per_epoch"]) == 3
+    assert sorted(p.name for p in (tmp_path / "b").rglob(".*")) == []  # spill files gone
 
 
 # ------------------------------------------------------------------------------------------------
