@@ -119,7 +119,7 @@ def contamination_task(input_dir: str, benchmarks: str | list[str], output_dir: 
     from pipeline.stages import contamination
 
     return contamination.run(input_dir, benchmarks, output_dir, cfg, progress=progress, versioned=versioned,
-                             force=force)
+                             force=force, map_parts=map_parts())
 
 
 @task(name="mix", **_opts(("input_dir",), "pipeline.stages.mix"))

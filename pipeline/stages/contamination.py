@@ -98,6 +98,7 @@ import pyarrow.parquet as pq
 
 from pipeline import io
 from pipeline.config import ContaminationConfig
+from pipeline.parts import MapParts
 from pipeline.schema import REMOVAL_SCHEMA
 
 STAGE = "contamination"
@@ -327,6 +328,15 @@ class NgramIndex:
         self.inverse[order] = np.cumsum(new) - 1
         self.table = np.zeros(1 << bits, dtype=bool)
         self.table[self.keys >> np.uint64(64 - bits)] = True
+
+    @classmethod
+    def from_keys(cls, keys: np.ndarray, bits: int) -> "NgramIndex":
+        """The index of `keys` (sorted, distinct; an index's `keys`), for lookups only (no `inverse`)."""
+        ix = cls.__new__(cls)
+        ix.bits, ix.keys, ix.inverse = bits, keys, None
+        ix.table = np.zeros(1 << bits, dtype=bool)
+        ix.table[keys >> np.uint64(64 - bits)] = True
+        return ix
 
     def lookup(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in h that are in the index, their index in keys)."""
@@ -597,18 +607,33 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values, lengths
 
 
-def iter_training(path: Path, batch_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(first row index, flat tokens, segment lengths) per batch of m rows, rows in file order.
+def iter_training(path: Path, batch_rows: int, lo: int = 0, hi: int | None = None
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row index, flat tokens, segment lengths) per batch of at most batch_rows rows, rows in
+    file order; only rows [lo, hi) (default: all), read from the row groups that hold them.
 
     Each row gives two segments: the m prompts come first, then the m responses, so segment s belongs
     to row s % m of the batch."""
     pf = pq.ParquetFile(path)
-    row0 = 0
-    for b in pf.iter_batches(batch_size=batch_rows, columns=["prompt_ids", "response_ids"]):
-        pv, pl = _flat(b.column("prompt_ids"))
-        rv, rl = _flat(b.column("response_ids"))
-        yield row0, np.concatenate([pv, rv]), np.concatenate([pl, rl])
-        row0 += b.num_rows
+    md = pf.metadata
+    hi = md.num_rows if hi is None else min(hi, md.num_rows)
+    first = np.r_[0, np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])]
+    groups = [g for g in range(md.num_row_groups) if first[g] < hi and first[g + 1] > lo]
+    if lo >= hi or not groups:
+        return
+    pos = int(first[groups[0]])  # row index of the next batch's first row
+    for b in pf.iter_batches(batch_size=batch_rows, columns=["prompt_ids", "response_ids"], row_groups=groups):
+        n = b.num_rows
+        a, e = max(lo - pos, 0), min(hi - pos, n)
+        if e > a:
+            if (a, e) != (0, n):
+                b = b.slice(a, e - a)
+            pv, pl = _flat(b.column("prompt_ids"))
+            rv, rl = _flat(b.column("response_ids"))
+            yield pos + a, np.concatenate([pv, rv]), np.concatenate([pl, rl])
+        pos += n
+        if pos >= hi:
+            return
 
 
 def _packed_rows(pack_dir: Path, out: Path) -> tuple[Path, Path]:
@@ -778,6 +803,61 @@ def training_units(tokens: np.ndarray, lengths: np.ndarray, special_arr: np.ndar
     return tokens, lengths, bad
 
 
+PART_BATCHES = 4  # training batches (cfg.batch_rows rows each) per part, with map_parts
+INDEX_FILE = ".contamination-index.npz"  # the benchmark windows' index, read by the parts
+
+
+def _scan(train_file: Path, lo: int, hi: int | None, indexes: dict[int, tuple["NgramIndex", int]],
+          spec_arr: np.ndarray, cfg: ContaminationConfig, tbytes: "TokenWords | None", found: np.ndarray,
+          pbar=None) -> np.ndarray:
+    """Stream training rows [lo, hi) against the benchmark windows' index: marks `found` (per index
+    entry) and returns the hit pairs (index entry << 32 | training row), at most cfg.max_rows_per_ngram
+    rows per entry (the first rows). Neither depends on how the rows are cut into batches or ranges:
+    the union of ranges' pairs capped again equals the pairs of the whole."""
+    pairs: list[np.ndarray] = []
+    for row0, tokens, lengths in iter_training(train_file, cfg.batch_rows, lo, hi):
+        m = len(lengths) // 2  # two segments per row
+        units, ulen, bad = training_units(tokens, lengths, spec_arr, cfg, tbytes)
+        win = Windows(units, ulen, bad)
+        for s in sorted(indexes):
+            ix, kbase = indexes[s]
+            pos, key = ix.lookup(win.all_hashes(s))  # validity checked on the hits only
+            ok = win.valid(pos, s)
+            pos, key = pos[ok], key[ok] + kbase
+            if pos.size:
+                found[key] = True
+                rows = row0 + win.seg[pos] % m
+                pairs.append((key.astype(np.int64) << np.int64(32)) | rows.astype(np.int64))
+        if sum(x.size for x in pairs) > 4_000_000:
+            pairs = [_cap_pairs(np.concatenate(pairs), cfg.max_rows_per_ngram)]
+        del win
+        if pbar is not None:
+            pbar.update(m)
+    return _cap_pairs(np.concatenate(pairs) if pairs else np.zeros(0, np.int64), cfg.max_rows_per_ngram)
+
+
+def scan_part(train_file: str, lo: int, hi: int, index_file: str, cfg: ContaminationConfig, tok_path: str,
+              special: list[int], out_file: str) -> str:
+    """Training rows [lo, hi) against the index in `index_file` (written by `check`), as one part for
+    `map_parts` (pipeline.parts): the tokenizer's word table rebuilt from `tok_path` (method words),
+    the found entries and capped pairs written to `out_file` (returned)."""
+    with np.load(index_file) as z:
+        indexes = {int(s): (NgramIndex.from_keys(z[f"keys_{s}"], int(z[f"bits_{s}"])), int(z[f"base_{s}"]))
+                   for s in z["sizes"].tolist()}
+        total = int(z["total"])
+    tbytes = None
+    if cfg.method == "words":
+        from pipeline.stages.tokenize import load_tokenizer
+
+        tbytes = TokenWords(load_tokenizer(tok_path)[0], set(special))
+    found = np.zeros(total, bool)
+    pairs = _scan(Path(train_file), lo, hi, indexes, np.array(sorted(special), dtype=np.int64), cfg, tbytes, found)
+    with io.atomic_path(out_file) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, found=np.flatnonzero(found), pairs=pairs)
+    return out_file
+
+
 def check(
     train_file: Path,
     items: _Items,
@@ -785,8 +865,17 @@ def check(
     cfg: ContaminationConfig,
     progress: bool = False,
     tbytes: "TokenWords | None" = None,
+    *,
+    map_parts: MapParts | None = None,
+    work_dir: Path | None = None,
+    tok_path: Path | None = None,
 ) -> dict[int, dict]:
-    """Per n: coverage (I,), longest span (I,), and for attribution the item windows and hit pairs."""
+    """Per n: coverage (I,), longest span (I,), and for attribution the item windows and hit pairs.
+
+    The training side is streamed against the benchmark windows' index (`_scan`). With `map_parts`
+    (pipeline.parts) it is cut into row ranges of PART_BATCHES batches, each a part (`scan_part`: the
+    index and the results go through files in `work_dir`, the tokenizer is read from `tok_path`), merged
+    in range order: the same found entries and pairs, so the same outputs, as the single-process scan."""
     from tqdm.auto import tqdm
 
     res: dict[int, dict] = {}
@@ -828,28 +917,35 @@ def check(
         res[n]["wkey"] = inverse[a:b]
         a = b
     found = np.zeros(base, bool)
-    pairs: list[np.ndarray] = []
     n_rows = pq.ParquetFile(train_file).metadata.num_rows
-    pbar = tqdm(total=n_rows, desc="contamination", unit="row", disable=not progress)
-    for row0, tokens, lengths in iter_training(train_file, cfg.batch_rows):
-        m = len(lengths) // 2  # two segments per row
-        units, ulen, bad = training_units(tokens, lengths, spec_arr, cfg, tbytes)
-        win = Windows(units, ulen, bad)
-        for s in sorted(sizes):
-            ix, kbase = indexes[s]
-            pos, key = ix.lookup(win.all_hashes(s))  # validity checked on the hits only
-            ok = win.valid(pos, s)
-            pos, key = pos[ok], key[ok] + kbase
-            if pos.size:
-                found[key] = True
-                rows = row0 + win.seg[pos] % m
-                pairs.append((key.astype(np.int64) << np.int64(32)) | rows.astype(np.int64))
-        if sum(x.size for x in pairs) > 4_000_000:
-            pairs = [_cap_pairs(np.concatenate(pairs), cfg.max_rows_per_ngram)]
-        del win
-        pbar.update(m)
-    pbar.close()
-    pairs_all = _cap_pairs(np.concatenate(pairs) if pairs else np.zeros(0, np.int64), cfg.max_rows_per_ngram)
+    if map_parts is None:
+        pbar = tqdm(total=n_rows, desc="contamination", unit="row", disable=not progress)
+        pairs_all = _scan(train_file, 0, None, indexes, spec_arr, cfg, tbytes, found, pbar)
+        pbar.close()
+    else:
+        if work_dir is None or tok_path is None:
+            raise ValueError("contamination: check with map_parts needs work_dir and tok_path")
+        work_dir = Path(work_dir).resolve()  # the workers may run elsewhere (they must see these paths)
+        index_file = work_dir / INDEX_FILE
+        with io.atomic_path(index_file) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, sizes=np.array(sorted(indexes), dtype=np.int64), total=np.int64(base),
+                         **{f"{k}_{s}": v for s, (ix, b0) in indexes.items()
+                            for k, v in (("keys", ix.keys), ("bits", np.int64(ix.bits)), ("base", np.int64(b0)))})
+        step = PART_BATCHES * cfg.batch_rows
+        jobs = [(str(Path(train_file).resolve()), lo, min(lo + step, n_rows), str(index_file), cfg,
+                 str(Path(tok_path).resolve()), sorted(special), str(work_dir / f".contamination-part-{i:05d}.npz"))
+                for i, lo in enumerate(range(0, n_rows, step))]
+        parts = []
+        try:
+            for path in map_parts(scan_part, jobs):  # in row order
+                with np.load(path) as z:
+                    found[z["found"]] = True
+                    parts.append(z["pairs"])
+        finally:
+            for f in [index_file] + [Path(j[-1]) for j in jobs]:
+                f.unlink(missing_ok=True)
+        pairs_all = _cap_pairs(np.concatenate(parts) if parts else np.zeros(0, np.int64), cfg.max_rows_per_ngram)
 
     I = items.lengths.size
     item_off = np.r_[0, np.cumsum(items.lengths)]
@@ -933,8 +1029,12 @@ def run(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     progress: bool = True, versioned: bool = False, force: bool = False,
+    map_parts: MapParts | None = None,
 ) -> dict:
     """Check every benchmark item against the training data; return the stage manifest.
+
+    With `map_parts` (pipeline.parts), the training rows are scanned in row ranges, each a part
+    (`scan_part`), merged in row order: the same outputs as the single-process check.
 
     `benchmarks_dir`: a local benchmark folder, or a list of benchmark names to download from the Hub
     (see `HUB`)."""
@@ -963,7 +1063,7 @@ def run(
     tbytes = TokenWords(tok, special) if words else None
     load_s = time.time() - t_load
     t_check = time.time()
-    res = check(train_file, items, special, cfg, progress, tbytes)
+    res = check(train_file, items, special, cfg, progress, tbytes, map_parts=map_parts, work_dir=out, tok_path=tok_path)
     check_s = time.time() - t_check
 
     # items.parquet

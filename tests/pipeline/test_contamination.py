@@ -281,3 +281,33 @@ def test_hub_benchmarks_code_path_on_local_dataset_folders(planted, tmp_path, mo
     assert a.keys() == b.keys() and all(a[k]["coverage"] == b[k]["coverage"] for k in a)
     with pytest.raises(ValueError, match="not a known benchmark"):
         C.run(d / "tok", ["squad"], tmp_path / "x", ContaminationConfig(), progress=False)
+
+
+def test_training_scan_as_parts_equals_the_single_process_check(planted, tmp_path):
+    """The training side scanned in row ranges, each a part (the Dask runner's path; here pickled and
+    computed last first): items, report, decontaminated rows and removals byte-identical to the
+    single-process check, also with few rows remembered per n-gram (the cap applied across parts)."""
+    import pickle
+
+    d, bench, *_ = planted
+    calls = []
+
+    def reversed_parts(fn, args):
+        calls.append((fn.__name__, len(args)))
+        jobs = [pickle.loads(pickle.dumps((fn, tuple(a)))) for a in args]
+        got = {i: f(*a) for i, (f, a) in reversed(list(enumerate(jobs)))}
+        return [got[i] for i in range(len(args))]
+
+    n = pq.ParquetFile(d / "tok" / "tokenized.parquet").metadata.num_rows
+    for method in ("words", "tokens"):
+        cfg = ContaminationConfig(method=method, decontaminate=True, decontaminate_at="not_clean", batch_rows=600,
+                                  max_rows_per_ngram=2, benchmarks=("gsm8k", "mmlu", "math"))
+        one = C.run(d / "tok", bench, tmp_path / f"one-{method}", cfg, progress=False)
+        calls.clear()
+        parts = C.run(d / "tok", bench, tmp_path / f"parts-{method}", cfg, progress=False, map_parts=reversed_parts)
+        assert calls == [("scan_part", -(-n // (C.PART_BATCHES * 600)))] and calls[0][1] >= 3
+        assert parts["outputs"] == one["outputs"] and parts["counts"] == one["counts"], method
+        assert one["counts"]["rows_removed"] >= 5
+        for name in one["outputs"]:
+            assert (tmp_path / f"parts-{method}" / name).read_bytes() == (tmp_path / f"one-{method}" / name).read_bytes()
+        assert not list((tmp_path / f"parts-{method}").glob(".contamination-*"))
