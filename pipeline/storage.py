@@ -506,3 +506,42 @@ def localize(url: str) -> Path:
         pull_file(join(url, "run.json"), local / "run.json")
         return register_mirror(local, url)
     raise StorageError(f"{url}: neither a published stage folder (no {INDEX}) nor a run folder (no run.json)")
+
+
+# ------------------------------------------------------------------------------------------------
+# training checkpoints: tag folders, then the `latest` pointer
+# ------------------------------------------------------------------------------------------------
+LATEST = "latest"
+
+
+def publish_checkpoint(ckdir: str | os.PathLike, tag: str, url: str, keep: list[str] | None = None) -> str:
+    """Publish the DeepSpeed checkpoint CKDIR/TAG under URL/TAG (files, then its _files.json), then write
+    URL/latest (one PUT) naming it: a reader following `latest` always finds a complete tag. Remote tags
+    not in KEEP (the tags kept locally) are removed after `latest` has moved on. Returns URL/TAG."""
+    dst = join(url, tag)
+    publish_tree(Path(ckdir) / tag, dst)
+    write_bytes(join(url, LATEST), tag.encode())
+    if keep is not None:
+        fs, base = fs_for(url)
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)]
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            if name.startswith("step-") and name not in keep and name != tag:
+                remove(join(url, name))
+    return dst
+
+
+def fetch_checkpoint(url: str, ckdir: str | os.PathLike) -> str | None:
+    """The tag URL/latest names, fetched (every file checked) into CKDIR/TAG, then CKDIR/latest written;
+    None when URL holds no checkpoint. A `latest` naming an unpublished or corrupt tag is a StorageError."""
+    ckdir = Path(ckdir)
+    if not exists(join(url, LATEST)):
+        return None
+    tag = read_bytes(join(url, LATEST)).decode().strip()
+    fetch_tree(join(url, tag), ckdir / tag)
+    tmp = ckdir / f"{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckdir / LATEST)
+    return tag

@@ -66,6 +66,10 @@ def build_parser(prog: str = "hrm train") -> argparse.ArgumentParser:
     p.add_argument("--shm-comm", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--checkpoint-url", metavar="URL",
+                   help="also keep the checkpoints on object storage (s3://bucket/run/checkpoints, gs://...): each "
+                        "tag is published (files, then its _files.json), then URL/latest; a train folder without "
+                        "a checkpoint resumes from the tag URL/latest names, fetched and checked")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (H100 default 989e12)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
@@ -175,6 +179,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         zero_stage=a.zero_stage, precision="bf16" if a.bf16 else a.precision, device=a.device,
         deepspeed_json=a.deepspeed_config, shm_comm=a.shm_comm, save_every=a.save_every,
         keep_checkpoints=a.keep_checkpoints, peak_flops=a.peak_flops, progress=not a.no_progress,
+        checkpoint_url=a.checkpoint_url,
     )
 
 

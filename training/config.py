@@ -58,6 +58,10 @@ class TrainConfig:
     shm_comm: Literal["auto", "on", "off"] = "auto"  # CPU: auto = build/use only when world size > 1
     # --- checkpoints, logging, safety -----------------------------------------------------------
     save_every: int = 0  # steps; 0 = only at the end
+    # a copy of the checkpoints on object storage (s3://bucket/run/checkpoints, gs://, memory://): each saved
+    # tag is published (files, then its _files.json), then URL/latest; a train folder without a checkpoint
+    # resumes from the tag URL/latest names, fetched and checked (pipeline/storage.py)
+    checkpoint_url: str | None = None
     keep_checkpoints: int = 2
     peak_flops: float | None = None  # per device; None: 989e12 on H100, unknown elsewhere (no MFU)
     progress: bool = True

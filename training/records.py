@@ -44,7 +44,7 @@ SHORT = 16  # hex digits of a hash shown in messages (the length of a stage vers
 # the device choice (the resolved precision is hashed instead) and DeepSpeed's shm_comm op.
 NOT_IDENTITY = frozenset({
     "shards", "out", "run_dir", "restart", "steps", "save_every", "keep_checkpoints", "peak_flops", "progress",
-    "tensorboard", "spike_factor", "spike_window", "fail_at_step", "device", "shm_comm",
+    "tensorboard", "spike_factor", "spike_window", "fail_at_step", "device", "shm_comm", "checkpoint_url",
 })
 
 

@@ -208,6 +208,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mcfg = mcfg.replace(max_seq_len=shards.seq_len)
     shards.loss = mcfg.loss  # the labels follow the model's objective (answer-only or full LM loss)
     given = records.record(data, records.run_identity(cfg, mcfg.to_dict(), world, device))
+    if cfg.checkpoint_url and not cfg.restart:
+        _fetch_remote_checkpoint(cfg.checkpoint_url, out / "checkpoints", rank, world)
     out = _claim_out(out, cfg, given, rank, world)
     tok_dir = out / "tokenizer"
     if is_main:
@@ -355,7 +357,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _record_in_run(cfg, out, data, given, status="done", step=cfg.steps, final=final)
     return {"final_loss": last_loss, "steps": cfg.steps, "start_step": start_step, "out": str(out),
             "final_raw": str(final / "raw"), "final_ema": str(final / "ema"), "metrics": str(out / "metrics.jsonl"),
-            "checkpoints": str(ckdir) if cfg.engine == "deepspeed" else None, "world_size": world,
+            "checkpoints": str(ckdir) if cfg.engine == "deepspeed" else None, "checkpoint_url": cfg.checkpoint_url,
+            "world_size": world,
             "run_dir": cfg.run_dir, "data": data, "config_sha256": given["config_sha256"]}
 
 
@@ -385,6 +388,23 @@ def _claim_out(out: Path, cfg: TrainConfig, given: dict, rank: int, world: int) 
             print(f"note: {out} was started with --steps {steps}; this run goes to --steps {cfg.steps}",
                   file=sys.stderr)
     return out
+
+
+def _fetch_remote_checkpoint(url: str, ckdir: Path, rank: int, world: int) -> None:
+    """A train folder with no checkpoint of its own resumes from the copy on object storage: rank 0 fetches
+    the tag URL/latest names (every file checked) into CKDIR (shared by the ranks, as the checkpoints are)."""
+    if rank == 0 and not (ckdir / "latest").exists():
+        from pipeline.storage import fetch_checkpoint
+
+        ckdir.mkdir(parents=True, exist_ok=True)
+        tag = fetch_checkpoint(url, ckdir)
+        if tag is not None:
+            print(f"fetched checkpoint {tag} from {url} (files checked against its _files.json)", file=sys.stderr,
+                  flush=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:
@@ -470,6 +490,10 @@ def _save(engine, ema, loader, mcfg, ckdir, out, step, recent, cfg, world, rank,
         for old in tags[: -cfg.keep_checkpoints]:
             shutil.rmtree(ckdir / old, ignore_errors=True)
             shutil.rmtree(out / "export" / old, ignore_errors=True)
+        if cfg.checkpoint_url:  # the tag's files, its _files.json, then latest (pipeline/storage.py)
+            from pipeline.storage import publish_checkpoint
+
+            publish_checkpoint(ckdir, tag, cfg.checkpoint_url, keep=tags[-cfg.keep_checkpoints:])
 
 
 def _export(model, ema, mcfg, folder: Path, export: dict) -> None:
