@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import random
 import zlib
 from typing import Callable, Iterator
@@ -319,6 +320,37 @@ def _light_edit(rng: random.Random, text: str) -> str:
     return out if out != text else text + " Explain."
 
 
+class _RowPool:
+    """The rows copies are drawn from, kept in a temporary file (one JSON line each, the file's offsets
+    in an array of int64) rather than in memory: a generator source of any size holds a few bytes per
+    pooled row. `pool[i]` reads row i back (a fresh dict, as `dict(row)` was)."""
+
+    def __init__(self) -> None:
+        import tempfile
+        from array import array
+
+        self._f = tempfile.TemporaryFile()
+        self._off = array("q", [0])
+        self._end = 0
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    def append(self, row: dict) -> None:
+        b = json.dumps(row).encode() + b"\n"
+        self._f.seek(self._end)
+        self._f.write(b)
+        self._end += len(b)
+        self._off.append(self._end)
+
+    def __getitem__(self, i: int) -> dict:
+        self._f.seek(self._off[i])
+        return json.loads(self._f.read(self._off[i + 1] - self._off[i]))
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def with_duplicates(rows: Iterator[dict], seed: int, near_dup_rate: float = 0.0, exact_dup_rate: float = 0.0,
                     name: str = "") -> Iterator[dict]:
     """Pass rows through; after each, with the given rates, emit a verbatim or lightly edited copy of
@@ -327,22 +359,25 @@ def with_duplicates(rows: Iterator[dict], seed: int, near_dup_rate: float = 0.0,
         yield from rows
         return
     rng = _rng(seed, f"dups-{name}")
-    pool: list[dict] = []
+    pool = _RowPool()
     k = 0
-    for row in rows:
-        yield row
-        # only rows long enough to carry 5-grams make useful near-duplicates
-        if len((row["question"] + " " + row["answer"]).split()) >= 20:
-            pool.append(row)
-        u = rng.random()
-        if pool and u < exact_dup_rate + near_dup_rate:
-            src = pool[rng.randrange(len(pool))]
-            copy = dict(src)
-            copy["uid"] = f"dup{k}"
-            k += 1
-            if u >= exact_dup_rate:
-                copy["question"] = _light_edit(rng, src["question"])
-            yield copy
+    try:
+        for row in rows:
+            yield row
+            # only rows long enough to carry 5-grams make useful near-duplicates
+            if len((row["question"] + " " + row["answer"]).split()) >= 20:
+                pool.append(row)
+            u = rng.random()
+            if len(pool) and u < exact_dup_rate + near_dup_rate:
+                src = pool[rng.randrange(len(pool))]
+                copy = dict(src)
+                copy["uid"] = f"dup{k}"
+                k += 1
+                if u >= exact_dup_rate:
+                    copy["question"] = _light_edit(rng, src["question"])
+                yield copy
+    finally:
+        pool.close()
 
 
 # parameters every generator takes besides its own: row count, seed, planted duplicates

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from .. import budget, generators
 from ..config import SourceSpec
 from ..io import atomic_path, code_hash, finish_stage, open_stage, read_json, sha256_file, sha256_json
-from ..io import MANIFEST, RowGroupWriter, write_parquet
+from ..io import MANIFEST, RowGroupWriter
 from ..parts import MapParts, serial
 
 STAGE = "ingest"
@@ -342,22 +342,41 @@ def _add_data_file_column(src: SourceSpec, table: pa.Table, files: list[tuple[st
     return table.append_column(col, pa.array([f for f, _ in files], pa.string()).take(pa.array(idx)))
 
 
-def _ingest_generator(src: SourceSpec, seed: int) -> tuple[pa.Table, dict]:
+def _ingest_generator(src: SourceSpec, seed: int, path: Path, memory_gb: float | None) -> tuple[int, dict, dict]:
+    """A generator source written a batch of rows at a time (sized by `memory_gb`): the same bytes as
+    the whole table at once (column names from the first row, every column's type from the first
+    batch). Returns (rows, where, the file's record)."""
+    from itertools import islice
+
     problems = generators.check_params(src.generator, src.params)
     if problems:
         raise IngestError(f"source '{src.name}': " + "; ".join(problems))
     params = dict(src.params)
     n = params.pop("n")
     gseed = int(params.pop("seed", seed))
+    name = f"generator:{src.generator}"
+    step = budget.batch_rows(memory_gb, row_bytes=4096)
+    done = 0
+    schema = None
     try:
-        rows = list(generators.generate(src.generator, n, gseed, **params))
+        rows = generators.generate(src.generator, n, gseed, **params)
+        if src.max_rows is not None:
+            rows = islice(rows, src.max_rows)
+        with RowGroupWriter(path, None) as w:
+            while batch := list(islice(rows, step)):
+                t = pa.Table.from_pylist(batch, schema=schema)
+                schema = t.schema
+                t = _with_meta(t, name, done)
+                w.schema = w.schema or t.schema
+                w.write(t)
+                done += len(batch)
+            if not done:
+                w.schema = _with_meta(pa.table({"uid": pa.array([], pa.string())}), name).schema
+    except IngestError:
+        raise
     except ValueError as e:
         raise IngestError(f"source '{src.name}': {e}") from None
-    if src.max_rows is not None:
-        rows = rows[: src.max_rows]
-    table = pa.Table.from_pylist(rows) if rows else pa.table({"uid": pa.array([], pa.string())})
-    table = _with_meta(table, f"generator:{src.generator}")
-    return table, {"generator": {"name": src.generator, "params": dict(src.params), "seed": gseed}}
+    return done, {"generator": {"name": src.generator, "params": dict(src.params), "seed": gseed}}, w.record
 
 
 def _file_names(src: SourceSpec, files: list[Path]) -> list[str]:
@@ -416,8 +435,7 @@ def ingest_source(s: SourceSpec, out: Path, seed: int, fp: str, progress: bool,
     elif s.kind == "hub":
         n_rows, where, rec = _ingest_hub(s, out / fname, progress, memory_gb)
     else:
-        table, where = _ingest_generator(s, seed)
-        rec, n_rows = write_parquet(table, out / fname), table.num_rows
+        n_rows, where, rec = _ingest_generator(s, seed, out / fname, memory_gb)
     lic = s.license or where.pop("license_from_hub", None)
     where.pop("license_from_hub", None)
     return ({"fingerprint": fp, "kind": s.kind, "rows": n_rows, "license": lic, "output": rec, **where},

@@ -105,6 +105,28 @@ def test_normalize_streams_byte_identical(raw, tmp_path, small_batches):
     assert any(x["id"].endswith("#direct") for x in by_reason["duplicate_id"])
 
 
+def test_generator_source_streams_byte_identical(tmp_path, small_batches):
+    """A generator source is written a batch of rows at a time (256 rows under the tiny budget), its
+    duplicate pool in a temporary file: the same bytes as the whole table made at once."""
+    from pipeline import generators
+
+    srcs = [SourceSpec(name="ar", kind="generator", generator="arithmetic",
+                       params={"n": 1500, "cot": True, "near_dup_rate": 0.1, "exact_dup_rate": 0.05}),
+            SourceSpec(name="wp", kind="generator", generator="word_problems", params={"n": 800}, max_rows=700)]
+    man = ingest.run(srcs, tmp_path / "ing", seed=3, progress=False, memory_gb=TINY)
+    assert budget.batch_rows(TINY, 4096) == 256
+    for s, n in zip(srcs, (None, 700)):
+        params = dict(s.params)
+        rows = list(generators.generate(s.generator, params.pop("n"), 3, **params))[:n]
+        t = pa.Table.from_pylist(rows)
+        t = t.append_column("_file", pa.array([f"generator:{s.generator}"] * len(rows)))
+        t = t.append_column("_row", pa.array(np.arange(len(rows), dtype=np.int64)))
+        assert man["sources"][s.name]["output"] == write_parquet(t, tmp_path / f"{s.name}.parquet")
+    assert man["sources"]["ar"]["rows"] > 1600 and man["sources"]["wp"]["rows"] == 700
+    dups = pq.read_table(tmp_path / "ing" / "ar.parquet", columns=["uid"])["uid"].to_pylist()
+    assert sum(u.startswith("dup") for u in dups) > 100
+
+
 # ------------------------------------------------------------------------------------------------
 # tokenizer and pack
 # ------------------------------------------------------------------------------------------------
