@@ -1,6 +1,8 @@
 """The data flow's parts on a Dask cluster (flows/dask_runner.py): a LocalCluster of two worker
-processes on 127.0.0.1 runs the per-source ingest and normalize parts and the dedup signature parts as
-Prefect tasks; every data file of every stage is byte-identical to the single-process run."""
+processes on 127.0.0.1 runs the per-source ingest and normalize parts, the dedup signature parts, the
+contamination check's training-scan parts and the pack shards as Prefect tasks; every data file of every
+stage is byte-identical to the single-process run (a tiny two-source spec, and the bundled demo with a
+contamination check)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.data_flow import data_flow
@@ -76,6 +79,48 @@ def test_dask_runner_outputs_equal_the_local_run(harness, tmp_path):
             break
         time.sleep(0.5)
     assert want <= done, sorted(done)
+
+
+@pytest.mark.slow
+def test_demo_through_a_local_cluster_equals_the_local_run(harness, tmp_path):
+    """The bundled demo, with a contamination check and decontamination (benchmark items: 30 of the demo's
+    own word problems), through a LocalCluster of two workers and in one process: every data file of
+    every stage (ingest .. pack, lineage) has the same sha256. Small contamination batches, so its
+    training scan has several parts; pack has three shards, each a part."""
+    import json
+
+    from pipeline.generators import word_problems
+
+    bench = tmp_path / "bench" / "gsm8k"
+    bench.mkdir(parents=True)
+    items = [{"question": r["question"], "answer": r["answer"]} for r in word_problems(30, 1234, cot=True)]
+    (bench / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    kw = dict(spec="demo", benchmarks=str(tmp_path / "bench"), decontaminate=True, progress=False,
+              overrides=["contamination.batch_rows=2048"])
+    local = data_flow(output_dir=str(tmp_path / "local"), **kw)
+    dask = data_flow(output_dir=str(tmp_path / "dask"), runner="dask", workers=2, **kw)
+    assert local["ran"] == dask["ran"] == ["ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination",
+                                           "mix", "pack", "lineage"]
+    for st, m in local["manifests"].items():
+        assert Path(m["path"]).name == Path(dask["manifests"][st]["path"]).name, st
+        assert m["counts"] == dask["manifests"][st]["counts"], st
+    c = dask["manifests"]["contamination"]["counts"]
+    assert c["dirty"]["gsm8k"] > 0 and c["rows_removed"] > 0  # the check found the copies and dropped rows
+    assert dask["manifests"]["pack"]["counts"]["shards"] >= 3
+    a, b = data_hashes(tmp_path / "local"), data_hashes(tmp_path / "dask")
+    assert {k.split("/")[0] for k in a} == set(local["ran"])
+    assert a == b
+    want = {f"ingest_source-{i}" for i in range(6)} | {f"normalize_source_part-{i}" for i in range(6)} | {
+        "signature_part_job-0", "scan_part-0", "scan_part-2", "write_shard_part-0", "write_shard_part-2"}
+    deadline = time.time() + 30
+    while True:
+        with get_client(sync_client=True) as cl:
+            runs = cl.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=sorted(want))), limit=200)
+            done = {t.name for t in runs if t.state and t.state.is_completed()}
+        if want <= done or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert want <= done, sorted(want - done)
 
 
 def test_runner_setting_is_checked():
