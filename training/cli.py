@@ -147,6 +147,13 @@ def resolve_paths(path: str | None, shards: str | None, out: str | None) -> tupl
     if shards is None:
         raise RunError("say what to train on: hrm train RUN_DIR (or a pack folder), or --shards PACK --out DIR")
     pack = resolve_stage(shards, "pack")
+    from pipeline.storage import is_remote
+
+    if is_remote(shards):  # fetched and checked into the local cache; the train folder stays local
+        if out is None:
+            raise RunError(f"{shards} is on object storage: pass --out DIR for the (local) train folder, and "
+                           "--checkpoint-url URL to keep its checkpoints on object storage")
+        return str(pack), out, None
     run_dir = find_run_dir(train_dir.parent) if train_dir is not None else find_run_dir(shards)
     if out is None:
         if train_dir is not None:

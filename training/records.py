@@ -63,10 +63,23 @@ def pack_manifest_sha256(manifest: dict) -> str:
     return sha256_json(outputs)
 
 
-def tokenizer_dir_of(manifest: dict) -> Path | None:
-    """The tokenizer folder the pack was made with (its manifest's `inputs.tokenized`), if it names one."""
+def tokenizer_dir_of(manifest: dict, pack_dir: str | os.PathLike | None = None) -> Path | None:
+    """The tokenizer folder the pack was made with (its manifest's `inputs.tokenized`), if it names one.
+    When that path is not on this machine (a run computed elsewhere and fetched from object storage), the
+    same stage version of the pack's own run folder (`<run>/<stage>/<version>`), fetched if published."""
     tok = manifest.get("inputs", {}).get("tokenized")
-    return Path(tok).resolve() if tok else None
+    if not tok:
+        return None
+    p = Path(tok).resolve()
+    if not p.exists() and pack_dir is not None:
+        alt = Path(pack_dir).resolve().parent.parent / p.parent.name / p.name
+        if not alt.exists():
+            from pipeline.storage import fetch_version
+
+            fetch_version(alt)
+        if alt.exists():
+            return alt
+    return p
 
 
 def data_record(pack_dir: str | os.PathLike) -> dict[str, Any]:
@@ -74,7 +87,7 @@ def data_record(pack_dir: str | os.PathLike) -> dict[str, Any]:
     (tokenizer_sha256 None when the folder the manifest names has no tokenizer.json)."""
     pack = Path(pack_dir).resolve()
     manifest = json.loads((pack / "manifest.json").read_text())
-    tok = tokenizer_dir_of(manifest)
+    tok = tokenizer_dir_of(manifest, pack)
     tok_json = tok / TOKENIZER_FILES[0] if tok else None
     fp = manifest.get("fingerprint")
     return {

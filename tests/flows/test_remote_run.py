@@ -15,9 +15,11 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.data_flow import data_flow
 from pipeline import storage
 from pipeline.io import read_json
-from pipeline.runs import resolve_stage
+from pipeline.runs import RunError
 from s3_server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 from tiny_spec import TINY  # tests/flows/tiny_spec.py
+from training.cli import resolve_paths
+from training.records import data_record
 
 ARITH = """  - name: arith
     kind: local
@@ -90,8 +92,18 @@ def test_remote_source_and_run_folder(harness, s3_bucket, tmp_path, monkeypatch)
         assert storage.remote_index(storage.join(url, ent["dir"])) == indexes[st]
     assert _shards(Path(second["manifests"]["pack"]["path"])) == _shards(Path(local["manifests"]["pack"]["path"]))
 
-    # a consumer (hrm train/eval) given the remote run folder gets a verified local copy of the pack
-    shutil.rmtree(mirror)
-    pack = resolve_stage(url, "pack")
+    # a consumer (hrm train/eval) on another machine given the remote run folder gets a checked local copy
+    # of the pack, and of the tokenizer its manifest names
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setenv("HRM_CACHE_DIR", str(tmp_path / "other-machine"))
+    shards, out, run_dir = resolve_paths(url, None, str(tmp_path / "train"))
+    pack = Path(shards)
+    assert pack.is_relative_to(tmp_path / "other-machine") and run_dir is None
     assert read_json(pack / "manifest.json")["stage"] == "pack"
     assert _shards(pack) == _shards(Path(local["manifests"]["pack"]["path"]))
+    data = data_record(pack)
+    assert Path(data["tokenizer_dir"]).is_relative_to(tmp_path / "other-machine")
+    assert data["tokenizer_sha256"] == read_json(Path(local["manifests"]["tokenizer"]["path"]) / "manifest.json")[
+        "outputs"]["tokenizer.json"]["sha256"]
+    with pytest.raises(RunError, match="pass --out DIR"):
+        resolve_paths(url, None, None)
