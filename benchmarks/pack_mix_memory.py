@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--memory-gb", type=float, default=0.5)
     ap.add_argument("--old", type=Path, default=None, help="a folder with the old code (git archive export)")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-pack-mix")
+    ap.add_argument("--stages", default="mix,pack", help="mix,pack (default) or mix alone")
     a = ap.parse_args()
     codes = [("new", ROOT)] + ([("old", a.old.resolve())] if a.old else [])
     sizes = [a.rows // 10, a.rows]
@@ -132,17 +133,20 @@ def main() -> None:
             res[(name, "mix", n)] = measure(code, ["stage", "mix", "--input", str(d / "tok"), "--output",
                                                    str(o / "mix"), *common])
             # pack always packs this code's mix (the old mix is compared with it below)
+            if "pack" not in a.stages.split(","):
+                continue
             res[(name, "pack", n)] = measure(code, ["stage", "pack", "--input", str(d / "tok"), "--mix",
                                                     str(d / "new" / "mix"), "--output", str(o / "pack"), *common])
         if a.old:
             same_mix = sha(d / "new" / "mix" / "mix.parquet") == sha(d / "old" / "mix" / "mix.parquet")
-            same_pack = shard_hashes(d / "new" / "pack") == shard_hashes(d / "old" / "pack")
+            same_pack = (shard_hashes(d / "new" / "pack") == shard_hashes(d / "old" / "pack")
+                         if "pack" in a.stages.split(",") else "not run")
             print(f"rows {n:,}: mix.parquet identical: {same_mix}; pack shards + removals identical: {same_pack}")
     samples = a.rows * a.epochs
     print(f"\nmemory_gb {a.memory_gb}, {a.rows:,} rows, mix epochs {a.epochs} ({samples:,} samples for pack)")
     print(f"{'code':5} {'stage':5} {'peak RSS MB':>12} {'wall s':>8} {'MB at rows/10':>14} {'bytes/row':>10}")
     for name, _ in codes:
-        for stage in ("mix", "pack"):
+        for stage in [s for s in ("mix", "pack") if s in a.stages.split(",")]:
             big, small = res[(name, stage, sizes[1])], res[(name, stage, sizes[0])]
             per_row = (big["maxrss_mb"] - small["maxrss_mb"]) * 2**20 / (sizes[1] - sizes[0])
             print(f"{name:5} {stage:5} {big['maxrss_mb']:12.0f} {big['wall_s']:8.1f} {small['maxrss_mb']:14.0f} "

@@ -566,7 +566,7 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
     ids = _IdFile(spill.with_suffix(".ids"), window_bytes=min(64 << 20, max(_MIN_WINDOW, usable // 64)))
     runs = _IdRuns(spill.with_suffix(".runs"), batch=max(_MIN_MERGE_BATCH, run_rows // 16))
     try:
-        tokens: list[np.ndarray] = []
+        tok = np.empty(n_all, np.int32)  # int64 from the first row with 2**31 tokens or more
         raw: dict[str, list[np.ndarray]] = {"stratum": [], "source": []}
         seen: dict[str, dict[str, int]] = {k: {} for k in ("stratum", "source", "rule")}
         pairs: set[tuple[int, int]] = set()
@@ -581,15 +581,18 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
                 raise ValueError(f"mix: {src}: row {done + k}: id is null")
             id_col = id_col.cast(pa.large_string())
             ids.add(id_col)
-            tokens.append(_row_tokens(b.column("prompt_tokens").to_numpy(), b.column("response_tokens").to_numpy()))
+            t = _row_tokens(b.column("prompt_tokens").to_numpy(), b.column("response_tokens").to_numpy())
+            if t.dtype == np.int64 and tok.dtype != np.int64:
+                tok = tok.astype(np.int64)
+            tok[done : done + b.num_rows] = t
             local: dict[str, np.ndarray] = {}
             for k in ("stratum", "source", "rule"):
                 enc = b.column(k).dictionary_encode()
                 m = np.array([seen[k].setdefault(v, len(seen[k])) for v in enc.dictionary.to_pylist()], np.int32)
                 local[k] = m[enc.indices.to_numpy(zero_copy_only=False)] if len(m) else np.zeros(0, np.int32)
             pairs.update(zip(*np.unique(np.stack([local["stratum"], local["rule"]]), axis=1).tolist()))
-            raw["stratum"].append(local["stratum"])
-            raw["source"].append(local["source"])
+            for k in raw:  # kept in the smallest type the codes so far fit (1 byte a row, nearly always)
+                raw[k].append(local[k].astype(_code_dtype(len(seen[k]))))
             run_ids.append(id_col)
             run_n += b.num_rows
             run_b += id_col.nbytes
@@ -603,8 +606,6 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
             runs.add(pa.concat_arrays(run_ids) if run_ids else pa.array([], pa.large_string()), run_first, last=True)
         del run_ids
         ids.finish()
-        tok = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
-        del tokens
         names: dict[str, list[str]] = {}
         codes: dict[str, np.ndarray] = {}
         for k in raw:  # first-appearance codes -> codes in name order, chunk by chunk
@@ -825,7 +826,9 @@ def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, ma
     # whole table of all epochs was written before)
     ids = keys.ids
     mean_id = float(ids.off[-1]) / max(1, n_all)
-    step = budget.batch_rows(memory_gb, row_bytes=max(16.0, mean_id + 8) * 3)
+    # a batch of samples costs about 12 int64 per sample (row numbers, their order, file offsets, ...)
+    # and its ids 3 times over (read, taken, cast), and again in the writer's row group buffer
+    step = budget.batch_rows(memory_gb, row_bytes=96 + 4 * (mean_id + 8))
     seen_rows_per_epoch = []
     with io.RowGroupWriter(out / MIX_FILE, MIX_SCHEMA) as w:
         for e in range(E):
