@@ -4,10 +4,12 @@
 spec): the data flow opens a `DaskTaskRunner`, connected to the scheduler at `address`, or starting a
 `LocalCluster` of N worker processes on 127.0.0.1, and hands the stages' independent parts to it, each
 part a Prefect task run on a Dask worker: one per source for ingest and normalize, one per MinHash
-signature part for dedup. The stage merges the parts in a fixed order (the spec's source order, the
-part number), so its outputs are byte-identical to the single-process run (`--runner local`, the
+signature part for dedup, one per row range of the training scan for contamination (4 batches of
+`contamination.batch_rows`), one per shard for pack (the packing plan stays in the stage's task). The
+stage merges the parts in a fixed order (the spec's source order, the part number, the row range, the
+shard number), so its outputs are byte-identical to the single-process run (`--runner local`, the
 default). The workers read and write the run folder, so on a real cluster it must be on a filesystem
-every worker sees.
+every worker sees. Stratify, tokenizer, mix and lineage run in the stage's task (one process).
 
 Why Dask: `LocalCluster` runs in-process on this machine (the tests need nothing else), parts are the
 same Python objects (cloudpickle), and `prefect-dask` is Prefect's maintained integration; Ray brings a

@@ -1,5 +1,5 @@
 """Part-level work: how a stage hands out its independent parts (one source of ingest or normalize, one
-MinHash signature part of dedup).
+MinHash signature part of dedup, one row range of contamination's training scan, one pack shard).
 
 A stage's `run(..., map_parts=None)` builds the list of parts, each a picklable call `fn(*args)` that
 writes its own file(s) and returns a small picklable record, and hands them to `map_parts(fn, args)`,
