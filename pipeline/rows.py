@@ -160,6 +160,16 @@ def _line_bounds(block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, ends, np.flatnonzero(solid)
 
 
+def count_lines(path: str | os.PathLike, block: int = 16 << 20) -> int:
+    """The lines of a text file (a last line without a newline counted too), read a block at a time."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
 class RowReader:
     """The rows of a stage folder, Parquet or JSONL file in batches (pa.Table each), with the same
     defaults, checks and rejections as `load_rows` (which is this reader's batches concatenated).
@@ -174,7 +184,9 @@ class RowReader:
     `rejects` (REMOVAL_SCHEMA dicts) is complete once the batches are exhausted: for JSONL the lines
     that do not parse, then the rows that fail a check, each in line order (as `load_rows` always
     listed them). A content column that no row has raises ValueError at the end of the iteration.
-    `rows_read` counts the kept rows so far; `total_rows` is the Parquet row count (None for JSONL).
+    `rows_read` counts the kept rows so far; `total_rows` is the Parquet row count, and for JSONL the
+    file's lines (counted on first use by a fast pass over the bytes: blank, malformed and rejected
+    lines included, so a bar of the kept rows may stop short of it; None for gzip).
     `arrow=False` parses every JSONL line alone in Python (the reference the tests compare with)."""
 
     def __init__(
@@ -203,16 +215,22 @@ class RowReader:
         self.parse_rejects: list[dict] = []
         self.row_rejects: list[dict] = []
         self.rows_read = 0
-        self.total_rows: int | None = None
+        self._total_rows: int | None = None
         self._pf = None
         if self.kind == "parquet":
             self._pf = pq.ParquetFile(p, pre_buffer=False)  # pre-buffering reads ahead whole row groups
-            self.total_rows = self._pf.metadata.num_rows
+            self._total_rows = self._pf.metadata.num_rows
             self._check_parquet_schema(self._pf.schema_arrow)
         self._seen = _IdSet()
         self._keys: set[str] = set()  # JSONL: every key of every parsed object
         self._parsed = 0  # JSONL: objects parsed
         self._first_cols: set[str] | None = None  # JSONL: the keys of the first kept row
+
+    @property
+    def total_rows(self) -> int | None:
+        if self._total_rows is None and self.kind == "jsonl" and not self.path.name.endswith(".gz"):
+            self._total_rows = count_lines(self.path)
+        return self._total_rows
 
     @property
     def rejects(self) -> list[dict]:

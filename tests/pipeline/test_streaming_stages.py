@@ -127,6 +127,21 @@ def test_generator_source_streams_byte_identical(tmp_path, small_batches):
     assert sum(u.startswith("dup") for u in dups) > 100
 
 
+def test_jsonl_reader_knows_its_total(tmp_path):
+    """A JSONL file's progress total: its lines (blank and malformed ones included), counted without
+    parsing; the last line counts without a newline too."""
+    from pipeline.rows import RowReader
+
+    lines = [json.dumps({"id": str(i), "instruction": "q", "response": "a", "source": "s"}) for i in range(2500)]
+    lines[7], lines[100] = "", "{bad"
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    r = RowReader(tmp_path / "a.jsonl", block_bytes=4096)
+    assert r.total_rows == 2500
+    assert sum(t.num_rows for t in r) == 2498 and r.total_rows == 2500
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    assert RowReader(tmp_path / "b.jsonl").total_rows == 2500
+
+
 # ------------------------------------------------------------------------------------------------
 # tokenizer and pack
 # ------------------------------------------------------------------------------------------------
