@@ -428,6 +428,11 @@ def pipeline(spec: str = "demo", output_dir: Optional[str] = None, overrides: li
     bad = [r for r in refresh if r not in PIPELINE_STAGES]
     if bad:
         raise ValueError(f"refresh: unknown stage(s) {bad}")
+    from pipeline.storage import is_remote
+
+    if is_remote(output_dir):
+        raise ValueError(f"hrm pipeline writes a local run folder, not {output_dir}: run the data stages with "
+                         f"`hrm run SPEC -o {output_dir}`, then `hrm train {output_dir} --out DIR --checkpoint-url URL`")
     root = Path(output_dir or Path("runs") / s.name).resolve()
     label = run_label(s, root)  # artifact keys unique per run folder
     with run_lock(root, what=f"hrm pipeline {spec}"):

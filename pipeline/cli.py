@@ -122,7 +122,10 @@ def cmd_run(args) -> int:
                                  for k, v in res["manifests"].items()},
                       **({"stale": res["stale"]} if res["stale"] else {})}, indent=2))
     out = res["output_dir"]
-    if "pack" in res["manifests"]:
+    if "pack" in res["manifests"] and res.get("mirror"):  # a run folder on object storage
+        print(f"\nnext: hrm train {out} --out runs/{Path(res['mirror']).name}-train --checkpoint-url "
+              f"{out}/train/checkpoints --preset cpu-small --steps 200 --warmup-steps 20", file=sys.stderr)
+    elif "pack" in res["manifests"]:
         print(f"\nnext: hrm train {out} --preset cpu-small --steps 200 --warmup-steps 20", file=sys.stderr)
     return 0
 
@@ -410,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the data flow of a spec under Prefect")
     r.add_argument("spec")
-    r.add_argument("--output", "-o", default=None, help="run folder (default runs/<spec name>)")
+    r.add_argument("--output", "-o", default=None, help="run folder (default runs/<spec name>); a URL (s3://bucket/"
+                   "runs/demo, gs://, memory://) computes in a local mirror and publishes every stage version there")
     r.add_argument("--stop-after", default="pack",
                    choices=["ingest", "normalize", "stratify", "dedup", "tokenizer", "contamination", "mix", "pack"])
     r.add_argument("--benchmarks", default=None, metavar="DIR",
