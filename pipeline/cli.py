@@ -298,6 +298,11 @@ def cmd_stage(args) -> int:
     spec = load_spec(args.spec) if args.spec else None
     if args.name in ("ingest", "normalize") and spec is None:
         _die(f"stage {args.name} needs --spec (its sources)")
+    from .storage import is_remote
+
+    if is_remote(args.output):
+        _die(f"hrm stage writes a local folder, not {args.output}: use `hrm run SPEC -o {args.output}` to publish "
+             "stage outputs to object storage (--input may be a URL)")
     with row_defaults(_row_defaults(spec)):
         man = _run_stage(args, spec)
     print(json.dumps({"stage": args.name, "output": str(Path(args.output).resolve()), "counts": man.get("counts")},

@@ -127,3 +127,12 @@ def test_clear_errors(s3_bucket, monkeypatch, tmp_path):  # noqa: F811
     assert not storage.is_remote("file:///tmp/x") and not storage.is_remote("runs/demo")
     assert storage.is_remote("s3://b/x") and storage.is_remote("memory://x")
     assert storage.local_path("file:///tmp/x") == Path("/tmp/x")
+
+
+def test_stage_and_pipeline_refuse_a_url_output(tmp_path, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["stage", "stratify", "--input", str(tmp_path), "--output", "memory://x/stratify"])
+    assert e.value.code == 2 and "hrm run SPEC -o memory://x/stratify" in capsys.readouterr().err
+    assert not Path("memory:").exists()
