@@ -129,7 +129,7 @@ def test_clear_errors(s3_bucket, monkeypatch, tmp_path):  # noqa: F811
     assert storage.local_path("file:///tmp/x") == Path("/tmp/x")
 
 
-def test_stage_and_pipeline_refuse_a_url_output(tmp_path, capsys):
+def test_stage_refuses_a_url_output(tmp_path, capsys):
     from pipeline.cli import main
 
     with pytest.raises(SystemExit) as e:
