@@ -107,12 +107,21 @@ def generate(path: Path, rows: int, seed: int, chunk: int = 200_000) -> None:
 # ------------------------------------------------------------------------------------------------
 # one stage in this process (the child)
 # ------------------------------------------------------------------------------------------------
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process and its finished children (dedup's workers): the
+    per-row cost that a busy machine changes least (wall time also counts waiting for a core)."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(args.code)))
     work = Path(args.out)
     new = args.budget is not None
     kw = {"memory_gb": args.budget} if new else {}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu()
     if args.stage == "load":
         from pipeline import rows
 
@@ -152,7 +161,7 @@ def child(args: argparse.Namespace) -> None:
         n = flow_stage(args.stage[5:], Path(args.input), work, args.budget, args.benchmarks)
     else:
         raise SystemExit(f"unknown stage {args.stage}")
-    res = {"rows": n, "seconds": time.perf_counter() - t0}
+    res = {"rows": n, "seconds": time.perf_counter() - t0, "cpu_s": _cpu() - cpu0}
     if (work / "timing.json").exists():  # a stage's own split of its time
         res["timing"] = {k: round(v, 1) for k, v in json.loads((work / "timing.json").read_text()).items()}
     print(json.dumps(res))
@@ -274,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-gb", type=float, default=None, help="the new code's budget (default: the spec's)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="dedup signature processes")
     ap.add_argument("--flow", action="store_true", help="the whole data flow, stage by stage (see above)")
+    ap.add_argument("--flow-stages", default=None, help="--flow: only these stages (comma list), on the "
+                    "folders a previous --flow run left for the stages before them")
     ap.add_argument("--benchmarks", default=None, help="--flow: a folder of benchmark test sets "
                     "(<name>/<split>.jsonl) for the contamination stage; without it that stage is skipped")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -343,16 +354,22 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_flow(args: argparse.Namespace, work: Path, jsonl: Path, budget: float) -> None:
     flow = work / "flow"
-    subprocess.run(["rm", "-rf", str(flow)], check=True)
-    flow.mkdir(parents=True)
-    (flow / "spec.yaml").write_text(flow_spec(jsonl.resolve(), args.rows))
+    todo = args.flow_stages.split(",") if args.flow_stages else list(FLOW)
+    bad = [x for x in todo if x not in FLOW]
+    if bad:
+        raise SystemExit(f"--flow-stages: unknown stage(s) {bad}; stages are {','.join(FLOW)}")
+    if todo == list(FLOW) or not (flow / "spec.yaml").exists():
+        subprocess.run(["rm", "-rf", str(flow)], check=True)
+        flow.mkdir(parents=True)
+        (flow / "spec.yaml").write_text(flow_spec(jsonl.resolve(), args.rows))
     bench = str(Path(args.benchmarks).resolve()) if args.benchmarks else None
     results = []
-    for stage in FLOW:
+    for stage in todo:
         if stage == "contamination" and not bench:
             print("contamination: skipped (no --benchmarks)", flush=True)
             continue
         print(f"{stage} ...", flush=True)
+        subprocess.run(["rm", "-rf", str(flow / stage)], check=True)
         r = measure(f"flow:{stage}", ROOT, flow, flow / stage, budget, args.workers, bench)
         results.append((stage, r))
         print(f"  {r}", flush=True)
@@ -362,21 +379,23 @@ def run_flow(args: argparse.Namespace, work: Path, jsonl: Path, budget: float) -
     print(f"{args.rows:,} rows, the whole data flow; seconds = the stage's own time in its process (imports "
           f"excluded); rows = rows the stage read; peak RSS = the stage process tree's largest process; budget "
           f"{budget:g} GB")
-    hdr = f"{'stage':<14}{'rows':>12}{'seconds':>9}{'rows/s':>11}{'us/row':>8}{'peak RSS MB':>13}"
+    hdr = f"{'stage':<14}{'rows':>12}{'seconds':>9}{'rows/s':>11}{'us/row':>8}{'CPU us/row':>11}{'peak RSS MB':>13}"
     print(hdr)
     print("-" * len(hdr))
-    tot = 0.0
+    tot = cpu = 0.0
     for stage, r in results:
         if "error" in r:
             print(f"{stage:<14}  failed: {r['error']}")
             continue
         tot += r["seconds"]
+        cpu += r.get("cpu_s", 0.0)
         rate = r["rows"] / r["seconds"] if r["seconds"] else 0
         print(f"{stage:<14}{r['rows']:>12,}{r['seconds']:>9.1f}{rate:>11,.0f}{1e6 / max(rate, 1e-9):>8.1f}"
-              f"{r['maxrss_mb']:>13,.0f}")
+              f"{1e6 * r.get('cpu_s', 0.0) / max(r['rows'], 1):>11.1f}{r['maxrss_mb']:>13,.0f}")
     peak = max((r.get("maxrss_mb", 0) for _, r in results), default=0)
-    print(f"{'total':<14}{'':>12}{tot:>9.1f}{'':>11}{1e6 * tot / args.rows:>8.1f}{peak:>13,.0f}")
-    (work / "flow-results.json").write_text(json.dumps({"rows": args.rows, "budget_gb": budget,
+    print(f"{'total':<14}{'':>12}{tot:>9.1f}{'':>11}{1e6 * tot / args.rows:>8.1f}{1e6 * cpu / args.rows:>11.1f}"
+          f"{peak:>13,.0f}")
+    (work / f"flow-results{'-' + args.flow_stages if args.flow_stages else ''}.json").write_text(json.dumps({"rows": args.rows, "budget_gb": budget,
                                                         "stages": dict(results)}, indent=1))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
