@@ -142,6 +142,34 @@ def test_jsonl_reader_knows_its_total(tmp_path):
     assert RowReader(tmp_path / "b.jsonl").total_rows == 2500
 
 
+def test_dedup_exact_groups_match_the_group_by(tmp_path):
+    """dedup.exact_from_hashes (sort by the first hash, then only the rows sharing it by (h0, h1, rank
+    position)) gives the rows of the whole-table group-by it replaced: first hashes shared by rows
+    whose second hashes differ, ties broken by rank (priorities), 0, 1 and 2 rows."""
+    import polars as pl
+
+    from pipeline.stages import dedup
+
+    def group_by(h, rank):
+        n = h.shape[1]
+        ranked = pl.DataFrame({"h0": h[0, rank], "h1": h[1, rank], "pos": np.arange(n, dtype=np.int64)})
+        first = ranked.select(pl.col("pos").min().over("h0", "h1")).to_series().to_numpy()
+        keep_of = np.full(n, -1, np.int64)
+        dup = np.flatnonzero(first != np.arange(n))
+        keep_of[rank[dup]] = rank[first[dup]]
+        return keep_of
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 2, 7, 3000, 40_000):
+        for prio in (False, True):
+            h = np.stack([rng.integers(0, max(1, n // 3), n).astype(np.uint64) << np.uint64(40),
+                          rng.integers(0, 3, n).astype(np.uint64)])
+            rank = np.argsort(rng.integers(0, 4, n), kind="stable").astype(np.int64) if prio else np.arange(n)
+            got = dedup.exact_from_hashes(h, rank)
+            assert np.array_equal(got, group_by(h, rank)), (n, prio)
+    assert (got >= 0).sum() > 10_000
+
+
 # ------------------------------------------------------------------------------------------------
 # tokenizer and pack
 # ------------------------------------------------------------------------------------------------
