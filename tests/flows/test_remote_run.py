@@ -92,6 +92,13 @@ def test_remote_source_and_run_folder(harness, s3_bucket, tmp_path, monkeypatch)
         assert storage.remote_index(storage.join(url, ent["dir"])) == indexes[st]
     assert _shards(Path(second["manifests"]["pack"]["path"])) == _shards(Path(local["manifests"]["pack"]["path"]))
 
+    # --only on a fresh machine: the stages before it come from the remote run manifest, fetched on first use
+    shutil.rmtree(mirror)
+    only = data_flow(spec=str(spec), output_dir=url, only="pack", progress=False)
+    assert only["ran"] == ["pack"]
+    assert (mirror / run["stages"]["pack"]["dir"] / "timing.json").read_bytes() == timing["pack"]
+    assert (mirror / run["stages"]["mix"]["dir"] / "manifest.json").is_file()
+
     # a consumer (hrm train/eval) on another machine given the remote run folder gets a checked local copy
     # of the pack, and of the tokenizer its manifest names
     shutil.rmtree(tmp_path / "cache")
