@@ -129,7 +129,7 @@ def run(
 
     # 1. one pass over the rows: exact-dedup hashes, priorities, strata, the texts to a file
     # with several workers, the signature parts are computed while the rows are read (_EagerSignatures)
-    eager = _EagerSignatures(spill, out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 \
+    eager = _EagerSignatures(spill / "texts.arrow", out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 \
         and map_parts is None else None
     try:
         first = _first_pass(input_path, spill, cfg, memory_gb, progress, eager)
@@ -165,10 +165,10 @@ def run(
         pos = np.searchsorted(first.written, survivors)
         assert np.array_equal(first.written[pos.clip(max=first.written.size - 1)], survivors), "a kept row's text"
         if np.array_equal(pos, np.arange(first.written.size)):  # the texts file is the docs file
+            if eager is not None:  # its parts are this docs file's (the workers read it by its path)
+                eager.finish(int(first.written.size))
             docs.parent.mkdir(parents=True, exist_ok=True)
             os.replace(first.texts, docs)
-            if eager is not None:  # its parts are this docs file's
-                eager.finish(int(first.written.size))
         else:
             if eager is not None:
                 eager.abandon()
@@ -282,20 +282,23 @@ def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048) -> Row
 
 class _EagerSignatures:
     """The near step's signature parts computed while the first pass still reads: while the rows come
-    in rank order, the texts the first pass writes are the docs file's, so every PART_ROWS of them make
-    one signature part (the same bytes `signature_step` writes). Each part's texts go to a small spill
-    file that a worker process (cfg.workers of them, forkserver) turns into signatures/part-NNNNN.npy;
-    the JSON parsing and hashing of the next batches overlap with it. `finish` writes signatures/meta.json
-    with the stage's key, so `signature_step` finds the parts done; `abandon` (the rows stopped coming
-    in rank order) waits for the workers and leaves no meta, so the parts are computed again there."""
+    in rank order, the texts file the first pass writes is the docs file, and `_TextsFile` cuts its
+    record batches at every PART_ROWS texts, so each part's texts are whole record batches of it. As
+    soon as a part's record batches are written, a worker process (cfg.workers of them, forkserver)
+    reads them from the file (by their offsets: the file has no footer yet) and writes
+    signatures/part-NNNNN.npy (the same bytes `signature_step` writes); the JSON parsing and hashing of
+    the next batches overlap with it. `finish` (before the texts file is moved) writes
+    signatures/meta.json with the stage's key, so `signature_step` finds the parts done; `abandon` (the
+    rows stopped coming in rank order) waits for the workers and leaves no meta, so the parts are
+    computed again there."""
 
     PENDING = 2  # parts waiting per worker before the reader waits for the oldest
 
-    def __init__(self, spill: Path, sig_dir: Path, cfg: DedupConfig, key: str):
-        self.spill, self.sig_dir, self.key = spill, sig_dir, key
+    def __init__(self, texts: Path, sig_dir: Path, cfg: DedupConfig, key: str):
+        self.texts, self.sig_dir, self.key = texts, sig_dir, key
         self.workers = cfg.workers
         self.job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
-        self.buf: list[pa.Array] = []
+        self.pieces: list[tuple[int, int]] = []  # (offset, bytes) of the current part's record batches
         self.buffered = 0
         self.parts = 0
         self.pool: ProcessPoolExecutor | None = None
@@ -306,26 +309,23 @@ class _EagerSignatures:
         for old in sig_dir.glob("part-*.npy"):
             old.unlink()
 
-    def add(self, texts: pa.Array) -> None:
-        if not self.active or len(texts) == 0:
+    def add(self, offset: int, nbytes: int, rows: int) -> None:
+        """A record batch of `rows` texts was written at `offset` of the texts file."""
+        if not self.active:
             return
-        self.buf.append(texts)
-        self.buffered += len(texts)
-        while self.buffered >= PART_ROWS:
-            self._submit(PART_ROWS)
+        self.pieces.append((offset, nbytes))
+        self.buffered += rows
+        if self.buffered >= PART_ROWS:
+            self._submit()
 
-    def _submit(self, k: int) -> None:
-        joined = pa.concat_arrays(self.buf) if len(self.buf) > 1 else self.buf[0]
-        head, rest = joined.slice(0, k), joined.slice(k)
-        self.buf, self.buffered = ([rest] if len(rest) else []), len(rest)
-        f = self.spill / f"sigtexts-{self.parts:05d}.arrow"
-        write_docs(head, f)
+    def _submit(self) -> None:
         if self.pool is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
         out = self.sig_dir / f"part-{self.parts:05d}.npy"
-        self.pending.append(self.pool.submit(_signature_file, f, k, out, self.job))
+        self.pending.append(self.pool.submit(_signature_pieces, self.texts, self.pieces, self.buffered, out, self.job))
+        self.pieces, self.buffered = [], 0
         self.parts += 1
         while len(self.pending) > self.PENDING * self.workers:
             self.pending.pop(0).result()
@@ -343,21 +343,72 @@ class _EagerSignatures:
     def abandon(self) -> None:
         if self.active:
             self.active = False
-            self.buf = []
+            self.pieces, self.buffered = [], 0
             self._close()
 
     def finish(self, n_docs: int) -> None:
         if not self.active:
             return
         if self.buffered:
-            self._submit(self.buffered)
+            self._submit()
         self._close()
         write_json({"key": self.key, "docs": n_docs, "part_rows": PART_ROWS}, self.sig_dir / "meta.json")
 
 
-def _signature_file(path: Path, n: int, out_path: Path, job: dict) -> None:
-    signature_part(path, 0, n, out_path, **job)
-    path.unlink()
+TEXT_SCHEMA = pa.schema([("text", pa.large_string())])
+_IPC_MAGIC = b"ARROW1"
+
+
+class _TextsFile:
+    """The first pass's texts (Arrow IPC file, column `text`) written as they come, in record batches
+    cut at every PART_ROWS texts (and at the ends of the arrays written); each record batch's offset
+    and size go to `eager`, if any."""
+
+    def __init__(self, path: Path, eager: _EagerSignatures | None):
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_file(self.sink, TEXT_SCHEMA)
+        self.eager = eager
+        self.rows = 0
+
+    def write(self, texts: pa.Array) -> None:
+        s = 0
+        while s < len(texts):
+            k = min(len(texts) - s, PART_ROWS - self.rows % PART_ROWS)
+            at = self.sink.tell()
+            self.writer.write_batch(pa.record_batch([texts.slice(s, k)], schema=TEXT_SCHEMA))
+            if self.eager is not None:
+                self.eager.add(at, self.sink.tell() - at, k)
+            s += k
+            self.rows += k
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.sink.close()
+
+
+def _read_pieces(path: Path, pieces: list[tuple[int, int]]) -> pa.ChunkedArray:
+    """The texts of the record batches written at (offset, bytes) of an Arrow IPC file still being
+    written (the first piece written also holds the file's magic and schema message)."""
+    chunks = []
+    with pa.memory_map(str(path)) as src:
+        for off, size in pieces:
+            src.seek(off)
+            if off == 0:
+                assert src.read(len(_IPC_MAGIC)) == _IPC_MAGIC, f"{path}: not an Arrow IPC file"
+                src.seek(8)  # the magic, padded to 8 bytes
+            while src.tell() < off + size:
+                msg = pa.ipc.read_message(src)
+                if msg.type == "record batch":
+                    chunks.append(pa.ipc.read_record_batch(msg, TEXT_SCHEMA).column(0))
+    return pa.chunked_array(chunks, pa.large_string())
+
+
+def _signature_pieces(path: Path, pieces: list[tuple[int, int]], n: int, out_path: Path, job: dict) -> None:
+    texts = _read_pieces(path, pieces)
+    assert len(texts) == n, "a signature part's texts"
+    _save_signatures(texts, out_path, **job)
 
 
 def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | None, progress: bool,
@@ -379,8 +430,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     seen = _IdSet() if cfg.exact else None
     written: list[np.ndarray] = []  # rows whose text is in the texts file, ascending
     bar = None  # opened at the first batch: an input that fails before any row shows no bar
-    schema = pa.schema([("text", pa.large_string())])
-    with pa.OSFile(str(texts_path), "wb") as sink, pa.ipc.new_file(sink, schema) as texts:
+    texts = _TextsFile(texts_path, eager)
+    try:
         for batch in reader:
             if bar is None:
                 bar = tqdm(total=reader.total_rows, desc="dedup read", unit="row", unit_scale=True,
@@ -415,11 +466,7 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                 strata.append(codes[names.indices.to_numpy(zero_copy_only=False)] if len(codes) else
                               np.zeros(0, np.int32))
             written.append(n + sel)
-            joined = _joined_texts(batch, sel)
-            for s in range(0, len(joined), PART_ROWS):
-                texts.write_batch(pa.record_batch([joined.slice(s, PART_ROWS)], schema=schema))
-            if eager is not None:
-                eager.add(joined)
+            texts.write(_joined_texts(batch, sel))
             if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
                 f = spill / f"rows-{len(spilled):05d}.arrow"
                 with pa.OSFile(str(f), "wb") as rs, pa.ipc.new_file(rs, batch.schema) as w:
@@ -428,6 +475,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
             schemas.append(batch.schema)
             n += batch.num_rows
             bar.update(batch.num_rows)
+    finally:
+        texts.close()
     if bar is not None:
         bar.close()
     if not schemas:  # no row: the columns the loader gives an empty file
@@ -547,15 +596,39 @@ def normalized_text(table: pa.Table, lowercase: bool) -> pl.Series:
     """The exact-dedup key: instruction + SEP + response, each lowercased (optionally), whitespace
     runs collapsed to one space and trimmed."""
 
-    def norm(col: str) -> pl.Expr:
-        e = pl.col(col)
+    def norm(col: str) -> pl.Series:
+        s = df[col]
         if lowercase:
-            e = e.str.to_lowercase()
-        # = replace_all(r"\s+", " "), 3x faster: single spaces (most matches of \s+) are left alone
-        return e.str.replace_all(r"\s{2,}|[^\S ]", " ").str.strip_chars(" ")
+            s = s.str.to_lowercase()
+        return collapse_whitespace(s).str.strip_chars(" ")
 
     df = pl.from_arrow(table.select(["instruction", "response"]))
-    return df.select(pl.concat_str([norm("instruction"), norm("response")], separator=SEP)).to_series()
+    return pl.DataFrame([norm("instruction"), norm("response")]).select(
+        pl.concat_str([pl.col("instruction"), pl.col("response")], separator=SEP)
+    ).to_series()
+
+
+_ASCII_SPACE = ["\t", "\n", "\x0b", "\x0c", "\r"]  # the ASCII whitespace (Unicode White_Space) but " "
+_WHITESPACE_RUN = r"\s{2,}|[^\S ]"  # every maximal run of whitespace, a single space alone excepted
+
+
+def collapse_whitespace(s: pl.Series) -> pl.Series:
+    r"""= s.str.replace_all(r"\s{2,}|[^\S ]", " "): every maximal run of (Unicode) whitespace becomes one
+    space. That regex scans every byte through a Unicode class (about half of the exact step's time);
+    here, in ASCII texts, each ASCII whitespace character that is not a space becomes a space (the runs
+    keep their lengths; a literal search per character, only for the characters some text has) and
+    runs of two or more spaces become one (a search for two spaces), and only the texts with a non-ASCII
+    character (where other whitespace can be) go through the regex."""
+    out = s
+    for c in _ASCII_SPACE:
+        if out.str.contains(c, literal=True).any():
+            out = out.str.replace_all(c, " ", literal=True)
+    out = out.str.replace_all(" {2,}", " ")
+    wide = (s.str.len_chars() != s.str.len_bytes()).fill_null(False)  # non-ASCII
+    if wide.any():
+        idx = wide.arg_true()
+        out = out.scatter(idx, s.gather(idx).str.replace_all(_WHITESPACE_RUN, " "))
+    return out
 
 
 def exact_duplicates(table: pa.Table, rank: np.ndarray, lowercase: bool, slice_rows: int = 65_536) -> np.ndarray:
@@ -780,10 +853,17 @@ def signature_part(
     docs: Path, start: int, stop: int, out_path: Path, *, num_perm: int, ngram: int, seed: int, lowercase: bool
 ) -> None:
     """One part: documents [start, stop) of the docs file -> out_path, (stop-start, num_perm) uint32."""
-    hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
     with pa.memory_map(str(docs)) as src:  # only this part's pages are read; unmapped when done
-        sig = hasher.signatures(pa.ipc.open_file(src).read_all()["text"].slice(start, stop - start))
-    assert sig.shape == (stop - start, num_perm)
+        texts = pa.ipc.open_file(src).read_all()["text"].slice(start, stop - start)
+        _save_signatures(texts, out_path, num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
+
+
+def _save_signatures(
+    texts: pa.ChunkedArray, out_path: Path, *, num_perm: int, ngram: int, seed: int, lowercase: bool
+) -> None:
+    hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
+    sig = hasher.signatures(texts)
+    assert sig.shape == (len(texts), num_perm)
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         np.save(f, sig)
 
