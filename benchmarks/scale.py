@@ -141,6 +141,7 @@ def child(args: argparse.Namespace) -> None:
         from pipeline.config import DedupConfig
         from pipeline.stages import dedup
 
+        t0, cpu0 = time.perf_counter(), _cpu()  # imports excluded, as for the library path
         man = dedup.run(args.input, work, DedupConfig(workers=args.workers), progress=False, **kw)
         n = man["counts"]["rows_in"] + man["counts"]["rejected"]
     elif args.stage == "library":
@@ -153,7 +154,7 @@ def child(args: argparse.Namespace) -> None:
         t = pq.read_table(args.input, columns=["instruction", "response"])
         texts = dedup._joined_texts(t, np.arange(t.num_rows))
         pa.array([0])
-        t0 = time.perf_counter()  # from texts in memory, as benchmarks/dedup.py
+        t0, cpu0 = time.perf_counter(), _cpu()  # from texts in memory, as benchmarks/dedup.py
         dedup.write_docs(texts, work / "docs.arrow")
         dedup.near_duplicates(work / "docs.arrow", work, DedupConfig(workers=args.workers))
         n = len(texts)
