@@ -14,7 +14,8 @@ the plan is made in the driver, each shard (tokens gathered, Arrow file, record)
 Figures: per path the parts' seconds (signatures; pack: the time spent writing shards, inside the
 mapper for the parts paths) and the stage's seconds, the 1->2-worker scaling ratio through the engine
 (ratio of seconds) and the engine's overhead at each worker count (engine seconds / seconds without the
-engine). Every path's outputs are checked equal (clusters; shard sha256). Cluster start-up, the
+engine); the same parts as plain Dask futures on the same cluster (no Prefect task runs) split that
+overhead into Dask's and Prefect's. Every path's outputs are checked equal (clusters; shard sha256). Cluster start-up, the
 workers' first import and their first Prefect task are not timed; the Prefect API is a prefect_test_harness server. The load average
 is printed beside the figures: this machine has 2 cores, shared."""
 
@@ -64,6 +65,12 @@ class Timed:
             return self.inner(fn, args)
         finally:
             self.s += time.perf_counter() - t
+
+
+def raw_dask_parts(client):
+    """The parts as plain Dask futures on the same cluster (no Prefect task run): the engine's cost split
+    into Dask's and Prefect's."""
+    return lambda fn, args: client.gather([client.submit(fn, *a, pure=False) for a in args])
 
 
 def pool_parts(pool: cf.ProcessPoolExecutor):
@@ -152,6 +159,9 @@ def main() -> None:
                     key = f"dask LocalCluster ({n})"
                     ded[key] = run_dedup(docs, tmp, f"dd-{n}", dcfg1, map_parts())
                     pk[key] = run_pack(data, tmp, f"pd-{n}", pcfg, map_parts())
+                    raw = raw_dask_parts(map_parts().runner.client)
+                    ded[f"  plain dask futures ({n})"] = run_dedup(docs, tmp, f"dr-{n}", dcfg1, raw)
+                    pk[f"  plain dask futures ({n})"] = run_pack(data, tmp, f"pr-{n}", pcfg, raw)
         load.append(os.getloadavg())
         ref_root, ref_pack = ded["in process (1)"][2], pk["in process (1)"][2]
         print(f"\nthis machine: {os.cpu_count()} cores (shared); load average (1, 5, 15 min) "
@@ -168,9 +178,11 @@ def main() -> None:
         for what, rows, i in (("dedup signatures", ded, 0), ("dedup near step", ded, 1), ("pack shards", pk, 0),
                               ("pack stage", pk, 1)):
             d1, d2 = rows["dask LocalCluster (1)"][i], rows["dask LocalCluster (2)"][i]
+            r1, r2 = rows["  plain dask futures (1)"][i], rows["  plain dask futures (2)"][i]
             print(f"{what:17s}: dask 1->2 workers {d1 / d2:.2f}x faster; engine overhead at 1 worker "
                   f"{d1 / rows['in process (1)'][i]:.2f}x (vs in process), at 2 workers "
-                  f"{d2 / rows['process pool (2)'][i]:.2f}x (vs process pool)")
+                  f"{d2 / rows['process pool (2)'][i]:.2f}x (vs process pool); plain Dask futures "
+                  f"{r1 / rows['in process (1)'][i]:.2f}x and {r2 / rows['process pool (2)'][i]:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
