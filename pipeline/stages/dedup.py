@@ -139,6 +139,7 @@ def run(
         raise
     n, rejects = first.rows, first.rejects
     rank = first.rank()  # (n,) row indices, best first
+    first.priority = None  # ranked: no longer needed
     timing["load"] = time.perf_counter() - t0
 
     # 1. exact
@@ -154,9 +155,6 @@ def run(
     # 2. near, over the exact survivors in rank order
     t = time.perf_counter()
     survivors = rank[~is_exact[rank]]
-    matched = np.full(n, -1, np.int64)  # near duplicates: the row each was matched with
-    match_j = np.ones(n, np.float64)  # ... the similarity of that pair
-    jaccard = np.ones(n, np.float64)  # ... and its similarity to the kept row
     is_near = np.zeros(n, bool)
     lsh_info: dict = {}
     root = None
@@ -174,6 +172,7 @@ def run(
                 eager.abandon()
             write_docs(_gather_texts(first.texts, pos), docs)
         res = near_duplicates(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
+        matched, match_j, jaccard = _match_arrays(n)  # after the near step: not on top of its peak
         lsh_info = res.info
         root = res.root
         dup = np.flatnonzero(res.root != np.arange(survivors.size))
@@ -190,6 +189,7 @@ def run(
         docs.unlink()  # a copy of the input text
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
     else:  # no near step this time: no step files of an earlier run left behind
+        matched, match_j, jaccard = _match_arrays(n)
         if eager is not None:
             eager.abandon()
         for step in ("signatures", "buckets", "verify"):
@@ -485,19 +485,35 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
         schema_rows = pa.unify_schemas(schemas, promote_options="permissive")
     else:
         schema_rows = schemas[0]
+    # the keys seen (16 bytes a row here and in the reader) freed, and each list freed once joined,
+    # before the next is joined
+    rejects, kind = reader.rejects, reader.kind
+    del seen, reader
+
+    def cat(parts: list, **kw) -> np.ndarray:
+        out = np.concatenate(parts, **kw)
+        parts.clear()
+        return out
+
     return FirstPass(
         rows=n,
-        rejects=reader.rejects,
-        priority=np.concatenate(prio) if has_prio else None,
-        hashes=np.concatenate(hashes, axis=1) if hashes else np.zeros((2, 0), np.uint64),
+        rejects=rejects,
+        priority=cat(prio) if has_prio else None,
+        hashes=cat(hashes, axis=1) if hashes else np.zeros((2, 0), np.uint64),
         texts=texts_path,
-        written=np.concatenate(written) if written else np.zeros(0, np.int64),
-        strata=np.concatenate(strata) if has_stratum else None,
+        written=cat(written) if written else np.zeros(0, np.int64),
+        strata=cat(strata) if has_stratum else None,
         strata_dict=list(strata_dict),
         schema=schema_rows,
         spilled=spilled,
-        reader_kind=reader.kind,
+        reader_kind=kind,
     )
+
+
+def _match_arrays(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, for near duplicates: the row it was matched with, the similarity of that pair, and its
+    similarity to the kept row."""
+    return np.full(n, -1, np.int64), np.ones(n, np.float64), np.ones(n, np.float64)
 
 
 def _priority(col: pa.ChunkedArray) -> np.ndarray:
