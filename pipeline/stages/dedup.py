@@ -155,6 +155,7 @@ def run(
     # 2. near, over the exact survivors in rank order
     t = time.perf_counter()
     survivors = rank[~is_exact[rank]]
+    del rank  # not used past here (8 bytes a row)
     is_near = np.zeros(n, bool)
     lsh_info: dict = {}
     root = None
@@ -195,6 +196,7 @@ def run(
         for step in ("signatures", "buckets", "verify"):
             shutil.rmtree(out / step, ignore_errors=True)
     timing["near"] = time.perf_counter() - t
+    first.written = None  # the texts file's rows: only the near step maps them (8 bytes a row)
 
     # 3. second pass: the kept rows row group by row group; the ids the outputs name
     t = time.perf_counter()
