@@ -134,7 +134,7 @@ NEWLINE_SLICE = 1 << 22  # bytes of a JSONL block searched for newlines at once
 def _all_space(col):
     """Per string: empty or only whitespace (null for null) = utf8_trim_whitespace leaves "" (the same
     Unicode whitespace, checked over every code point), without copying the texts."""
-    return pc.or_(pc.equal(pc.utf8_length(col), 0), pc.utf8_is_space(col))
+    return pc.or_(pc.equal(pc.binary_length(col), 0), pc.utf8_is_space(col))  # no byte: no character
 
 
 def _line_bounds(block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -444,7 +444,7 @@ class RowReader:
                     problems[i] = ("empty_field", f"field '{c}' is empty")
                     break
         cand = np.flatnonzero(~bad)
-        dup = self._seen.add_new(rid.take(pa.array(cand)))  # (len(cand),) bool: id seen before
+        dup = self._seen.add_new(rid if cand.size == n else rid.take(pa.array(cand)))  # (len(cand),): seen before
         for i in cand[dup].tolist():
             problems[i] = ("duplicate_id", f"id '{rid[i].as_py()}' appears twice in {name}")
         if problems:
@@ -566,8 +566,13 @@ class _IdSet:
         if n == 0:
             return np.zeros(0, bool)
         dup = ~pl.DataFrame({"a": h0, "b": h1}).select(pl.struct("a", "b").is_first_distinct()).to_series().to_numpy()
+        # looked up in ascending order: numpy's binary search then starts each search where the
+        # previous one ended (far fewer cache misses in a run of millions than random order)
+        order = np.argsort(h0)
+        q = h0[order]
         for r0, r1 in self.runs:
-            pos = np.searchsorted(r0, h0)
+            pos = np.empty_like(order)
+            pos[order] = np.searchsorted(r0, q)
             hit = np.flatnonzero(pos < r0.shape[0])
             hit = hit[r0[pos[hit]] == h0[hit]]
             for i in hit.tolist():  # an equal h0 (nearly always an equal key): compare h1 over the range

@@ -436,8 +436,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     try:
         for batch in reader:
             if bar is None:
-                bar = tqdm(total=reader.total_rows, desc="dedup read", unit="row", unit_scale=True,
-                           disable=not progress)
+                bar = tqdm(total=reader.total_rows if progress else None, desc="dedup read", unit="row",
+                           unit_scale=True, disable=not progress)  # (a JSONL total is a read of the file)
             batch = reader.conform(batch)
             if has_prio is None:
                 has_prio, has_stratum = "priority" in batch.column_names, "stratum" in batch.column_names
