@@ -170,6 +170,34 @@ def test_dedup_exact_groups_match_the_group_by(tmp_path):
     assert (got >= 0).sum() > 10_000
 
 
+def test_mix_id_sort_out_of_core(tmp_path):
+    """mix's out-of-core id sort (sorted runs spilled in batches, k-way merged) gives the rows in the
+    order of one in-memory sort of all the ids, with non-ASCII ids and ids that are prefixes of others,
+    and its id file reads back any rows' ids (windows smaller than one id too)."""
+    rng = np.random.default_rng(3)
+    alphabet = ["a", "b", "z", "é", "ß", "中", "😀", "/", "0", "9"]
+    ids = list({"".join(rng.choice(alphabet, int(rng.integers(1, 6)))) for _ in range(3000)})
+    rng.shuffle(ids)
+    arr = pa.array(ids, pa.large_string())
+    want = pc.sort_indices(arr).to_numpy()
+    for run, batch in ((100, 7), (1000, 64), (len(ids), 5000)):
+        runs = mix._IdRuns(tmp_path / f"runs-{run}", batch=batch)
+        for a in range(0, len(ids), run):
+            runs.add(arr.slice(a, run), a, last=a + run >= len(ids))
+        got = [(c.to_pylist(), r) for c, r in runs.merge()]
+        runs.close()
+        assert np.array_equal(np.concatenate([r for _, r in got]), want)
+        assert [x for c, _ in got for x in c] == [ids[i] for i in want]
+    for window in (1, 40, 1 << 20):
+        f = mix._IdFile(tmp_path / f"ids-{window}", window)
+        for a in range(0, len(ids), 700):
+            f.add(arr.slice(a, 700))
+        f.finish()
+        rows = rng.integers(0, len(ids), 5000)
+        assert f.take(rows).to_pylist() == [ids[i] for i in rows]
+        f.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # tokenizer and pack
 # ------------------------------------------------------------------------------------------------
