@@ -100,8 +100,8 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     with RowGroupWriter(out / ROWS_FILE, STRATIFIED_SCHEMA) as w:
         for batch in reader:
             if bar is None:
-                bar = tqdm(total=reader.total_rows, desc="stratify", unit="row", unit_scale=True,
-                           disable=not progress)
+                bar = tqdm(total=reader.total_rows if progress else None, desc="stratify", unit="row",
+                           unit_scale=True, disable=not progress)  # (a JSONL total is a read of the file)
             df = pl.from_arrow(reader.conform(batch))
             if "origin" not in df.columns:
                 df = df.with_columns(origin=pl.col("source"))

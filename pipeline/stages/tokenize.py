@@ -499,8 +499,8 @@ def run(
         return done
 
     first = _Prepared(input_path, list(conditions), memory_gb, keep_ids=cfg.kind == "train")
-    bar = tqdm(total=first.reader.total_rows, desc="tokenizer read", unit="row", unit_scale=True,
-               disable=not progress, mininterval=1.0)
+    bar = tqdm(total=first.reader.total_rows if progress else None, desc="tokenizer read", unit="row",
+               unit_scale=True, disable=not progress, mininterval=1.0)  # (a JSONL total is a read of the file)
     for t in first:
         bar.update(t.num_rows)
     bar.close()
