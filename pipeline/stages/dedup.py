@@ -173,14 +173,12 @@ def run(
                 eager.abandon()
             write_docs(_gather_texts(first.texts, pos), docs)
         res = near_duplicates(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
-        matched, match_j, jaccard = _match_arrays(n)  # after the near step: not on top of its peak
         lsh_info = res.info
         root = res.root
         dup = np.flatnonzero(res.root != np.arange(survivors.size))
         keep_of[survivors[dup]] = survivors[res.root[dup]]
-        matched[survivors[dup]] = survivors[res.match[dup]]
-        match_j[survivors[dup]] = res.match_jaccard[dup]
-        jaccard[survivors[dup]] = res.jaccard[dup]
+        matched, match_j, jaccard = _near_values(survivors[dup], survivors[res.match[dup]], res.match_jaccard[dup],
+                                                 res.jaccard[dup])
         is_near[survivors[dup]] = True
         # an exact copy of a row removed as a near duplicate points at the row kept in its place
         exact_rows = np.flatnonzero(is_exact)
@@ -190,7 +188,7 @@ def run(
         docs.unlink()  # a copy of the input text
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
     else:  # no near step this time: no step files of an earlier run left behind
-        matched, match_j, jaccard = _match_arrays(n)
+        matched, match_j, jaccard = _near_values(*([np.zeros(0, np.int64)] * 2), *([np.zeros(0)] * 2))
         if eager is not None:
             eager.abandon()
         for step in ("signatures", "buckets", "verify"):
@@ -512,10 +510,27 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     )
 
 
-def _match_arrays(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row, for near duplicates: the row it was matched with, the similarity of that pair, and its
-    similarity to the kept row."""
-    return np.full(n, -1, np.int64), np.ones(n, np.float64), np.ones(n, np.float64)
+class _PerRow:
+    """A value for some rows (the near duplicates) and `default` for every other row, indexed like an
+    (n,) array by an array of row indices: 16 bytes per row with a value, none for the others."""
+
+    def __init__(self, rows: np.ndarray, values: np.ndarray, default):
+        o = np.argsort(rows, kind="stable")
+        self.rows, self.values, self.default = rows[o], values[o], default
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, np.int64)
+        if not self.rows.size:
+            return np.full(idx.shape, self.default, self.values.dtype)
+        pos = np.searchsorted(self.rows, idx).clip(max=self.rows.size - 1)
+        return np.where(self.rows[pos] == idx, self.values[pos], self.default).astype(self.values.dtype)
+
+
+def _near_values(rows, matched, match_j, jaccard) -> tuple[_PerRow, _PerRow, _PerRow]:
+    """Per row, for near duplicates (`rows`): the row it was matched with (-1 for the other rows), the
+    similarity of that pair and its similarity to the kept row (1 for the other rows)."""
+    return (_PerRow(rows, np.asarray(matched, np.int64), -1), _PerRow(rows, np.asarray(match_j, np.float64), 1.0),
+            _PerRow(rows, np.asarray(jaccard, np.float64), 1.0))
 
 
 def _priority(col: pa.ChunkedArray) -> np.ndarray:
@@ -1036,26 +1051,30 @@ def _removals(
     keep_of: np.ndarray,
     exact_of: np.ndarray,
     is_near: np.ndarray,
-    matched: np.ndarray,
-    match_j: np.ndarray,
-    jaccard: np.ndarray,
+    matched: np.ndarray | _PerRow,
+    match_j: np.ndarray | _PerRow,
+    jaccard: np.ndarray | _PerRow,
     cfg: DedupConfig,
 ) -> pa.Table:
     removed = np.flatnonzero(keep_of >= 0)  # input order
     j = "J" if cfg.verify == "exact" else "est. J"
     t = cfg.threshold
+    # the removed rows' values, taken at once
+    near_r, m_r, mj_r, j_r = is_near[removed], matched[removed], match_j[removed], jaccard[removed]
+    keep_r, exact_r = keep_of[removed], exact_of[removed]
     # the row named in each detail: the matched row (near) or the identical row (exact), fetched at once
-    named = ids.take(np.where(is_near[removed], matched[removed], exact_of[removed])).to_pylist()
+    named = ids.take(np.where(near_r, m_r, exact_r)).to_pylist()
     detail = []
-    for r, other in zip(removed.tolist(), named):
-        if is_near[r]:
-            text = f"matched {other} at {j}={_floor3(match_j[r])}"
-            if matched[r] != keep_of[r]:  # reached the kept row through other rows
-                below = jaccard[r] < t
-                text += f"; {j} to kept row {_floor3(jaccard[r])} {'<' if below else '>='} {t:g}"
+    for near, m, mj, jk, keep, ex, other in zip(near_r.tolist(), m_r.tolist(), mj_r.tolist(), j_r.tolist(),
+                                                keep_r.tolist(), exact_r.tolist(), named):
+        if near:
+            text = f"matched {other} at {j}={_floor3(mj)}"
+            if m != keep:  # reached the kept row through other rows
+                below = jk < t
+                text += f"; {j} to kept row {_floor3(jk)} {'<' if below else '>='} {t:g}"
                 text += " (chain)" if below else ""
             detail.append(text)
-        elif exact_of[r] == keep_of[r]:
+        elif ex == keep:
             detail.append("same normalized text")
         else:  # its identical row was itself removed as a near duplicate of the kept row
             detail.append(f"same normalized text as {other}")
