@@ -88,6 +88,9 @@ def run_dedup(docs: Path, tmp: Path, name: str, cfg: DedupConfig, map_parts=None
     return res.timing["signatures"], total, res.root
 
 
+pk_shards = [0]  # shards of the last pack run
+
+
 def run_pack(data: Path, tmp: Path, name: str, cfg: PackConfig, map_parts=None) -> tuple[float, float, str]:
     """(seconds writing shards, stage seconds, sha256 over the shards and removals)."""
     out = tmp / name
@@ -112,6 +115,7 @@ def run_pack(data: Path, tmp: Path, name: str, cfg: PackConfig, map_parts=None) 
         total = time.perf_counter() - t0
     finally:
         P.write_shard = inner
+    pk_shards[:] = [len(man["shards"])]
     h = hashlib.sha256()
     for f in [*man["shards"], "removals.parquet"]:
         h.update(man["outputs"][f]["sha256"].encode())
@@ -171,7 +175,7 @@ def main() -> None:
         for k, (sig, tot, root) in ded.items():
             print(f"{k:26s} {sig:12.2f} {tot:12.2f} {args.docs / sig:13,.0f} {bool(np.array_equal(root, ref_root))}")
         samples = int(P.pq.ParquetFile(data / "mix" / "mix.parquet").metadata.num_rows)
-        print(f"\npack, {args.rows:,} rows, {samples:,} samples, seq_len 512, shard_tokens 2^22")
+        print(f"\npack, {args.rows:,} rows, {samples:,} samples, seq_len 512, shard_tokens 2^22 ({pk_shards[0]} shards)")
         print(f"{'path (workers)':26s} {'shards s':>12s} {'stage s':>12s} {'samples/s':>13s} same")
         for k, (w, tot, h) in pk.items():
             print(f"{k:26s} {w:12.2f} {tot:12.2f} {samples / tot:13,.0f} {h == ref_pack}")
