@@ -48,8 +48,10 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -592,15 +594,19 @@ def _second_pass(
     s = 0
     bar = tqdm(total=first.rows, desc="dedup write", unit="row", unit_scale=True, disable=not progress)
     with RowGroupWriter(path, first.schema) as w:
-        for t in batches():
-            m = t.num_rows
-            w.write(t.filter(pa.array(keep[s : s + m])))
-            sel = np.flatnonzero(need[s : s + m])
-            if sel.size:
-                ids.append(t["id"].take(pa.array(sel)))
-                sources.append(t["source"].take(pa.array(sel)))
-            s += m
-            bar.update(m)
+        writer = _WriterThread(w.write)  # encodes a batch's row groups while the next one is read
+        try:
+            for t in batches():
+                m = t.num_rows
+                writer.put(t.filter(pa.array(keep[s : s + m])))
+                sel = np.flatnonzero(need[s : s + m])
+                if sel.size:
+                    ids.append(t["id"].take(pa.array(sel)))
+                    sources.append(t["source"].take(pa.array(sel)))
+                s += m
+                bar.update(m)
+        finally:
+            writer.close()
     bar.close()
     assert s == first.rows, "the rows changed between the two passes"
 
@@ -610,6 +616,38 @@ def _second_pass(
         return pa.chunked_array([c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]).combine_chunks()
 
     return w.record, IdLookup(need, cat(ids), cat(sources))
+
+
+class _WriterThread:
+    """`write(item)` for each item put, in order, in a thread of its own (Parquet encoding and
+    compression release the GIL), so that the caller reads and filters the next batch meanwhile. At
+    most `depth` items wait. `close` waits for the thread and raises its error, if any (`put` raises
+    it too, once it happened)."""
+
+    def __init__(self, write, depth: int = 1):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(write,), name="dedup-write", daemon=True)
+        self.thread.start()
+
+    def _run(self, write) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    write(item)
+                except BaseException as e:  # handed to the caller
+                    self.error = e
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def priority_order(table: pa.Table) -> np.ndarray:
