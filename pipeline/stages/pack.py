@@ -203,12 +203,8 @@ def write_shard(out: str, k: int, seq_len: int, pad: int, files: tuple[str, str,
     rows = len(per_row)
     flat = np.full(rows * seq_len, pad, dtype=np.int32)
     dest = np.repeat(np.arange(rows, dtype=np.int64) * seq_len, per_row) + starts  # each sample's first token
-    rlens = (lens - plens).astype(np.int64)
-    for path, first, n, shift in ((files[0], plan["p_start"], plens.astype(np.int64), 0),
-                                  (files[1], plan["r_start"], rlens, plens.astype(np.int64))):
-        vals, off = _take(Path(path), first, n)
-        if len(vals):
-            flat[np.repeat(dest + shift - off[:-1], n) + np.arange(len(vals), dtype=np.int64)] = vals
+    _take_into(Path(files[0]), plan["p_start"], plens.astype(np.int64), flat, dest)  # prompt, then kept response
+    _take_into(Path(files[1]), plan["r_start"], (lens - plens).astype(np.int64), flat, dest + plens)
     id_vals, id_off = _take(Path(files[2]), plan["i_start"], plan["i_len"], np.uint8)
     ids = pa.Array.from_buffers(pa.large_string(), len(lens), [None, pa.py_buffer(id_off), pa.py_buffer(id_vals)])
     schema = pack_schema(seq_len, pad)
@@ -412,6 +408,20 @@ def _take(path: Path, starts: np.ndarray, lengths: np.ndarray, dtype=np.int32) -
     finally:
         os.close(fd)
     return vals, off
+
+
+def _take_into(path: Path, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+    """Values [start, start+length) of each range of a file of out's dtype, read straight into
+    out[dest : dest+length] (pread, as `_take`; no copy between)."""
+    size = out.dtype.itemsize
+    mv = memoryview(out).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for s, o, n in zip((starts * size).tolist(), (dest * size).tolist(), (lengths * size).tolist()):
+            if n and os.preadv(fd, [mv[o : o + n]], s) != n:
+                raise OSError(f"pack: {path}: short read at byte {s}")
+    finally:
+        os.close(fd)
 
 
 def _sum_sources(recs: list[dict]) -> dict[str, int]:
