@@ -760,17 +760,25 @@ def _joined_texts(table: pa.Table, rows: np.ndarray) -> pa.Array:
     """instruction + newline + response of the given rows, as one large_string array."""
     big = pa.large_string()  # either column may be string or large_string
     n = table.num_rows
-    whole = rows.size * 2 >= n  # most rows (pass 1: all but the exact copies): join the columns, then take
+    everything = rows.size == n and np.array_equal(rows, np.arange(n))
+    # ascending rows (pass 1: all but the exact copies): each column filtered (runs of kept rows copied
+    # at once), then joined; a take of the joined texts costs 4x more
+    ascending = not everything and bool(np.all(rows[1:] > rows[:-1]))
+    if ascending:
+        mask = np.zeros(n, bool)
+        mask[rows] = True
+        mask = pa.array(mask)
 
     def col(c: str) -> pa.Array:
         a = table[c]
         a = a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
-        return (a if whole else a.take(pa.array(rows))).cast(big)
+        if ascending:
+            a = a.filter(mask)
+        elif not everything:
+            a = a.take(pa.array(rows))
+        return a.cast(big)
 
-    joined = pc.binary_join_element_wise(col("instruction"), col("response"), pa.scalar("\n", big))
-    if whole and not np.array_equal(rows, np.arange(n)):
-        joined = joined.take(pa.array(rows))
-    return joined
+    return pc.binary_join_element_wise(col("instruction"), col("response"), pa.scalar("\n", big))
 
 
 # ------------------------------------------------------------------------------------------------
