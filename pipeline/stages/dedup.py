@@ -948,19 +948,42 @@ def _save_signatures(
 
 
 class SignatureStore:
-    """Row access to the signature parts without loading them all (memory-mapped)."""
+    """Row access to the signature parts without loading them: each row read from its part's .npy file
+    (pread), not through a memory map, whose pages would count in the process's RSS (rows drawn from
+    all over the parts touch nearly every page: 512 bytes a document with 128 permutations)."""
 
     def __init__(self, parts: list[Path]):
-        self.parts = [np.load(p, mmap_mode="r") for p in parts]
-        self.starts = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        self.paths, self.data_at, counts = [str(p) for p in parts], [], [0]
+        self.P = 0
+        for p in parts:
+            with open(p, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                assert not fortran and dtype == np.uint32 and len(shape) == 2, f"{p}: a signature part"
+                self.data_at.append(f.tell())
+            counts.append(shape[0])
+            self.P = shape[1]
+        self.starts = np.cumsum(counts)
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
-        P = self.parts[0].shape[1]
-        out = np.empty((idx.size, P), np.uint32)
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((idx.size, self.P), np.uint32)
+        if not idx.size:
+            return out
+        size = self.P * 4
+        mv = memoryview(out).cast("B")
         which = np.searchsorted(self.starts, idx, side="right") - 1
-        for k in np.unique(which):
-            m = which == k
-            out[m] = self.parts[k][idx[m] - self.starts[k]]
+        for k in np.unique(which).tolist():
+            sel = np.flatnonzero(which == k)
+            fd = os.open(self.paths[k], os.O_RDONLY)
+            try:
+                base = self.data_at[k]
+                for i, r in zip(sel.tolist(), (idx[sel] - self.starts[k]).tolist()):
+                    if os.preadv(fd, [mv[i * size : (i + 1) * size]], base + r * size) != size:
+                        raise OSError(f"dedup: {self.paths[k]}: short read of signature row {r}")
+            finally:
+                os.close(fd)
         return out
 
 
