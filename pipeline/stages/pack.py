@@ -188,9 +188,11 @@ class _ShardWriter:
         """The last shard; with `map_parts`, every shard written as a part, records in shard order."""
         self.flush()
         if self.map_parts is not None and self.plans:
-            self.records = [tuple(r) for r in self.map_parts(write_shard_part, self.plans)]
-            for job in self.plans:
-                Path(job[-1]).unlink(missing_ok=True)
+            try:
+                self.records = [tuple(r) for r in self.map_parts(write_shard_part, self.plans)]
+            finally:
+                for job in self.plans:
+                    Path(job[-1]).unlink(missing_ok=True)
 
 
 def write_shard(out: str, k: int, seq_len: int, pad: int, files: tuple[str, str, str], stats: dict,
