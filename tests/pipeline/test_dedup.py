@@ -592,3 +592,51 @@ def test_candidate_pairs_are_bucket_stars():
     valid[3] = False
     assert minhash.candidate_pairs(keys, valid).tolist() == [[5, 7], [5, 9], [5, 10]]
     assert minhash.candidate_pairs(keys[:, :3]).shape == (0, 2)
+
+
+def test_exact_key_whitespace_collapse_is_the_regex():
+    """collapse_whitespace (literal replaces for ASCII texts, the regex for the others) gives what
+    replace_all(r"\\s{2,}|[^\\S ]", " ") gives, over every kind of whitespace, and the exact-dedup key
+    is instruction + SEP + response each lowercased, collapsed and trimmed."""
+    import polars as pl
+
+    rng = random.Random(5)
+    alphabet = list("aB c") + ["\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1f", "\u0085", "\u00a0", "\u1680",
+                               "\u2003", "\u2028", "\u3000", "É", "ß", "\u200b", "İ"]
+    vals = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(20_000)]
+    vals += ["ascii  only\n\n text", " x ", "", None]
+    s = pl.Series(vals, dtype=pl.String)
+    assert dedup.collapse_whitespace(s).to_list() == s.str.replace_all(r"\s{2,}|[^\S ]", " ").to_list()
+    ins, resp = vals[: len(vals) // 2], vals[len(vals) // 2 :][: len(vals) // 2]
+    t = pa.table({"instruction": pa.array(ins, pa.string()), "response": pa.array(resp, pa.large_string())})
+    for lowercase in (True, False):
+        def ref(x):
+            if x is None:
+                return None
+            x = x.lower() if lowercase else x
+            return re.sub(r"\s{2,}|[^\S ]", " ", x).strip(" ")  # Python's \s: also \x1c-\x1f
+
+        want = [None if a is None or b is None else f"{ref(a)}{dedup.SEP}{ref(b)}" for a, b in zip(ins, resp)]
+        got = dedup.normalized_text(t, lowercase).to_list()
+        # Python's \s also matches \x1c-\x1f, which Unicode White_Space (polars' \s) does not
+        ok = [g == w for g, w, a, b in zip(got, want, ins, resp) if not re.search("[\x1c-\x1f]", (a or "") + (b or ""))]
+        assert len(ok) > 1000 and all(ok)
+
+
+def test_joined_texts_of_any_rows():
+    """The texts file's joined texts: the filtered-then-joined path (ascending rows) is the joined
+    texts taken at those rows, for chunked, sliced, null and string/large_string columns."""
+    rng = np.random.default_rng(3)
+    n = 300
+    ins = pa.chunked_array([pa.array([f"q{i}\n" if i % 7 else None for i in range(0, 120)]),
+                            pa.array([f"q{i} é" for i in range(120, n)])])
+    resp = pa.array([f"r{i}" * (i % 5) for i in range(n)], pa.large_string())
+    t = pa.table({"instruction": ins, "response": resp}).slice(11)
+    m = t.num_rows
+    whole = pa.compute.binary_join_element_wise(
+        t["instruction"].combine_chunks().cast(pa.large_string()), t["response"].combine_chunks(),
+        pa.scalar("\n", pa.large_string()))
+    for rows in (np.arange(m), np.flatnonzero(rng.random(m) < 0.9), np.flatnonzero(rng.random(m) < 0.1),
+                 rng.permutation(m), np.zeros(0, np.int64)):
+        got = dedup._joined_texts(t, rows)
+        assert got.type == pa.large_string() and got.equals(whole.take(pa.array(rows, pa.int64())))

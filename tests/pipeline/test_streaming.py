@@ -433,3 +433,26 @@ def test_dedup_signatures_computed_while_reading_equal_the_near_steps(tmp_path, 
         part = f"signatures/part-{k:05d}.npy"
         assert (tmp_path / "one" / part).read_bytes() == (tmp_path / "two" / part).read_bytes()
     assert not list((tmp_path / "two").glob("spill*"))
+
+
+def test_jsonl_block_buffer_edges_match_the_line_by_line_reference(tmp_path):
+    """The reused read buffer: lines longer than a block (the buffer grows), blank and whitespace-only
+    lines, a non-ASCII and a non-UTF-8 line, a BOM, no newline after the last line, gzip: the same
+    batches' rows and rejections as the line-by-line reference at every block size."""
+    import gzip
+
+    lines = [json.dumps({"instruction": "q " * (i * 37 % 300 + 1), "response": f"a {i} é", "id": f"r{i}"},
+                        ensure_ascii=i % 2 == 0).encode() for i in range(60)]
+    lines[7], lines[19], lines[33] = b"", b"  \t ", b'{"instruction": "x", "response": "\xff"}'
+    raw = b"\xef\xbb\xbf" + b"\n".join(lines)  # no final newline
+    for name, data in (("a.jsonl", raw), ("b.jsonl.gz", gzip.compress(raw))):
+        f = tmp_path / name
+        f.write_bytes(data)
+        ref = RowReader(f, REQ, stage="t", arrow=False)
+        ref_rows, ref_r = [b.to_pylist() for b in ref], ref.rejects
+        assert ref_r and sum(map(len, ref_rows)) == 57
+        for block in (1, 7, 100, 4096, 1 << 20):
+            r = RowReader(f, REQ, stage="t", block_bytes=block)
+            got = [b.to_pylist() for b in r]
+            assert [x for b in got for x in b] == [x for b in ref_rows for x in b], (name, block)
+            assert r.rejects == ref_r, (name, block)
