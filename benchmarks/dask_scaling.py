@@ -14,7 +14,8 @@ the plan is made in the driver, each shard (tokens gathered, Arrow file, record)
 Figures: per path the parts' seconds (signatures; pack: the time spent writing shards, inside the
 mapper for the parts paths) and the stage's seconds, the 1->2-worker scaling ratio through the engine
 (ratio of seconds) and the engine's overhead at each worker count (engine seconds / seconds without the
-engine); the same parts as plain Dask futures on the same cluster (no Prefect task runs) split that
+engine; at 1 worker also against the in-process path with Arrow's CPU pool at one thread, as a Dask
+worker has it: the nanny sets OMP_NUM_THREADS=1); the same parts as plain Dask futures on the same cluster (no Prefect task runs) split that
 overhead into Dask's and Prefect's. Every path's outputs are checked equal (clusters; shard sha256). Cluster start-up, the
 workers' first import and their first Prefect task are not timed; the Prefect API is a prefect_test_harness server. The load average
 is printed beside the figures: this machine has 2 cores, shared."""
@@ -89,6 +90,7 @@ def run_dedup(docs: Path, tmp: Path, name: str, cfg: DedupConfig, map_parts=None
 
 
 pk_shards = [0]  # shards of the last pack run
+ONE_THREAD = "  in process, 1 Arrow thread"
 
 
 def run_pack(data: Path, tmp: Path, name: str, cfg: PackConfig, map_parts=None) -> tuple[float, float, str]:
@@ -149,6 +151,17 @@ def main() -> None:
         load = [os.getloadavg()]
         ded["in process (1)"] = run_dedup(docs, tmp, "d-1", dcfg1)
         pk["in process (1)"] = run_pack(data, tmp, "p-1", pcfg)
+        # what a Dask worker gets: its nanny sets OMP_NUM_THREADS=1 (threads_per_worker=1), which sizes
+        # Arrow's CPU pool to one thread; the driver's pool has every core
+        import pyarrow as pa
+
+        n_arrow = pa.cpu_count()
+        pa.set_cpu_count(1)
+        try:
+            ded[ONE_THREAD] = run_dedup(docs, tmp, "d-1t", dcfg1)
+            pk[ONE_THREAD] = run_pack(data, tmp, "p-1t", pcfg)
+        finally:
+            pa.set_cpu_count(n_arrow)
         ded["process pool (2)"] = run_dedup(docs, tmp, "d-2", DedupConfig(workers=2))
         with cf.ProcessPoolExecutor(2) as pool:
             list(pool.map(_warm_one, range(2)))
@@ -184,7 +197,8 @@ def main() -> None:
             d1, d2 = rows["dask LocalCluster (1)"][i], rows["dask LocalCluster (2)"][i]
             r1, r2 = rows["  plain dask futures (1)"][i], rows["  plain dask futures (2)"][i]
             print(f"{what:17s}: dask 1->2 workers {d1 / d2:.2f}x faster; engine overhead at 1 worker "
-                  f"{d1 / rows['in process (1)'][i]:.2f}x (vs in process), at 2 workers "
+                  f"{d1 / rows['in process (1)'][i]:.2f}x (vs in process; "
+                  f"{d1 / rows[ONE_THREAD][i]:.2f}x vs in process with 1 Arrow thread), at 2 workers "
                   f"{d2 / rows['process pool (2)'][i]:.2f}x (vs process pool); plain Dask futures "
                   f"{r1 / rows['in process (1)'][i]:.2f}x and {r2 / rows['process pool (2)'][i]:.2f}x")
     finally:
