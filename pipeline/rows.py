@@ -412,7 +412,7 @@ class RowReader:
             if c == "id":
                 default = pc.binary_join_element_wise(pa.scalar(f"{stem}/"), line_str, pa.scalar(""))
             else:
-                default = pa.array(np.full(n, self.fill[c], object), pa.string()) if n else pa.array([], pa.string())
+                default = pa.repeat(pa.scalar(self.fill[c], pa.string()), n)  # (np.full + pa.array: 12 ms)
             col = table[c]
             blank = pc.fill_null(_all_space(col), True)
             table = table.set_column(table.column_names.index(c), c, pc.if_else(blank, default, col))
