@@ -134,6 +134,8 @@ def run(
     eager = _EagerSignatures(spill / "texts.arrow", out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 \
         and map_parts is None else None
     try:
+        if eager is not None:
+            eager.start()
         first = _first_pass(input_path, spill, cfg, memory_gb, progress, eager)
     except BaseException:
         if eager is not None:
@@ -320,11 +322,18 @@ class _EagerSignatures:
         if self.buffered >= PART_ROWS:
             self._submit()
 
-    def _submit(self) -> None:
+    def start(self) -> None:
+        """Start the worker processes now (the forkserver imports this module, ~1 s), while the first
+        rows are read, rather than at the first part."""
         if self.pool is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            for _ in range(self.workers):  # the pool starts a process per task waiting, up to its size
+                self.pool.submit(os.getpid)
+
+    def _submit(self) -> None:
+        self.start()
         out = self.sig_dir / f"part-{self.parts:05d}.npy"
         self.pending.append(self.pool.submit(_signature_pieces, self.texts, self.pieces, self.buffered, out, self.job))
         self.pieces, self.buffered = [], 0
