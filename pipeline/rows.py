@@ -187,7 +187,9 @@ class RowReader:
     `rows_read` counts the kept rows so far; `total_rows` is the Parquet row count, and for JSONL the
     file's lines (counted on first use by a fast pass over the bytes: blank, malformed and rejected
     lines included, so a bar of the kept rows may stop short of it; None for gzip).
-    `arrow=False` parses every JSONL line alone in Python (the reference the tests compare with)."""
+    `arrow=False` parses every JSONL line alone in Python (the reference the tests compare with);
+    `json_threads=False` has Arrow parse each block on the calling thread (for a caller whose other
+    processes keep every core busy; the tables are the same)."""
 
     def __init__(
         self,
@@ -199,12 +201,14 @@ class RowReader:
         batch_rows: int = PARQUET_BATCH_ROWS,
         block_bytes: int = JSONL_BLOCK_BYTES,
         arrow: bool = True,
+        json_threads: bool = True,
     ):
         self.path = p = resolve_rows_path(path)
         self.required, self.stage = tuple(required), stage
         self.defaults = defaults or _DEFAULTS.get() or RowDefaults()
         self.batch_rows, self.block_bytes = max(1, int(batch_rows)), max(1, int(block_bytes))
         self.arrow = arrow  # False: every JSONL line parsed alone in Python (the reference the tests use)
+        self.json_threads = json_threads  # False: Arrow parses a block on the calling thread (the same table)
         if p.name.endswith(JSONL_SUFFIXES):
             self.kind = "jsonl"
         elif p.name.endswith(".parquet"):
@@ -360,7 +364,7 @@ class RowReader:
     def _iter_jsonl(self) -> Iterator[pa.Table]:
         import pyarrow.json as pajson
 
-        opts = pajson.ReadOptions(use_threads=True, block_size=1 << 20)
+        opts = pajson.ReadOptions(use_threads=self.json_threads, block_size=1 << 20)
         first_line = 1
         for block in self._blocks():
             starts, ends, lines = _line_bounds(block)
