@@ -119,9 +119,19 @@ def run(
     pass; cfg.workers is then not used)."""
     # workers only changes how fast the signatures are computed, never the outputs
     params = cfg.model_dump(exclude={"workers"})
-    fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
-    out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
+    # the eager signature workers start now: the forkserver's import of this module (~1 s) overlaps
+    # the fingerprint's hash of the input
+    pool = _signature_pool(cfg.workers) if cfg.near and cfg.workers > 1 and map_parts is None else None
+    try:
+        fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
+        out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
     if done is not None:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         return done
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -131,15 +141,16 @@ def run(
 
     # 1. one pass over the rows: exact-dedup hashes, priorities, strata, the texts to a file
     # with several workers, the signature parts are computed while the rows are read (_EagerSignatures)
-    eager = _EagerSignatures(spill / "texts.arrow", out / "signatures", cfg, fp) if cfg.near and cfg.workers > 1 \
-        and map_parts is None else None
+    eager = None
     try:
-        if eager is not None:
-            eager.start()
+        if pool is not None:
+            eager = _EagerSignatures(spill / "texts.arrow", out / "signatures", cfg, fp, pool)
         first = _first_pass(input_path, spill, cfg, memory_gb, progress, eager)
     except BaseException:
         if eager is not None:
             eager.abandon()
+        elif pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         raise
     n, rejects = first.rows, first.rejects
     rank = first.rank()  # (n,) row indices, best first
@@ -298,14 +309,14 @@ class _EagerSignatures:
 
     PENDING = 2  # parts waiting per worker before the reader waits for the oldest
 
-    def __init__(self, texts: Path, sig_dir: Path, cfg: DedupConfig, key: str):
+    def __init__(self, texts: Path, sig_dir: Path, cfg: DedupConfig, key: str, pool: ProcessPoolExecutor | None = None):
         self.texts, self.sig_dir, self.key = texts, sig_dir, key
         self.workers = cfg.workers
         self.job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
         self.pieces: list[tuple[int, int]] = []  # (offset, bytes) of the current part's record batches
         self.buffered = 0
         self.parts = 0
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool = pool  # (started by the caller, or at the first part)
         self.pending: list = []
         self.active = True
         sig_dir.mkdir(parents=True, exist_ok=True)
@@ -322,18 +333,9 @@ class _EagerSignatures:
         if self.buffered >= PART_ROWS:
             self._submit()
 
-    def start(self) -> None:
-        """Start the worker processes now (the forkserver imports this module, ~1 s), while the first
-        rows are read, rather than at the first part."""
-        if self.pool is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-            for _ in range(self.workers):  # the pool starts a process per task waiting, up to its size
-                self.pool.submit(os.getpid)
-
     def _submit(self) -> None:
-        self.start()
+        if self.pool is None:
+            self.pool = _signature_pool(self.workers)
         out = self.sig_dir / f"part-{self.parts:05d}.npy"
         self.pending.append(self.pool.submit(_signature_pieces, self.texts, self.pieces, self.buffered, out, self.job))
         self.pieces, self.buffered = [], 0
@@ -364,6 +366,17 @@ class _EagerSignatures:
             self._submit()
         self._close()
         write_json({"key": self.key, "docs": n_docs, "part_rows": PART_ROWS}, self.sig_dir / "meta.json")
+
+
+def _signature_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` processes forked from a forkserver that has imported this module, started now (the
+    pool starts a process per task waiting, up to its size)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    for _ in range(workers):
+        pool.submit(os.getpid)
+    return pool
 
 
 TEXT_SCHEMA = pa.schema([("text", pa.large_string())])
