@@ -614,7 +614,9 @@ def iter_training(path: Path, batch_rows: int, lo: int = 0, hi: int | None = Non
 
     Each row gives two segments: the m prompts come first, then the m responses, so segment s belongs
     to row s % m of the batch."""
-    pf = pq.ParquetFile(path)
+    # without pre-buffering: a pre-buffering reader keeps every row group's column chunks it has read
+    # until it is closed (the scan's memory grew by the compressed token columns, ~220 bytes a row)
+    pf = pq.ParquetFile(path, pre_buffer=False)
     md = pf.metadata
     hi = md.num_rows if hi is None else min(hi, md.num_rows)
     first = np.r_[0, np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])]
@@ -1094,9 +1096,8 @@ def run(
     items_table = pa.table(cols)
 
     # report + attribution (primary n) of every item that is not clean
-    pf = pq.ParquetFile(train_file)
-    id_src = pq.read_table(train_file, columns=["id", "source"])
-    row_ids, row_src = id_src["id"], id_src["source"]
+    pf = pq.ParquetFile(train_file, pre_buffer=False)
+    row_recs: list[dict] = []  # records naming a training row: their id and source are read at the end
     names_arr = np.array(items.names, dtype=object)
     edge = {"not_clean": cfg.clean_below, "not_dirty": cfg.not_clean_below, "dirty": cfg.dirty_at}
     drop_from = BUCKETS.index(cfg.decontaminate_at)
@@ -1130,10 +1131,11 @@ def run(
 
             def row_rec(row: int, c: int, text: bool) -> dict:
                 a_, b_ = _runs(per_row[row])
-                rec = {"row": row, "id": row_ids[row].as_py(), "source": row_src[row].as_py(),
+                rec = {"row": row, "id": None, "source": None,
                        "coverage": round(c / max(L, 1), 4), "span": [a_, b_]}
                 if text:
                     rec["text"] = items.span_text(int(i), a_, b_)
+                row_recs.append(rec)
                 return rec
 
             own = dict(ranked)
@@ -1153,6 +1155,9 @@ def run(
         entry["flagged_items"] = flagged
         entry["dirty_items"] = [x for x in flagged if x["bucket"] == "dirty"]
         report["benchmarks"][name] = entry
+    id_src = _id_source(train_file, {rec["row"] for rec in row_recs} | set(drop))
+    for rec in row_recs:
+        rec["id"], rec["source"] = id_src[rec["row"]]
 
     outputs = {ITEMS_FILE: io.write_parquet(items_table, out / ITEMS_FILE)}
     counts = {"items": int(items.lengths.size), "train_rows": pf.metadata.num_rows,
@@ -1160,7 +1165,7 @@ def run(
               "not_clean": {nm: len(e["flagged_items"]) for nm, e in report["benchmarks"].items()},
               "rows_responsible": len(drop)}  # rows making an item decontaminate_at or worse
     if cfg.decontaminate:
-        outputs.update(_decontaminate(train_file, tok_path, out, drop))
+        outputs.update(_decontaminate(train_file, tok_path, out, drop, id_src))
         counts.update(rows_in=pf.metadata.num_rows, rows_removed=len(drop), rows_kept=pf.metadata.num_rows - len(drop))
     report["counts"] = counts
     io.write_json(report, out / REPORT_FILE)
@@ -1177,27 +1182,47 @@ def run(
     return io.finish_stage(out, manifest, timing)
 
 
-def _decontaminate(train_file: Path, tok_path: Path, out: Path, drop: dict[int, str]) -> dict:
-    pf = pq.ParquetFile(train_file)
+def _id_source(train_file: Path, rows: set[int]) -> dict[int, tuple[str, str]]:
+    """{row: (id, source)} of the given training rows, read from the row groups that hold them only (the
+    rows an attribution names: their number is bounded by the benchmark items, not the training rows)."""
+    if not rows:
+        return {}
+    pf = pq.ParquetFile(train_file, pre_buffer=False)
+    md = pf.metadata
+    first = np.r_[0, np.cumsum([md.row_group(g).num_rows for g in range(md.num_row_groups)])]
+    want = np.array(sorted(rows), dtype=np.int64)
+    group = np.searchsorted(first, want, side="right") - 1
+    out: dict[int, tuple[str, str]] = {}
+    for g in np.unique(group).tolist():
+        sel = want[group == g]
+        t = pf.read_row_group(g, columns=["id", "source"]).take(pa.array(sel - first[g]))
+        for r, i, src in zip(sel.tolist(), t.column("id").to_pylist(), t.column("source").to_pylist()):
+            out[r] = (i, src)
+    return out
+
+
+def _decontaminate(train_file: Path, tok_path: Path, out: Path, drop: dict[int, str],
+                   id_src: dict[int, tuple[str, str]]) -> dict:
+    """The training rows without the `drop` rows, batch by batch (memory: one batch, whatever the rows)."""
+    pf = pq.ParquetFile(train_file, pre_buffer=False)
     n = pf.metadata.num_rows
-    keep = np.ones(n, dtype=bool)
-    keep[list(drop)] = False
+    dropped = np.array(sorted(drop), dtype=np.int64)
     outputs = {}
     with io.atomic_path(out / TOKENIZED_FILE) as tmp:
         w = pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd")
         try:
             row0 = 0
             for b in pf.iter_batches(batch_size=65536):
-                k = keep[row0 : row0 + b.num_rows]
+                k = np.ones(b.num_rows, dtype=bool)
+                k[dropped[(dropped >= row0) & (dropped < row0 + b.num_rows)] - row0] = False
                 w.write_table(pa.Table.from_batches([b]).filter(pa.array(k)))
                 row0 += b.num_rows
         finally:
             w.close()
-    outputs[TOKENIZED_FILE] = io.file_record(out / TOKENIZED_FILE, rows=int(keep.sum()))
-    ids = pq.read_table(train_file, columns=["id", "source"])
+    outputs[TOKENIZED_FILE] = io.file_record(out / TOKENIZED_FILE, rows=n - len(drop))
     rows = sorted(drop)
     removals = pa.Table.from_pylist(
-        [{"id": ids["id"][r].as_py(), "source": ids["source"][r].as_py(), "stage": STAGE, "reason": REASON,
+        [{"id": id_src[r][0], "source": id_src[r][1], "stage": STAGE, "reason": REASON,
           "detail": f"makes benchmark item {drop[r]}", "duplicate_of": None} for r in rows],
         schema=REMOVAL_SCHEMA)
     outputs[REMOVALS_FILE] = io.write_parquet(removals, out / REMOVALS_FILE)
