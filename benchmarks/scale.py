@@ -228,7 +228,7 @@ def flow_stage(stage: str, flow: Path, work: Path, budget: float, benchmarks: st
         from pipeline.config import ContaminationConfig
         from pipeline.stages import contamination
 
-        man = contamination.run(flow / "tokenizer", benchmarks, work, ContaminationConfig(), **kw)
+        man = contamination.run(flow / "tokenizer", benchmarks, work, ContaminationConfig(), memory_gb=budget, **kw)
     elif stage == "mix":
         from pipeline.stages import mix
 

@@ -114,12 +114,13 @@ def tokenizer_task(input_dir: str, output_dir: str, cfg: TokenizerConfig, condit
 
 @task(name="contamination", **_opts(("input_dir", "benchmarks"), "pipeline.stages.contamination"))
 def contamination_task(input_dir: str, benchmarks: str | list[str], output_dir: str, cfg: ContaminationConfig,
-                       progress: bool = True, versioned: bool = True, force: bool = False) -> dict:
+                       progress: bool = True, versioned: bool = True, force: bool = False,
+                       memory_gb: float | None = None) -> dict:
     """`benchmarks`: a local benchmark folder (hashed by content for the cache) or Hub names."""
     from pipeline.stages import contamination
 
     return contamination.run(input_dir, benchmarks, output_dir, cfg, progress=progress, versioned=versioned,
-                             force=force, map_parts=map_parts())
+                             force=force, map_parts=map_parts(), memory_gb=memory_gb)
 
 
 @task(name="mix", **_opts(("input_dir",), "pipeline.stages.mix"))
@@ -416,7 +417,8 @@ def _run_stages(s: RunSpec, spec_arg: str, root: Path, todo: list[str], contam: 
                 from pipeline.stages.contamination import HUB
 
                 bench = list(cfg.benchmarks or HUB)
-            return call(contamination_task, st, {"input_dir": upstream("tokenizer")}, ["tokenizer"], benchmarks=bench, cfg=cfg)
+            return call(contamination_task, st, {"input_dir": upstream("tokenizer")}, ["tokenizer"], benchmarks=bench, cfg=cfg,
+                        memory_gb=s.resources.memory_gb)
         if st == "mix":
             src, rows = train_rows()
             return call(mix_task, st, {"input_dir": rows}, [src], cfg=s.mix, rules=s.stratify.rules, seed=s.mix_seed,

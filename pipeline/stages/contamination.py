@@ -806,6 +806,24 @@ def training_units(tokens: np.ndarray, lengths: np.ndarray, special_arr: np.ndar
 
 
 PART_BATCHES = 4  # training batches (cfg.batch_rows rows each) per part, with map_parts
+TOKEN_BYTES = 200  # memory a training token costs while its batch is hashed (words: ~180 B measured)
+BUDGET_SHARE = 1 / 4  # of the memory budget (less the interpreter): one batch's hashing
+
+
+def scan_batch_rows(train_file: Path, cfg: ContaminationConfig, memory_gb: float | None) -> int:
+    """Training rows hashed per batch: cfg.batch_rows, fewer when that many rows' tokens would cost more
+    than BUDGET_SHARE of the memory budget (`resources.memory_gb`, default 4 GB) at TOKEN_BYTES a token.
+    The tokens per row come from the Parquet metadata (the token columns' value counts); the batch cut
+    does not change any output (`_scan`)."""
+    from pipeline import budget
+
+    md = pq.ParquetFile(train_file, pre_buffer=False).metadata
+    names = [md.schema.column(j).path for j in range(md.num_columns)]
+    cols = [j for j, nm in enumerate(names) if nm.split(".")[0] in ("prompt_ids", "response_ids")]
+    tokens = sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups) for j in cols)
+    per_row = max(1.0, tokens / max(md.num_rows, 1))
+    rows = int(budget.usable_bytes(memory_gb) * BUDGET_SHARE / (TOKEN_BYTES * per_row))
+    return max(1, min(cfg.batch_rows, max(budget.MIN_ROWS, rows)))
 INDEX_FILE = ".contamination-index.npz"  # the benchmark windows' index, read by the parts
 
 
@@ -1031,7 +1049,7 @@ def run(
     *,
     tokenizer_path: str | os.PathLike | None = None,
     progress: bool = True, versioned: bool = False, force: bool = False,
-    map_parts: MapParts | None = None,
+    map_parts: MapParts | None = None, memory_gb: float | None = None,
 ) -> dict:
     """Check every benchmark item against the training data; return the stage manifest.
 
@@ -1039,7 +1057,10 @@ def run(
     (`scan_part`), merged in row order: the same outputs as the single-process check.
 
     `benchmarks_dir`: a local benchmark folder, or a list of benchmark names to download from the Hub
-    (see `HUB`)."""
+    (see `HUB`).
+
+    Streams: memory is bounded by the benchmark side (the index) and one batch of training rows, sized by
+    `memory_gb` (`scan_batch_rows`; never part of the fingerprint: the batches do not change the outputs)."""
     from pipeline.stages.tokenize import load_tokenizer, special_ids
 
     cfg = cfg or ContaminationConfig()
@@ -1065,7 +1086,9 @@ def run(
     tbytes = TokenWords(tok, special) if words else None
     load_s = time.time() - t_load
     t_check = time.time()
-    res = check(train_file, items, special, cfg, progress, tbytes, map_parts=map_parts, work_dir=out, tok_path=tok_path)
+    scan_cfg = cfg.model_copy(update={"batch_rows": scan_batch_rows(train_file, cfg, memory_gb)})
+    res = check(train_file, items, special, scan_cfg, progress, tbytes, map_parts=map_parts, work_dir=out,
+                tok_path=tok_path)
     check_s = time.time() - t_check
 
     # items.parquet
@@ -1250,6 +1273,8 @@ def main(argv: list[str] | None = None) -> int:
                          "pipeline's tokenizer is trained on the rows)")
     ap.add_argument("--decontaminate", action="store_true", help="also write the training rows without the dirty-making ones")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--memory-gb", type=float, default=None,
+                    help="memory budget (resources.memory_gb, default 4): sizes the training batches")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     over = {}
@@ -1271,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.runs import resolve_input
 
     man = run(resolve_input(a.input, "tokenizer"), bench, a.output, cfg, tokenizer_path=a.tokenizer,
-              progress=not a.no_progress)
+              progress=not a.no_progress, memory_gb=a.memory_gb)
     print(json.dumps({"stage": STAGE, "output": a.output, "counts": man["counts"]}, indent=2))
     return 0
 

@@ -339,3 +339,10 @@ def test_training_scan_memory_is_flat_in_the_row_count(tmp_path):
     assert peak < f.stat().st_size / 4, (peak, f.stat().st_size)
     want = {0, 1023, 1024, 5000, n - 1}
     assert C._id_source(f, want) == {r: (f"r{r}", f"s{r % 7}") for r in want}
+    # the batches under a memory budget: 96 tokens a row (from the metadata) at TOKEN_BYTES each
+    from pipeline import budget
+
+    big = ContaminationConfig(batch_rows=10**6)
+    assert C.scan_batch_rows(f, big, 2.0) == int(budget.usable_bytes(2.0) * C.BUDGET_SHARE / (C.TOKEN_BYTES * 96))
+    assert C.scan_batch_rows(f, ContaminationConfig(), None) == ContaminationConfig().batch_rows  # 4 GB: 53,876 rows
+    assert C.scan_batch_rows(f, big, 0.01) == budget.MIN_ROWS
