@@ -53,6 +53,7 @@ gives a prompt's condition token ids.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import sys
 import time
@@ -222,22 +223,43 @@ class _Prepared:
     removals, each in row order: as the whole-table version listed them), `rows_in`, `rows` (kept),
     and with `keep_ids` the kept rows' ids (an Arrow large string array: the only thing held per row)."""
 
-    def __init__(self, input_path, conditions: list[str], memory_gb: float | None, keep_ids: bool = False):
-        self.reader = RowReader(input_path, NORMALIZED_FIELDS, stage=STAGE,
-                                block_bytes=budget.block_bytes(memory_gb),
-                                batch_rows=budget.batch_rows(memory_gb, 4096))
+    def __init__(self, input_path, conditions: list[str], memory_gb: float | None, keep_ids: bool = False,
+                 spill_dir: Path | None = None):
+        self.input_path, self.memory_gb = input_path, memory_gb
+        self.reader = self._reader()
         self.conditions, self.known = list(conditions), set(conditions)
         self.keep_ids = keep_ids
         self.loaded = 0  # rows the loader kept so far (the row numbers of the duplicate details)
         self.rows = 0
-        self.ids: list[pa.Array] = []  # kept rows' ids (keep_ids)
+        self.ids = _IdRuns(spill_dir) if keep_ids else None  # kept rows' ids
         self._seen = _IdSet()
-        self._loaded_ids: list[pa.Array] = []  # every loaded id, for the duplicate details
         self._dups: list[tuple[int, str, str]] = []  # (row, id, source) of each duplicate
         self._cond_removals: list[dict] = []
         self._cond_memo: dict[str, tuple[str | None, str | None, str | None]] = {}
         self.removals: list[dict] = []
         self.rows_in = 0
+
+    def _reader(self) -> RowReader:
+        return RowReader(self.input_path, NORMALIZED_FIELDS, stage=STAGE,
+                         block_bytes=budget.block_bytes(self.memory_gb),
+                         batch_rows=budget.batch_rows(self.memory_gb, 4096))
+
+    def _first_rows(self, dup_ids: list[str]) -> list[int]:
+        """The row (numbered as the duplicate details) where each of `dup_ids` first appears: a second
+        read of the input, made only when it has duplicate ids (no id is kept per row in the first)."""
+        want = pa.array(sorted(set(dup_ids)), pa.string())
+        first: dict[str, int] = {}
+        start = 0
+        reader = self._reader()
+        for t in reader:
+            t = reader.conform(t)
+            id_col = pc.cast(t["id"], pa.string())
+            hit = np.flatnonzero(pc.is_in(id_col, value_set=want).to_numpy(zero_copy_only=False))
+            if len(hit):
+                for i, rid in zip(hit.tolist(), id_col.take(pa.array(hit)).to_pylist()):
+                    first.setdefault(rid, start + i)
+            start += t.num_rows
+        return [first[d] for d in dup_ids]
 
     def _condition(self, cond: str) -> tuple[str | None, str | None, str | None]:
         """(stored condition, None, None) or (None, reason, detail)."""
@@ -274,7 +296,6 @@ class _Prepared:
                     t = t.append_column(col, default)
             t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
             id_col = t["id"].combine_chunks()
-            self._loaded_ids.append(id_col.cast(pa.large_string()))  # past 2 GB of ids as well
             dup = self._seen.add_new(id_col)
             keep = ~dup
             ids = sources = None
@@ -302,24 +323,106 @@ class _Prepared:
             self.loaded += n
             self.rows += t.num_rows
             if self.keep_ids:
-                self.ids.append(t["id"].combine_chunks().cast(pa.large_string()))
+                self.ids.add(t["id"].combine_chunks())
             if t.num_rows:
                 yield t
+        self._seen = None  # (16 bytes an id: not kept past the pass)
         self.removals = [dict(r, stage=STAGE) for r in reader.rejects]
         if self._dups:
-            all_ids = pa.chunked_array(self._loaded_ids, pa.large_string()).combine_chunks()
-            first = pc.index_in(pa.array([d[1] for d in self._dups], pa.large_string()), value_set=all_ids).to_pylist()
+            first = self._first_rows([d[1] for d in self._dups])
             for (i, rid, src), f in zip(self._dups, first):
                 r = _removal(rid, src, "duplicate_id", f"row {i}: id already used by row {f}")
                 r["duplicate_of"] = rid
                 self.removals.append(r)
-        self._loaded_ids = []
         self.removals += self._cond_removals
         self.rows_in = self.loaded + len(reader.rejects)
 
-    def kept_ids(self) -> pa.Array:
-        return (pa.chunked_array(self.ids, pa.large_string()).combine_chunks() if self.ids
+
+
+ID_RUN_BYTES = 8 << 20  # kept ids held before a sorted run of them is spilled (the training sample's ids)
+_MERGE_ROWS = 8192  # rows of each spilled run read at a time by the merge
+
+
+class _IdRuns:
+    """The kept rows' ids (for the training sample), in row order. Held in memory up to `run_bytes`
+    of them; past that (with a `spill_dir`) each such run is sorted and spilled, with its rows, to an
+    Arrow IPC file in `spill_dir`, and `sample` merges the runs (ids are unique: the duplicates were
+    removed): so no id is held per row, whatever the input's size. Same sample either way."""
+
+    def __init__(self, spill_dir: Path | None, run_bytes: int | None = None):
+        self.dir = spill_dir
+        self.run_bytes = ID_RUN_BYTES if run_bytes is None else run_bytes
+        self.buf: list[pa.Array] = []
+        self.buf_bytes = self.n = self.buf_start = 0
+        self.files: list[Path] = []
+
+    def add(self, ids: pa.Array) -> None:
+        ids = ids.cast(pa.large_string())  # past 2 GB of ids as well
+        self.buf.append(ids)
+        self.buf_bytes += ids.nbytes
+        self.n += len(ids)
+        if self.dir is not None and self.buf_bytes >= self.run_bytes:
+            self._spill()
+
+    def _buffer(self) -> pa.Array:
+        return (pa.chunked_array(self.buf, pa.large_string()).combine_chunks() if self.buf
                 else pa.array([], pa.large_string()))
+
+    def _spill(self) -> None:
+        ids = self._buffer()
+        self.buf, self.buf_bytes = [], 0
+        order = pc.sort_indices(ids)
+        t = pa.table({"id": ids.take(order), "row": pc.add(order.cast(pa.int64()), self.buf_start)})
+        del ids, order
+        path = Path(self.dir) / f".tokenizer-ids-{len(self.files):05d}.arrow"
+        self.files.append(path)
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t, max_chunksize=_MERGE_ROWS)
+        self.buf_start = self.n
+
+    @staticmethod
+    def _run(path: Path):
+        """(id, row) of a spilled run, in id order, read a batch at a time (not memory-mapped)."""
+        with pa.OSFile(str(path), "rb") as f:
+            r = pa.ipc.open_file(f)
+            for i in range(r.num_record_batches):
+                b = r.get_batch(i)
+                yield from zip(b.column(0).to_pylist(), b.column(1).to_pylist())
+
+    def sample(self, sample_rows: int, seed: int) -> tuple[np.ndarray, list[str]]:
+        """`_sample_indices` of the kept ids (rows in id order) and those rows' ids."""
+        if not self.files:
+            ids = self._buffer()
+            self.buf = []
+            idx = _sample_indices(ids, sample_rows, seed)
+            return idx, ids.take(pa.array(idx)).to_pylist()
+        if self.buf:
+            self._spill()
+        merged = heapq.merge(*(self._run(f) for f in self.files))  # Python str order = UTF-8 byte order
+        rows: list[int] = []
+        got: list[str] = []
+        if sample_rows >= self.n:
+            for rid, row in merged:
+                got.append(rid)
+                rows.append(row)
+        else:
+            rng = np.random.default_rng([seed, 0x70C])
+            want = np.sort(rng.choice(self.n, size=sample_rows, replace=False)).tolist()
+            k = 0
+            for rank, (rid, row) in enumerate(merged):
+                if rank == want[k]:
+                    got.append(rid)
+                    rows.append(row)
+                    k += 1
+                    if k == len(want):
+                        break
+        return np.asarray(rows, np.int64), got
+
+    def close(self) -> None:
+        self.buf = []
+        for f in self.files:
+            f.unlink(missing_ok=True)
+        self.files = []
 
 
 def _sample_indices(ids: pa.Array | list[str], sample_rows: int, seed: int) -> np.ndarray:
@@ -498,7 +601,18 @@ def run(
     if done is not None:
         return done
 
-    first = _Prepared(input_path, list(conditions), memory_gb, keep_ids=cfg.kind == "train")
+    first = _Prepared(input_path, list(conditions), memory_gb, keep_ids=cfg.kind == "train", spill_dir=out)
+    try:
+        return _run(first, input_path, out, cfg, conditions, seed, progress, memory_gb, specials, params, inputs, fp,
+                    t0, tqdm)
+    finally:
+        if first.ids is not None:
+            first.ids.close()
+
+
+def _run(first: "_Prepared", input_path, out: Path, cfg: TokenizerConfig, conditions, seed: int, progress: bool,
+         memory_gb, specials: list[str], params: dict, inputs: dict, fp: str, t0: float, tqdm) -> dict:
+    """`run` past the fingerprint check (`first`: the first pass, not yet read)."""
     bar = tqdm(total=first.reader.total_rows if progress else None, desc="tokenizer read", unit="row",
                unit_scale=True, disable=not progress, mininterval=1.0)  # (a JSONL total is a read of the file)
     for t in first:
@@ -507,14 +621,13 @@ def run(
     removals, rows_in, n = first.removals, first.rows_in, first.rows
     if n == 0:
         raise ValueError(f"tokenizer: no usable rows in {input_path} ({len(removals)} rejected)")
-    ids = first.kept_ids()
-    del first
+    ids = first.ids
 
     # 1. the tokenizer
     t_train = time.time()
     if cfg.kind == "train":
-        sample = _sample_indices(ids, cfg.sample_rows, seed)
-        sample_ids = ids.take(pa.array(sample)).to_pylist()
+        sample, sample_ids = ids.sample(cfg.sample_rows, seed)
+        ids.close()
         sample_sha = hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()
         del sample_ids
         sub = _gather(_Prepared(input_path, list(conditions), memory_gb), sample)
@@ -559,7 +672,6 @@ def run(
     tokens_per_stratum: dict[str, int] = {}
     rows_per_stratum: dict[str, int] = {}
     total_prompt = total_response = 0
-    del ids
     tok_path_out = out / TOKENIZED_FILE
     t_tok = time.time()
     bar = tqdm(total=n, desc="tokenize", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)

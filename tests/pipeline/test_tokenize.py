@@ -291,3 +291,34 @@ def test_split_digits_off_merges_runs_and_pretrained_gets_the_split(tmp_path, ro
     (tmp_path / "merged" / "tokenizer_meta.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="split_digits"):
         T.load_tokenizer(tmp_path / "merged")
+
+
+def test_spilled_id_runs_draw_the_same_sample_and_outputs(tmp_path, tok_run, rows, monkeypatch):
+    """Past ID_RUN_BYTES the kept ids go to sorted runs on disk (merged for the sample): the same sample,
+    tokenizer and outputs as with every id in memory; no run file is left behind. Duplicate ids name
+    their first row (found by a second read of the input, as no id is kept per row)."""
+    ids = [f"x{(i * 7919) % 1000:04d}é" for i in range(1000)]
+    for sample_rows in (10, 999, 1000, 2000):
+        runs = T._IdRuns(tmp_path, run_bytes=1)
+        for k in range(0, 1000, 64):
+            runs.add(pa.array(ids[k : k + 64], pa.string()))
+        assert len(runs.files) == 16
+        want = T._sample_indices(pa.array(ids), sample_rows, 5)
+        got, got_ids = runs.sample(sample_rows, 5)
+        assert got.tolist() == want.tolist() and got_ids == [ids[i] for i in want]
+        runs.close()
+    assert not list(tmp_path.glob(".tokenizer-ids-*"))
+    d, src, man = tok_run
+    dup = tmp_path / "d.parquet"  # (a JSONL reader names duplicate ids itself)
+    pq.write_table(pa.Table.from_pylist(rows + [{**rows[5], "response": "again"}, {**rows[7], "condition": "direct"}]),
+                   dup, row_group_size=512)
+    monkeypatch.setattr(T, "ID_RUN_BYTES", 1)
+    man2 = T.run(dup, tmp_path / "spilled", CFG, conditions=CONDITIONS, seed=11, progress=False)
+    for f in ("tokenizer.json", "tokenized.parquet", "tokenizer_meta.json"):
+        assert man2["outputs"][f]["sha256"] == man["outputs"][f]["sha256"], f
+    assert not list((tmp_path / "spilled").glob(".tokenizer-ids-*"))
+    rem = pq.read_table(tmp_path / "spilled" / "removals.parquet").to_pylist()
+    assert [(r["reason"], r["detail"]) for r in rem] == [
+        ("duplicate_id", f"row {N_ROWS}: id already used by row 5"),
+        ("duplicate_id", f"row {N_ROWS + 1}: id already used by row 7"),
+    ]
