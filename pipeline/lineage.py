@@ -172,28 +172,223 @@ def _lineage_batch(rows: pl.DataFrame, rem_first: pl.DataFrame, packed: pl.DataF
     return df.select("id", "source", "stratum", "status", "stage", "reason", "detail", "duplicate_of", "times_packed")
 
 
+_HASH_SEED = 0x11E4_6E  # the id hash that splits the rows, removals and packed ids into buckets
+_BUCKET_ENTRY_BYTES = 256  # memory per id of a bucket while it is joined (id, hash tables, join output)
+_MAX_BUCKETS = 1024
+_ROW_BYTES = 1024  # memory per stratified row of a batch of the lineage (joins, group-bys, Arrow copy, writer)
+
+
+def _bucket_of(ids: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
+    """The bucket of each id (a hash of the id mod n_buckets), as int64."""
+    if n_buckets == 1:
+        return np.zeros(len(ids), np.int64)
+    h = pl.Series("id", ids, dtype=pl.String).hash(_HASH_SEED).to_numpy()
+    return (h % np.uint64(n_buckets)).astype(np.int64)
+
+
+class _BucketFiles:
+    """One Arrow IPC file per bucket, written a batch at a time: `write(table)` splits the rows of
+    `table` by the bucket of their id."""
+
+    def __init__(self, folder: Path, name: str, schema: pa.Schema, n_buckets: int):
+        self.paths = [folder / f"{name}-{k:04d}.arrow" for k in range(n_buckets)]
+        self.sinks = [pa.OSFile(str(q), "wb") for q in self.paths]
+        self.writers = [ipc.new_file(snk, schema) for snk in self.sinks]
+        self.n = n_buckets
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        b = _bucket_of(table.column("id"), self.n)
+        order = np.argsort(b, kind="stable")
+        bounds = np.searchsorted(b[order], np.arange(self.n + 1))
+        for k in range(self.n):
+            if bounds[k + 1] > bounds[k]:
+                self.writers[k].write_table(table.take(pa.array(order[bounds[k]:bounds[k + 1]])))
+
+    def close(self) -> None:
+        for w, snk in zip(self.writers, self.sinks):
+            w.close()
+            snk.close()
+
+
+def _read_ipc(path: Path) -> pa.Table:
+    with pa.OSFile(str(path), "rb") as f:
+        return ipc.open_file(f).read_all()
+
+
+class _ResultCursor:
+    """A bucket's joined rows (sorted by row number), read forward a chunk at a time."""
+
+    def __init__(self, path: Path):
+        self.f = pa.OSFile(str(path), "rb")
+        self.reader = ipc.open_file(self.f)
+        self.i = 0
+        self.buf: pl.DataFrame | None = None
+
+    def take(self, hi: int) -> list[pl.DataFrame]:
+        """The rows numbered below `hi` not taken yet."""
+        out = []
+        while True:
+            if self.buf is None:
+                if self.i >= self.reader.num_record_batches:
+                    return out
+                self.buf = pl.from_arrow(pa.Table.from_batches([self.reader.get_batch(self.i)]))
+                self.i += 1
+            k = int(self.buf["_row"].search_sorted(hi, side="left"))
+            out.append(self.buf[:k])
+            if k < self.buf.height:
+                self.buf = self.buf[k:]
+                return out
+            self.buf = None
+
+    def close(self) -> None:
+        self.f.close()
+
+
+_REM_SCHEMA = pa.schema([("_rem", pa.int64()), ("id", pa.large_string()), ("stage", pa.large_string()),
+                         ("reason", pa.large_string()), ("detail", pa.large_string()),
+                         ("duplicate_of", pa.large_string())])
+
+
+def _join_buckets(d: Stages, stratify_rows: Path, spill: Path, memory_gb: float | None,
+                  bucket_entries: int | None = None) -> tuple[list[Path], list[str], int]:
+    """Out-of-core join of the stratified rows with the removals and the packed ids: all three are split
+    into buckets by a hash of the id (spill files), and each bucket is joined in memory. Returns per
+    bucket a file of the stratified rows that are removed or packed (row number `_row`, id, the first
+    removal of the id: stage, reason, detail, duplicate_of, and its times_packed), sorted by row number;
+    the first 20 ids removed more than once (in the removals' order) and the count of packed ids that are
+    no stratified row."""
+    from . import budget
+    import pyarrow.parquet as pq
+
+    batch = budget.batch_rows(memory_gb, _BUCKET_ENTRY_BYTES)
+    pf = pq.ParquetFile(stratify_rows, pre_buffer=False)
+    rem_files = [(st, d[st] / name) for st in removal_stages(d) for name in REMOVAL_FILES if (d[st] / name).exists()]
+    shards = sorted(d["pack"].glob("shard-*.arrow"))
+    n_pack = 0
+    for f in shards:
+        with ipc.open_file(pa.memory_map(str(f), "r")) as r:
+            sids = r.schema.get_field_index("sample_ids")
+            n_pack += sum(len(r.get_batch(i).column(sids).flatten()) for i in range(r.num_record_batches))
+    n_rem = sum(pq.ParquetFile(f).metadata.num_rows for _, f in rem_files)
+    per_bucket = bucket_entries or batch
+    # at most _MAX_BUCKETS open files at a time (4 GB: buckets of 1M ids, so up to a billion ids)
+    n_buckets = min(_MAX_BUCKETS, max(1, -(-(pf.metadata.num_rows + n_rem + n_pack) // per_bucket)))
+
+    rows_b = _BucketFiles(spill, "rows", pa.schema([("_row", pa.int64()), ("id", pa.large_string())]), n_buckets)
+    try:
+        at = 0
+        for b in pf.iter_batches(batch_size=batch, columns=["id"], use_threads=False):
+            ids = b.column(0).cast(pa.large_string())
+            rows_b.write(pa.table({"_row": pa.array(np.arange(at, at + len(ids), dtype=np.int64)), "id": ids}))
+            at += len(ids)
+    finally:
+        rows_b.close()
+    rem_b = _BucketFiles(spill, "rem", _REM_SCHEMA, n_buckets)
+    try:
+        at = 0
+        for st, f in rem_files:
+            rf = pq.ParquetFile(f, pre_buffer=False)
+            for b in rf.iter_batches(batch_size=batch, columns=["id", "reason", "detail", "duplicate_of"],
+                                     use_threads=False):
+                n = b.num_rows
+                cols = {c: b.column(c).cast(pa.large_string()) for c in ("id", "reason", "detail", "duplicate_of")}
+                rem_b.write(pa.table({"_rem": pa.array(np.arange(at, at + n, dtype=np.int64)), "id": cols["id"],
+                                      "stage": pa.array([st] * n, pa.large_string()), "reason": cols["reason"],
+                                      "detail": cols["detail"], "duplicate_of": cols["duplicate_of"]},
+                                     schema=_REM_SCHEMA))
+                at += n
+    finally:
+        rem_b.close()
+    pack_b = _BucketFiles(spill, "packed", pa.schema([("id", pa.large_string())]), n_buckets)
+    try:
+        for f in shards:
+            with ipc.open_file(pa.memory_map(str(f), "r")) as r:
+                sids = r.schema.get_field_index("sample_ids")
+                for i in range(r.num_record_batches):
+                    ids = r.get_batch(i).column(sids).flatten().cast(pa.large_string())
+                    for lo in range(0, len(ids), batch):
+                        pack_b.write(pa.table({"id": ids.slice(lo, batch)}))
+    finally:
+        pack_b.close()
+
+    # the joined rows of every bucket are read back a chunk at a time, all buckets at once: a batch in all
+    chunk = min(1 << 16, max(1024, batch // n_buckets))
+    results, twice, stray = [], [], 0
+    for k in range(n_buckets):
+        rows = pl.from_arrow(_read_ipc(rows_b.paths[k]))
+        rem = pl.from_arrow(_read_ipc(rem_b.paths[k])).sort("_rem")
+        packed = pl.from_arrow(_read_ipc(pack_b.paths[k]))
+        for q in (rows_b.paths[k], rem_b.paths[k], pack_b.paths[k]):
+            q.unlink()
+        twice += (rem.group_by("id").agg(pl.len(), pl.col("_rem").min()).filter(pl.col("len") > 1)
+                  .select("_rem", "id").rows())
+        rem_first = (rem.unique("id", keep="first", maintain_order=True).drop("_rem")
+                     .with_columns(_r=pl.lit(True)))
+        counts = (packed["id"].value_counts(name="times_packed")
+                  .with_columns(pl.col("times_packed").cast(pl.UInt32)))
+        stray += counts.join(rows, on="id", how="anti").height
+        res = (rows.join(rem_first, on="id", how="left").join(counts, on="id", how="left")
+               .filter(pl.col("_r").is_not_null() | pl.col("times_packed").is_not_null())
+               .sort("_row"))
+        del rows, rem, packed, rem_first, counts
+        path = spill / f"joined-{k:04d}.arrow"
+        t = res.to_arrow()
+        del res
+        with pa.OSFile(str(path), "wb") as snk, ipc.new_file(snk, t.schema) as w:
+            for lo in range(0, max(1, t.num_rows), chunk):
+                w.write_table(t.slice(lo, chunk))
+        del t
+        results.append(path)
+    twice_ids = [i for _, i in sorted(twice)[:20]]
+    return results, twice_ids, stray
+
+
 def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.PathLike | None = None, *,
-                    memory_gb: float | None = None, progress: bool = False) -> tuple[dict, dict | None]:
+                    memory_gb: float | None = None, progress: bool = False,
+                    bucket_entries: int | None = None) -> tuple[dict, dict | None]:
     """`build` with the stratified rows read a batch at a time: the per-row lineage is written to
     `rows_path` row group by row group (byte-identical to `build`'s table written whole) and the
     summary is summed over the batches. Returns (summary, file record of rows_path or None).
-    Held whole: the removed rows and the packed ids with their counts."""
-    from tqdm import tqdm
-
-    from . import budget
-    from .io import RowGroupWriter
+    The removals and packed ids are joined with the stratified rows out of core (`_join_buckets`:
+    buckets of about `bucket_entries` ids, by default the batch the memory budget gives), so that what
+    is held is a batch of rows and a bucket, whatever the row count; the report keeps counts and the
+    first few examples only."""
+    import shutil
+    import tempfile
 
     d = stage_dirs(run_dir)
     for st in ("normalize", "stratify", "pack"):
         if st not in d or not (d[st] / "manifest.json").exists():
             raise LineageError(f"lineage: no finished {st} stage folder ({d.get(st, 'missing')})")
-    rem = _removals(d)
-    twice = rem.group_by("id").len().filter(pl.col("len") > 1)
-    rem_first = rem.unique("id", keep="first", maintain_order=True)
-    packed = _packed_counts(d)
-    packed_seen = np.zeros(packed.height, bool)  # packed ids found among the stratified rows
-    packed_idx = packed.with_row_index("_k")
+    spill = Path(tempfile.mkdtemp(prefix=".lineage-spill-", dir=Path(rows_path).parent if rows_path else None))
+    try:
+        joined, removed_twice, stray = _join_buckets(d, d["stratify"] / "rows.parquet", spill, memory_gb,
+                                                     bucket_entries)
+        cursors = [_ResultCursor(q) for q in joined]
+        try:
+            return _stream_rows(d, rows_path, cursors, removed_twice, stray, memory_gb, progress)
+        finally:
+            for c in cursors:
+                c.close()
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+_EMPTY_REM = {"id": pl.String, "stage": pl.String, "reason": pl.String, "detail": pl.String,
+              "duplicate_of": pl.String}
+
+
+def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twice: list[str], stray: int,
+                 memory_gb: float | None, progress: bool) -> tuple[dict, dict | None]:
+    """The per-row lineage and the summary, the stratified rows a batch at a time, each batch joined with
+    the bucket results of its rows (`cursors`)."""
     import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from . import budget
+    from .io import RowGroupWriter
 
     pf = pq.ParquetFile(d["stratify"] / "rows.parquet", pre_buffer=False)
     n_rows = pf.metadata.num_rows
@@ -204,22 +399,33 @@ def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.Pat
     firsts: dict[str, list] = {"unaccounted": [], "conflict": []}
     examples: dict[tuple, list] = {}
     sources: set = set()
+    empty_rem = pl.DataFrame(schema=_EMPTY_REM)
+    empty_packed = pl.DataFrame(schema={"id": pl.String, "times_packed": pl.UInt32})
     writer = RowGroupWriter(rows_path, None) if rows_path is not None else None
     bar = tqdm(total=n_rows, desc="lineage", unit="row", unit_scale=True, disable=not progress)
+    at = 0
     try:
         if writer is not None:
             writer.__enter__()
-        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, 256), columns=["id", "source", "stratum"],
+        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, _ROW_BYTES), columns=["id", "source", "stratum"],
                                      use_threads=False):
             rows = pl.from_arrow(pa.Table.from_batches([batch]))
-            df = _lineage_batch(rows, rem_first, packed)
+            at += batch.num_rows
+            parts = [p for c in cursors for p in c.take(at) if p.height]
+            hits = pl.concat(parts) if parts else None
+            if hits is not None:
+                rem_sub = (hits.filter(pl.col("_r").is_not_null()).select(list(_EMPTY_REM))
+                           .unique("id", keep="first", maintain_order=True))
+                packed_sub = (hits.filter(pl.col("times_packed").is_not_null()).select("id", "times_packed")
+                              .unique("id", keep="first", maintain_order=True))
+            else:
+                rem_sub, packed_sub = empty_rem, empty_packed
+            df = _lineage_batch(rows, rem_sub, packed_sub)
             if writer is not None:
                 t = df.to_arrow()
                 if writer.schema is None:
                     writer.schema = t.schema
                 writer.write(t)
-            hit = rows.select("id").join(packed_idx, on="id", how="inner")["_k"].to_numpy()
-            packed_seen[hit] = True
             for r in df.group_by("status").len().iter_rows():
                 status_n[r[0]] = status_n.get(r[0], 0) + r[1]
             for r in df.group_by("source", "status").len().iter_rows():
@@ -247,7 +453,7 @@ def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.Pat
         if writer is not None:
             if writer.schema is None:  # no stratified row: the empty table's schema
                 writer.schema = _lineage_batch(pl.from_arrow(pf.schema_arrow.empty_table().select(
-                    ["id", "source", "stratum"])), rem_first, packed).to_arrow().schema
+                    ["id", "source", "stratum"])), empty_rem, empty_packed).to_arrow().schema
             writer.__exit__(None, None, None)
     except BaseException as e:
         if writer is not None:
@@ -283,14 +489,13 @@ def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.Pat
         }
         entry["balanced"] = entry["in"] == entry["packed"] + sum(entry["removed"].values())
         per_stratum[name] = entry
-    stray = int(packed.height - packed_seen.sum())
     summary = {
         "rows_stratified": n_rows,
         "rows_packed": status_n.get("packed", 0),
         "rows_removed": status_n.get("removed", 0),
         "unaccounted": firsts["unaccounted"],
         "conflicts": firsts["conflict"],
-        "removed_twice": twice["id"].head(20).to_list(),
+        "removed_twice": removed_twice,
         "packed_ids_not_in_stratify": stray,
         "per_source": per_source,
         "per_stratum": per_stratum,
