@@ -407,8 +407,8 @@ def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twi
     try:
         if writer is not None:
             writer.__enter__()
-        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, _ROW_BYTES), columns=["id", "source", "stratum"],
-                                     use_threads=False):
+        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, _ROW_BYTES),
+                                     columns=["id", "source", "stratum"], use_threads=False):
             rows = pl.from_arrow(pa.Table.from_batches([batch]))
             at += batch.num_rows
             parts = [p for c in cursors for p in c.take(at) if p.height]
