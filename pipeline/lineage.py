@@ -570,8 +570,9 @@ def report_markdown(summary: dict, title: str = "Lineage") -> str:
 
 
 def check(run_dir: str | os.PathLike) -> None:
-    """Raise LineageError unless every row of the run is accounted for exactly once."""
-    _, s = build(run_dir)
+    """Raise LineageError unless every row of the run is accounted for exactly once (streamed: a batch of
+    rows and a bucket of ids in memory at a time)."""
+    s, _ = build_streaming(run_dir)
     if not s["balanced"]:
         bad = {k: v for k, v in s["per_stratum"].items() if not v["balanced"]}
         raise LineageError(f"lineage does not balance: unaccounted={s['unaccounted']} conflicts={s['conflicts']} "

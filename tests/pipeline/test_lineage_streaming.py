@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline import budget, lineage
 from pipeline.io import write_parquet
@@ -89,6 +90,9 @@ def test_lineage_out_of_core_matches_the_whole_table_reference(tmp_path, monkeyp
     got["removed_twice"] = sorted(got["removed_twice"])
     assert got == ref
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet", "run"]  # spill files gone
+    with pytest.raises(lineage.LineageError, match="removed_twice"):
+        lineage.check(dirs)
+    lineage.check(make_run(tmp_path / "ok", 3000, odd=False))
 
 
 _WAITER = """
