@@ -221,10 +221,10 @@ class _Prepared:
 
     After a pass: `removals` (the loader's rejections, then the duplicate ids, then the condition
     removals, each in row order: as the whole-table version listed them), `rows_in`, `rows` (kept),
-    and with `keep_ids` the kept rows' ids (an Arrow large string array: the only thing held per row)."""
+    and with `keep_ids` the kept rows' ids (`_IdRuns`: past ID_RUN_BYTES in sorted runs on disk)."""
 
     def __init__(self, input_path, conditions: list[str], memory_gb: float | None, keep_ids: bool = False,
-                 spill_dir: Path | None = None):
+                 spill_dir: Path | None = None, dup_rows: np.ndarray | None = None):
         self.input_path, self.memory_gb = input_path, memory_gb
         self.reader = self._reader()
         self.conditions, self.known = list(conditions), set(conditions)
@@ -232,12 +232,19 @@ class _Prepared:
         self.loaded = 0  # rows the loader kept so far (the row numbers of the duplicate details)
         self.rows = 0
         self.ids = _IdRuns(spill_dir) if keep_ids else None  # kept rows' ids
-        self._seen = _IdSet()
+        # the duplicate ids: found by an id set (16 bytes an id) in the first pass; a later pass is given
+        # their rows (`dup_rows`, sorted: the first pass's `dup_rows()`) and holds nothing per row
+        self._dup_rows = dup_rows
+        self._seen = _IdSet() if dup_rows is None else None
         self._dups: list[tuple[int, str, str]] = []  # (row, id, source) of each duplicate
         self._cond_removals: list[dict] = []
         self._cond_memo: dict[str, tuple[str | None, str | None, str | None]] = {}
         self.removals: list[dict] = []
         self.rows_in = 0
+
+    def dup_rows(self) -> np.ndarray:
+        """After a pass: the rows (numbered as the duplicate details) of the duplicate ids, sorted."""
+        return np.asarray([d[0] for d in self._dups], np.int64)
 
     def _reader(self) -> RowReader:
         return RowReader(self.input_path, NORMALIZED_FIELDS, stage=STAGE,
@@ -296,7 +303,12 @@ class _Prepared:
                     t = t.append_column(col, default)
             t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
             id_col = t["id"].combine_chunks()
-            dup = self._seen.add_new(id_col)
+            if self._dup_rows is None:
+                dup = self._seen.add_new(id_col)
+            else:
+                dup = np.zeros(n, bool)
+                lo, hi = np.searchsorted(self._dup_rows, [self.loaded, self.loaded + n])
+                dup[self._dup_rows[lo:hi] - self.loaded] = True
             keep = ~dup
             ids = sources = None
             if dup.any():
@@ -328,7 +340,7 @@ class _Prepared:
                 yield t
         self._seen = None  # (16 bytes an id: not kept past the pass)
         self.removals = [dict(r, stage=STAGE) for r in reader.rejects]
-        if self._dups:
+        if self._dups and self._dup_rows is None:  # (a later pass: only the rows matter)
             first = self._first_rows([d[1] for d in self._dups])
             for (i, rid, src), f in zip(self._dups, first):
                 r = _removal(rid, src, "duplicate_id", f"row {i}: id already used by row {f}")
@@ -581,10 +593,12 @@ def run(
     """Train or load the tokenizer, tokenize every row; return the stage manifest.
 
     Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the read batches; never part of
-    the fingerprint): a first pass over the input checks the rows and keeps only their ids (an Arrow
-    string array, for the training sample); with kind "train" a second pass gathers the sample's
-    texts (at most `cfg.sample_rows` rows, whatever the input's size); the last pass tokenizes the rows
-    BATCH_ROWS at a time and writes each batch as one Parquet row group."""
+    the fingerprint): a first pass over the input checks the rows (an id set of 16 bytes an id, dropped
+    after it; a duplicate's first row is found by another read only when there are duplicates) and
+    spills their ids in sorted runs to the output folder (`_IdRuns`, merged for the training sample);
+    with kind "train" a second pass gathers the sample's texts (at most `cfg.sample_rows` rows,
+    whatever the input's size); the last pass tokenizes the rows BATCH_ROWS at a time and writes each
+    batch as one Parquet row group. The later passes drop the first one's duplicate rows by number."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -630,7 +644,7 @@ def _run(first: "_Prepared", input_path, out: Path, cfg: TokenizerConfig, condit
         ids.close()
         sample_sha = hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()
         del sample_ids
-        sub = _gather(_Prepared(input_path, list(conditions), memory_gb), sample)
+        sub = _gather(_Prepared(input_path, list(conditions), memory_gb, dup_rows=first.dup_rows()), sample)
         texts = chain.from_iterable(zip(sub["instruction"].to_pylist(), sub["response"].to_pylist()))
         tok = _train(texts, 2 * len(sample), cfg, specials, progress)
         del sub
@@ -678,7 +692,8 @@ def _run(first: "_Prepared", input_path, out: Path, cfg: TokenizerConfig, condit
     with io.atomic_path(tok_path_out) as tmp:
         writer = pq.ParquetWriter(tmp, TOKENIZED_SCHEMA, compression="zstd")
         try:
-            for b in _blocks(_Prepared(input_path, list(conditions), memory_gb), BATCH_ROWS):
+            rows = _Prepared(input_path, list(conditions), memory_gb, dup_rows=first.dup_rows())
+            for b in _blocks(rows, BATCH_ROWS):
                 conds = b["condition"].to_pylist()
                 instr = _encode(tok, b["instruction"].to_pylist())
                 resp = _encode(tok, b["response"].to_pylist())
