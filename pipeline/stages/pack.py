@@ -70,6 +70,7 @@ META_FILE = "tokenizer_meta.json"
 MIX_FILE = "mix.parquet"
 REMOVALS_FILE = "removals.parquet"
 OPEN_BINS = 32
+OFF_BLOCK = 1024  # rows per int64 base of the spill files' offsets (_Offsets)
 FORMAT = "hrm-pack/1"
 
 
@@ -265,9 +266,10 @@ class _RowKeys:
     the other), from which the packer gathers them in batches; no id string stays in memory.
 
     Held per row: prompt and response lengths (int32 each), the row's offsets into the three files
-    (int64 each), a source code (int32), and for matching the mix's ids to rows a 64-bit hash of the
-    id, sorted, with its row (int32 below 2**31 rows): about 52 bytes a row, whatever the lengths of the
-    texts and ids. A hash only proposes a row: the id itself is compared (read back from the file)."""
+    (`_Offsets`: 4 bytes each), a source code (uint16), and until the mix is matched (`drop_index`) a
+    64-bit hash of the id, sorted, with its row (int32 below 2**31 rows): 22 bytes a row, 34 while
+    matching, whatever the lengths of the texts and ids. A hash only proposes a row: the id itself is
+    compared (read back from the file)."""
 
     def __init__(self, tok_file: Path, spill: Path, eoa: int, batch_rows: int, progress: bool):
         from tqdm.auto import tqdm
@@ -276,7 +278,11 @@ class _RowKeys:
         n = pf.metadata.num_rows
         self.prompt_file, self.response_file = spill.with_suffix(".prompts"), spill.with_suffix(".responses")
         self.id_file = spill.with_suffix(".ids")
-        P, R, src, ilen, hashes = [], [], [], [], []
+        # filled in place batch by batch (no list of batches concatenated: that held each twice)
+        self.P, self.R = np.empty(n, np.int32), np.empty(n, np.int32)
+        self.src = np.empty(n, np.uint16)  # widened past 65,536 sources
+        self.p_off, self.r_off, self.i_off = _Offsets(n), _Offsets(n), _Offsets(n)
+        h = np.empty(n, np.int64)
         self.source_names: list[str] = []
         code: dict[str, int] = {}
         first_bad, n_bad = None, 0
@@ -296,16 +302,21 @@ class _RowKeys:
                     if first_bad is None:
                         first_bad = b.column("id")[int(bad[0])].as_py()
                     n_bad += len(bad)
-                P.append(p_len.astype(np.int32))
-                R.append(r_len.astype(np.int32))
+                m = len(p_len)
+                if done + m > n:
+                    raise ValueError(f"pack: {tok_file}: more rows than its metadata's {n}")
+                self.P[done : done + m] = p_len
+                self.R[done : done + m] = r_len
+                self.p_off.extend(p_len)
+                self.r_off.extend(r_len)
                 id_col = b.column("id")
                 if id_col.null_count:
                     k = int(np.flatnonzero(pc.is_null(id_col).to_numpy(zero_copy_only=False))[0])
                     raise ValueError(f"pack: {tok_file}: row {done + k}: id is null")
                 id_vals, id_off = _utf8(id_col)
                 fi.write(id_vals)
-                ilen.append(np.diff(id_off))
-                hashes.append(_hash(id_col))
+                self.i_off.extend(np.diff(id_off))
+                h[done : done + m] = _hash(id_col)
                 sources = b.column("source")
                 uniq = pc.unique(sources).to_pylist()
                 for s in uniq:
@@ -313,7 +324,9 @@ class _RowKeys:
                         code[s] = len(self.source_names)
                         self.source_names.append(s)
                 idx = pc.index_in(sources, value_set=pa.array(uniq, sources.type)).to_numpy(zero_copy_only=False)
-                src.append(np.asarray([code[s] for s in uniq], dtype=np.int32)[idx])
+                if len(self.source_names) > np.iinfo(self.src.dtype).max + 1:
+                    self.src = self.src.astype(np.int32)
+                self.src[done : done + m] = np.asarray([code[s] for s in uniq], dtype=np.int64)[idx]
                 done += b.num_rows
                 bar.update(b.num_rows)
         bar.close()
@@ -322,25 +335,23 @@ class _RowKeys:
                 f"pack: {tok_file}: row {first_bad!r} (and {n_bad - 1} more): response_ids "
                 f"must end with <|eoa|> (id {eoa})"
             )
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt))
-        self.P, self.R = cat(P, np.int32), cat(R, np.int32)
-        del P, R
-        self.src = cat(src, np.int32)
-        self.p_off = _offsets(self.P)
-        self.r_off = _offsets(self.R)
-        self.i_off = _offsets(cat(ilen, np.int64))
-        del ilen
-        h = cat(hashes, np.int64)
-        del hashes
-        self.row_dtype = np.int32 if len(h) < 2**31 else np.int64
-        by_hash = np.argsort(h, kind="stable").astype(self.row_dtype)  # equal hashes: rows in file order
-        self.H = h[by_hash]
-        del h
-        self.H_row = by_hash
+        if done != n:
+            raise ValueError(f"pack: {tok_file}: {done} rows read, its metadata says {n}")
+        self.row_dtype = np.int32 if n < 2**31 else np.int64
+        by_hash = np.argsort(h, kind="stable")  # equal hashes: rows in file order
+        self.H_row = by_hash.astype(self.row_dtype)
+        del by_hash
+        h.sort()  # in place: the values of h[by_hash]
+        self.H = h
+
+    def drop_index(self) -> None:
+        """The hash index (12 bytes a row) is no longer needed: every id of the mix is matched."""
+        self.H = self.H_row = None
 
     def ids(self, rows: np.ndarray) -> pa.Array:
         """The ids of `rows` (in that order), a large_string array read from the id file."""
-        vals, off = _take(self.id_file, self.i_off[rows], self.i_off[rows + 1] - self.i_off[rows], np.uint8)
+        start = self.i_off[rows]
+        vals, off = _take(self.id_file, start, self.i_off[rows + 1] - start, np.uint8)
         return pa.Array.from_buffers(pa.large_string(), len(rows), [None, pa.py_buffer(off), pa.py_buffer(vals)])
 
     def find(self, ids: pa.Array) -> np.ndarray:
@@ -371,10 +382,49 @@ class _RowKeys:
                 f.unlink()
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
+class _Offsets:
+    """The n+1 offsets of n consecutive ranges (row j's is [off[j], off[j+1])), appended batch by batch
+    as lengths: an int64 base per block of OFF_BLOCK rows and a uint32 offset within the block per row
+    (4 bytes a row, not 8; a block spanning 2**32 values or more switches to plain int64 offsets).
+    `off[rows]` (an integer array) gives the int64 offsets."""
+
+    def __init__(self, n: int):
+        self.base = np.zeros(n // OFF_BLOCK + 1, np.int64)
+        self.local = np.zeros(n + 1, np.uint32)
+        self.full: np.ndarray | None = None
+        self.pos = 0  # offsets set: [0, pos]
+        self.total = 0
+
+    def extend(self, lengths: np.ndarray) -> None:
+        m = len(lengths)
+        off = np.empty(m + 1, np.int64)
+        off[0] = self.total
+        np.cumsum(lengths, out=off[1:])
+        off[1:] += self.total
+        idx = np.arange(self.pos, self.pos + m + 1, dtype=np.int64)
+        if self.full is not None:
+            self.full[idx] = off
+        else:
+            first = idx[idx % OFF_BLOCK == 0]
+            self.base[first // OFF_BLOCK] = off[first - self.pos]
+            loc = off - self.base[idx // OFF_BLOCK]
+            if m and int(loc.max()) >= 2**32:
+                self.full = np.zeros(len(self.local), np.int64)
+                done = np.arange(self.pos, dtype=np.int64)
+                self.full[: self.pos] = self.base[done // OFF_BLOCK] + self.local[: self.pos]
+                del done
+                self.full[idx] = off
+                self.base = self.local = None
+            else:
+                self.local[idx] = loc
+        self.pos += m
+        self.total = int(off[-1])
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if self.full is not None:
+            return self.full[rows]
+        return self.base[rows // OFF_BLOCK] + self.local[rows]
 
 
 def _utf8(col) -> tuple[memoryview, np.ndarray]:
@@ -447,10 +497,12 @@ def run(
 
     Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
     fingerprint): the tokenized rows are read row group by row group into per-row keys (`_RowKeys`:
-    lengths, file offsets, source code, a sorted 64-bit hash of the id; about 52 bytes a row) while
-    their tokens and ids go to three flat files in the output folder (removed at the end). The mix is
-    read a batch at a time, its ids matched to rows (hash, then the id compared), and kept as int32
-    (row, epoch) per sample (8 bytes; the order too, and a sort, only for a mix not in (epoch, order)).
+    lengths, file offsets, source code, a sorted 64-bit hash of the id; 34 bytes a row, 22 once the mix
+    is matched) while their tokens and ids go to three flat files in the output folder (removed at the
+    end). The mix is read a batch at a time, its ids matched to rows (hash, then the id compared), each
+    row's occurrences counted (int32 a row) and each sample's (row, epoch) spilled to two files in the
+    output folder, read back a batch at a time (held in memory, with the order and a sort, only for a mix
+    not in (epoch, order)); a row's fate is a bool a row, its sample length is taken per batch.
     The samples are then placed in mix order a batch at a time (at most `open_bins` sequences open):
     this plan (which sample goes where: row, offset, lengths) is made here, and writing a shard (its
     tokens gathered from the spill files into place, its ids read back from the id file, the Arrow file,
@@ -494,6 +546,8 @@ def run(
                          read_rows, progress, tqdm, memory_gb, map_parts)
     finally:
         keys.close()  # before finish_stage renames a versioned folder into place
+        for f in (out / ".pack-mix.rows", out / ".pack-mix.epochs"):
+            f.unlink(missing_ok=True)
     return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
 
@@ -504,12 +558,14 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     P, R = keys.P, keys.R
     n_rows = len(P)
 
-    # rows: lengths and fate
-    short = R < min_resp + 1  # response tokens, EOA excluded (R - 1), fewer than min_resp
-    too_long = ~short & (P >= seq_len - min_resp)
-    keep_r = np.minimum(R, seq_len - P)  # kept response tokens (only meaningful for kept rows)
-    L = P + keep_r
-    truncated = keep_r < R
+    # rows: their fate (a bool a row); the lengths are taken per batch from P and R (`lengths`)
+    dropped = (R < min_resp + 1) | (P >= seq_len - min_resp)  # short response (EOA excluded) or prompt too long
+
+    def lengths(rows):
+        """(kept sample length, truncated) of `rows`: the response keeps seq_len - prompt tokens at most."""
+        p, r = P[rows], R[rows]
+        keep = np.minimum(r, seq_len - p)
+        return p + keep, keep < r
 
     # samples, in mix order
     # the mix read a batch at a time: each batch's ids matched to rows (no id of the mix is kept). A mix
@@ -529,35 +585,61 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
             break
         if len(e):
             prev = (e[-1], o[-1])
+    # in mix order the samples' (row, epoch) go to two spill files in the output folder, read back a
+    # batch at a time to place them (nothing held per sample); a mix out of order is sorted in memory
     ep_l, ord_l, j_l, missing = [], [], [], []
-    for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order", "id"], use_threads=False):
-        j_of = keys.find(mb.column("id"))
-        if (j_of < 0).any():
-            miss = pa.array(j_of < 0)
-            missing.append(pa.Table.from_batches([mb]).filter(miss))
-            j_of[j_of < 0] = 0
-        ep_l.append(mb.column("epoch").to_numpy().astype(np.int32))
-        if not in_order:
-            ord_l.append(mb.column("order").to_numpy().astype(np.int64))
-        j_l.append(j_of.astype(keys.row_dtype))
+    occ = np.zeros(n_rows, np.int32)  # occurrences of each row in the mix
+    n_samples = 0
+    spill_j, spill_e = out / ".pack-mix.rows", out / ".pack-mix.epochs"
+    with open(spill_j, "wb") as fj, open(spill_e, "wb") as fe:
+        for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order", "id"], use_threads=False):
+            j_of = keys.find(mb.column("id"))
+            if (j_of < 0).any():
+                miss = pa.array(j_of < 0)
+                missing.append(pa.Table.from_batches([mb]).filter(miss))
+                j_of[j_of < 0] = 0
+            u, c = np.unique(j_of, return_counts=True)
+            occ[u] += c.astype(np.int32)
+            n_samples += len(j_of)
+            if in_order:
+                j_of.astype(keys.row_dtype).tofile(fj)
+                mb.column("epoch").to_numpy().astype(np.int32).tofile(fe)
+            else:
+                ep_l.append(mb.column("epoch").to_numpy().astype(np.int32))
+                ord_l.append(mb.column("order").to_numpy().astype(np.int64))
+                j_l.append(j_of.astype(keys.row_dtype))
+    keys.drop_index()
     if missing:
         miss = pa.concat_tables(missing).sort_by([("epoch", "ascending"), ("order", "ascending")])["id"]
         raise ValueError(
             f"pack: {mix_file} names {len(miss)} sample(s) not in {tok_file}, e.g. {miss.slice(0, 3).to_pylist()}: "
             f"the mix was made from another tokenizer output"
         )
-    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-    EP, J = cat(ep_l, np.int32), cat(j_l, keys.row_dtype)
-    del ep_l, j_l
     if not in_order:
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+        EP, J = cat(ep_l, np.int32), cat(j_l, keys.row_dtype)
+        del ep_l, j_l
         perm = np.lexsort((cat(ord_l, np.int64), EP))  # (epoch, order): the mix order
         J, EP = J[perm], EP[perm]
-        del perm
-    del ord_l
-    dropped = short | too_long
-    occ = np.bincount(J, minlength=n_rows)  # occurrences of each row in the mix
-    kept_rows = occ.astype(bool) & ~dropped
-    min_len = int(L[kept_rows].min()) if kept_rows.any() else seq_len
+        del perm, ord_l
+
+    def samples():
+        """(rows, epochs) of the samples in mix order, `batch` at a time."""
+        if not in_order:
+            for i0 in range(0, n_samples, batch):
+                yield J[i0 : i0 + batch].astype(np.int64), EP[i0 : i0 + batch]
+            return
+        with open(spill_j, "rb") as fj, open(spill_e, "rb") as fe:
+            for i0 in range(0, n_samples, batch):
+                k = min(batch, n_samples - i0)
+                yield (np.fromfile(fj, keys.row_dtype, count=k).astype(np.int64),
+                       np.fromfile(fe, np.int32, count=k))
+
+    min_len = seq_len
+    for r0 in range(0, n_rows, batch):  # the shortest kept sample
+        rows = np.flatnonzero((occ[r0 : r0 + batch] > 0) & ~dropped[r0 : r0 + batch]) + r0
+        if len(rows):
+            min_len = min(min_len, int(lengths(rows)[0].min()))
 
     writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), keys, map_parts)
 
@@ -576,13 +658,13 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     bins: list[_Bin] = []
     free: list[int] = []
     cur_epoch = None
-    bar = tqdm(total=len(J), desc="pack", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
-    for i0 in range(0, len(J), batch):
-        Jb = J[i0 : i0 + batch].astype(np.int64)
+    bar = tqdm(total=n_samples, desc="pack", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
+    for Jb, EPb in samples():
         kb = ~dropped[Jb]
         # the batch's lengths as Python ints (lists per batch: per row they would cost ~36 bytes each)
-        Lb, Pb, Tb = L[Jb].tolist(), P[Jb].tolist(), truncated[Jb].tolist()
-        for x, (j, e, kept) in enumerate(zip(Jb.tolist(), EP[i0 : i0 + batch].tolist(), kb.tolist())):
+        Lb, Tb = lengths(Jb)
+        Lb, Pb, Tb = Lb.tolist(), P[Jb].tolist(), Tb.tolist()
+        for x, (j, e, kept) in enumerate(zip(Jb.tolist(), EPb.tolist(), kb.tolist())):
             if e != cur_epoch:
                 for b in bins:
                     emit(b, cur_epoch)
@@ -615,6 +697,9 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     bar.close()
     for b in bins:
         emit(b, cur_epoch)
+    spill_j.unlink(missing_ok=True)
+    spill_e.unlink(missing_ok=True)
+    J = EP = None
     writer.finish()
 
     # accounting
@@ -625,7 +710,7 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     gone = np.flatnonzero(in_mix & dropped)
     gone_ids = keys.ids(gone).to_pylist() if len(gone) else []
     for j, rid in zip(gone.tolist(), gone_ids):
-        if short[j]:
+        if R[j] < min_resp + 1:
             reason = "short_response"
             detail = f"{int(R[j]) - 1} response token(s) (EOA excluded) < min_response_tokens {min_resp}"
         else:
@@ -661,19 +746,26 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
     sequences = int(sum(r["rows"] for r in recs))
     tokens = sequences * seq_len
     non_pad = int(sum(r["non_pad_tokens"] for r in recs))
-    kept_occ = np.where(dropped, 0, occ)  # occurrences of each kept row
-    assert samples_packed == int(kept_occ.sum())
+    kept_samples = samples_truncated = tokens_truncated = 0
+    for r0 in range(0, n_rows, batch):  # per batch of rows: occurrences of each kept row
+        kept_occ = np.where(dropped[r0 : r0 + batch], 0, occ[r0 : r0 + batch]).astype(np.int64)
+        rows = np.arange(r0, r0 + len(kept_occ), dtype=np.int64)
+        L_b, trunc = lengths(rows)
+        kept_samples += int(kept_occ.sum())
+        samples_truncated += int(kept_occ[trunc].sum())
+        tokens_truncated += int((kept_occ * (R[rows] - (L_b - P[rows])).astype(np.int64)).sum())
+    assert samples_packed == kept_samples
     assert rows_in == rows_packed + len(removals)
     counts = {
         "rows_in": rows_in,
         "rows_packed": rows_packed,
         "rows_removed": len(removals),
         "removed_by_reason": dict(sorted(reason_rows.items())),
-        "samples_in": int(len(J)),
+        "samples_in": int(n_samples),
         "samples_packed": samples_packed,
         "samples_removed_by_reason": dict(sorted(reason_samples.items())),
-        "samples_truncated": int(kept_occ[truncated].sum()),
-        "tokens_truncated": int((kept_occ * (R - keep_r).astype(np.int64)).sum()),
+        "samples_truncated": samples_truncated,
+        "tokens_truncated": tokens_truncated,
         "sequences": sequences,
         "shards": len(recs),
         "tokens": tokens,
