@@ -569,10 +569,12 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
 
     # samples, in mix order
     # the mix read a batch at a time: each batch's ids matched to rows (no id of the mix is kept). A mix
-    # written by the mix stage is already in (epoch, order): then only (row, epoch) are kept per sample
-    # (int32 each below 2**31 rows); otherwise the order too, and the samples sorted by (epoch, order).
+    # written by the mix stage is already in (epoch, order): then (row, epoch) of each sample are spilled
+    # (int32 each below 2**31 rows); otherwise kept with the order, and the samples sorted by (epoch, order).
+    # Matching a batch costs ~150 bytes a sample (its ids as Python strings, their hashes, the rows' ids
+    # read back): the batch is sized at 1 KB a sample (at 4 GB ~235k samples; was 64 B: 1M, ~140 MB)
     mix_pf = pq.ParquetFile(mix_file, pre_buffer=False)
-    mb_rows = budget.batch_rows(memory_gb, 64)
+    mb_rows = budget.batch_rows(memory_gb, 1024)
     in_order, prev = True, None
     for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order"], use_threads=False):
         e = mb.column("epoch").to_numpy().astype(np.int64)
