@@ -456,3 +456,21 @@ def test_jsonl_block_buffer_edges_match_the_line_by_line_reference(tmp_path):
             got = [b.to_pylist() for b in r]
             assert [x for b in got for x in b] == [x for b in ref_rows for x in b], (name, block)
             assert r.rejects == ref_r, (name, block)
+
+
+def test_id_set_merge_places_each_hash_at_its_rank():
+    """_IdSet merges two runs by rank (no concatenation and argsort): the same arrays as the stable
+    sort of the older run then the newer one, ties on the first hash included."""
+    import numpy as np
+
+    from pipeline.rows import _IdSet
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        nb, na = rng.integers(0, 40, 2)
+        b0, a0 = (np.sort(rng.integers(0, 15, k).astype(np.uint64)) for k in (nb, na))
+        b1, a1 = (rng.integers(0, 2**63, k).astype(np.uint64) for k in (nb, na))
+        order = np.argsort(np.concatenate([b0, a0]), kind="stable")
+        m0, m1 = _IdSet._merge(b0, b1, a0, a1)
+        assert m0.tolist() == np.concatenate([b0, a0])[order].tolist()
+        assert m1.tolist() == np.concatenate([b1, a1])[order].tolist()
