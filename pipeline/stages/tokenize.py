@@ -234,8 +234,10 @@ class _Prepared:
         self.ids = _IdRuns(spill_dir) if keep_ids else None  # kept rows' ids
         # the duplicate ids: found by an id set (16 bytes an id) in the first pass; a later pass is given
         # their rows (`dup_rows`, sorted: the first pass's `dup_rows()`) and holds nothing per row
+        # (a JSONL reader rejects a repeated id itself, with its own id set: a second one here would find
+        # nothing and double the memory of the check)
         self._dup_rows = dup_rows
-        self._seen = _IdSet() if dup_rows is None else None
+        self._seen = _IdSet() if dup_rows is None and self.reader.kind != "jsonl" else None
         self._dups: list[tuple[int, str, str]] = []  # (row, id, source) of each duplicate
         self._cond_removals: list[dict] = []
         self._cond_memo: dict[str, tuple[str | None, str | None, str | None]] = {}
@@ -304,7 +306,7 @@ class _Prepared:
             t = t.select(list(_TEXT_COLS) + ["instruction", "response"])
             id_col = t["id"].combine_chunks()
             if self._dup_rows is None:
-                dup = self._seen.add_new(id_col)
+                dup = self._seen.add_new(id_col) if self._seen is not None else np.zeros(n, bool)
             else:
                 dup = np.zeros(n, bool)
                 lo, hi = np.searchsorted(self._dup_rows, [self.loaded, self.loaded + n])
