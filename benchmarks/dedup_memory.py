@@ -18,26 +18,16 @@ both codes are compared by sha256.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _common import measure_cli, sha
+
 ROOT = Path(__file__).resolve().parents[1]
 
-WAITER = """
-import json, resource, subprocess, sys, time
-t = time.time()
-p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-assert p.returncode == 0, p.stderr[-3000:]
-print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "wall_s": time.time() - t}))
-"""
 
 SPEC = """
 name: ddbench
@@ -88,19 +78,6 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def measure(code: Path, args: list[str]) -> dict:
-    cli = "import sys; sys.path.insert(0, sys.argv.pop(1)); from pipeline.cli import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", WAITER, sys.executable, "-c", cli, str(code), *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(code)})
-    if p.returncode != 0:
-        raise SystemExit(f"{code}: {' '.join(args[:2])} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
@@ -120,8 +97,8 @@ def main() -> None:
         for name, code in codes:
             o = a.work / f"out-{n}-{name}"
             subprocess.run(["rm", "-rf", str(o)], check=True)
-            res[(name, n)] = measure(code, ["stage", "dedup", "--input", str(src), "--output", str(o),
-                                            "--spec", str(spec), "--no-progress"])
+            res[(name, n)] = measure_cli(code, ["stage", "dedup", "--input", str(src), "--output", str(o),
+                                                "--spec", str(spec), "--no-progress"])
         if a.old:
             same = all(sha(a.work / f"out-{n}-new" / f) == sha(a.work / f"out-{n}-old" / f)
                        for f in ("rows.parquet", "removals.parquet", "clusters.parquet"))

@@ -17,26 +17,17 @@ the growth with the row count once the interpreter and the batches (fixed by mem
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _common import measure_cli, sha
+
 ROOT = Path(__file__).resolve().parents[1]
 
-WAITER = """
-import json, resource, subprocess, sys, time
-t = time.time()
-p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-assert p.returncode == 0, p.stderr[-3000:]
-print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "wall_s": time.time() - t}))
-"""
 
 SPEC = """
 name: pmbench
@@ -91,20 +82,6 @@ def generate(d: Path, n: int, seed: int = 0) -> None:
     tmp.rename(d / "tokenized.parquet")
 
 
-def measure(code: Path, args: list[str]) -> dict:
-    cli = "import sys; sys.path.insert(0, sys.argv.pop(1)); from pipeline.cli import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", WAITER, sys.executable, "-c", cli, str(code), *args]
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise SystemExit(f"{code}: {' '.join(args[:2])} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def shard_hashes(d: Path) -> dict[str, str]:
     return {p.name: sha(p) for p in sorted(d.glob("shard-*.arrow"))} | {"removals": sha(d / "removals.parquet")}
 
@@ -130,13 +107,13 @@ def main() -> None:
             o = d / name
             subprocess.run(["rm", "-rf", str(o)], check=True)
             common = ["--spec", str(spec), "--no-progress"]
-            res[(name, "mix", n)] = measure(code, ["stage", "mix", "--input", str(d / "tok"), "--output",
-                                                   str(o / "mix"), *common])
+            res[(name, "mix", n)] = measure_cli(code, ["stage", "mix", "--input", str(d / "tok"), "--output",
+                                                       str(o / "mix"), *common])
             # pack always packs this code's mix (the old mix is compared with it below)
             if "pack" not in a.stages.split(","):
                 continue
-            res[(name, "pack", n)] = measure(code, ["stage", "pack", "--input", str(d / "tok"), "--mix",
-                                                    str(d / "new" / "mix"), "--output", str(o / "pack"), *common])
+            res[(name, "pack", n)] = measure_cli(code, ["stage", "pack", "--input", str(d / "tok"), "--mix",
+                                                        str(d / "new" / "mix"), "--output", str(o / "pack"), *common])
         if a.old:
             same_mix = sha(d / "new" / "mix" / "mix.parquet") == sha(d / "old" / "mix" / "mix.parquet")
             same_pack = (shard_hashes(d / "new" / "pack") == shard_hashes(d / "old" / "pack")
