@@ -281,16 +281,22 @@ def finish_stage(out_dir: str | os.PathLike, manifest: dict, timing: dict | None
         write_json(timing, out / TIMING)
     write_json(manifest, out / MANIFEST)
     if out.name.startswith(TMP_PREFIX):
-        final = out.parent / out.name[len(TMP_PREFIX):]
-        if final.exists():  # forced recompute: replace the old version
-            old = out.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(out, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(out, final)
-        out = final
+        out = replace_dir(out, out.parent / out.name[len(TMP_PREFIX):])  # forced recompute: replaces the old
     return {**manifest, "path": str(out.resolve())}
+
+
+def replace_dir(src: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Rename the finished folder SRC to FINAL; a FINAL already there is moved aside first and removed
+    after, so FINAL never holds a mix of the two. Returns FINAL."""
+    src, final = Path(src), Path(final)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(src, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, final)
+    return final
 
 
 def clear_manifest(out_dir: str | os.PathLike) -> None:

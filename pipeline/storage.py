@@ -37,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .io import replace_dir
+
 INDEX = "_files.json"  # a published folder's file list, uploaded last: the folder exists when it does
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 EXTRAS = {"gcsfs": " (or: pip install -e .[gcs])"}
@@ -287,13 +289,7 @@ def fetch_tree(url: str, local_dir: str | os.PathLike, index: dict | None = None
                                    f"{size} bytes; expected {rec['sha256'][:16]}, {rec['bytes']} bytes): the object was "
                                    "changed or corrupted after publication; publish the folder again")
         (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-        if local_dir.exists():
-            old = local_dir.parent / f".old-{local_dir.name}-{os.getpid()}"
-            os.replace(local_dir, old)
-            os.replace(tmp, local_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, local_dir)
+        replace_dir(tmp, local_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local_dir
