@@ -81,6 +81,7 @@ from .. import budget
 from ..parts import MapParts
 from ..rows import RowReader, _IdSet
 from ..schema import REMOVAL_SCHEMA
+from . import dedup_ooc
 
 STAGE = "dedup"
 PART_ROWS = 32_768  # documents per signature part
@@ -153,95 +154,89 @@ def run(
             pool.shutdown(wait=False, cancel_futures=True)
         raise
     n, rejects = first.rows, first.rejects
-    rank = first.rank()  # (n,) row indices, best first
-    first.priority = None  # ranked: no longer needed
     timing["load"] = time.perf_counter() - t0
 
-    # 1. exact
+    # 1. exact: the duplicates and their kept rows, one hash partition file at a time
     t = time.perf_counter()
-    exact_of = np.full(n, -1, np.int64)  # row index of the best-ranked identical row, -1 for itself
-    if cfg.exact and n:
-        exact_of = exact_from_hashes(first.hashes, rank)
-    first.hashes = None
-    is_exact = exact_of >= 0
-    keep_of = exact_of.copy()  # row index of the kept row, -1 for kept rows
+    ex_rows = ex_keep = np.zeros(0, np.int64)  # ascending rows, the best-ranked identical row of each
+    if first.exact is not None:
+        ex_rows, ex_keep = first.exact.duplicates()
+    first.exact = None
+    # the near step's documents: the rows that are not exact duplicates, in rank order
+    if first.priority is None or first.in_order:  # rank order is input order: nothing held per row
+        docmap: dedup_ooc.ComplementRows | dedup_ooc.DenseRows = dedup_ooc.ComplementRows(ex_rows, n)
+    else:  # priorities that decrease somewhere: the rank order of every row (8 bytes a row)
+        rank = first.rank()
+        docmap = dedup_ooc.DenseRows(rank[~dedup_ooc.in_sorted(ex_rows, rank)])
+        del rank
+    if first.priority is not None:
+        first.priority.unlink()
     timing["exact"] = time.perf_counter() - t
 
     # 2. near, over the exact survivors in rank order
     t = time.perf_counter()
-    survivors = rank[~is_exact[rank]]
-    del rank  # not used past here (8 bytes a row)
-    is_near = np.zeros(n, bool)
+    z = np.zeros(0, np.int64)
+    near_rows, near_keep, near_match, near_mj, near_j = z, z, z, np.zeros(0), np.zeros(0)
+    members = member_root = z
     lsh_info: dict = {}
-    root = None
-    if cfg.near and survivors.size > 1:
+    D = docmap.size
+    if cfg.near and D > 1:
         docs = out / "signatures" / DOCS_FILE
-        pos = np.searchsorted(first.written, survivors)
-        assert np.array_equal(first.written[pos.clip(max=first.written.size - 1)], survivors), "a kept row's text"
-        if np.array_equal(pos, np.arange(first.written.size)):  # the texts file is the docs file
+        # the texts file holds every row but the skipped ones: it is the docs file when the skipped rows
+        # are exactly the exact duplicates and the rank order is the input order
+        if isinstance(docmap, dedup_ooc.ComplementRows) and np.array_equal(first.skipped, ex_rows):
             if eager is not None:  # its parts are this docs file's (the workers read it by its path)
-                eager.finish(int(first.written.size))
+                eager.finish(D)
             docs.parent.mkdir(parents=True, exist_ok=True)
             os.replace(first.texts, docs)
         else:
             if eager is not None:
                 eager.abandon()
-            write_docs(_gather_texts(first.texts, pos), docs)
-        res = near_duplicates(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
+            write_docs(_gather_docs(first.texts, first.skipped, docmap), docs)
+        res = near_clusters(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
         lsh_info = res.info
-        root = res.root
-        dup = np.flatnonzero(res.root != np.arange(survivors.size))
-        keep_of[survivors[dup]] = survivors[res.root[dup]]
-        matched, match_j, jaccard = _near_values(survivors[dup], survivors[res.match[dup]], res.match_jaccard[dup],
-                                                 res.jaccard[dup])
-        is_near[survivors[dup]] = True
-        # an exact copy of a row removed as a near duplicate points at the row kept in its place
-        exact_rows = np.flatnonzero(is_exact)
-        keep_of[exact_rows] = np.where(
-            is_near[exact_of[exact_rows]], keep_of[exact_of[exact_rows]], keep_of[exact_rows]
-        )
-        docs.unlink()  # a copy of the input text
+        dup = np.flatnonzero(res.root != res.docs)
+        near_rows = docmap.rows(res.docs[dup])
+        near_keep, near_match = docmap.rows(res.root[dup]), docmap.rows(res.match[dup])
+        near_mj, near_j = res.match_jaccard[dup], res.jaccard[dup]
+        members, member_root = docmap.rows(res.docs), docmap.rows(res.root)
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
+        del res
+        docs.unlink()  # a copy of the input text
     else:  # no near step this time: no step files of an earlier run left behind
-        matched, match_j, jaccard = _near_values(*([np.zeros(0, np.int64)] * 2), *([np.zeros(0)] * 2))
         if eager is not None:
             eager.abandon()
         for step in ("signatures", "buckets", "verify"):
             shutil.rmtree(out / step, ignore_errors=True)
     timing["near"] = time.perf_counter() - t
-    first.written = None  # the texts file's rows: only the near step maps them (8 bytes a row)
+    del docmap
 
     # 3. second pass: the kept rows row group by row group; the ids the outputs name
     t = time.perf_counter()
-    removed = np.flatnonzero(keep_of >= 0)
-    need = np.zeros(n, bool)  # rows whose id (and source) the removals and clusters name
-    need[removed] = True
-    need[keep_of[removed]] = True
-    need[np.where(is_near[removed], matched[removed], exact_of[removed])] = True
-    members = None
-    if root is not None:
-        members, member_root = _cluster_members(survivors, root)
-        need[members] = True
-        need[member_root] = True
-    rows_rec, ids = _second_pass(input_path, first, keep_of < 0, need, out / "rows.parquet", memory_gb, progress)
+    rem = _Removed.build(ex_rows, ex_keep, near_rows, near_keep, near_match, near_mj, near_j)
+    named = np.where(rem.near, rem.matched, rem.exact_of)
+    need = np.unique(np.concatenate([rem.rows, rem.keep, named, members, member_root]))
+    rows_rec, ids = _second_pass(input_path, first, dedup_ooc.SparseMask(rem.rows, n, False),
+                                 dedup_ooc.SparseMask(need, n, True), out / "rows.parquet", memory_gb, progress)
     clusters = pa.Table.from_pylist([], schema=CLUSTERS_SCHEMA)
-    if members is not None and members.size:
-        clusters = pa.table({"id": ids.take(members), "cluster_id": ids.take(member_root)}, schema=CLUSTERS_SCHEMA)
-    kept = int(n - removed.size)
+    if members.size:
+        order = np.argsort(members, kind="stable")  # the members in input order
+        clusters = pa.table({"id": ids.take(members[order]), "cluster_id": ids.take(member_root[order])},
+                            schema=CLUSTERS_SCHEMA)
+    kept = int(n - rem.rows.size)
     outputs = {
         "rows.parquet": rows_rec,
-        "removals.parquet": write_parquet(
-            _removals(ids, keep_of, exact_of, is_near, matched, match_j, jaccard, cfg), out / "removals.parquet"
-        ),
+        "removals.parquet": write_parquet(_removals(ids, rem, cfg), out / "removals.parquet"),
         "rejects.parquet": write_parquet(_rejects(rejects), out / "rejects.parquet"),
         "clusters.parquet": write_parquet(clusters, out / "clusters.parquet"),
     }
+    strata = _strata_counts(first.strata, first.strata_dict, ex_rows, near_rows) if first.strata is not None else None
     shutil.rmtree(spill, ignore_errors=True)
     counts = {
         "rows_in": n,
         "kept": kept,
-        "exact_duplicates": int(is_exact.sum()),
-        "near_duplicates": int(is_near.sum()),
+        "exact_duplicates": int(ex_rows.size),
+        "near_duplicates": int(near_rows.size),
         "rejected": len(rejects),
     }
     assert counts["rows_in"] == counts["kept"] + counts["exact_duplicates"] + counts["near_duplicates"]
@@ -254,8 +249,8 @@ def run(
         "counts": counts,
         "lsh": lsh_info,
     }
-    if first.strata is not None:
-        manifest["strata"] = _strata_counts(first.strata_names(), is_exact, is_near)
+    if strata is not None:
+        manifest["strata"] = strata
     timing["write"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t0
     return finish_stage(out, manifest, timing)
@@ -268,24 +263,23 @@ def run(
 class FirstPass:
     rows: int
     rejects: list[dict]
-    priority: np.ndarray | None  # (n,) the priority column (nulls after every value), if any
-    hashes: np.ndarray | None  # (2, n) uint64: the exact-dedup key's 128-bit hash
-    texts: Path  # Arrow IPC file: instruction + newline + response of the rows `written`, input order
-    written: np.ndarray  # (k,) ascending: every row that can be kept is among them
-    strata: np.ndarray | None  # (n,) int32 code of each row's stratum, if the column exists
+    priority: dedup_ooc.Column | None  # the priority column (nulls after every value), if any, on disk
+    in_order: bool  # the rows came in rank order (no priority, or priorities that never decrease)
+    exact: dedup_ooc.ExactSpill | None  # every row's exact-dedup hash (cfg.exact), on disk
+    texts: Path  # Arrow IPC file: instruction + newline + response of every row but `skipped`, input order
+    skipped: np.ndarray  # (k,) ascending: rows whose text was not written (exact copies seen in order)
+    strata: dedup_ooc.Column | None  # the int32 code of each row's stratum, if the column exists, on disk
     strata_dict: list[str]
     schema: pa.Schema | None  # of the rows (JSONL: every batch's types unified)
     spilled: list[Path]  # JSONL: the rows batch by batch (read once; Parquet is read again instead)
     reader_kind: str
 
     def rank(self) -> np.ndarray:
-        """Row indices best first: by `priority` (lower first) when present, then by input order."""
-        if self.priority is None:
+        """Row indices best first: by `priority` (lower first) when present, then by input order
+        (8 bytes a row: used only when the rows did not come in rank order)."""
+        if self.priority is None or self.in_order:
             return np.arange(self.rows, dtype=np.int64)
-        return np.argsort(self.priority, kind="stable").astype(np.int64)
-
-    def strata_names(self) -> pl.Series:
-        return pl.Series(np.asarray(self.strata_dict, dtype=object)[self.strata] if self.rows else [], dtype=pl.String)
+        return np.argsort(self.priority.read_all(), kind="stable").astype(np.int64)
 
 
 def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048, json_threads: bool = True) -> RowReader:
@@ -440,9 +434,9 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     # with the eager signature workers busy on every core, Arrow's threads only add to the JSON parse's
     # CPU (10-40% measured on a busy 2-core machine; the same tables)
     reader = _reader(input_path, memory_gb, json_threads=eager is None)
-    prio: list[np.ndarray] = []
-    hashes: list[np.ndarray] = []
-    strata: list[np.ndarray] = []
+    prio: dedup_ooc.Column | None = None
+    exact = dedup_ooc.ExactSpill(spill / "exact") if cfg.exact else None
+    strata: dedup_ooc.Column | None = None
     strata_dict: dict[str, int] = {}
     spilled: list[Path] = []
     schemas: list[pa.Schema] = []
@@ -454,7 +448,7 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     # is the near step's docs file as it is. Once a priority decreases, every later text is written.
     in_order, last_prio = True, None
     seen = _IdSet() if cfg.exact else None
-    written: list[np.ndarray] = []  # rows whose text is in the texts file, ascending
+    skipped: list[np.ndarray] = []  # rows whose text is not in the texts file, ascending
     bar = None  # opened at the first batch: an input that fails before any row shows no bar
     texts = _TextsFile(texts_path, eager)
     try:
@@ -465,9 +459,14 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
             batch = reader.conform(batch)
             if has_prio is None:
                 has_prio, has_stratum = "priority" in batch.column_names, "stratum" in batch.column_names
+                if has_prio:
+                    prio = dedup_ooc.Column(spill / "priority.i64", np.int64)
+                if has_stratum:
+                    strata = dedup_ooc.Column(spill / "strata.i32", np.int32)
+            p = None
             if has_prio:
-                prio.append(_priority(batch["priority"]))
-                p = prio[-1]
+                p = _priority(batch["priority"]).astype(np.int64)
+                prio.add(p)
                 if in_order and p.size:
                     in_order = (last_prio is None or p[0] >= last_prio) and bool(np.all(p[1:] >= p[:-1]))
                     last_prio = p[-1]
@@ -477,7 +476,7 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                 for s in range(0, batch.num_rows, EXACT_SLICE):
                     k = exact_hashes(batch.slice(s, EXACT_SLICE), cfg.lowercase)
                     h[:, s : s + k.shape[1]] = k
-                hashes.append(h)
+                exact.add(h, n, p)
                 if in_order:
                     sel = np.flatnonzero(~seen.add_new_hashes(h[0], h[1]))
                 else:
@@ -488,9 +487,12 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                 names = pc.fill_null(batch["stratum"].cast(pa.string()), "").combine_chunks().dictionary_encode()
                 codes = np.array([strata_dict.setdefault(x, len(strata_dict)) for x in names.dictionary.to_pylist()],
                                  np.int32)
-                strata.append(codes[names.indices.to_numpy(zero_copy_only=False)] if len(codes) else
-                              np.zeros(0, np.int32))
-            written.append(n + sel)
+                strata.add(codes[names.indices.to_numpy(zero_copy_only=False)] if len(codes) else
+                           np.zeros(0, np.int32))
+            if sel.size < batch.num_rows:
+                gone = np.ones(batch.num_rows, bool)
+                gone[sel] = False
+                skipped.append(n + np.flatnonzero(gone))
             texts.write(_joined_texts(batch, sel))
             if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
                 f = spill / f"rows-{len(spilled):05d}.arrow"
@@ -502,6 +504,11 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
             bar.update(batch.num_rows)
     finally:
         texts.close()
+        for col in (prio, strata):
+            if col is not None:
+                col.close()
+        if exact is not None:
+            exact.close()
     if bar is not None:
         bar.close()
     if not schemas:  # no row: the columns the loader gives an empty file
@@ -523,11 +530,12 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     return FirstPass(
         rows=n,
         rejects=rejects,
-        priority=cat(prio) if has_prio else None,
-        hashes=cat(hashes, axis=1) if hashes else np.zeros((2, 0), np.uint64),
+        priority=prio,
+        in_order=in_order,
+        exact=exact,
         texts=texts_path,
-        written=cat(written) if written else np.zeros(0, np.int64),
-        strata=cat(strata) if has_stratum else None,
+        skipped=cat(skipped) if skipped else np.zeros(0, np.int64),
+        strata=strata,
         strata_dict=list(strata_dict),
         schema=schema_rows,
         spilled=spilled,
@@ -535,27 +543,41 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     )
 
 
-class _PerRow:
-    """A value for some rows (the near duplicates) and `default` for every other row, indexed like an
-    (n,) array by an array of row indices: 16 bytes per row with a value, none for the others."""
+@dataclass
+class _Removed:
+    """The removed rows (ascending) and, for each, what the removals name: the row kept in its place,
+    the identical row it was dropped for (exact; -1 for near), and for near duplicates the row it was
+    matched with, that pair's similarity and the similarity to the kept row (-1, 1, 1 for exact)."""
 
-    def __init__(self, rows: np.ndarray, values: np.ndarray, default):
-        o = np.argsort(rows, kind="stable")
-        self.rows, self.values, self.default = rows[o], values[o], default
+    rows: np.ndarray
+    keep: np.ndarray
+    exact_of: np.ndarray
+    near: np.ndarray  # bool
+    matched: np.ndarray
+    match_j: np.ndarray
+    jaccard: np.ndarray
 
-    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        idx = np.asarray(idx, np.int64)
-        if not self.rows.size:
-            return np.full(idx.shape, self.default, self.values.dtype)
-        pos = np.searchsorted(self.rows, idx).clip(max=self.rows.size - 1)
-        return np.where(self.rows[pos] == idx, self.values[pos], self.default).astype(self.values.dtype)
-
-
-def _near_values(rows, matched, match_j, jaccard) -> tuple[_PerRow, _PerRow, _PerRow]:
-    """Per row, for near duplicates (`rows`): the row it was matched with (-1 for the other rows), the
-    similarity of that pair and its similarity to the kept row (1 for the other rows)."""
-    return (_PerRow(rows, np.asarray(matched, np.int64), -1), _PerRow(rows, np.asarray(match_j, np.float64), 1.0),
-            _PerRow(rows, np.asarray(jaccard, np.float64), 1.0))
+    @classmethod
+    def build(cls, ex_rows, ex_keep, near_rows, near_keep, near_match, near_mj, near_j) -> "_Removed":
+        # an exact copy of a row removed as a near duplicate points at the row kept in its place
+        o = np.argsort(near_rows, kind="stable")
+        nr, nk = near_rows[o], near_keep[o]
+        hit = dedup_ooc.in_sorted(nr, ex_keep)
+        keep_ex = ex_keep.copy()
+        if hit.any():
+            keep_ex[hit] = nk[np.searchsorted(nr, ex_keep[hit])]
+        rows = np.concatenate([ex_rows, near_rows])
+        order = np.argsort(rows, kind="stable")
+        m_ex, m_near = ex_rows.size, near_rows.size
+        return cls(
+            rows=rows[order],
+            keep=np.concatenate([keep_ex, near_keep])[order],
+            exact_of=np.concatenate([ex_keep, np.full(m_near, -1, np.int64)])[order],
+            near=np.concatenate([np.zeros(m_ex, bool), np.ones(m_near, bool)])[order],
+            matched=np.concatenate([np.full(m_ex, -1, np.int64), near_match])[order],
+            match_j=np.concatenate([np.ones(m_ex), near_mj])[order],
+            jaccard=np.concatenate([np.ones(m_ex), near_j])[order],
+        )
 
 
 def _priority(col: pa.ChunkedArray) -> np.ndarray:
@@ -577,12 +599,21 @@ def _gather_texts(texts: Path, rows: np.ndarray) -> Iterable[pa.Array]:
         yield got.take(pa.array(inv))
 
 
+def _gather_docs(texts: Path, skipped: np.ndarray, docmap) -> Iterable[pa.Array]:
+    """The documents' texts in document order, from the texts file (every row but `skipped`), PART_ROWS
+    documents at a time."""
+    for d in range(0, docmap.size, PART_ROWS):
+        rows = docmap.rows(np.arange(d, min(d + PART_ROWS, docmap.size), dtype=np.int64))
+        assert not dedup_ooc.in_sorted(skipped, rows).any(), "a kept row's text was not written"
+        yield from _gather_texts(texts, rows - np.searchsorted(skipped, rows))
+
+
 class IdLookup:
     """The ids of some rows (those the outputs name), gathered during the second pass: `take(idx)`
     like a column's take, for indices among them."""
 
-    def __init__(self, need: np.ndarray, ids: pa.Array, sources: pa.Array):
-        self.rows = np.flatnonzero(need)  # (k,) ascending
+    def __init__(self, need: np.ndarray | dedup_ooc.SparseMask, ids: pa.Array, sources: pa.Array):
+        self.rows = need.rows if isinstance(need, dedup_ooc.SparseMask) else np.flatnonzero(need)  # ascending
         self.ids, self.sources = ids, sources
 
     def _pos(self, idx: np.ndarray) -> pa.Array:
@@ -857,6 +888,28 @@ class NearResult:
     timing: dict  # seconds per step
 
 
+@dataclass
+class NearClusters:
+    """`NearResult` for the documents in a cluster of 2+ only (every other document is its own root,
+    matched with itself at 1): memory for the paired documents, not for every document."""
+
+    docs: np.ndarray  # (m,) int64 ascending: the documents in a cluster
+    root: np.ndarray  # (m,) int64: the cluster's kept document (the smallest)
+    match: np.ndarray  # (m,) int64
+    match_jaccard: np.ndarray  # (m,) float64
+    jaccard: np.ndarray  # (m,) float64
+    n_docs: int
+    info: dict
+    timing: dict
+
+    def dense(self) -> NearResult:
+        root, match = np.arange(self.n_docs, dtype=np.int64), np.arange(self.n_docs, dtype=np.int64)
+        mj, jac = np.ones(self.n_docs), np.ones(self.n_docs)
+        root[self.docs], match[self.docs] = self.root, self.match
+        mj[self.docs], jac[self.docs] = self.match_jaccard, self.jaccard
+        return NearResult(root, match, mj, jac, self.info, self.timing)
+
+
 def lsh_params(cfg: DedupConfig) -> tuple[int, int, float]:
     """(bands, rows, verify_threshold) for a config: cfg.bands if given, else the banding with
     candidate probability >= MIN_RECALL at the threshold that minimises false positives + negatives.
@@ -901,7 +954,22 @@ def near_duplicates(
 ) -> NearResult:
     """Near-duplicate clusters of the texts in `docs` (see `write_docs`; best-ranked first): writes
     signatures/ and buckets/ into work_dir. With `key`, signature parts of an interrupted run with the
-    same key are reused."""
+    same key are reused. Per document arrays: `near_clusters` gives them for the clustered ones only."""
+    return near_clusters(docs, work_dir, cfg, key=key, part_rows=part_rows, progress=progress,
+                         map_parts=map_parts).dense()
+
+
+def near_clusters(
+    docs: Path,
+    work_dir: str | os.PathLike,
+    cfg: DedupConfig,
+    *,
+    key: str | None = None,
+    part_rows: int | None = None,
+    progress: bool = False,
+    map_parts: MapParts | None = None,
+) -> NearClusters:
+    """`near_duplicates` with its per-document values for the documents in a cluster only."""
     work = Path(work_dir)
     part_rows = part_rows or PART_ROWS
     t0 = time.perf_counter()
@@ -917,15 +985,15 @@ def near_duplicates(
     accepted = checked.filter(checked["accepted"])
     pairs = np.stack([accepted["a"].to_numpy(), accepted["b"].to_numpy()], axis=1).reshape(-1, 2)  # (E, 2)
     sim = accepted["jaccard"].to_numpy()  # (E,)
-    root = minhash.union_find(n_docs, pairs)  # (D,)
-    match, edge = minhash.match_tree(root, pairs, sim)  # (D,), (D,)
-    dup = np.flatnonzero(root != np.arange(n_docs))
-    match_jaccard = np.ones(n_docs, np.float64)
+    # over the documents of the accepted pairs only (memory for those, not for every document)
+    members, root, match, edge = dedup_ooc.clusters(pairs, sim)  # (m,) each
+    dup = np.flatnonzero(root != members)
+    match_jaccard = np.ones(members.size, np.float64)
     match_jaccard[dup] = sim[edge[dup]]
     jaccard = match_jaccard.copy()  # to the root: the pair's own similarity when matched with the root
     chain = dup[match[dup] != root[dup]]
     if chain.size:
-        jaccard[chain] = similarity(docs, parts, chain, root[chain], cfg)
+        jaccard[chain] = similarity(docs, parts, members[chain], root[chain], cfg)
     info = {
         "bands": bands,
         "rows": rows,
@@ -939,7 +1007,7 @@ def near_duplicates(
         "chained_below_threshold": int((jaccard[chain] < cfg.threshold).sum()),
     }
     timing = {"signatures": t1 - t0, "buckets": t2 - t1, "verify": t3 - t2, "clusters": time.perf_counter() - t3}
-    return NearResult(root, match, match_jaccard, jaccard, info, timing)
+    return NearClusters(members, root, match, match_jaccard, jaccard, n_docs, info, timing)
 
 
 def signature_step(
@@ -1166,39 +1234,14 @@ def read_texts(docs: Path, idx: np.ndarray) -> pa.ChunkedArray:
 # ------------------------------------------------------------------------------------------------
 # output tables
 # ------------------------------------------------------------------------------------------------
-def _cluster_members(survivors: np.ndarray, root: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, rows of their kept row) of every member of a cluster with 2+ members, in the input order
-    of the members: the clusters.parquet rows (id, cluster_id)."""
-    in_cluster = np.zeros(root.size, bool)
-    in_cluster[root != np.arange(root.size)] = True
-    in_cluster[root[in_cluster]] = True
-    members = np.flatnonzero(in_cluster)
-    order = np.argsort(survivors[members], kind="stable")
-    members = members[order]
-    return survivors[members], survivors[root[members]]
-
-
-def _removals(
-    ids: "IdLookup",
-    keep_of: np.ndarray,
-    exact_of: np.ndarray,
-    is_near: np.ndarray,
-    matched: np.ndarray | _PerRow,
-    match_j: np.ndarray | _PerRow,
-    jaccard: np.ndarray | _PerRow,
-    cfg: DedupConfig,
-) -> pa.Table:
-    removed = np.flatnonzero(keep_of >= 0)  # input order
+def _removals(ids: "IdLookup", rem: _Removed, cfg: DedupConfig) -> pa.Table:
     j = "J" if cfg.verify == "exact" else "est. J"
     t = cfg.threshold
-    # the removed rows' values, taken at once
-    near_r, m_r, mj_r, j_r = is_near[removed], matched[removed], match_j[removed], jaccard[removed]
-    keep_r, exact_r = keep_of[removed], exact_of[removed]
     # the row named in each detail: the matched row (near) or the identical row (exact), fetched at once
-    named = ids.take(np.where(near_r, m_r, exact_r)).to_pylist()
+    named = ids.take(np.where(rem.near, rem.matched, rem.exact_of)).to_pylist()
     detail = []
-    for near, m, mj, jk, keep, ex, other in zip(near_r.tolist(), m_r.tolist(), mj_r.tolist(), j_r.tolist(),
-                                                keep_r.tolist(), exact_r.tolist(), named):
+    for near, m, mj, jk, keep, ex, other in zip(rem.near.tolist(), rem.matched.tolist(), rem.match_j.tolist(),
+                                                rem.jaccard.tolist(), rem.keep.tolist(), rem.exact_of.tolist(), named):
         if near:
             text = f"matched {other} at {j}={_floor3(mj)}"
             if m != keep:  # reached the kept row through other rows
@@ -1210,15 +1253,14 @@ def _removals(
             detail.append("same normalized text")
         else:  # its identical row was itself removed as a near duplicate of the kept row
             detail.append(f"same normalized text as {other}")
-    near = is_near[removed]
     return pa.table(
         {
-            "id": ids.take(removed),
-            "source": ids.take_source(removed),
-            "stage": pa.array([STAGE] * removed.size, pa.string()),
-            "reason": pa.array(np.where(near, "near_duplicate", "exact_duplicate").tolist(), pa.string()),
+            "id": ids.take(rem.rows),
+            "source": ids.take_source(rem.rows),
+            "stage": pa.array([STAGE] * rem.rows.size, pa.string()),
+            "reason": pa.array(np.where(rem.near, "near_duplicate", "exact_duplicate").tolist(), pa.string()),
             "detail": pa.array(detail, pa.string()),
-            "duplicate_of": ids.take(keep_of[removed]),
+            "duplicate_of": ids.take(rem.keep),
         },
         schema=REMOVAL_SCHEMA,
     )
@@ -1235,10 +1277,19 @@ def _rejects(rejects: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{**r, "stage": STAGE} for r in rejects], schema=REMOVAL_SCHEMA)
 
 
-def _strata_counts(names: pl.Series, is_exact: np.ndarray, is_near: np.ndarray) -> dict:
-    df = pl.DataFrame({"stratum": names, "exact": is_exact, "near": is_near})
-    agg = df.group_by("stratum").agg(pl.len().alias("in"), pl.col("exact").sum(), pl.col("near").sum()).sort("stratum")
+def _strata_counts(codes: dedup_ooc.Column, names: list[str], ex_rows: np.ndarray, near_rows: np.ndarray) -> dict:
+    """Per stratum (by name): rows in, kept, exact and near duplicates, from the stratum codes on disk."""
+    k = len(names)
+    n_in = np.zeros(k, np.int64)
+    for _, v in codes.chunks():
+        n_in += np.bincount(v, minlength=k)
+    n_ex = np.bincount(codes.at(ex_rows), minlength=k) if ex_rows.size else np.zeros(k, np.int64)
+    near_sorted = np.sort(near_rows)
+    n_near = np.bincount(codes.at(near_sorted), minlength=k) if near_sorted.size else np.zeros(k, np.int64)
+    codes.unlink()
     return {
-        r["stratum"]: {"in": r["in"], "kept": r["in"] - r["exact"] - r["near"], "exact": r["exact"], "near": r["near"]}
-        for r in agg.iter_rows(named=True)
+        names[c]: {"in": int(n_in[c]), "kept": int(n_in[c] - n_ex[c] - n_near[c]), "exact": int(n_ex[c]),
+                   "near": int(n_near[c])}
+        for c in sorted(range(k), key=lambda c: names[c])
+        if n_in[c]
     }
