@@ -91,6 +91,7 @@ VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
 EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
+BAND_SHARE = 1 / 4  # of the budget: one band's keys and their sort in the LSH bucket step
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
 )
@@ -193,7 +194,7 @@ def run(
             if eager is not None:
                 eager.abandon()
             write_docs(_gather_docs(first.texts, first.skipped, docmap), docs)
-        res = near_clusters(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
+        res = near_clusters(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts, memory_gb=memory_gb)
         lsh_info = res.info
         dup = np.flatnonzero(res.root != res.docs)
         near_rows = docmap.rows(res.docs[dup])
@@ -951,12 +952,13 @@ def near_duplicates(
     part_rows: int | None = None,
     progress: bool = False,
     map_parts: MapParts | None = None,
+    memory_gb: float | None = None,
 ) -> NearResult:
     """Near-duplicate clusters of the texts in `docs` (see `write_docs`; best-ranked first): writes
     signatures/ and buckets/ into work_dir. With `key`, signature parts of an interrupted run with the
     same key are reused. Per document arrays: `near_clusters` gives them for the clustered ones only."""
     return near_clusters(docs, work_dir, cfg, key=key, part_rows=part_rows, progress=progress,
-                         map_parts=map_parts).dense()
+                         map_parts=map_parts, memory_gb=memory_gb).dense()
 
 
 def near_clusters(
@@ -968,6 +970,7 @@ def near_clusters(
     part_rows: int | None = None,
     progress: bool = False,
     map_parts: MapParts | None = None,
+    memory_gb: float | None = None,
 ) -> NearClusters:
     """`near_duplicates` with its per-document values for the documents in a cluster only."""
     work = Path(work_dir)
@@ -977,7 +980,7 @@ def near_clusters(
                            map_parts=map_parts)
     t1 = time.perf_counter()
     bands, rows, verify_at = lsh_params(cfg)
-    cand = bucket_step(parts, work / "buckets", bands, rows)
+    cand = bucket_step(parts, work / "buckets", bands, rows, memory_gb)
     t2 = time.perf_counter()
     checked = verify_step(docs, parts, cand, work / "verify", cfg, verify_at)
     t3 = time.perf_counter()
@@ -1118,17 +1121,19 @@ class SignatureStore:
         return out
 
 
-def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int) -> pa.Table:
+def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int, memory_gb: float | None = None) -> pa.Table:
     """LSH buckets of all parts -> bucket_dir/candidates.parquet (a, b, estimated_jaccard), a < b,
     sorted by (a, b).
 
     Out of core: each part's band keys are appended to one file per band (bucket_dir/band-NN.u64), then
-    each band's keys alone give that band's pairs (`minhash.candidate_pairs`); the pairs of all bands
-    are merged. Held at once: one part's signatures and keys, then one band's keys (8 bytes a
-    document) and the pairs."""
+    each band's keys alone give that band's pairs (`dedup_ooc.band_pairs`: in memory while a band's keys
+    fit a share of the budget, else split on disk by key range); the pairs of all bands are merged. Held
+    at once: one part's signatures and keys, then one band's keys or one key range of them, and the
+    pairs."""
     bucket_dir.mkdir(parents=True, exist_ok=True)
     band_files = [bucket_dir / f"band-{j:02d}.u64" for j in range(bands)]
-    valid = [np.zeros(0, bool)]
+    invalid = [np.zeros(0, np.int64)]  # documents without a shingle: never a near duplicate
+    D = 0
     sinks = [open(f, "wb") for f in band_files]
     try:
         for p in parts:
@@ -1136,16 +1141,17 @@ def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int) -> p
             keys = minhash.band_keys(sig, bands, rows)  # (bands, n)
             for j in range(bands):
                 keys[j].tofile(sinks[j])
-            valid.append(sig[:, 0] != minhash.EMPTY)  # no shingle: never a near duplicate
+            invalid.append(D + np.flatnonzero(sig[:, 0] == minhash.EMPTY))
+            D += sig.shape[0]
             del sig, keys
     finally:
         for f in sinks:
             f.close()
-    ok = np.concatenate(valid)
-    D = ok.size
+    bad = np.concatenate(invalid)
+    share = int(budget.usable_bytes(memory_gb) * BAND_SHARE)
     edges = [np.zeros((0, 2), np.int64)]
     for f in band_files:
-        edges.append(minhash.candidate_pairs(np.fromfile(f, np.uint64)[None, :], ok))
+        edges.append(dedup_ooc.band_pairs(f, D, bad, share))
         f.unlink()
     e = np.concatenate(edges)
     code = np.unique(e[:, 0] * np.int64(max(D, 1)) + e[:, 1])  # as candidate_pairs merges its bands

@@ -205,3 +205,61 @@ def clusters(pairs: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray
     match, edge = minhash.match_tree(root, local, sim)
     return docs, docs[root], docs[match], edge
 
+
+
+BAND_BYTES_PER_DOC = 40  # what one band's in-memory candidate search holds per document (keys, sort)
+KEY_DOC = np.dtype([("key", "<u8"), ("doc", "<i8")])
+
+
+def band_pairs(band_file: Path, n_docs: int, invalid: np.ndarray, max_bytes: int) -> np.ndarray:
+    """(E, 2) int64 pairs (u < v, unique) of documents sharing a bucket in the band whose keys (n_docs
+    uint64, document order) are in `band_file`, documents in `invalid` (ascending) left out: each
+    bucket's smallest member paired with each other member (`minhash.candidate_pairs` of one band).
+
+    When the band's keys with their sort would take more than `max_bytes`, the (key, document) pairs
+    are first split on disk by the top bits of the key into as many partition files as needed, and each
+    partition's buckets are found alone (a bucket never spans two partitions): the same pairs."""
+    parts = 1
+    while n_docs * BAND_BYTES_PER_DOC > max_bytes * parts and parts < (1 << 16):
+        parts *= 2
+    if parts == 1:
+        keys = np.fromfile(band_file, np.uint64, count=n_docs)
+        valid = None
+        if invalid.size:
+            valid = np.ones(n_docs, bool)
+            valid[invalid] = False
+        return minhash.candidate_pairs(keys[None, :], valid)
+    bits = int(parts).bit_length() - 1
+    paths = [band_file.with_name(f"{band_file.name}.p{k:05d}") for k in range(parts)]
+    files = [open(p, "wb") for p in paths]
+    try:
+        with open(band_file, "rb") as f:
+            for s in range(0, n_docs, CHUNK):
+                k = np.fromfile(f, np.uint64, count=min(CHUNK, n_docs - s))
+                rec = np.empty(k.size, KEY_DOC)
+                rec["key"], rec["doc"] = k, np.arange(s, s + k.size, dtype=np.int64)
+                if invalid.size:
+                    rec = rec[~in_sorted(invalid, rec["doc"])]
+                part = (rec["key"] >> np.uint64(64 - bits)).astype(np.int64)
+                o = np.argsort(part, kind="stable")
+                bounds = np.searchsorted(part[o], np.arange(parts + 1))
+                rec = rec[o]
+                for p in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+                    rec[bounds[p] : bounds[p + 1]].tofile(files[p])
+    finally:
+        for f in files:
+            f.close()
+    edges = [np.zeros((0, 2), np.int64)]
+    for p in paths:
+        rec = np.fromfile(p, KEY_DOC)
+        p.unlink()
+        if rec.size < 2:
+            continue
+        rec = rec[np.lexsort((rec["doc"], rec["key"]))]  # by bucket, then by document
+        first = np.ones(rec.size, bool)
+        np.not_equal(rec["key"][1:], rec["key"][:-1], out=first[1:])
+        m0 = rec["doc"][first][np.cumsum(first) - 1]  # each member's bucket's smallest document
+        edges.append(np.stack([m0[~first], rec["doc"][~first]], axis=1))
+    e = np.concatenate(edges)
+    code = np.unique(e[:, 0] * np.int64(max(n_docs, 1)) + e[:, 1])
+    return np.stack([code // max(n_docs, 1), code % max(n_docs, 1)], axis=1)
