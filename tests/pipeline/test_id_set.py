@@ -1,0 +1,69 @@
+"""_IdSet with spilling (issue 13): a tiny memory budget spills the ids to sorted run files (merged on
+disk as they grow), and the answers (which ids are repeats) are those of the set held in memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import rows
+from pipeline.rows import _IdSet
+
+
+def _batches(seed: int, n: int = 200_000, batch: int = 5_000):
+    """Random 64-bit key pairs in batches, with repeats: within a batch, of recent keys and of keys
+    from long ago (spilled by then), plus keys sharing a first hash (ties) with another key."""
+    rng = np.random.default_rng(seed)
+    pool0 = rng.integers(0, 2**63, n, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, n, dtype=np.uint64)
+    pool1 = rng.integers(0, 2**63, n, dtype=np.uint64)
+    pool0[5::101] = pool0[3::101][: pool0[5::101].shape[0]]  # equal h0, other h1: not a repeat
+    made = 0
+    while made < n:
+        k = min(batch, n - made)
+        fresh = np.arange(made, made + k)
+        old = rng.integers(0, max(1, made), k // 10) if made else np.zeros(0, np.int64)  # repeats of any age
+        near = fresh[rng.integers(0, k, k // 50)]  # repeats within the batch
+        idx = np.concatenate([fresh, old, near])
+        rng.shuffle(idx)
+        made += k
+        yield pool0[idx], pool1[idx]
+
+
+@pytest.mark.parametrize("block", [rows.ID_BLOCK, 3])
+def test_spilled_id_set_gives_the_in_memory_answers(tmp_path, monkeypatch, block):
+    monkeypatch.setattr(rows, "ID_BLOCK", block)  # 3: ranges of equal h0 across block ends
+    monkeypatch.setattr(rows, "_SPILL_CHUNK", 1000)  # on-disk merges of many chunks
+    ref, spill = _IdSet(), _IdSet(run_bytes=16 * 7_000, spill_dir=tmp_path / "out")
+    total = 0
+    for h0, h1 in _batches(1):
+        want = ref.add_new_hashes(h0, h1)
+        got = spill.add_new_hashes(h0, h1)
+        assert got.tolist() == want.tolist()
+        total += int((~want).sum())
+        # a lookup alone answers the same, and adds nothing
+        assert spill.contains_hashes(h0, h1).all()
+    assert spill.spilled and spill.held * 16 <= 16 * 7_000 and len(spill) == len(ref) == total
+    assert len(spill.spilled) <= 8  # merged on disk as they grow
+    for run in spill.spilled:  # each run sorted, its fence every ID_BLOCK-th key
+        recs = run.read(0, run.n)
+        assert (recs[1:, 0] >= recs[:-1, 0]).all()
+        assert run.fence.tolist() == recs[::block, 0].tolist()
+    files = list((tmp_path / "out").rglob("*"))
+    assert files  # the spilled runs live under the folder given
+    spill.close()
+    assert list((tmp_path / "out").iterdir()) == []  # close() removes them
+
+
+def test_id_set_add_new_of_strings_spilled_equals_in_memory(tmp_path):
+    rng = np.random.default_rng(2)
+    ref, spill = _IdSet(), _IdSet(run_bytes=16 * 3_000, spill_dir=tmp_path)
+    for b in range(20):
+        ids = pa.array([f"src/{i}" for i in rng.integers(0, 40_000, 4_000).tolist()])
+        assert spill.add_new(ids).tolist() == ref.add_new(ids).tolist()
+    assert spill.spilled
+    del spill  # freed without close(): its folder is removed
+    import gc
+
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
