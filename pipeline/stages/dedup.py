@@ -11,7 +11,9 @@ kept; every other row is written to removals.parquet with the id of the kept row
            >= cfg.threshold. Five steps that talk through files in the output folder so each can be
            rerun or scaled out alone:
    a. signatures  signatures/part-NNNNN.npy: (rows, num_perm) uint32 per part of PART_ROWS documents,
-                  computed by cfg.workers processes from signatures/docs.arrow (the texts, rank order).
+                  computed by cfg.workers processes from signatures/docs.arrow (the texts, rank order),
+                  or, for a JSONL input, from the rows the first pass spilled (`SpillDocs`: the
+                  instruction and response hashed without being joined; the same signatures).
    b. buckets     buckets/candidates.parquet (a, b, estimated_jaccard): the pairs sharing an LSH bucket.
    c. verify      verify/pairs.parquet (a, b, jaccard, accepted): each candidate's similarity and
                   whether it is a near duplicate (see below).
@@ -181,12 +183,16 @@ def run(
         if np.array_equal(pos, np.arange(first.written.size)):  # the texts file is the docs file
             if eager is not None:  # its parts are this docs file's (the workers read it by its path)
                 eager.finish(int(first.written.size))
-            docs.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(first.texts, docs)
+            if first.texts is not None:
+                docs.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(first.texts, docs)
         else:
             if eager is not None:
                 eager.abandon()
-            write_docs(_gather_texts(first.texts, pos), docs)
+            if first.texts is not None:
+                write_docs(_gather_texts(first.texts, pos), docs)
+        if first.texts is None:  # JSONL: the texts are read from the spilled rows
+            docs = first.spill_docs(survivors)
         res = near_duplicates(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts)
         lsh_info = res.info
         root = res.root
@@ -200,7 +206,8 @@ def run(
         keep_of[exact_rows] = np.where(
             is_near[exact_of[exact_rows]], keep_of[exact_of[exact_rows]], keep_of[exact_rows]
         )
-        docs.unlink()  # a copy of the input text
+        if isinstance(docs, Path):
+            docs.unlink()  # a copy of the input text
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
     else:  # no near step this time: no step files of an earlier run left behind
         matched, match_j, jaccard = _near_values(*([np.zeros(0, np.int64)] * 2), *([np.zeros(0)] * 2))
@@ -270,13 +277,19 @@ class FirstPass:
     rejects: list[dict]
     priority: np.ndarray | None  # (n,) the priority column (nulls after every value), if any
     hashes: np.ndarray | None  # (2, n) uint64: the exact-dedup key's 128-bit hash
-    texts: Path  # Arrow IPC file: instruction + newline + response of the rows `written`, input order
+    texts: Path | None  # Arrow IPC file: instruction + newline + response of the rows `written`, input order
+    # (Parquet input; a JSONL input's near step reads the texts from the spilled rows: `spill_docs`)
     written: np.ndarray  # (k,) ascending: every row that can be kept is among them
     strata: np.ndarray | None  # (n,) int32 code of each row's stratum, if the column exists
     strata_dict: list[str]
     schema: pa.Schema | None  # of the rows (JSONL: every batch's types unified)
     spilled: list[Path]  # JSONL: the rows batch by batch (read once; Parquet is read again instead)
     reader_kind: str
+    spill_starts: np.ndarray | None = None  # JSONL: (len(spilled)+1,) the first row of each spill file
+
+    def spill_docs(self, rows: np.ndarray) -> "SpillDocs":
+        """The documents of the given rows (in that order), read from the spill files."""
+        return SpillDocs([str(f) for f in self.spilled], self.spill_starts, np.asarray(rows, np.int64))
 
     def rank(self) -> np.ndarray:
         """Row indices best first: by `priority` (lower first) when present, then by input order."""
@@ -305,7 +318,10 @@ class _EagerSignatures:
     the next batches overlap with it. `finish` (before the texts file is moved) writes
     signatures/meta.json with the stage's key, so `signature_step` finds the parts done; `abandon` (the
     rows stopped coming in rank order) waits for the workers and leaves no meta, so the parts are
-    computed again there."""
+    computed again there.
+    With a JSONL input (`add_rows`) there is no texts file: a part is made of pieces (spill file, rows
+    of it) and the worker hashes those rows' instruction and response (`SpillDocs`).
+    """
 
     PENDING = 2  # parts waiting per worker before the reader waits for the oldest
 
@@ -332,6 +348,17 @@ class _EagerSignatures:
         self.buffered += rows
         if self.buffered >= PART_ROWS:
             self._submit()
+
+    def add_rows(self, path: Path, rows: np.ndarray) -> None:
+        """The texts of these `rows` (ascending) of the spill file `path` are the next documents."""
+        s = 0
+        while self.active and s < rows.size:
+            k = min(rows.size - s, PART_ROWS - self.buffered)
+            self.pieces.append((str(path), rows[s : s + k]))
+            self.buffered += k
+            s += k
+            if self.buffered >= PART_ROWS:
+                self._submit()
 
     def _submit(self) -> None:
         if self.pool is None:
@@ -429,10 +456,81 @@ def _read_pieces(path: Path, pieces: list[tuple[int, int]]) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, pa.large_string())
 
 
-def _signature_pieces(path: Path, pieces: list[tuple[int, int]], n: int, out_path: Path, job: dict) -> None:
+def _signature_pieces(path: Path, pieces: list[tuple], n: int, out_path: Path, job: dict) -> None:
+    if pieces and isinstance(pieces[0][0], str):  # (spill file, rows): see _EagerSignatures.add_rows
+        hasher = minhash.MinHasher(**job)
+        sig = np.concatenate([_spill_signatures(f, rows, hasher) for f, rows in pieces])
+        assert sig.shape == (n, hasher.num_perm), "a signature part's rows"
+        _write_signatures(sig, out_path)
+        return
     texts = _read_pieces(path, pieces)
     assert len(texts) == n, "a signature part's texts"
     _save_signatures(texts, out_path, **job)
+
+
+def _spill_signatures(path: str, rows: np.ndarray, hasher: minhash.MinHasher) -> np.ndarray:
+    """Signatures of instruction + newline + response of `rows` (any order) of a spill file, without
+    joining the texts (`MinHasher.joined_signatures`); only the pages of the rows' span are read."""
+    if not rows.size:
+        return np.empty((0, hasher.num_perm), np.uint32)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    with pa.memory_map(path) as src:
+        t = pa.ipc.open_file(src).read_all().slice(lo, hi - lo)
+        return hasher.joined_signatures(t["instruction"], t["response"], rows - lo)
+
+
+@dataclass
+class SpillDocs:
+    """The near step's documents (instruction + newline + response, as `_joined_texts` joins them) of
+    a JSONL input, read from the first pass's spill files of its rows instead of a docs file: document
+    i is the row rows[i] (a row index of the input; starts (files+1,): the first row of each file).
+    Signatures are computed from the two columns without joining them; the few texts verification
+    needs are joined when read (`read_texts`). Small to pickle once cut to a part (`sub`)."""
+
+    files: list[str]
+    starts: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def sub(self, start: int, stop: int) -> "SpillDocs":
+        return SpillDocs(self.files, self.starts, self.rows[start:stop])
+
+    def _by_file(self, rows: np.ndarray):
+        """(file index, positions in `rows`, rows of that file) for each file some of `rows` are in."""
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(which).tolist():
+            sel = np.flatnonzero(which == k)
+            yield k, sel, rows[sel] - self.starts[k]
+
+    def signatures(self, start: int, stop: int, hasher: minhash.MinHasher) -> np.ndarray:
+        rows = self.rows[start:stop]
+        sig = np.empty((rows.size, hasher.num_perm), np.uint32)
+        for k, sel, local in self._by_file(rows):
+            sig[sel] = _spill_signatures(self.files[k], local, hasher)
+        return sig
+
+    def texts(self, idx: np.ndarray) -> pa.ChunkedArray:
+        """The joined texts of documents idx, in that order (each file mapped alone, then unmapped)."""
+        rows = self.rows[np.asarray(idx, np.int64)]
+        got, where = [], []
+        big = pa.large_string()
+        for k, sel, local in self._by_file(rows):
+            with pa.memory_map(self.files[k]) as src:
+                t = pa.ipc.open_file(src).read_all()
+                take = pa.array(local)
+                joined = pc.binary_join_element_wise(t["instruction"].take(take).cast(big),
+                                                     t["response"].take(take).cast(big), pa.scalar("\n", big))
+                got.append(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)  # a copy
+                del t, joined
+            where.append(sel)
+        if not got:
+            return pa.chunked_array([], big)
+        at = np.concatenate(where)
+        inv = np.empty_like(at)
+        inv[at] = np.arange(at.size)
+        return pa.chunked_array([pa.concat_arrays(got).take(pa.array(inv))], big)
 
 
 def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | None, progress: bool,
@@ -456,7 +554,9 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     seen = _IdSet() if cfg.exact else None
     written: list[np.ndarray] = []  # rows whose text is in the texts file, ascending
     bar = None  # opened at the first batch: an input that fails before any row shows no bar
-    texts = _TextsFile(texts_path, eager)
+    # a JSONL input's rows are spilled: the near step reads their texts from there (SpillDocs), no texts file
+    texts = _TextsFile(texts_path, eager) if reader.kind != "jsonl" else None
+    spill_starts = [0]
     try:
         for batch in reader:
             if bar is None:
@@ -491,17 +591,22 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                 strata.append(codes[names.indices.to_numpy(zero_copy_only=False)] if len(codes) else
                               np.zeros(0, np.int32))
             written.append(n + sel)
-            texts.write(_joined_texts(batch, sel))
+            if texts is not None:
+                texts.write(_joined_texts(batch, sel))
             if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
                 f = spill / f"rows-{len(spilled):05d}.arrow"
                 with pa.OSFile(str(f), "wb") as rs, pa.ipc.new_file(rs, batch.schema) as w:
                     w.write_table(batch)
                 spilled.append(f)
+                spill_starts.append(n + batch.num_rows)
+                if eager is not None and in_order:
+                    eager.add_rows(f, sel)
             schemas.append(batch.schema)
             n += batch.num_rows
             bar.update(batch.num_rows)
     finally:
-        texts.close()
+        if texts is not None:
+            texts.close()
     if bar is not None:
         bar.close()
     if not schemas:  # no row: the columns the loader gives an empty file
@@ -525,13 +630,14 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
         rejects=rejects,
         priority=cat(prio) if has_prio else None,
         hashes=cat(hashes, axis=1) if hashes else np.zeros((2, 0), np.uint64),
-        texts=texts_path,
+        texts=texts_path if texts is not None else None,
         written=cat(written) if written else np.zeros(0, np.int64),
         strata=cat(strata) if has_stratum else None,
         strata_dict=list(strata_dict),
         schema=schema_rows,
         spilled=spilled,
         reader_kind=kind,
+        spill_starts=np.asarray(spill_starts, np.int64) if kind == "jsonl" else None,
     )
 
 
@@ -949,8 +1055,7 @@ def signature_step(
     """One signature part per `part_rows` documents of the docs file, computed by cfg.workers processes,
     or handed to `map_parts` (`signature_part_job`) when given (parts of a run with the same `key`
     already there are kept); returns the part paths in order."""
-    with pa.memory_map(str(docs)) as src:
-        n_docs = pa.ipc.open_file(src).read_all().num_rows
+    n_docs = _num_docs(docs)
     meta = {"key": key, "docs": n_docs, "part_rows": part_rows}
     sig_dir.mkdir(parents=True, exist_ok=True)
     meta_path = sig_dir / "meta.json"
@@ -965,7 +1070,7 @@ def signature_step(
         job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
         bar = tqdm(total=len(todo), desc="dedup signatures", unit="part", disable=not progress)
         if map_parts is not None:
-            map_parts(signature_part_job, [(docs, *bounds[i], parts[i], job) for i in todo])
+            map_parts(signature_part_job, [(*_part_docs(docs, *bounds[i]), parts[i], job) for i in todo])
             bar.update(len(todo))
         elif cfg.workers == 1 or len(todo) == 1:
             for i in todo:
@@ -977,12 +1082,24 @@ def signature_step(
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
-                futures = [pool.submit(signature_part, docs, *bounds[i], parts[i], **job) for i in todo]
+                futures = [pool.submit(signature_part, *_part_docs(docs, *bounds[i]), parts[i], **job) for i in todo]
                 for f in as_completed(futures):
                     f.result()
                     bar.update()
         bar.close()
     return parts
+
+
+def _num_docs(docs: "Path | SpillDocs") -> int:
+    if isinstance(docs, SpillDocs):
+        return len(docs)
+    with pa.memory_map(str(docs)) as src:
+        return pa.ipc.open_file(src).read_all().num_rows
+
+
+def _part_docs(docs: "Path | SpillDocs", start: int, stop: int) -> tuple:
+    """(docs, start, stop) of a part, as sent to a process: SpillDocs cut to the part's rows."""
+    return (docs.sub(start, stop), 0, stop - start) if isinstance(docs, SpillDocs) else (docs, start, stop)
 
 
 def signature_part_job(docs: Path, start: int, stop: int, out_path: Path, job: dict) -> str:
@@ -994,7 +1111,11 @@ def signature_part_job(docs: Path, start: int, stop: int, out_path: Path, job: d
 def signature_part(
     docs: Path, start: int, stop: int, out_path: Path, *, num_perm: int, ngram: int, seed: int, lowercase: bool
 ) -> None:
-    """One part: documents [start, stop) of the docs file -> out_path, (stop-start, num_perm) uint32."""
+    """One part: documents [start, stop) of the docs file (or SpillDocs) -> out_path, (stop-start, num_perm) uint32."""
+    if isinstance(docs, SpillDocs):
+        hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
+        _write_signatures(docs.signatures(start, stop, hasher), out_path)
+        return
     with pa.memory_map(str(docs)) as src:  # only this part's pages are read; unmapped when done
         texts = pa.ipc.open_file(src).read_all()["text"].slice(start, stop - start)
         _save_signatures(texts, out_path, num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
@@ -1006,6 +1127,10 @@ def _save_signatures(
     hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
     sig = hasher.signatures(texts)
     assert sig.shape == (len(texts), num_perm)
+    _write_signatures(sig, out_path)
+
+
+def _write_signatures(sig: np.ndarray, out_path: Path) -> None:
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         np.save(f, sig)
 
@@ -1148,7 +1273,9 @@ def read_texts(docs: Path, idx: np.ndarray) -> pa.ChunkedArray:
     """The texts idx (ascending) of the docs file, copied out one record batch at a time, each through
     a memory map of its own that is unmapped when done. (A gather through one map of the whole file
     keeps every page it touched mapped, and the kernel maps ~64 KiB around each: 16k texts of 1M
-    raised the process's RSS by 1.4 GB, 0.1 GB this way.)"""
+    raised the process's RSS by 1.4 GB, 0.1 GB this way.) `docs` may be SpillDocs (a JSONL input)."""
+    if isinstance(docs, SpillDocs):
+        return docs.texts(idx)
     with pa.memory_map(str(docs)) as src:
         reader = pa.ipc.open_file(src)
         sizes = [reader.get_batch(k).num_rows for k in range(reader.num_record_batches)]  # metadata only

@@ -1,0 +1,115 @@
+"""dedup's near step without joined texts: the signatures of instruction + newline + response computed
+from the two columns (minhash.joined_word_hashes / MinHasher.joined_signatures), and a JSONL input's
+documents read from the spilled rows (dedup.SpillDocs), equal to the joined-texts path."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import minhash
+from pipeline.stages import dedup
+
+WORDS = ["a", "B", "Ünï", "déjà", "x_y", "İstanbul", "KELVIN\u212a", "naïve", "1234567890abcdefXYZ", "ÀÉ", "\u0301x",
+         "ß", "日本語", "-", "!", "", "tab\there", "ΣΑΣ"]
+
+
+def _texts(rng, n: int) -> list[str | None]:
+    out = []
+    for _ in range(n):
+        sep = " \n" if rng.random() < 0.3 else " "
+        out.append(None if rng.random() < 0.05 else sep.join(rng.choice(WORDS, int(rng.integers(0, 12)))))
+    return out
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_joined_signatures_equal_the_joined_texts(lowercase):
+    """Unicode (lowercasing that changes a character's length, marks, non-Latin scripts), empty and null
+    instructions or responses, words longer than 8 bytes, newlines inside a text: the same word hashes
+    and signatures as the joined texts, for all rows, ascending rows with holes, scattered rows, and
+    chunked or string/large_string columns."""
+    rng = np.random.default_rng(0)
+    n = 1500
+    ins, resp = _texts(rng, n), _texts(rng, n)
+    ins[:5], resp[:5] = ["", "", "a", None, "\n"], ["", "b", "", "c", None]
+    a, b = pa.array(ins, pa.string()), pa.array(resp, pa.large_string())
+    joined = dedup._joined_texts(pa.table({"instruction": a, "response": b}), np.arange(n))
+    wh, wo = minhash.word_hashes(joined, lowercase)
+    wh2, wo2 = minhash.joined_word_hashes(a, b, lowercase)
+    assert np.array_equal(wh, wh2) and np.array_equal(wo, wo2)
+    for ngram in (1, 3):
+        h = minhash.MinHasher(num_perm=32, ngram=ngram, lowercase=lowercase, chunk_docs=211)
+        ref = h.signatures(joined)
+        assert (ref[[0, 3, 4]] == minhash.EMPTY).all() and (ref[[1, 2]] != minhash.EMPTY).all()  # no word, nulls
+        assert np.array_equal(h.joined_signatures(a, b), ref)
+        rows = np.sort(rng.choice(n, 1100, replace=False))
+        assert np.array_equal(h.joined_signatures(a, b, rows), ref[rows])
+        rows = rng.permutation(n)[:400]
+        chunked = pa.chunked_array([a.slice(0, 333), a.slice(333, 1), a.slice(334)])
+        assert np.array_equal(h.joined_signatures(chunked, b, rows), ref[rows])
+    assert minhash.joined_word_hashes(a.slice(0, 0), b.slice(0, 0))[1].tolist() == [0]
+
+
+def test_spill_docs_match_the_docs_file(tmp_path, monkeypatch):
+    """A JSONL input (documents read from the spilled rows, signatures from the two columns) and the
+    same rows as Parquet (a texts file of joined texts): byte-identical signature parts and outputs,
+    with one worker and with the eager workers; SpillDocs' texts are the joined texts."""
+    from pipeline.config import DedupConfig
+    from pipeline import budget
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(900):
+        if i > 5 and rng.random() < 0.15:  # an exact or a near copy of an earlier row
+            r = dict(rows[int(rng.integers(0, i))])
+            if rng.random() < 0.5:
+                w = r["response"].split(" ")
+                w[int(rng.integers(0, len(w)))] = "Ünï"
+                r["response"] = " ".join(w)
+        else:
+            r = {"instruction": " ".join(rng.choice(WORDS, 6)) + f" q{i % 50}",
+                 "response": " ".join(rng.choice(WORDS[:12], 30))}
+        rows.append({**r, "id": f"s/{i}", "source": "s", "domain": "general", "condition": "direct"})
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    for k in ("MIN_ROWS", "MAX_ROWS"):
+        monkeypatch.setattr(budget, k, 128)
+    monkeypatch.setattr(dedup, "PART_ROWS", 100)
+    cfg = DedupConfig(num_perm=64, threshold=0.6)
+    runs = {}
+    for name, inp, workers in (("pq", "rows.parquet", 1), ("js", "rows.jsonl", 1), ("js2", "rows.jsonl", 2)):
+        runs[name] = dedup.run(tmp_path / inp, tmp_path / name, cfg.model_copy(update={"workers": workers}),
+                               progress=False)
+    ref = runs["pq"]
+    assert ref["counts"]["near_duplicates"] > 10 and ref["lsh"]["signature_parts"] >= 7
+    for name in ("js", "js2"):
+        assert runs[name]["counts"] == ref["counts"] and runs[name]["lsh"] == ref["lsh"]
+        for out in ("removals.parquet", "clusters.parquet"):
+            assert runs[name]["outputs"][out] == ref["outputs"][out], (name, out)
+        for k in range(ref["lsh"]["signature_parts"]):
+            part = f"signatures/part-{k:05d}.npy"
+            assert (tmp_path / name / part).read_bytes() == (tmp_path / "pq" / part).read_bytes(), (name, part)
+
+    # SpillDocs alone: joined texts of any documents, in the order asked
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    t = pa.Table.from_pylist(rows)
+    files, starts = [], [0]
+    for s in range(0, t.num_rows, 250):
+        f = spill / f"rows-{s}.arrow"
+        with pa.OSFile(str(f), "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+            w.write_table(t.slice(s, 250), max_chunksize=90)
+        files.append(str(f))
+        starts.append(min(s + 250, t.num_rows))
+    order = rng.permutation(t.num_rows)[:700]
+    docs = dedup.SpillDocs(files, np.array(starts), order)
+    joined = dedup._joined_texts(t, np.arange(t.num_rows))
+    idx = np.sort(rng.choice(700, 300, replace=False))
+    assert docs.texts(idx).to_pylist() == joined.take(pa.array(order[idx])).to_pylist()
+    h = minhash.MinHasher(num_perm=32)
+    assert np.array_equal(docs.signatures(0, 700, h), h.signatures(joined.take(pa.array(order))))
+    assert np.array_equal(docs.sub(100, 400).signatures(0, 300, h), h.signatures(joined.take(pa.array(order[100:400]))))
