@@ -33,3 +33,11 @@ def batch_rows(memory_gb: float | None, row_bytes: float = 1024, multiple: int =
     rows = int(usable_bytes(memory_gb) * BATCH_SHARE / max(1.0, row_bytes))
     rows = min(MAX_ROWS, max(MIN_ROWS, rows))
     return max(multiple, rows // multiple * multiple)
+ID_SET_SHARE = 1 / 512  # of the budget: the ids an id set holds in memory before it spills them (rows._IdSet)
+MIN_ID_SET, MAX_ID_SET = 1 << 20, 64 << 20
+
+
+def id_set_bytes(memory_gb: float | None) -> int:
+    """Bytes of ids (16 each) an id set holds in memory before it spills them to sorted run files (it
+    peaks at about 3x that while merging, plus ~1.3 bytes an id of Bloom filters for the spilled ones)."""
+    return int(min(MAX_ID_SET, max(MIN_ID_SET, usable_bytes(memory_gb) * ID_SET_SHARE)))

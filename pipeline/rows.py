@@ -746,14 +746,20 @@ class _IdSet:
         first = np.flatnonzero(~dup)
         dup[first[self.contains_hashes(h0[first], h1[first])]] = True
         keep = ~dup
-        self._push(h0[keep], h1[keep], np.argsort(h0[keep]))
+        self.insert_hashes(h0[keep], h1[keep])
+        return dup
+
+    def insert_hashes(self, h0: np.ndarray, h1: np.ndarray) -> None:
+        """Add keys the caller knows are new and distinct (no lookup)."""
+        if h0.shape[0] == 0:
+            return
+        self._push(h0, h1, np.argsort(h0))
         while len(self.runs) > 1 and self.runs[-2][0].shape[0] <= 2 * self.runs[-1][0].shape[0]:
             (a0, a1), (b0, b1) = self.runs.pop(), self.runs.pop()
             self.runs.append(self._merge(b0, b1, a0, a1))
             del a0, a1, b0, b1
         if self.spill_root is not None and 16 * self.held > self.run_bytes:
             self._spill()
-        return dup
 
     @staticmethod
     def _merge(b0, b1, a0, a1) -> tuple[np.ndarray, np.ndarray]:

@@ -67,3 +67,52 @@ def test_id_set_add_new_of_strings_spilled_equals_in_memory(tmp_path):
 
     gc.collect()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_normalize_with_spilled_ids_writes_the_same_bytes(tmp_path, monkeypatch):
+    """normalize under a tiny id budget (its ids spilled to run files, merged on disk, repeats found
+    there) writes the same files as the default run, and leaves no spill file behind."""
+    import json
+
+    from pipeline import budget
+    from pipeline.config import NormalizeConfig, SourceSpec
+    from pipeline.io import sha256_file
+    from pipeline.stages import ingest, normalize
+
+    rng = np.random.default_rng(5)
+    lines = []
+    for i in range(4000):
+        rid = str(int(rng.integers(0, i))) if i % 37 == 20 else str(i)  # an earlier row's id, of any age
+        if i % 211 == 7:
+            rid = f"{i - 1}#direct"  # the previous row's copy id
+        ans = f"x = {i}\n#### {i % 17}" if i % 13 else "no marker here"
+        lines.append(json.dumps({"id": rid, "q": f"What is {i} mod 17?", "a": ans}))
+    (tmp_path / "loc.jsonl").write_text("\n".join(lines) + "\n")
+    sources = [SourceSpec(name="loc", kind="local", path=str(tmp_path / "loc.jsonl"), emit="both", condition="cot",
+                          fields={"instruction": "q", "response": "a", "id": "id"})]
+    ingest.run(sources, tmp_path / "ingest", seed=3, progress=False)
+    cfg = NormalizeConfig()
+    a = normalize.run(tmp_path / "ingest", tmp_path / "a", sources, cfg, progress=False)
+
+    spills = []
+    spill = rows._IdSet._spill
+
+    def counted(self):
+        spills.append(len(self))
+        spill(self)
+
+    monkeypatch.setattr(rows._IdSet, "_spill", counted)
+    monkeypatch.setattr(rows, "ID_BLOCK", 4)
+    monkeypatch.setattr(budget, "MIN_ROWS", 50)
+    monkeypatch.setattr(budget, "id_set_bytes", lambda gb: 16 * 300)
+    normalize.run(tmp_path / "ingest", tmp_path / "b", sources, cfg, progress=False, memory_gb=0.001)
+    assert len(spills) >= 10  # ~7,900 ids, 300 held at most
+    assert a["counts"]["reasons"]["duplicate_id"] > 100
+
+    def files(d):
+        return {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.name not in ("manifest.json", "timing.json")}
+
+    assert files(tmp_path / "a") == files(tmp_path / "b")  # no .id-set-* folder left either
+    strip = ("fingerprint", "path")
+    ma, mb = (json.loads((tmp_path / x / "manifest.json").read_text()) for x in "ab")
+    assert {k: v for k, v in ma.items() if k not in strip} == {k: v for k, v in mb.items() if k not in strip}
