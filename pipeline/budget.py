@@ -35,6 +35,7 @@ def batch_rows(memory_gb: float | None, row_bytes: float = 1024, multiple: int =
     return max(multiple, rows // multiple * multiple)
 ID_SET_SHARE = 1 / 512  # of the budget: the ids an id set holds in memory before it spills them (rows._IdSet)
 MIN_ID_SET, MAX_ID_SET = 1 << 20, 64 << 20
+JOIN_SHARE = 1 / 64  # of the budget: one partition of an out-of-core join, or one range of its results (mix, pack)
 
 
 def id_set_bytes(memory_gb: float | None) -> int:
