@@ -92,6 +92,7 @@ VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
 EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
+TAIL_THREADS = min(2, os.cpu_count() or 1)  # threads of the bucket and verify steps (bands, blocks of pairs)
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
 )
@@ -1187,23 +1188,31 @@ def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int) -> p
     band_files = [bucket_dir / f"band-{j:02d}.u64" for j in range(bands)]
     valid = [np.zeros(0, bool)]
     sinks = [open(f, "wb") for f in band_files]
+    def part_keys(p: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(bands, n) band keys of a part; (n,) whether each document has shingles (else never a near duplicate)"""
+        sig = np.load(p, mmap_mode="r")
+        return minhash.band_keys(sig, bands, rows), sig[:, 0] != minhash.EMPTY
+
     try:
-        for p in parts:
-            sig = np.load(p, mmap_mode="r")
-            keys = minhash.band_keys(sig, bands, rows)  # (bands, n)
-            for j in range(bands):
-                keys[j].tofile(sinks[j])
-            valid.append(sig[:, 0] != minhash.EMPTY)  # no shingle: never a near duplicate
-            del sig, keys
+        for w in range(0, len(parts), TAIL_THREADS):  # TAIL_THREADS parts at once, written in order
+            for keys, ok_part in _ordered_map(part_keys, parts[w : w + TAIL_THREADS]):
+                for j in range(bands):
+                    keys[j].tofile(sinks[j])
+                valid.append(ok_part)
+                del keys
     finally:
         for f in sinks:
             f.close()
     ok = np.concatenate(valid)
     D = ok.size
-    edges = [np.zeros((0, 2), np.int64)]
-    for f in band_files:
-        edges.append(minhash.candidate_pairs(np.fromfile(f, np.uint64)[None, :], ok))
+
+    def band_pairs(f: Path) -> np.ndarray:
+        e = minhash.candidate_pairs(np.fromfile(f, np.uint64)[None, :], ok)
         f.unlink()
+        return e
+
+    # the bands' sorts release the GIL: TAIL_THREADS bands at once (their keys and sorts in memory)
+    edges = [np.zeros((0, 2), np.int64), *_ordered_map(band_pairs, band_files)]
     e = np.concatenate(edges)
     code = np.unique(e[:, 0] * np.int64(max(D, 1)) + e[:, 1])  # as candidate_pairs merges its bands
     pairs = np.stack([code // max(D, 1), code % max(D, 1)], axis=1)
@@ -1260,13 +1269,30 @@ def exact_jaccard(docs: Path, u: np.ndarray, v: np.ndarray, cfg: DedupConfig) ->
     the sets intersected with `minhash.set_overlap`."""
     assert u.shape == v.shape
     out = np.empty(u.shape[0], np.float64)
-    for s in range(0, u.shape[0], VERIFY_PAIRS):
+
+    def block(s: int) -> None:
         bu, bv = u[s : s + VERIFY_PAIRS], v[s : s + VERIFY_PAIRS]
         need = np.unique(np.concatenate([bu, bv]))  # (K,) documents of this block, ascending
         values, offsets = minhash.shingle_sets(read_texts(docs, need), cfg.ngram, cfg.lowercase)
         inter, union = minhash.set_overlap(values, offsets, np.searchsorted(need, bu), np.searchsorted(need, bv))
         out[s : s + bu.shape[0]] = inter / np.maximum(union, 1)
+
+    _ordered_map(block, range(0, u.shape[0], VERIFY_PAIRS))  # TAIL_THREADS blocks at once (numpy, Arrow)
     return out
+
+
+def _ordered_map(fn, items) -> list:
+    """[fn(x) for x in items], TAIL_THREADS calls at a time in threads (numpy's and Arrow's kernels
+    release the GIL: the steps after the signatures would otherwise use one core); results in order,
+    the first error raised."""
+    items = list(items)
+    threads = min(TAIL_THREADS, len(items))
+    if threads <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="dedup-tail") as ex:
+        return list(ex.map(fn, items))
 
 
 def read_texts(docs: Path, idx: np.ndarray) -> pa.ChunkedArray:

@@ -57,7 +57,8 @@ def test_joined_signatures_equal_the_joined_texts(lowercase):
 def test_spill_docs_match_the_docs_file(tmp_path, monkeypatch):
     """A JSONL input (documents read from the spilled rows, signatures from the two columns) and the
     same rows as Parquet (a texts file of joined texts): byte-identical signature parts and outputs,
-    with one worker and with the eager workers; SpillDocs' texts are the joined texts."""
+    with one worker and with the eager workers, and with the bucket and verify steps in threads (many
+    blocks of pairs) or not; SpillDocs' texts are the joined texts."""
     from pipeline.config import DedupConfig
     from pipeline import budget
 
@@ -82,10 +83,14 @@ def test_spill_docs_match_the_docs_file(tmp_path, monkeypatch):
     cfg = DedupConfig(num_perm=64, threshold=0.6)
     runs = {}
     for name, inp, workers in (("pq", "rows.parquet", 1), ("js", "rows.jsonl", 1), ("js2", "rows.jsonl", 2)):
+        # the reference: the bucket and verify steps on one thread, verification in one block of pairs
+        monkeypatch.setattr(dedup, "TAIL_THREADS", 1 if name == "pq" else 2)
+        monkeypatch.setattr(dedup, "VERIFY_PAIRS", 8192 if name == "pq" else 7)
         runs[name] = dedup.run(tmp_path / inp, tmp_path / name, cfg.model_copy(update={"workers": workers}),
                                progress=False)
     ref = runs["pq"]
     assert ref["counts"]["near_duplicates"] > 10 and ref["lsh"]["signature_parts"] >= 7
+    assert ref["lsh"]["candidate_pairs"] > 5 * 7  # several blocks of pairs verified at once
     for name in ("js", "js2"):
         assert runs[name]["counts"] == ref["counts"] and runs[name]["lsh"] == ref["lsh"]
         for out in ("removals.parquet", "clusters.parquet"):
