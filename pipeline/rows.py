@@ -189,7 +189,10 @@ class RowReader:
     lines included, so a bar of the kept rows may stop short of it; None for gzip).
     `arrow=False` parses every JSONL line alone in Python (the reference the tests compare with);
     `json_threads=False` has Arrow parse each block on the calling thread (for a caller whose other
-    processes keep every core busy; the tables are the same)."""
+    processes keep every core busy; the tables are the same).
+    `id_bytes` and `spill_dir` (both given): the JSONL id set holds `id_bytes` of ids in memory and
+    spills the rest to sorted run files in a temporary folder of `spill_dir` (`_IdSet`; the same
+    rejections), removed at the end of the iteration or by `close()`."""
 
     def __init__(
         self,
@@ -202,6 +205,8 @@ class RowReader:
         block_bytes: int = JSONL_BLOCK_BYTES,
         arrow: bool = True,
         json_threads: bool = True,
+        id_bytes: int | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ):
         self.path = p = resolve_rows_path(path)
         self.required, self.stage = tuple(required), stage
@@ -225,10 +230,14 @@ class RowReader:
             self._pf = pq.ParquetFile(p, pre_buffer=False)  # pre-buffering reads ahead whole row groups
             self._total_rows = self._pf.metadata.num_rows
             self._check_parquet_schema(self._pf.schema_arrow)
-        self._seen = _IdSet()
+        self._seen = _IdSet(id_bytes, spill_dir)  # (JSONL) past id_bytes of ids: spilled to spill_dir
         self._keys: set[str] = set()  # JSONL: every key of every parsed object
         self._parsed = 0  # JSONL: objects parsed
         self._first_cols: set[str] | None = None  # JSONL: the keys of the first kept row
+
+    def close(self) -> None:
+        """Drop the id set (and remove its spilled files) before the iteration's end."""
+        self._seen.close()
 
     @property
     def total_rows(self) -> int | None:
@@ -247,6 +256,7 @@ class RowReader:
         for table in self._iter_jsonl():
             if table.num_rows:
                 yield table
+        self._seen.close()  # every id checked: its spilled files removed
         if self._parsed:
             absent = [c for c in self.required if c in CONTENT_FIELDS and c not in self._keys]
             if absent:

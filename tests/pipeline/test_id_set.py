@@ -116,3 +116,52 @@ def test_normalize_with_spilled_ids_writes_the_same_bytes(tmp_path, monkeypatch)
     strip = ("fingerprint", "path")
     ma, mb = (json.loads((tmp_path / x / "manifest.json").read_text()) for x in "ab")
     assert {k: v for k, v in ma.items() if k not in strip} == {k: v for k, v in mb.items() if k not in strip}
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl"])
+def test_tokenizer_with_spilled_ids_writes_the_same_bytes(tmp_path, monkeypatch, kind):
+    """The tokenizer's duplicate-id check (its own id set for Parquet, the reader's for JSONL) spilled
+    under a tiny id budget: the same files as the default run, no spill file left."""
+    import json
+
+    from pipeline import budget
+    from pipeline.config import TokenizerConfig
+    from pipeline.io import sha256_file
+    from pipeline.stages import tokenize
+
+    rng = np.random.default_rng(7)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "7", "42"]
+    recs = []
+    for i in range(3000):
+        rid = f"r{int(rng.integers(0, i))}" if i % 29 == 11 else f"r{i}"  # repeats of ids of any age
+        text = " ".join(rng.choice(words, 12).tolist())
+        recs.append({"id": rid, "instruction": f"q {i} {text}", "response": f"a {text}", "condition": "cot",
+                     "source": f"s{i % 3}", "domain": "d"})
+    if kind == "parquet":
+        src = tmp_path / "rows.parquet"
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(recs), src)
+    else:
+        src = tmp_path / "rows.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = TokenizerConfig(vocab_size=300, sample_rows=500)
+    a = tokenize.run(src, tmp_path / "a", cfg, conditions=["cot", "direct"], seed=1, progress=False)
+    spills = []
+    spill = rows._IdSet._spill
+
+    def counted(self):
+        spills.append(len(self))
+        spill(self)
+
+    monkeypatch.setattr(rows._IdSet, "_spill", counted)
+    monkeypatch.setattr(budget, "MIN_ROWS", 50)
+    monkeypatch.setattr(budget, "id_set_bytes", lambda gb: 16 * 200)
+    monkeypatch.setattr(budget, "block_bytes", lambda gb: 24576)  # JSONL blocks of ~130 lines
+    tokenize.run(src, tmp_path / "b", cfg, conditions=["cot", "direct"], seed=1, progress=False, memory_gb=0.001)
+    assert len(spills) >= 5 and a["counts"]["removed_by_reason"]["duplicate_id"] > 50
+
+    def files(d):
+        return {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.name not in ("manifest.json", "timing.json")}
+
+    assert files(tmp_path / "a") == files(tmp_path / "b")
