@@ -69,7 +69,6 @@ from tqdm import tqdm
 from .. import minhash
 from ..config import DedupConfig
 from ..io import (
-    RowGroupWriter,
     atomic_path,
     open_stage,
     code_hash,
@@ -80,6 +79,7 @@ from ..io import (
     write_parquet,
 )
 from .. import budget
+from ..parquet_parallel import ParallelRowGroupWriter
 from ..parts import MapParts
 from ..rows import RowReader, _IdSet
 from ..schema import REMOVAL_SCHEMA
@@ -723,7 +723,8 @@ def _second_pass(
     ids, sources = [], []
     s = 0
     bar = tqdm(total=first.rows, desc="dedup write", unit="row", unit_scale=True, disable=not progress)
-    with RowGroupWriter(path, first.schema) as w:
+    # the row groups are encoded TAIL_THREADS at a time (the same bytes as RowGroupWriter's)
+    with ParallelRowGroupWriter(path, first.schema, threads=TAIL_THREADS) as w:
         writer = _WriterThread(w.write)  # encodes a batch's row groups while the next one is read
         try:
             for t in batches():
