@@ -15,6 +15,7 @@ JSONL_SHARE = 1 / 24  # of the budget (less BASE_MB): the bytes of one JSONL blo
 BATCH_SHARE = 1 / 16  # of the budget: the Arrow bytes of one batch of rows
 MIN_BLOCK, MAX_BLOCK = 1 << 20, 64 << 20
 MIN_ROWS, MAX_ROWS = 1024, 1 << 20
+LINEAGE_SHARE = 1 / 64  # of the budget: one bucket of lineage's out-of-core join, or one batch of its rows
 
 
 def usable_bytes(memory_gb: float | None) -> int:

@@ -130,3 +130,50 @@ def test_lineage_peak_rss_does_not_grow_with_the_rows(tmp_path):
         assert c["rows_stratified"] == n and c["balanced"]
         rss[n] = r["maxrss_mb"]
     assert rss[600_000] < rss[200_000] + 15, rss
+
+
+def test_lineage_run_tiny_budget_same_bytes_as_default(tmp_path, monkeypatch):
+    """lineage.run under a budget so small that the join has ~90 buckets and the rows are read back in
+    ranges of 64 row numbers (most buckets have no row in most ranges): lineage.parquet, lineage.json and
+    lineage.md byte-identical to the default run (one bucket, one range)."""
+    dirs = make_run(tmp_path / "run", 12_000, seed=3)
+    a = lineage.run(dirs, tmp_path / "a", progress=False)
+    assert lineage._bucket_rows(None) > 30_000 and lineage._range_rows(None) > 12_000  # one bucket, one range
+    monkeypatch.setattr(budget, "MIN_ROWS", 64)
+    assert lineage._range_rows(0.001) == 256
+    monkeypatch.setattr(lineage, "_ROW_BYTES", 4096)  # ranges of 64 rows
+    monkeypatch.setattr(lineage, "_BUCKET_ENTRY_BYTES", 1 << 14)  # buckets of 64 ids at most
+    assert lineage._range_rows(0.001) == 64 and lineage._bucket_rows(0.001) == 64
+    b = lineage.run(dirs, tmp_path / "b", progress=False, memory_gb=0.001)
+    for name in ("lineage.parquet", "lineage.json", "lineage.md"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert a["outputs"] == b["outputs"] and a["counts"] == b["counts"]
+    assert not a["counts"]["balanced"]  # the odd rows (removed twice, conflict, unaccounted, stray) included
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(".lineage-spill")) == []
+
+
+def test_lineage_join_results_cut_at_ranges(tmp_path):
+    """The joined rows of each bucket come back one record batch per range of row numbers that has rows:
+    read range by range they are every removed or packed row exactly once, in row order per bucket."""
+    import polars as pl
+
+    dirs = make_run(tmp_path / "run", 3000, seed=4)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    paths, batch_of, twice, stray = lineage._join_buckets(dirs, dirs["stratify"] / "rows.parquet", spill, None,
+                                                          bucket_entries=200, range_rows=100)
+    assert len(paths) == batch_of.shape[0] > 20 and batch_of.shape[1] == 30
+    assert (batch_of < 0).any() and stray == 2 and len(twice) == 2
+    got = []
+    for k, q in enumerate(paths):
+        c = lineage._ResultCursor(q, batch_of[k], 100)
+        for j in range(30):
+            parts = c.take((j + 1) * 100)
+            rows = pl.concat(parts)["_row"].to_list() if parts else []
+            assert all(j * 100 <= r < (j + 1) * 100 for r in rows) and rows == sorted(rows)
+            got += rows
+        assert c.take(10**9) == []
+        c.close()
+    ref_df, _ = lineage.build(dirs)
+    want = ref_df.with_row_index("_row").filter(pl.col("status") != "unaccounted")["_row"].to_list()
+    assert sorted(got) == want
