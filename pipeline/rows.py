@@ -824,7 +824,9 @@ class _IdSet:
             self.spilled.append(self._merge_spilled(b, a))
 
     def _merge_spilled(self, b: _SpilledRun, a: _SpilledRun) -> _SpilledRun:
-        """Two spilled runs merged on disk, _SPILL_CHUNK records of each read at a time."""
+        """Two spilled runs merged on disk, _SPILL_CHUNK records of each read at a time (their Bloom
+        filters dropped first: no lookup meanwhile, and the merged run's is built as it is written)."""
+        a.bloom = b.bloom = None
         w = _RunWriter(self._new_path(), a.n + b.n)
         pa_, pb = 0, 0  # the run's record at the start of its buffer
         ra, rb = a.read(0, _SPILL_CHUNK), b.read(0, _SPILL_CHUNK)
