@@ -363,7 +363,8 @@ class _Prepared:
 
 
 ID_RUN_BYTES = 8 << 20  # kept ids held before a sorted run of them is spilled (the training sample's ids)
-_MERGE_ROWS = 8192  # rows of each spilled run read at a time by the merge
+_MERGE_ROWS = 1024  # rows of each spilled run read at a time by the merge (~100 KB of Python objects a run: one run
+# per ID_RUN_BYTES of ids, so at 8192 rows the merge held ~3 bytes an id)
 
 
 class _IdRuns:
