@@ -37,6 +37,7 @@ def batch_rows(memory_gb: float | None, row_bytes: float = 1024, multiple: int =
 ID_SET_SHARE = 1 / 512  # of the budget: the ids an id set holds in memory before it spills them (rows._IdSet)
 MIN_ID_SET, MAX_ID_SET = 1 << 20, 64 << 20
 JOIN_SHARE = 1 / 64  # of the budget: one partition of an out-of-core join, or one range of its results (mix, pack)
+MIN_JOIN_PART = 8 << 20  # bytes: the smallest such partition (fewer, larger ones under a low budget)
 
 
 def id_set_bytes(memory_gb: float | None) -> int:

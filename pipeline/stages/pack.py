@@ -335,7 +335,7 @@ _MAX_PARTS = 4096
 
 def _n_parts(items: int, memory_gb: float | None, item_bytes: int) -> int:
     """Partitions of `items` things of `item_bytes` each so that one fits in budget.JOIN_SHARE of the budget."""
-    part = max(1 << 20, int(budget.usable_bytes(memory_gb) * budget.JOIN_SHARE))
+    part = max(budget.MIN_JOIN_PART, int(budget.usable_bytes(memory_gb) * budget.JOIN_SHARE))
     return int(min(_MAX_PARTS, max(1, -(-items * item_bytes // part))))
 
 

@@ -173,29 +173,31 @@ def test_dedup_exact_groups_match_the_group_by(tmp_path):
 def test_mix_id_sort_out_of_core(tmp_path):
     """mix's out-of-core id sort (sorted runs spilled in batches, k-way merged) gives the rows in the
     order of one in-memory sort of all the ids, with non-ASCII ids and ids that are prefixes of others,
-    and its id file reads back any rows' ids (windows smaller than one id too)."""
+    the columns carried along in the same order, and its row files read back any range of rows' ids."""
     rng = np.random.default_rng(3)
     alphabet = ["a", "b", "z", "é", "ß", "中", "😀", "/", "0", "9"]
     ids = list({"".join(rng.choice(alphabet, int(rng.integers(1, 6)))) for _ in range(3000)})
     rng.shuffle(ids)
     arr = pa.array(ids, pa.large_string())
-    want = pc.sort_indices(arr).to_numpy()
+    want = pc.sort_indices(arr).to_numpy().astype(np.int64)
     for run, batch in ((100, 7), (1000, 64), (len(ids), 5000)):
         runs = mix._IdRuns(tmp_path / f"runs-{run}", batch=batch)
         for a in range(0, len(ids), run):
-            runs.add(arr.slice(a, run), a, last=a + run >= len(ids))
-        got = [(c.to_pylist(), r) for c, r in runs.merge()]
+            x = np.arange(a, min(a + run, len(ids)))
+            runs.add(arr.slice(a, run), a, last=a + run >= len(ids), cols=(x * 3, -x))
+        got = [(c.to_pylist(), r, t, u) for c, r, t, u in runs.merge()]
         runs.close()
-        assert np.array_equal(np.concatenate([r for _, r in got]), want)
-        assert [x for c, _ in got for x in c] == [ids[i] for i in want]
-    for window in (1, 40, 1 << 20):
-        f = mix._IdFile(tmp_path / f"ids-{window}", window)
-        for a in range(0, len(ids), 700):
-            f.add(arr.slice(a, 700))
-        f.finish()
-        rows = rng.integers(0, len(ids), 5000)
-        assert f.take(rows).to_pylist() == [ids[i] for i in rows]
-        f.close()
+        assert np.array_equal(np.concatenate([r for _, r, _, _ in got]), want)
+        assert np.array_equal(np.concatenate([t for _, _, t, _ in got]), want * 3)
+        assert np.array_equal(np.concatenate([u for _, _, _, u in got]), -want)
+        assert [x for c, _, _, _ in got for x in c] == [ids[i] for i in want]
+    files = mix._RowFiles(tmp_path)  # the row files read back any range of rows' ids and codes
+    for a in range(0, len(ids), 700):
+        files.add(arr.slice(a, 700), np.arange(a, min(a + 700, len(ids))), np.zeros(min(700, len(ids) - a)))
+    files.finish()
+    for r0, r1 in ((0, len(ids)), (5, 6), (17, 17), (699, 1401), (len(ids) - 3, len(ids))):
+        assert files.window(r0, r1).to_pylist() == ids[r0:r1]
+        assert files.codes("stratum", r0, r1).tolist() == list(range(r0, r1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,9 +328,9 @@ def test_pack_partitioned_join_byte_identical(tokenized, tmp_path, monkeypatch, 
     a = pack.run(d / "tok", d / "mix", tmp_path / "a", cfg, progress=False)
     n_mix = pq.ParquetFile(d / "mix" / "mix.parquet").metadata.num_rows
     assert pack._n_parts(3000 + n_mix, None, pack._JOIN_ITEM_BYTES) == 1
-    monkeypatch.setattr(pack, "_JOIN_ITEM_BYTES", 800)
-    monkeypatch.setattr(pack, "_RANGE_ITEM_BYTES", 1000)
-    assert [pack._n_parts(x, TINY, b) for x, b in ((3000 + n_mix, 800), (n_mix, 1000), (3000, 1000))] == [7, 6, 3]
+    monkeypatch.setattr(pack, "_JOIN_ITEM_BYTES", 6400)
+    monkeypatch.setattr(pack, "_RANGE_ITEM_BYTES", 8000)
+    assert [pack._n_parts(x, TINY, b) for x, b in ((3000 + n_mix, 6400), (n_mix, 8000), (3000, 8000))] == [7, 6, 3]
     pack.run(d / "tok", d / "mix", tmp_path / "b", cfg, progress=False, memory_gb=TINY)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
@@ -376,7 +378,9 @@ def test_mix_streams_byte_identical(tokenized, tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "MIN_ROWS", 64)
     monkeypatch.setattr(mix, "_RUN_ROW_BYTES", 1 << 40)
     monkeypatch.setattr(mix, "_MIN_MERGE_BATCH", 16)
-    monkeypatch.setattr(mix, "_MIN_WINDOW", 256)
+    monkeypatch.setattr(mix, "_JOIN_ITEM_BYTES", 5600)  # each epoch's id join in 5-10 ranges of rows / places
+    monkeypatch.setattr(mix, "_RANGE_ITEM_BYTES", 12000)  # the removals in 5 ranges of rows
+    assert mix._n_parts(3000 + 3000, TINY, 5600) == 5 and mix._n_parts(3000, TINY, 12000) == 5
     mix.run(tmp_path / "tok", tmp_path / "b", cfg, rules=rules, seed=7, progress=False, memory_gb=TINY)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
@@ -462,11 +466,12 @@ resources: {memory_gb: 0.25}
 
 def test_hrm_stage_mix_stays_within_a_low_memory_budget(tmp_path):
     """`hrm stage mix` on 1M tokenized rows (ids in random order, 4 strata: one capped, one repeated
-    x2.5) under a 0.25 GB budget peaks under the budget, 256 MB (measured: 215-220 MB; the mix of the
-    code before, which held every id in memory, 265 MB here and 376 MB on 2M rows), peak RSS by
-    getrusage in a waiter process. Held per row: the token count, stratum and source codes, the row in
-    stratum/id order, the id file's offset, a used flag (about 15 bytes); the ids are sorted out of core
-    and read back from a spill file."""
+    x2.5) under a 0.25 GB budget peaks under the budget, 256 MB (measured: 195-198 MB; the mix with ~15
+    bytes a row in memory 215-220 MB, the one before that, which held every id in memory, 265 MB here and
+    376 MB on 2M rows), peak RSS by getrusage in a waiter process. Held per row: only a permutation's
+    (a stratum's rows and token counts while it is permuted, an epoch's samples while they are shuffled);
+    the ids are sorted out of core, each stratum's rows spilled in id order, and the shuffled samples
+    joined to their ids by ranges of rows and of places."""
     n = 1_000_000
     rng = np.random.default_rng(0)
     i = np.arange(n)
