@@ -554,10 +554,10 @@ def _has_temporal(t: pa.DataType) -> bool:
     return False
 
 
-ID_BLOCK = 512  # records (16 bytes each: h0, h1) of a spilled run read at once; the fence holds every 512th h0
+ID_BLOCK = 256  # records (16 bytes each: h0, h1) of a spilled run read at once (4 KB); the fence holds every 256th h0
 BLOOM_BITS = 10  # bits an id of a spilled run's Bloom filter (7 probes: ~0.8% of new ids read a block)
 BLOOM_PROBES = 7
-_READ_BLOCKS = 1024  # blocks of a spilled run read at most at once by a lookup (8 MB)
+_READ_BLOCKS = 256  # blocks of a spilled run read at most at once by a lookup (1 MB)
 _SPILL_CHUNK = 1 << 16  # records of each spilled run read at a time when two are merged on disk
 _MUL = np.uint64(0x9E3779B97F4A7C15)
 _BIT = (1 << np.arange(8)).astype(np.uint8)
@@ -578,12 +578,15 @@ class _SpilledRun:
 
     @staticmethod
     def probes(h0: np.ndarray, h1: np.ndarray, m: int):
-        """The BLOOM_PROBES bit positions of each key (double hashing on h1 and a mix of h0)."""
+        """The BLOOM_PROBES bit positions (< m) of each key: double hashing on h1 and a mix of h0, each
+        mapped to [0, m) by its high 32 bits times m (a % m where m >= 2**32)."""
         a = h1
         b = (h0 * _MUL) | np.uint64(1)
-        m = np.uint64(m)
+        small = m < 2**32
+        m64, s32 = np.uint64(m), np.uint64(32)
         for i in range(BLOOM_PROBES):
-            yield (a + np.uint64(i) * b) % m
+            x = a + np.uint64(i) * b
+            yield ((x >> s32) * m64) >> s32 if small else x % m64
 
     @classmethod
     def add_to_bloom(cls, bloom: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> None:
