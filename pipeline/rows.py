@@ -563,6 +563,20 @@ _MUL = np.uint64(0x9E3779B97F4A7C15)
 _BIT = (1 << np.arange(8)).astype(np.uint8)
 
 
+SPILL_PREFIX = ".id-set-"  # the temporary folder of an id set's spilled runs, in the folder it is given
+
+
+def remove_spills(folder: str | os.PathLike) -> None:
+    """Remove the spill folders an id set left in FOLDER (a run killed before its end): a stage calls
+    this on its output folder before it starts, so a rerun there never finishes with them in it."""
+    import shutil
+
+    p = Path(folder)
+    if p.is_dir():
+        for d in p.glob(SPILL_PREFIX + "*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 class _SpilledRun:
     """A sorted run of (h0, h1) pairs on disk (little-endian uint64 pairs, sorted by h0), with what is
     held of it in memory: the h0 of every ID_BLOCK-th record (the fence: which block a key can be in)
@@ -805,7 +819,7 @@ class _IdSet:
             import weakref
 
             self.spill_root.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix=".id-set-", dir=self.spill_root))
+            self._dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.spill_root))
             self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         self._files += 1
         return self._dir / f"run-{self._files:06d}.u64"

@@ -59,7 +59,7 @@ from ..config import NormalizeConfig, SourceSpec
 from .. import budget
 from ..io import MANIFEST, RowGroupWriter, open_stage, code_hash, finish_stage, fingerprint, read_json
 from ..parts import MapParts
-from ..rows import ROWS_FILE, _IdSet
+from ..rows import ROWS_FILE, _IdSet, remove_spills
 from ..schema import CONDITION_SEP, NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA, check_condition, parse_condition
 from .ingest import EmptySourcesError
 
@@ -534,6 +534,7 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
+    remove_spills(out)  # an id set's spill folder left by a killed run
     t0 = time.time()
     per_source = {}
     reasons: Counter = Counter()

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 
 from pipeline import budget, io
 from pipeline.config import TokenizerConfig
-from pipeline.rows import RowReader, _IdSet
+from pipeline.rows import RowReader, _IdSet, remove_spills
 from pipeline.schema import CONDITION_SEP, NORMALIZED_FIELDS, REMOVAL_SCHEMA, parse_condition
 
 STAGE = "tokenizer"
@@ -626,6 +626,7 @@ def run(
     out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
+    remove_spills(out)  # an id set's spill folder left by a killed run
 
     first = _Prepared(input_path, list(conditions), memory_gb, keep_ids=cfg.kind == "train", spill_dir=out)
     try:

@@ -105,6 +105,8 @@ def test_normalize_with_spilled_ids_writes_the_same_bytes(tmp_path, monkeypatch)
     monkeypatch.setattr(rows, "ID_BLOCK", 4)
     monkeypatch.setattr(budget, "MIN_ROWS", 50)
     monkeypatch.setattr(budget, "id_set_bytes", lambda gb: 16 * 300)
+    (tmp_path / "b" / ".id-set-stale").mkdir(parents=True)  # left by a killed run: removed
+    (tmp_path / "b" / ".id-set-stale" / "run-000001.u64").write_bytes(b"x" * 32)
     normalize.run(tmp_path / "ingest", tmp_path / "b", sources, cfg, progress=False, memory_gb=0.001)
     assert len(spills) >= 10  # ~7,900 ids, 300 held at most
     assert a["counts"]["reasons"]["duplicate_id"] > 100
