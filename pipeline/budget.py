@@ -42,5 +42,5 @@ MIN_JOIN_PART = 8 << 20  # bytes: the smallest such partition (fewer, larger one
 
 def id_set_bytes(memory_gb: float | None) -> int:
     """Bytes of ids (16 each) an id set holds in memory before it spills them to sorted run files (it
-    peaks at about 3x that while merging, plus ~1.3 bytes an id of Bloom filters for the spilled ones)."""
+    peaks at about 3x that while merging, plus ~1.5 bytes an id of Bloom filters for the spilled ones)."""
     return int(min(MAX_ID_SET, max(MIN_ID_SET, usable_bytes(memory_gb) * ID_SET_SHARE)))

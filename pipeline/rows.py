@@ -555,12 +555,11 @@ def _has_temporal(t: pa.DataType) -> bool:
 
 
 ID_BLOCK = 256  # records (16 bytes each: h0, h1) of a spilled run read at once (4 KB); the fence holds every 256th h0
-BLOOM_BITS = 10  # bits an id of a spilled run's Bloom filter (7 probes: ~0.8% of new ids read a block)
-BLOOM_PROBES = 7
+BLOOM_BITS = 12  # bits an id of a spilled run's Bloom filter (~1% of new ids read a block)
+BLOOM_PROBES = 8  # bits set per key, all in one 64-bit word of the filter (one memory access a lookup)
 _READ_BLOCKS = 256  # blocks of a spilled run read at most at once by a lookup (1 MB)
 _SPILL_CHUNK = 1 << 16  # records of each spilled run read at a time when two are merged on disk
 _MUL = np.uint64(0x9E3779B97F4A7C15)
-_BIT = (1 << np.arange(8)).astype(np.uint8)
 
 
 SPILL_PREFIX = ".id-set-"  # the temporary folder of an id set's spilled runs, in the folder it is given
@@ -587,32 +586,34 @@ class _SpilledRun:
         self.fd = os.open(path, os.O_RDONLY)
 
     @staticmethod
-    def bloom_size(n: int) -> int:
-        return max(64, -(-n * BLOOM_BITS // 64) * 64)  # bits, a multiple of 64
+    def bloom_words(n: int) -> int:
+        return max(1, -(-n * BLOOM_BITS // 64))
 
     @staticmethod
-    def probes(h0: np.ndarray, h1: np.ndarray, m: int):
-        """The BLOOM_PROBES bit positions (< m) of each key: double hashing on h1 and a mix of h0, each
-        mapped to [0, m) by its high 32 bits times m (a % m where m >= 2**32)."""
-        a = h1
-        b = (h0 * _MUL) | np.uint64(1)
-        small = m < 2**32
-        m64, s32 = np.uint64(m), np.uint64(32)
-        for i in range(BLOOM_PROBES):
-            x = a + np.uint64(i) * b
-            yield ((x >> s32) * m64) >> s32 if small else x % m64
+    def bloom_keys(h0: np.ndarray, h1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(word hash, mask) of each key for every run's filter: the word from h1, the BLOOM_PROBES bits
+        set within it from a mix of h0 (a blocked Bloom filter)."""
+        b = h0 * _MUL
+        mask = np.zeros(h0.shape[0], np.uint64)
+        for j in range(BLOOM_PROBES):
+            mask |= np.left_shift(np.uint64(1), (b >> np.uint64(6 * j + 16)) & np.uint64(63))
+        return h1, mask
+
+    @staticmethod
+    def word_of(wh: np.ndarray, words: int) -> np.ndarray:
+        """The filter word (< words) of each word hash: its high 32 bits times `words` (% past 2**32 words)."""
+        if words < 2**32:
+            return ((wh >> np.uint64(32)) * np.uint64(words) >> np.uint64(32)).astype(np.intp)
+        return (wh % np.uint64(words)).astype(np.intp)
 
     @classmethod
     def add_to_bloom(cls, bloom: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> None:
-        for p in cls.probes(h0, h1, bloom.size * 8):
-            np.bitwise_or.at(bloom, (p >> np.uint64(3)).astype(np.intp), _BIT[(p & np.uint64(7)).astype(np.intp)])
+        wh, mask = cls.bloom_keys(h0, h1)
+        np.bitwise_or.at(bloom, cls.word_of(wh, bloom.shape[0]), mask)
 
-    def maybe(self, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
-        """(n,) bool: False for a key surely not in the run."""
-        ok = np.ones(h0.shape[0], bool)
-        for p in self.probes(h0, h1, self.bloom.size * 8):
-            ok &= (self.bloom[(p >> np.uint64(3)).astype(np.intp)] & _BIT[(p & np.uint64(7)).astype(np.intp)]) != 0
-        return ok
+    def maybe(self, wh: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(n,) bool: False for a key (given by `bloom_keys`) surely not in the run."""
+        return self.bloom[self.word_of(wh, self.bloom.shape[0])] & mask == mask
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Records [start, stop) as an (k, 2) uint64 array (one pread: no mapping of the file)."""
@@ -622,11 +623,11 @@ class _SpilledRun:
         raw = os.pread(self.fd, (stop - start) * 16, start * 16)
         return np.frombuffer(raw, "<u8").astype(np.uint64, copy=False).reshape(-1, 2)
 
-    def contains(self, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
-        """(n,) bool: whether each key is in the run: the Bloom filter, then the blocks a key can be in
-        (read _READ_BLOCKS at most at a time, consecutive blocks in one read)."""
+    def contains(self, h0: np.ndarray, h1: np.ndarray, wh: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(n,) bool: whether each key is in the run: the Bloom filter (`wh`, `mask`: `bloom_keys`), then
+        the blocks a key can be in (read _READ_BLOCKS at most at a time, consecutive blocks in one read)."""
         found = np.zeros(h0.shape[0], bool)
-        cand = np.flatnonzero(self.maybe(h0, h1))
+        cand = np.flatnonzero(self.maybe(wh, mask))
         if not cand.size:
             return found
         cand = cand[np.argsort(h0[cand], kind="stable")]
@@ -670,7 +671,7 @@ class _RunWriter:
         self.path, self.n, self.at = path, n, 0
         self.f = open(path, "wb")
         self.fence: list[np.ndarray] = []
-        self.bloom = np.zeros(_SpilledRun.bloom_size(n) // 8, np.uint8)
+        self.bloom = np.zeros(_SpilledRun.bloom_words(n), np.uint64)
 
     def write(self, h0: np.ndarray, h1: np.ndarray) -> None:
         k = h0.shape[0]
@@ -701,7 +702,7 @@ class _IdSet:
     every ID_BLOCK-th key and a Bloom filter of BLOOM_BITS bits an id), and spilled runs of about the
     same size are merged on disk as they grow (a few runs at any time). A lookup reads from disk only
     the blocks of keys the Bloom filter lets through (repeats and ~1% of new ids). So a set of N ids
-    holds at most ~3x `run_bytes` plus ~1.3 bytes an id (the Bloom filters), whatever N. The answers
+    holds at most ~3x `run_bytes` plus ~1.5 bytes an id (the Bloom filters), whatever N. The answers
     are the same with or without spilling (the same keys, looked up exactly). Without a `spill_dir`
     everything stays in memory. `close()` removes the spilled files (also done when the set is freed).
     """
@@ -755,11 +756,13 @@ class _IdSet:
                             found[i] = True
                             break
                         j += 1
-        for run in self.spilled:
-            rest = np.flatnonzero(~found)
-            if not rest.size:
-                break
-            found[rest[run.contains(h0[rest], h1[rest])]] = True
+        if self.spilled:
+            wh, mask = _SpilledRun.bloom_keys(h0, h1)
+            for run in self.spilled:
+                rest = np.flatnonzero(~found)
+                if not rest.size:
+                    break
+                found[rest[run.contains(h0[rest], h1[rest], wh[rest], mask[rest])]] = True
         return found
 
     def add_new_hashes(self, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:

@@ -302,7 +302,7 @@ def _iter_raw(table: pa.Table):
 class _Seen:
     """The ids claimed so far, as 128-bit hashes (two seeded 64-bit polars hashes) in a `rows._IdSet`:
     sorted runs in memory up to `run_bytes` of them, past that (with a `spill_dir`) spilled to sorted
-    run files there (a fence and a Bloom filter held per file), so the check holds a few MB and ~1.3
+    run files there (a fence and a Bloom filter held per file), so the check holds a few MB and ~1.5
     bytes an id whatever the source's size. The same answers as the set held in memory."""
 
     def __init__(self, run_bytes: int | None = None, spill_dir: Path | None = None) -> None:
@@ -520,7 +520,7 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     the kept rows and rejects written row group by row group (byte-identical to writing them all at
     once). Held across a source's batches: its ids as 128-bit hashes for the duplicate check, in memory
     up to `budget.id_set_bytes` of them (16 bytes an id), past that spilled to sorted run files in a
-    temporary folder of the output (removed when the source is done; ~1.3 bytes an id kept in memory):
+    temporary folder of the output (removed when the source is done; ~1.5 bytes an id kept in memory):
     so the stage's peak does not grow with the row count."""
     ingest_dir, out = Path(ingest_dir), Path(output_dir)
     inputs = {s.name: ingest_dir / f"{s.name}.parquet" for s in sources}
