@@ -204,20 +204,27 @@ def merged_footer(footers: list[bytes], deltas: list[int]) -> bytes:
 # ------------------------------------------------------------------------------------------------
 # the writer
 # ------------------------------------------------------------------------------------------------
-def _encode(head: pa.Table, schema: pa.Schema, row_group: int) -> tuple[memoryview, bytes]:
-    """(column-chunk bytes, footer) of `head` written alone as RowGroupWriter writes a row group."""
+def _encode(head: pa.Table, schema: pa.Schema, row_group: int) -> tuple[bytes, bytes]:
+    """(column-chunk bytes, footer) of `head` written alone as RowGroupWriter writes a row group
+    (copied out of the stream's buffer, which grows by doubling: up to twice their size)."""
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, schema, compression="zstd") as w:
         w.write_table(head, row_group_size=row_group)
-    data = memoryview(sink.getvalue())
+    del head
+    buf = sink.getvalue()
+    data = memoryview(buf)
     n = int.from_bytes(data[-8:-4], "little")
     assert bytes(data[:4]) == MAGIC and bytes(data[-4:]) == MAGIC, "a Parquet file"
-    return data[4 : len(data) - 8 - n], bytes(data[len(data) - 8 - n : len(data) - 8])
+    out = bytes(data[4 : len(data) - 8 - n]), bytes(data[len(data) - 8 - n : len(data) - 8])
+    del data, buf, sink
+    return out
 
 
 class ParallelRowGroupWriter(RowGroupWriter):
-    """`RowGroupWriter` (same bytes) whose row groups are encoded `threads` at a time. Holds up to
-    threads + 1 row groups at once (their rows and encoded bytes). Needs the schema up front."""
+    """`RowGroupWriter` (same bytes) whose row groups are encoded `threads` at a time, in threads of its
+    own: `write` returns while they encode (it waits only when `threads` are pending). Holds up to
+    `threads` row groups being encoded (their rows and encoded bytes) besides the rows buffered for the
+    next one. Needs the schema up front."""
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, row_group: int = ROW_GROUP, threads: int = 2):
         if schema is None:
@@ -236,10 +243,10 @@ class ParallelRowGroupWriter(RowGroupWriter):
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="parquet-encode")
             self.sink = open(self.tmp, "wb")
             self.sink.write(MAGIC)
+        while len(self.pending) >= self.threads:  # at most `threads` row groups encoding or encoded
+            self._drain_one()
         self.pending.append(self.pool.submit(_encode, head, self.schema, self.row_group))
         self.rows += head.num_rows
-        while len(self.pending) > self.threads:
-            self._drain_one()
 
     def _drain_one(self) -> None:
         chunks, footer = self.pending.popleft().result()

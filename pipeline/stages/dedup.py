@@ -50,10 +50,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -92,6 +90,7 @@ VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
 EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
+WRITE_PIECE = 16_384  # rows filtered at once by the second pass
 TAIL_THREADS = min(2, os.cpu_count() or 1)  # threads of the bucket and verify steps (bands, blocks of pairs)
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
@@ -723,21 +722,20 @@ def _second_pass(
     ids, sources = [], []
     s = 0
     bar = tqdm(total=first.rows, desc="dedup write", unit="row", unit_scale=True, disable=not progress)
-    # the row groups are encoded TAIL_THREADS at a time (the same bytes as RowGroupWriter's)
+    # the row groups are encoded TAIL_THREADS at a time in the writer's threads (the same bytes as
+    # RowGroupWriter's) while the next batches are read and filtered here
     with ParallelRowGroupWriter(path, first.schema, threads=TAIL_THREADS) as w:
-        writer = _WriterThread(w.write)  # encodes a batch's row groups while the next one is read
-        try:
-            for t in batches():
-                m = t.num_rows
-                writer.put(t.filter(pa.array(keep[s : s + m])))
-                sel = np.flatnonzero(need[s : s + m])
-                if sel.size:
-                    ids.append(t["id"].take(pa.array(sel)))
-                    sources.append(t["source"].take(pa.array(sel)))
-                s += m
-                bar.update(m)
-        finally:
-            writer.close()
+        for t in batches():
+            m = t.num_rows
+            for a in range(0, m, WRITE_PIECE):  # filtered a piece at a time: the writer frees each piece
+                piece = t.slice(a, WRITE_PIECE)  # once it is in a row group (a whole filtered batch stays
+                w.write(piece.filter(pa.array(keep[s + a : s + a + piece.num_rows])))  # until its last row is)
+            sel = np.flatnonzero(need[s : s + m])
+            if sel.size:
+                ids.append(t["id"].take(pa.array(sel)))
+                sources.append(t["source"].take(pa.array(sel)))
+            s += m
+            bar.update(m)
     bar.close()
     assert s == first.rows, "the rows changed between the two passes"
 
@@ -747,38 +745,6 @@ def _second_pass(
         return pa.chunked_array([c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]).combine_chunks()
 
     return w.record, IdLookup(need, cat(ids), cat(sources))
-
-
-class _WriterThread:
-    """`write(item)` for each item put, in order, in a thread of its own (Parquet encoding and
-    compression release the GIL), so that the caller reads and filters the next batch meanwhile. At
-    most `depth` items wait. `close` waits for the thread and raises its error, if any (`put` raises
-    it too, once it happened)."""
-
-    def __init__(self, write, depth: int = 1):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(write,), name="dedup-write", daemon=True)
-        self.thread.start()
-
-    def _run(self, write) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    write(item)
-                except BaseException as e:  # handed to the caller
-                    self.error = e
-
-    def put(self, item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def priority_order(table: pa.Table) -> np.ndarray:
