@@ -408,11 +408,14 @@ class _RowFiles:
         for f in self._f.values():
             f.close()
 
-    def _read(self, kind: str, start: int, size: int) -> bytes:
+    def _read(self, kind: str, start: int, size: int) -> pa.Buffer:
+        """Bytes of a file, into an Arrow buffer (Arrow's memory pool: not the interpreter's heap, which
+        keeps the pages of large freed reads)."""
+        buf = pa.allocate_buffer(size)
         with open(self.paths[kind], "rb") as f:
             f.seek(start)
-            buf = f.read(size)
-        if len(buf) != size:
+            got = f.readinto(memoryview(buf).cast("B")) if size else 0
+        if got != size:
             raise OSError(f"mix: {self.paths[kind]}: short read at byte {start}")
         return buf
 
@@ -420,7 +423,7 @@ class _RowFiles:
         """The ids of rows r0 .. r1-1 as a large_string array."""
         off = np.frombuffer(self._read("off", 8 * r0, 8 * (r1 - r0 + 1)), np.int64)
         data = self._read("ids", int(off[0]), int(off[-1] - off[0]))
-        return pa.Array.from_buffers(pa.large_string(), r1 - r0, [None, pa.py_buffer(off - off[0]), pa.py_buffer(data)])
+        return pa.Array.from_buffers(pa.large_string(), r1 - r0, [None, pa.py_buffer(off - off[0]), data])
 
     def codes(self, kind: str, r0: int, r1: int) -> np.ndarray:
         return np.frombuffer(self._read(kind, 4 * r0, 4 * (r1 - r0)), np.int32)
@@ -828,13 +831,14 @@ def _mix(keys: _Keys, src: Path, out: Path, tmp: Path, cfg: MixConfig, rules, se
                     seen_tok += int(st.sum(dtype=np.int64))
                 seen_per_epoch.append(k)
                 del win, win_tok, sel
-            un = np.flatnonzero(~used)
-            if len(un):
-                rec = np.empty(len(un), UNUSED_REC)
-                rec["row"], rec["stratum"] = perm[un], code
-                _spread(tmp, "unused", rec, rec["row"], unused_size)
-                del rec
-            n_used = int(n - len(un))
+            n_used = int(used.sum())
+            for a in range(0, n, unused_size):  # the rows never used, a range of places at a time
+                un = a + np.flatnonzero(~used[a : a + unused_size])
+                if len(un):
+                    rec = np.empty(len(un), UNUSED_REC)
+                    rec["row"], rec["stratum"] = perm[un], code
+                    _spread(tmp, "unused", rec, rec["row"], unused_size)
+                    del rec
             per_stratum[name] = {
                 "rule": sp.rule,
                 "rows_available": n,
@@ -852,7 +856,7 @@ def _mix(keys: _Keys, src: Path, out: Path, tmp: Path, cfg: MixConfig, rules, se
             }
             ps = per_stratum[name]
             ps["effective_repeat"] = ps["seen_tokens"] / ps["unique_tokens"] if ps["unique_tokens"] else 0.0
-            del recs, perm, tok_perm, used, un
+            del recs, perm, tok_perm, used
     finally:
         for f in sinks:
             f.close()
@@ -919,6 +923,8 @@ def _mix(keys: _Keys, src: Path, out: Path, tmp: Path, cfg: MixConfig, rules, se
                         schema=REMOVAL_SCHEMA,
                     )
                 )
+            del rec, local, ids, src_codes
+            pa.default_memory_pool().release_unused()  # the freed pages of the range back (mimalloc keeps them)
     removals_record = w.record
 
     rows_used = sum(p["unique_rows"] for p in per_stratum.values())
