@@ -176,6 +176,8 @@ _HASH_SEED = 0x11E4_6E  # the id hash that splits the rows, removals and packed 
 _BUCKET_ENTRY_BYTES = 256  # memory per id of a bucket while it is joined (id, hash tables, join output)
 _MAX_BUCKETS = 1000  # spill files open at once (a process may have 1024)
 _ROW_BYTES = 1024  # memory per stratified row of a batch of the lineage (joins, group-bys, Arrow copy, writer)
+_MIN_BUCKET = _MIN_RANGE = 1 << 14  # ids of a bucket, rows of a range at least (4 MB: more would only add parts)
+_RESULT_ROW_BYTES = 256  # memory per joined row of a range read back (row, id, removal; its parts and sorted copy)
 
 
 def _bucket_rows(memory_gb: float | None) -> int:
@@ -184,16 +186,26 @@ def _bucket_rows(memory_gb: float | None) -> int:
     from . import budget
 
     n = int(budget.usable_bytes(memory_gb) * budget.LINEAGE_SHARE / _BUCKET_ENTRY_BYTES)
-    return min(budget.MAX_ROWS, max(budget.MIN_ROWS, n))
+    return min(budget.MAX_ROWS, max(_MIN_BUCKET, n))
 
 
-def _range_rows(memory_gb: float | None) -> int:
-    """Stratified rows of a batch of the lineage (the budget's LINEAGE_SHARE at _ROW_BYTES a row): the
-    joined rows are read back a range of this many row numbers at a time."""
+def _batch_rows(memory_gb: float | None) -> int:
+    """Stratified rows of a batch of the lineage: the budget's LINEAGE_SHARE at _ROW_BYTES a row."""
     from . import budget
 
     n = int(budget.usable_bytes(memory_gb) * budget.LINEAGE_SHARE / _ROW_BYTES)
     return min(budget.MAX_ROWS, max(budget.MIN_ROWS, n))
+
+
+def _range_rows(memory_gb: float | None) -> int:
+    """Row numbers of a range of the joined rows, read back a range at a time (all buckets' rows of a
+    range: about this many rows held): the budget's LINEAGE_SHARE at _RESULT_ROW_BYTES a row. Larger
+    than a batch (a joined row is lighter than a row of a batch being joined and written), so that each
+    bucket's part of a range is not a handful of rows."""
+    from . import budget
+
+    n = int(budget.usable_bytes(memory_gb) * budget.LINEAGE_SHARE / _RESULT_ROW_BYTES)
+    return max(_MIN_RANGE, n)
 
 
 def _bucket_of(ids: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
@@ -236,40 +248,52 @@ def _read_ipc(path: Path) -> pa.Table:
         return ipc.open_file(f).read_all()
 
 
-class _ResultCursor:
-    """A bucket's joined rows (sorted by row number), read forward a range of row numbers at a time: the
-    file has one record batch per range of `range_rows` row numbers that has rows (`batch_of[j]`: the
-    batch of range j, or -1), so that what is read for a batch of the lineage is its rows' results
-    whatever the number of buckets."""
+class _JoinedRanges:
+    """The joined rows of all buckets (each bucket's file sorted by row number, one record batch per
+    range of `range_rows` row numbers that has rows: `batch_of[k, j]` is bucket k's batch of range j, or
+    -1), read forward a range at a time: a range's parts of every bucket are put together and sorted by
+    row number, and batches of the lineage are sliced from it. What is held is one range of joined rows,
+    and each bucket's file is read once, a record batch a range, whatever the number of buckets."""
 
-    def __init__(self, path: Path, batch_of: np.ndarray, range_rows: int):
-        self.f = pa.OSFile(str(path), "rb")
-        self.reader = ipc.open_file(self.f)
+    def __init__(self, paths: list[Path], batch_of: np.ndarray, range_rows: int):
+        self.files = [pa.OSFile(str(q), "rb") for q in paths]
+        self.readers = [ipc.open_file(f) for f in self.files]
         self.batch_of, self.range_rows = batch_of, range_rows
         self.j = 0  # the next range to read
-        self.buf: pl.DataFrame | None = None
+        self.cur: pa.Table | None = None  # the range read last, from row `self.at` on not taken yet
+        self.rows: np.ndarray | None = None  # its row numbers
+        self.at = 0
 
-    def take(self, hi: int) -> list[pl.DataFrame]:
+    def take(self, hi: int) -> list[pa.Table]:
         """The rows numbered below `hi` not taken yet."""
+        import pyarrow.compute as pc
+
         out = []
         while True:
-            if self.buf is None:
-                while self.j < len(self.batch_of) and self.batch_of[self.j] < 0 and self.j * self.range_rows < hi:
-                    self.j += 1
-                if self.j >= len(self.batch_of) or self.j * self.range_rows >= hi:
+            if self.cur is None:
+                if self.j >= self.batch_of.shape[1] or self.j * self.range_rows >= hi:
                     return out
-                b = self.reader.get_batch(int(self.batch_of[self.j]))
+                parts = [self.readers[k].get_batch(int(i)) for k, i in enumerate(self.batch_of[:, self.j]) if i >= 0]
                 self.j += 1
-                self.buf = pl.from_arrow(pa.Table.from_batches([b]))
-            k = int(self.buf["_row"].search_sorted(hi, side="left"))
-            out.append(self.buf[:k])
-            if k < self.buf.height:
-                self.buf = self.buf[k:]
+                if not parts:
+                    continue
+                t = pa.Table.from_batches(parts)
+                del parts
+                self.cur = t.take(pc.sort_indices(t.column("_row")))
+                del t
+                self.rows = self.cur.column("_row").to_numpy()
+                self.at = 0
+            k = int(np.searchsorted(self.rows, hi, side="left"))
+            if k > self.at:
+                out.append(self.cur.slice(self.at, k - self.at))
+            if k < len(self.rows):
+                self.at = k
                 return out
-            self.buf = None
+            self.cur = self.rows = None
 
     def close(self) -> None:
-        self.f.close()
+        for f in self.files:
+            f.close()
 
 
 _REM_SCHEMA = pa.schema([("_rem", pa.int64()), ("id", pa.large_string()), ("stage", pa.large_string()),
@@ -392,14 +416,15 @@ def _join_buckets(d: Stages, stratify_rows: Path, spill: Path, memory_gb: float 
 
 def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.PathLike | None = None, *,
                     memory_gb: float | None = None, progress: bool = False,
-                    bucket_entries: int | None = None, batch_rows: int | None = None) -> tuple[dict, dict | None]:
+                    bucket_entries: int | None = None, batch_rows: int | None = None,
+                    range_rows: int | None = None) -> tuple[dict, dict | None]:
     """`build` with the stratified rows read a batch at a time: the per-row lineage is written to
     `rows_path` row group by row group (byte-identical to `build`'s table written whole) and the
     summary is summed over the batches. Returns (summary, file record of rows_path or None).
     The removals and packed ids are joined with the stratified rows out of core (`_join_buckets`:
     buckets of about `bucket_entries` ids, by default budget.LINEAGE_SHARE of the budget), so that what
-    is held is a batch of rows (`batch_rows`, by default budget.LINEAGE_SHARE of the budget) and a bucket,
-    whatever the row count; the report keeps counts and the first few examples only."""
+    is held is a batch of rows (`batch_rows`, by default budget.LINEAGE_SHARE of the budget), a bucket
+    and a range of the joined rows (`range_rows`), whatever the row count; the report keeps counts and the first few examples only."""
     import shutil
     import tempfile
 
@@ -407,17 +432,17 @@ def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.Pat
     for st in ("normalize", "stratify", "pack"):
         if st not in d or not (d[st] / "manifest.json").exists():
             raise LineageError(f"lineage: no finished {st} stage folder ({d.get(st, 'missing')})")
-    range_rows = batch_rows or _range_rows(memory_gb)
+    range_rows = range_rows or _range_rows(memory_gb)
     spill = Path(tempfile.mkdtemp(prefix=".lineage-spill-", dir=Path(rows_path).parent if rows_path else None))
     try:
         joined, batch_of, removed_twice, stray = _join_buckets(d, d["stratify"] / "rows.parquet", spill, memory_gb,
                                                                bucket_entries, range_rows)
-        cursors = [_ResultCursor(q, batch_of[k], range_rows) for k, q in enumerate(joined)]
+        ranges = _JoinedRanges(joined, batch_of, range_rows)
         try:
-            return _stream_rows(d, rows_path, cursors, removed_twice, stray, range_rows, progress)
+            return _stream_rows(d, rows_path, ranges, removed_twice, stray, batch_rows or _batch_rows(memory_gb),
+                                progress)
         finally:
-            for c in cursors:
-                c.close()
+            ranges.close()
     finally:
         shutil.rmtree(spill, ignore_errors=True)
 
@@ -426,10 +451,10 @@ _EMPTY_REM = {"id": pl.String, "stage": pl.String, "reason": pl.String, "detail"
               "duplicate_of": pl.String}
 
 
-def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twice: list[str], stray: int,
+def _stream_rows(d: Stages, rows_path, ranges: _JoinedRanges, removed_twice: list[str], stray: int,
                  batch_rows: int, progress: bool) -> tuple[dict, dict | None]:
     """The per-row lineage and the summary, the stratified rows a batch at a time, each batch joined with
-    the bucket results of its rows (`cursors`)."""
+    the joined rows of its rows (`ranges`)."""
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
@@ -456,8 +481,8 @@ def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twi
         for batch in pf.iter_batches(batch_size=batch_rows, columns=["id", "source", "stratum"], use_threads=False):
             rows = pl.from_arrow(pa.Table.from_batches([batch]))
             at += batch.num_rows
-            parts = [p for c in cursors for p in c.take(at) if p.height]
-            hits = pl.concat(parts) if parts else None
+            parts = ranges.take(at)
+            hits = pl.from_arrow(pa.concat_tables(parts)) if parts else None
             if hits is not None:
                 rem_sub = (hits.filter(pl.col("_r").is_not_null()).select(list(_EMPTY_REM))
                            .unique("id", keep="first", maintain_order=True))
