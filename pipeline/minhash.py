@@ -183,6 +183,30 @@ def joined_word_hashes(
     return np.concatenate([ha, hb])[src], word_off
 
 
+def take_rows(col: pa.Array | pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
+    """col[idx] (any order) as one array, taken chunk by chunk: Arrow's take of a chunked string array
+    first concatenates all its chunks (a copy of the whole column per call)."""
+    idx = np.asarray(idx, np.int64)
+    if isinstance(col, pa.Array):
+        return col.take(pa.array(idx))
+    if col.num_chunks == 1:
+        return col.chunk(0).take(pa.array(idx))
+    starts = np.cumsum([0] + [len(c) for c in col.chunks])
+    which = np.searchsorted(starts, idx, side="right") - 1
+    got, where = [], []
+    for k in np.unique(which).tolist():
+        sel = np.flatnonzero(which == k)
+        got.append(col.chunk(k).take(pa.array(idx[sel] - starts[k])))
+        where.append(sel)
+    if not got:
+        return pa.array([], col.type)
+    at = np.concatenate(where)
+    inv = np.empty_like(at)
+    inv[at] = np.arange(at.size)
+    out = pa.concat_arrays(got)
+    return out if np.array_equal(at, np.arange(at.size)) else out.take(pa.array(inv))
+
+
 def _as_pair_array(texts) -> pa.Array:
     """A string array with its nulls (no fill: `joined_word_hashes` needs them)."""
     if isinstance(texts, pa.ChunkedArray):
@@ -366,8 +390,7 @@ class MinHasher:
             if hi - lo <= 2 * part.size:
                 wh, wo = joined_word_hashes(a.slice(lo, hi - lo), b.slice(lo, hi - lo), self.lowercase, part - lo)
             else:
-                take = pa.array(part)
-                wh, wo = joined_word_hashes(a.take(take), b.take(take), self.lowercase)
+                wh, wo = joined_word_hashes(take_rows(a, part), take_rows(b, part), self.lowercase)
             sh, so = shingle_hashes(wh, wo, self.ngram)
             sig[i : i + part.size] = minhash(sh, so, self.a, self.b)
         return sig

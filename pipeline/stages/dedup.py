@@ -519,11 +519,10 @@ class SpillDocs:
         for k, sel, local in self._by_file(rows):
             with pa.memory_map(self.files[k]) as src:
                 t = pa.ipc.open_file(src).read_all()
-                take = pa.array(local)
-                joined = pc.binary_join_element_wise(t["instruction"].take(take).cast(big),
-                                                     t["response"].take(take).cast(big), pa.scalar("\n", big))
-                got.append(joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined)  # a copy
-                del t, joined
+                got.append(pc.binary_join_element_wise(  # a copy
+                    minhash.take_rows(t["instruction"], local).cast(big),
+                    minhash.take_rows(t["response"], local).cast(big), pa.scalar("\n", big)))
+                del t
             where.append(sel)
         if not got:
             return pa.chunked_array([], big)

@@ -118,3 +118,16 @@ def test_spill_docs_match_the_docs_file(tmp_path, monkeypatch):
     h = minhash.MinHasher(num_perm=32)
     assert np.array_equal(docs.signatures(0, 700, h), h.signatures(joined.take(pa.array(order))))
     assert np.array_equal(docs.sub(100, 400).signatures(0, 300, h), h.signatures(joined.take(pa.array(order[100:400]))))
+
+
+def test_take_rows_of_chunked_columns():
+    """minhash.take_rows (chunk by chunk, no concatenation of the column) == Arrow's take."""
+    rng = np.random.default_rng(2)
+    vals = [None if i % 7 == 0 else f"t{i}é" * (i % 4) for i in range(300)]
+    cuts = [0, 1, 50, 50, 170, 299, 300]
+    col = pa.chunked_array([pa.array(vals[a:b], pa.string()) for a, b in zip(cuts[:-1], cuts[1:])])
+    for idx in (np.arange(300), rng.permutation(300)[:120], np.sort(rng.choice(300, 77, replace=False)),
+                np.array([5, 5, 299, 0]), np.zeros(0, np.int64)):
+        got = minhash.take_rows(col, idx)
+        assert isinstance(got, pa.Array) and got.to_pylist() == [vals[i] for i in idx]
+    assert minhash.take_rows(col.chunk(1), np.array([3, 0])).to_pylist() == [vals[4], vals[1]]
