@@ -582,8 +582,11 @@ class _SpilledRun:
     and a Bloom filter of its keys (BLOOM_BITS bits an id), so that a new id almost never reads it."""
 
     def __init__(self, path: Path, n: int, fence: np.ndarray, bloom: np.ndarray):
+        import weakref
+
         self.path, self.n, self.fence, self.bloom = path, n, fence, bloom
         self.fd = os.open(path, os.O_RDONLY)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)  # also when freed without close()
 
     @staticmethod
     def bloom_words(n: int) -> int:
@@ -657,9 +660,8 @@ class _SpilledRun:
         return found
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._close_fd()
+        self.fd = -1
         self.path.unlink(missing_ok=True)
 
 
