@@ -21,6 +21,7 @@ import collections
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -204,9 +205,16 @@ def merged_footer(footers: list[bytes], deltas: list[int]) -> bytes:
 # ------------------------------------------------------------------------------------------------
 # the writer
 # ------------------------------------------------------------------------------------------------
-def _encode(head: pa.Table, schema: pa.Schema, row_group: int) -> tuple[bytes, bytes]:
-    """(column-chunk bytes, footer) of `head` written alone as RowGroupWriter writes a row group
-    (copied out of the stream's buffer, which grows by doubling: up to twice their size)."""
+def _encode(pieces: list[tuple[pa.Table, np.ndarray | None]], schema: pa.Schema, row_group: int) -> tuple[bytes, bytes]:
+    """(column-chunk bytes, footer) of the rows of `pieces` (each a table and the mask of its rows to
+    keep, None: all) written alone, as RowGroupWriter writes a row group: one contiguous chunk. The
+    bytes are copied out of the stream's buffer, which grows by doubling (up to twice their size).
+    `pieces` is emptied (the executor holds the list until the call returns: the pieces are freed
+    once the row group is assembled)."""
+    mine = list(pieces)
+    pieces.clear()
+    head = pa.concat_tables([t if m is None else t.filter(pa.array(m)) for t, m in mine]).combine_chunks()
+    del mine
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, schema, compression="zstd") as w:
         w.write_table(head, row_group_size=row_group)
@@ -221,16 +229,18 @@ def _encode(head: pa.Table, schema: pa.Schema, row_group: int) -> tuple[bytes, b
 
 
 class ParallelRowGroupWriter(RowGroupWriter):
-    """`RowGroupWriter` (same bytes) whose row groups are encoded `threads` at a time, in threads of its
-    own: `write` returns while they encode (it waits only when `threads` are pending). Holds up to
-    `threads` row groups being encoded (their rows and encoded bytes) besides the rows buffered for the
-    next one. Needs the schema up front."""
+    """`RowGroupWriter` (same bytes) whose row groups are built and encoded `threads` at a time, in
+    threads of its own: `write` returns while they encode (it waits only when `threads` are pending).
+    `write(table, mask)` writes the rows of `table` where `mask` is true: the filtering (a copy) is done
+    in those threads too, with the row group's assembly. Holds the tables written until their rows are
+    encoded, and up to `threads` row groups being encoded. Needs the schema up front."""
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, row_group: int = ROW_GROUP, threads: int = 2):
         if schema is None:
             raise ValueError("ParallelRowGroupWriter needs the schema")
         super().__init__(path, schema, row_group)
         self.threads = max(1, int(threads))
+        self.pieces: collections.deque = collections.deque()  # (table, mask or None, rows kept)
         self.pending: collections.deque = collections.deque()
         self.footers: list[bytes] = []
         self.deltas: list[int] = []
@@ -238,15 +248,43 @@ class ParallelRowGroupWriter(RowGroupWriter):
         self.sink = None
         self.at = 0  # bytes of column chunks written
 
-    def _write_group(self, head: pa.Table) -> None:
+    def new_chunk(self) -> None:
+        raise NotImplementedError("ParallelRowGroupWriter: chunk breaks are not supported")
+
+    def write(self, table: pa.Table, mask: np.ndarray | None = None) -> None:
+        kept = table.num_rows if mask is None else int(np.count_nonzero(mask))
+        if mask is not None and len(mask) != table.num_rows:
+            raise ValueError(f"a mask of {len(mask)} rows for {table.num_rows} rows")
+        if kept == 0:
+            return
+        self.pieces.append((table, None if mask is None else np.asarray(mask, bool), kept))
+        self.buffered += kept
+        while self.buffered >= self.row_group:
+            self._cut(self.row_group)
+
+    def _cut(self, k: int) -> None:
+        """The next k rows kept (from the pieces written) become a row group."""
+        spec, need = [], k
+        while need:
+            t, m, c = self.pieces[0]
+            if c <= need:
+                spec.append((t, m))
+                self.pieces.popleft()
+                need -= c
+                continue
+            at = need if m is None else int(np.flatnonzero(m)[need - 1]) + 1  # rows of t up to the need-th kept
+            spec.append((t.slice(0, at), None if m is None else m[:at]))
+            self.pieces[0] = (t.slice(at), None if m is None else m[at:], c - need)
+            need = 0
+        self.buffered -= k
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="parquet-encode")
             self.sink = open(self.tmp, "wb")
             self.sink.write(MAGIC)
         while len(self.pending) >= self.threads:  # at most `threads` row groups encoding or encoded
             self._drain_one()
-        self.pending.append(self.pool.submit(_encode, head, self.schema, self.row_group))
-        self.rows += head.num_rows
+        self.pending.append(self.pool.submit(_encode, spec, self.schema, self.row_group))
+        self.rows += k
 
     def _drain_one(self) -> None:
         chunks, footer = self.pending.popleft().result()
@@ -260,7 +298,7 @@ class ParallelRowGroupWriter(RowGroupWriter):
             try:
                 if et is None:
                     if self.buffered:
-                        self._flush(self.buffered)
+                        self._cut(self.buffered)
                     if self.pool is None:  # no row at all: as write_parquet of an empty table
                         pq.write_table(self.schema.empty_table(), self.tmp, compression="zstd",
                                        row_group_size=self.row_group)
@@ -270,6 +308,7 @@ class ParallelRowGroupWriter(RowGroupWriter):
                         footer = merged_footer(self.footers, self.deltas)
                         self.sink.write(footer + len(footer).to_bytes(4, "little") + MAGIC)
             finally:
+                self.pieces.clear()
                 if self.pool is not None:
                     self.pool.shutdown(wait=True, cancel_futures=True)
                 if self.sink is not None:

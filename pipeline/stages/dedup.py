@@ -726,9 +726,11 @@ def _second_pass(
     with ParallelRowGroupWriter(path, first.schema, threads=TAIL_THREADS) as w:
         for t in batches():
             m = t.num_rows
-            for a in range(0, m, WRITE_PIECE):  # filtered a piece at a time: the writer frees each piece
-                piece = t.slice(a, WRITE_PIECE)  # once it is in a row group (a whole filtered batch stays
-                w.write(piece.filter(pa.array(keep[s + a : s + a + piece.num_rows])))  # until its last row is)
+            # filtered here (a copy: the writer then holds only the rows kept, not the mapped spill files,
+            # while they wait to be encoded), in pieces, each freed once its rows are in a row group
+            for a in range(0, m, WRITE_PIECE):
+                piece = t.slice(a, WRITE_PIECE)
+                w.write(piece.filter(pa.array(keep[s + a : s + a + piece.num_rows])))
             sel = np.flatnonzero(need[s : s + m])
             if sel.size:
                 ids.append(t["id"].take(pa.array(sel)))

@@ -66,3 +66,22 @@ def test_thrift_walk_of_a_footer(tmp_path):
     fields, end = _fields(footer, 0)
     assert end == len(footer)
     assert [f[0] for f in fields][:4] == [1, 2, 3, 4]  # version, schema, num_rows, row_groups
+
+
+def test_parallel_writer_with_masks_equals_the_filtered_rows(tmp_path):
+    """write(table, mask): the rows kept, cut into row groups across pieces (a piece with no row kept,
+    a row group ending inside a piece), the same bytes as RowGroupWriter of the filtered tables."""
+    t = _table(2000, seed=3)
+    rng = np.random.default_rng(4)
+    keep = rng.random(2000) < 0.7
+    keep[300:450] = False  # pieces with nothing kept
+    cuts = [0, 7, 300, 320, 450, 1100, 1999, 2000]
+    with RowGroupWriter(tmp_path / "a.parquet", t.schema, row_group=128) as w:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            w.write(t.slice(a, b - a).filter(pa.array(keep[a:b])))
+    with ParallelRowGroupWriter(tmp_path / "b.parquet", t.schema, row_group=128, threads=2) as p:
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            p.write(t.slice(a, b - a), keep[a:b])
+    assert w.record == p.record
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert pq.read_table(tmp_path / "b.parquet").equals(t.filter(pa.array(keep)))
