@@ -774,12 +774,39 @@ def _normalized_columns(table: pa.Table, lowercase: bool) -> tuple[pl.Series, pl
     def norm(c: str) -> pl.Series:
         a = table[c]
         s = pl.from_arrow(a).alias(c)
-        ascii_only = bool((s.str.len_bytes() == s.str.len_chars()).all())
+        # from the values' bytes (the bytes behind nulls too: they can only make a check say yes)
+        ascii_only, controls, edge_space = _byte_checks(a)
         if lowercase:  # ASCII texts: Arrow's ASCII lowercase is polars' Unicode one there, 4x faster
             s = pl.from_arrow(pc.ascii_lower(a)).alias(c) if ascii_only else s.str.to_lowercase()
-        return collapse_whitespace(s, ascii_only=ascii_only).str.strip_chars(" ")
+        out = collapse_whitespace(s, ascii_only=ascii_only, controls=controls)
+        if out is s and not edge_space:  # unchanged, and no text starts or ends with a space: nothing to strip
+            return out
+        return out.str.strip_chars(" ")
 
     return norm("instruction"), norm("response")
+
+
+def _byte_checks(col: pa.Array | pa.ChunkedArray) -> tuple[bool, bool, bool]:
+    """(every byte ASCII, some byte an ASCII control character (< 0x20: tab, newline, ...), some text
+    starts or ends with a space) of a string column, from its values' bytes: a few numpy reductions
+    instead of a scan of the texts per question. The bytes of null slots count too (a null slot has
+    none in practice): a check can say yes wrongly, never no."""
+    ascii_only, controls, edge = True, False, False
+    for ch in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+        if not len(ch):
+            continue
+        off_t = np.int64 if pa.types.is_large_string(ch.type) else np.int32
+        bufs = ch.buffers()
+        off = np.frombuffer(bufs[1], off_t)[ch.offset : ch.offset + len(ch) + 1]
+        if off[-1] == off[0] or bufs[2] is None:
+            continue
+        data = np.frombuffer(bufs[2], np.uint8)
+        x = data[off[0] : off[-1]]
+        ascii_only &= bool(x.max() < 128)
+        controls |= bool(x.min() < 32)
+        nonempty = off[1:] > off[:-1]
+        edge |= bool((data[off[:-1][nonempty]] == 32).any() or (data[off[1:][nonempty] - 1] == 32).any())
+    return ascii_only, controls, edge
 
 
 _PAIR_MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -820,16 +847,18 @@ _ASCII_SPACE = ["\t", "\n", "\x0b", "\x0c", "\r"]  # the ASCII whitespace (Unico
 _WHITESPACE_RUN = r"\s{2,}|[^\S ]"  # every maximal run of whitespace, a single space alone excepted
 
 
-def collapse_whitespace(s: pl.Series, ascii_only: bool = False) -> pl.Series:
+def collapse_whitespace(s: pl.Series, ascii_only: bool = False, controls: bool = True) -> pl.Series:
     r"""= s.str.replace_all(r"\s{2,}|[^\S ]", " "): every maximal run of (Unicode) whitespace becomes one
     space. That regex scans every byte through a Unicode class (about half of the exact step's time);
     here, in ASCII texts, each ASCII whitespace character that is not a space becomes a space (the runs
     keep their lengths; a literal search per character, only for the characters some text has) and
     runs of two or more spaces become one (a search for two spaces), and only the texts with a non-ASCII
     character (where other whitespace can be) go through the regex (none when `ascii_only`: the caller
-    knows every text is ASCII)."""
+    knows every text is ASCII). `controls` False: the caller knows no text has an ASCII control
+    character (the ASCII whitespace but the space are among them), so none is searched for. Returns `s`
+    itself when nothing changed."""
     out = s
-    for c in _ASCII_SPACE:
+    for c in _ASCII_SPACE if controls else ():
         if out.str.contains(c, literal=True).any():
             out = out.str.replace_all(c, " ", literal=True)
     if out.str.contains("  ", literal=True).any():

@@ -131,3 +131,24 @@ def test_take_rows_of_chunked_columns():
         got = minhash.take_rows(col, idx)
         assert isinstance(got, pa.Array) and got.to_pylist() == [vals[i] for i in idx]
     assert minhash.take_rows(col.chunk(1), np.array([3, 0])).to_pylist() == [vals[4], vals[1]]
+
+
+def test_normalized_columns_from_byte_checks_on_sliced_chunked_columns():
+    """The exact-dedup key's columns (whose ASCII, control-character and edge-space checks read the raw
+    bytes of each chunk) equal polars' whitespace regex + strip, on sliced and chunked columns, with
+    nulls, empty texts, edge spaces, tabs and newlines, and non-ASCII whitespace."""
+    import polars as pl
+
+    rng = np.random.default_rng(5)
+    alphabet = list("aBc Q") + ["  ", "\t", "\n", "\r\n", "é", "\u00a0", "\u2003", "Ω"]
+    vals = [None if i % 11 == 0 else "".join(rng.choice(alphabet, int(rng.integers(0, 9)))) for i in range(600)]
+    plain = [v if v is None else "".join(ch for ch in v if ch in "aBcQ ") for v in vals]  # ASCII, no controls
+    for texts in (vals, plain):
+        full = pa.chunked_array([pa.array(texts[a:b], pa.large_string()) for a, b in ((0, 250), (250, 251), (251, 600))])
+        for t in (pa.table({"instruction": full, "response": full}), pa.table({"instruction": full, "response": full}).slice(37, 400)):
+            for lowercase in (True, False):
+                ins, _ = dedup._normalized_columns(t, lowercase)
+                ref = pl.from_arrow(t["instruction"])
+                ref = ref.str.to_lowercase() if lowercase else ref
+                ref = ref.str.replace_all(r"\s{2,}|[^\S ]", " ").str.strip_chars(" ")
+                assert ins.to_list() == ref.to_list()
