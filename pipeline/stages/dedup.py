@@ -833,6 +833,9 @@ def exact_hashes(table: pa.Table, lowercase: bool) -> np.ndarray:
         m = ins.hash(seed=si).to_numpy() * _PAIR_MIX
         m ^= resp.hash(seed=sr).to_numpy()
         h[half] = minhash._fmix64(m)
+    # SEP is a control character: a column whose bytes have none (_byte_checks) has no SEP
+    if not (_byte_checks(table["instruction"])[1] or _byte_checks(table["response"])[1]):
+        return h
     sep = (ins.str.contains(SEP, literal=True) | resp.str.contains(SEP, literal=True)).to_numpy()
     if sep.any():
         idx = np.flatnonzero(sep)
