@@ -196,9 +196,10 @@ def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[
                         rg = pf.metadata.row_group(0)
                         row_bytes = max(row_bytes, rg.total_byte_size / max(1, rg.num_rows))
                     start = 0
+                    rows = budget.batch_rows(memory_gb, row_bytes * 2)
+                    rows = rows // ROW_GROUP * ROW_GROUP or rows  # whole row groups where one fits (see _JsonlLines)
                     if left is None or left > 0:
-                        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, row_bytes * 2),
-                                                     use_threads=False):
+                        for batch in pf.iter_batches(batch_size=rows, use_threads=False):
                             t = _with_meta(pa.Table.from_batches([batch]), name, start)
                             start += t.num_rows
                             if left is not None:
@@ -206,6 +207,8 @@ def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[
                                 left -= t.num_rows
                             w.write(_conform(t, schema))
                             total += t.num_rows
+                            del t
+                            pa.default_memory_pool().release_unused()
                             if left == 0:
                                 break
                 except (pa.ArrowException, OSError) as e:

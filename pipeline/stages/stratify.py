@@ -91,10 +91,12 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     if done is not None:
         return done
     t0 = time.time()
-    # batches of whole row groups: the writer flushes each batch as it comes (a batch that is not would leave
-    # a varying remainder buffered in the writer, and the peak would depend on the row count)
+    # batches of whole row groups where the budget allows one: the writer flushes each batch as it comes (a
+    # batch that is not would leave a varying remainder buffered in the writer: a peak that varies batch to
+    # batch, so that more batches meet a higher one)
+    rows = budget.batch_rows(memory_gb, 2048)
     reader = RowReader(src_file, NORMALIZED_FIELDS, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
-                       batch_rows=budget.batch_rows(memory_gb, 2048, multiple=ROW_GROUP))
+                       batch_rows=rows // ROW_GROUP * ROW_GROUP or rows)
     order = list(source_order or [])
     stats = _StrataStats()
     by_rule: dict[str, int] = {}
