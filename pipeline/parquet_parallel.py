@@ -18,6 +18,7 @@ the writers here write neither.
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -247,6 +248,8 @@ class ParallelRowGroupWriter(RowGroupWriter):
         self.pool: ThreadPoolExecutor | None = None
         self.sink = None
         self.at = 0  # bytes of column chunks written
+        self.sha = hashlib.sha256()
+        self.size = 0
 
     def new_chunk(self) -> None:
         raise NotImplementedError("ParallelRowGroupWriter: chunk breaks are not supported")
@@ -280,15 +283,21 @@ class ParallelRowGroupWriter(RowGroupWriter):
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="parquet-encode")
             self.sink = open(self.tmp, "wb")
-            self.sink.write(MAGIC)
+            self._put(MAGIC)
         while len(self.pending) >= self.threads:  # at most `threads` row groups encoding or encoded
             self._drain_one()
         self.pending.append(self.pool.submit(_encode, spec, self.schema, self.row_group))
         self.rows += k
 
+    def _put(self, data: bytes) -> None:
+        """Write to the file, hashing as it goes (the record's sha256 without reading the file again)."""
+        self.sink.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
     def _drain_one(self) -> None:
         chunks, footer = self.pending.popleft().result()
-        self.sink.write(chunks)
+        self._put(chunks)
         self.footers.append(footer)
         self.deltas.append(self.at)
         self.at += len(chunks)
@@ -306,7 +315,7 @@ class ParallelRowGroupWriter(RowGroupWriter):
                         while self.pending:
                             self._drain_one()
                         footer = merged_footer(self.footers, self.deltas)
-                        self.sink.write(footer + len(footer).to_bytes(4, "little") + MAGIC)
+                        self._put(footer + len(footer).to_bytes(4, "little") + MAGIC)
             finally:
                 self.pieces.clear()
                 if self.pool is not None:
@@ -316,4 +325,7 @@ class ParallelRowGroupWriter(RowGroupWriter):
         finally:
             self._ctx.__exit__(et, ev, tb)
         if et is None:
-            self.record = file_record(self.path, rows=self.rows)
+            if self.pool is None:
+                self.record = file_record(self.path, rows=self.rows)
+            else:  # as file_record
+                self.record = {"sha256": self.sha.hexdigest(), "bytes": self.size, "rows": int(self.rows)}
