@@ -108,13 +108,25 @@ def generate(path: Path, rows: int, seed: int, chunk: int = 200_000) -> None:
 # ------------------------------------------------------------------------------------------------
 # one stage in this process (the child)
 # ------------------------------------------------------------------------------------------------
-def _cpu() -> float:
-    """CPU seconds (user + system) of this process and its finished children (dedup's workers): the
+def _cpu(children: bool = True) -> float:
+    """CPU seconds (user + system) of this process and its finished children (dedup's workers, once the
+    forkserver is stopped: `_stop_forkserver`): the
     per-row cost that a busy machine changes least (wall time also counts waiting for a core)."""
     import resource
 
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, who))
+
+
+def _stop_forkserver() -> None:
+    """dedup's signature workers are forked by multiprocessing's forkserver, which reaps them: their CPU
+    time reaches this process's RUSAGE_CHILDREN only once the forkserver itself is stopped and reaped."""
+    import multiprocessing.forkserver as fs
+
+    server = getattr(fs, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def child(args: argparse.Namespace) -> None:
@@ -122,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
     work = Path(args.out)
     new = args.budget is not None
     kw = {"memory_gb": args.budget} if new else {}
-    t0, cpu0 = time.perf_counter(), _cpu()
+    t0, cpu0, self0 = time.perf_counter(), _cpu(), _cpu(children=False)
     if args.stage == "load":
         from pipeline import rows
 
@@ -145,7 +157,7 @@ def child(args: argparse.Namespace) -> None:
         from pipeline.stages import dedup
 
         pa.array([0])  # pyarrow imports pandas at its first array (0.2-0.4 s): done before t0, as below
-        t0, cpu0 = time.perf_counter(), _cpu()  # imports excluded, as for the library path
+        t0, cpu0, self0 = time.perf_counter(), _cpu(), _cpu(children=False)  # imports excluded, as for the library path
         man = dedup.run(args.input, work, DedupConfig(workers=args.workers), progress=False, **kw)
         n = man["counts"]["rows_in"] + man["counts"]["rejected"]
     elif args.stage == "library":
@@ -158,7 +170,7 @@ def child(args: argparse.Namespace) -> None:
         t = pq.read_table(args.input, columns=["instruction", "response"])
         texts = dedup._joined_texts(t, np.arange(t.num_rows))
         pa.array([0])
-        t0, cpu0 = time.perf_counter(), _cpu()  # from texts in memory, as benchmarks/dedup.py
+        t0, cpu0, self0 = time.perf_counter(), _cpu(), _cpu(children=False)  # from texts in memory, as benchmarks/dedup.py
         dedup.write_docs(texts, work / "docs.arrow")
         dedup.near_duplicates(work / "docs.arrow", work, DedupConfig(workers=args.workers))
         n = len(texts)
@@ -166,7 +178,10 @@ def child(args: argparse.Namespace) -> None:
         n = flow_stage(args.stage[5:], Path(args.input), work, args.budget, args.benchmarks)
     else:
         raise SystemExit(f"unknown stage {args.stage}")
-    res = {"rows": n, "seconds": time.perf_counter() - t0, "cpu_s": _cpu() - cpu0}
+    seconds = time.perf_counter() - t0
+    self_s = _cpu(children=False) - self0  # the stage's process alone (not its workers)
+    _stop_forkserver()
+    res = {"rows": n, "seconds": seconds, "cpu_s": _cpu() - cpu0, "cpu_self_s": self_s}
     if (work / "timing.json").exists():  # a stage's own split of its time
         res["timing"] = {k: round(v, 1) for k, v in json.loads((work / "timing.json").read_text()).items()}
     print(json.dumps(res))

@@ -15,6 +15,7 @@ JSONL_SHARE = 1 / 24  # of the budget (less BASE_MB): the bytes of one JSONL blo
 BATCH_SHARE = 1 / 16  # of the budget: the Arrow bytes of one batch of rows
 MIN_BLOCK, MAX_BLOCK = 1 << 20, 64 << 20
 MIN_ROWS, MAX_ROWS = 1024, 1 << 20
+LINEAGE_SHARE = 1 / 64  # of the budget: one bucket of lineage's out-of-core join, or one batch of its rows
 
 
 def usable_bytes(memory_gb: float | None) -> int:
@@ -33,3 +34,13 @@ def batch_rows(memory_gb: float | None, row_bytes: float = 1024, multiple: int =
     rows = int(usable_bytes(memory_gb) * BATCH_SHARE / max(1.0, row_bytes))
     rows = min(MAX_ROWS, max(MIN_ROWS, rows))
     return max(multiple, rows // multiple * multiple)
+ID_SET_SHARE = 1 / 512  # of the budget: the ids an id set holds in memory before it spills them (rows._IdSet)
+MIN_ID_SET, MAX_ID_SET = 1 << 20, 64 << 20
+JOIN_SHARE = 1 / 64  # of the budget: one partition of an out-of-core join, or one range of its results (mix, pack)
+MIN_JOIN_PART = 8 << 20  # bytes: the smallest such partition (fewer, larger ones under a low budget)
+
+
+def id_set_bytes(memory_gb: float | None) -> int:
+    """Bytes of ids (16 each) an id set holds in memory before it spills them to sorted run files (it
+    peaks at about 3x that while merging, plus ~1.5 bytes an id of Bloom filters for the spilled ones)."""
+    return int(min(MAX_ID_SET, max(MIN_ID_SET, usable_bytes(memory_gb) * ID_SET_SHARE)))

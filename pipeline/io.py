@@ -132,12 +132,16 @@ class RowGroupWriter:
         cuts = [0] + [b for b in self.breaks if 0 < b < k] + [k]
         head = pa.concat_tables([head.slice(a, b - a).combine_chunks() for a, b in zip(cuts[:-1], cuts[1:])])
         self.breaks = [b - k for b in self.breaks if b > k]
+        self.buf = [rest] if rest.num_rows else []
+        self.buffered = rest.num_rows
+        self._write_group(head)
+
+    def _write_group(self, head: pa.Table) -> None:
+        """Encode one row group (one contiguous chunk); pipeline.parquet_parallel encodes several at once."""
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
         self.writer.write_table(head, row_group_size=self.row_group)
         self.rows += head.num_rows
-        self.buf = [rest] if rest.num_rows else []
-        self.buffered = rest.num_rows
 
     def __exit__(self, et, ev, tb) -> None:
         try:

@@ -174,8 +174,38 @@ def _lineage_batch(rows: pl.DataFrame, rem_first: pl.DataFrame, packed: pl.DataF
 
 _HASH_SEED = 0x11E4_6E  # the id hash that splits the rows, removals and packed ids into buckets
 _BUCKET_ENTRY_BYTES = 256  # memory per id of a bucket while it is joined (id, hash tables, join output)
-_MAX_BUCKETS = 1024
+_MAX_BUCKETS = 1000  # spill files open at once (a process may have 1024)
 _ROW_BYTES = 1024  # memory per stratified row of a batch of the lineage (joins, group-bys, Arrow copy, writer)
+_MIN_BUCKET = _MIN_RANGE = 1 << 14  # ids of a bucket, rows of a range at least (4 MB: more would only add parts)
+_RESULT_ROW_BYTES = 256  # memory per joined row of a range read back (row, id, removal; its parts and sorted copy)
+
+
+def _bucket_rows(memory_gb: float | None) -> int:
+    """Ids of a bucket joined in memory at once (and of a batch split into buckets): the budget's
+    LINEAGE_SHARE at _BUCKET_ENTRY_BYTES an id."""
+    from . import budget
+
+    n = int(budget.usable_bytes(memory_gb) * budget.LINEAGE_SHARE / _BUCKET_ENTRY_BYTES)
+    return min(budget.MAX_ROWS, max(_MIN_BUCKET, n))
+
+
+def _batch_rows(memory_gb: float | None) -> int:
+    """Stratified rows of a batch of the lineage: the budget's LINEAGE_SHARE at _ROW_BYTES a row."""
+    from . import budget
+
+    n = int(budget.usable_bytes(memory_gb) * budget.LINEAGE_SHARE / _ROW_BYTES)
+    return min(budget.MAX_ROWS, max(budget.MIN_ROWS, n))
+
+
+def _range_rows(memory_gb: float | None) -> int:
+    """Row numbers of a range of the joined rows, read back a range at a time (all buckets' rows of a
+    range: about this many rows held): the budget's LINEAGE_SHARE at _RESULT_ROW_BYTES a row. Larger
+    than a batch (a joined row is lighter than a row of a batch being joined and written), so that each
+    bucket's part of a range is not a handful of rows."""
+    from . import budget
+
+    n = int(budget.usable_bytes(memory_gb) * budget.LINEAGE_SHARE / _RESULT_ROW_BYTES)
+    return max(_MIN_RANGE, n)
 
 
 def _bucket_of(ids: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
@@ -202,9 +232,10 @@ class _BucketFiles:
         b = _bucket_of(table.column("id"), self.n)
         order = np.argsort(b, kind="stable")
         bounds = np.searchsorted(b[order], np.arange(self.n + 1))
+        table = table.take(pa.array(order))  # one copy in bucket order, written a slice per bucket
         for k in range(self.n):
             if bounds[k + 1] > bounds[k]:
-                self.writers[k].write_table(table.take(pa.array(order[bounds[k]:bounds[k + 1]])))
+                self.writers[k].write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]))
 
     def close(self) -> None:
         for w, snk in zip(self.writers, self.sinks):
@@ -217,33 +248,52 @@ def _read_ipc(path: Path) -> pa.Table:
         return ipc.open_file(f).read_all()
 
 
-class _ResultCursor:
-    """A bucket's joined rows (sorted by row number), read forward a chunk at a time."""
+class _JoinedRanges:
+    """The joined rows of all buckets (each bucket's file sorted by row number, one record batch per
+    range of `range_rows` row numbers that has rows: `batch_of[k, j]` is bucket k's batch of range j, or
+    -1), read forward a range at a time: a range's parts of every bucket are put together and sorted by
+    row number, and batches of the lineage are sliced from it. What is held is one range of joined rows,
+    and each bucket's file is read once, a record batch a range, whatever the number of buckets."""
 
-    def __init__(self, path: Path):
-        self.f = pa.OSFile(str(path), "rb")
-        self.reader = ipc.open_file(self.f)
-        self.i = 0
-        self.buf: pl.DataFrame | None = None
+    def __init__(self, paths: list[Path], batch_of: np.ndarray, range_rows: int):
+        self.files = [pa.OSFile(str(q), "rb") for q in paths]
+        self.readers = [ipc.open_file(f) for f in self.files]
+        self.batch_of, self.range_rows = batch_of, range_rows
+        self.j = 0  # the next range to read
+        self.cur: pa.Table | None = None  # the range read last, from row `self.at` on not taken yet
+        self.rows: np.ndarray | None = None  # its row numbers
+        self.at = 0
 
-    def take(self, hi: int) -> list[pl.DataFrame]:
+    def take(self, hi: int) -> list[pa.Table]:
         """The rows numbered below `hi` not taken yet."""
+        import pyarrow.compute as pc
+
         out = []
         while True:
-            if self.buf is None:
-                if self.i >= self.reader.num_record_batches:
+            if self.cur is None:
+                if self.j >= self.batch_of.shape[1] or self.j * self.range_rows >= hi:
                     return out
-                self.buf = pl.from_arrow(pa.Table.from_batches([self.reader.get_batch(self.i)]))
-                self.i += 1
-            k = int(self.buf["_row"].search_sorted(hi, side="left"))
-            out.append(self.buf[:k])
-            if k < self.buf.height:
-                self.buf = self.buf[k:]
+                parts = [self.readers[k].get_batch(int(i)) for k, i in enumerate(self.batch_of[:, self.j]) if i >= 0]
+                self.j += 1
+                if not parts:
+                    continue
+                t = pa.Table.from_batches(parts)
+                del parts
+                self.cur = t.take(pc.sort_indices(t.column("_row")))
+                del t
+                self.rows = self.cur.column("_row").to_numpy()
+                self.at = 0
+            k = int(np.searchsorted(self.rows, hi, side="left"))
+            if k > self.at:
+                out.append(self.cur.slice(self.at, k - self.at))
+            if k < len(self.rows):
+                self.at = k
                 return out
-            self.buf = None
+            self.cur = self.rows = None
 
     def close(self) -> None:
-        self.f.close()
+        for f in self.files:
+            f.close()
 
 
 _REM_SCHEMA = pa.schema([("_rem", pa.int64()), ("id", pa.large_string()), ("stage", pa.large_string()),
@@ -252,29 +302,35 @@ _REM_SCHEMA = pa.schema([("_rem", pa.int64()), ("id", pa.large_string()), ("stag
 
 
 def _join_buckets(d: Stages, stratify_rows: Path, spill: Path, memory_gb: float | None,
-                  bucket_entries: int | None = None) -> tuple[list[Path], list[str], int]:
+                  bucket_entries: int | None = None, range_rows: int | None = None,
+                  ) -> tuple[list[Path], np.ndarray, list[str], int]:
     """Out-of-core join of the stratified rows with the removals and the packed ids: all three are split
     into buckets by a hash of the id (spill files), and each bucket is joined in memory. Returns per
     bucket a file of the stratified rows that are removed or packed (row number `_row`, id, the first
-    removal of the id: stage, reason, detail, duplicate_of, and its times_packed), sorted by row number;
-    the first 20 ids removed more than once (in the removals' order) and the count of packed ids that are
-    no stratified row."""
-    from . import budget
+    removal of the id: stage, reason, detail, duplicate_of, and its times_packed), sorted by row number
+    and cut into one record batch per range of `range_rows` row numbers (with the (bucket, range) ->
+    batch index, -1 where a bucket has no row in a range); the first 20 ids removed more than once (in
+    the removals' order) and the count of packed ids that are no stratified row.
+    Buckets hold about `bucket_entries` ids (default: budget.LINEAGE_SHARE of the budget), so that the
+    peak is a bucket's join or a range's rows whatever the row count."""
     import pyarrow.parquet as pq
 
-    batch = budget.batch_rows(memory_gb, _BUCKET_ENTRY_BYTES)
+    per_bucket = bucket_entries or _bucket_rows(memory_gb)
+    range_rows = range_rows or _range_rows(memory_gb)
+    batch = _bucket_rows(memory_gb)
     pf = pq.ParquetFile(stratify_rows, pre_buffer=False)
+    n_rows = pf.metadata.num_rows
     rem_files = [(st, d[st] / name) for st in removal_stages(d) for name in REMOVAL_FILES if (d[st] / name).exists()]
     shards = sorted(d["pack"].glob("shard-*.arrow"))
     n_pack = 0
     for f in shards:
-        with ipc.open_file(pa.memory_map(str(f), "r")) as r:
+        with pa.OSFile(str(f), "rb") as src:
+            r = ipc.open_file(src)
             sids = r.schema.get_field_index("sample_ids")
             n_pack += sum(len(r.get_batch(i).column(sids).flatten()) for i in range(r.num_record_batches))
     n_rem = sum(pq.ParquetFile(f).metadata.num_rows for _, f in rem_files)
-    per_bucket = bucket_entries or batch
-    # at most _MAX_BUCKETS open files at a time (4 GB: buckets of 1M ids, so up to a billion ids)
-    n_buckets = min(_MAX_BUCKETS, max(1, -(-(pf.metadata.num_rows + n_rem + n_pack) // per_bucket)))
+    # at most _MAX_BUCKETS open files at a time (4 GB: buckets of ~235k ids, so ~235M ids before they grow)
+    n_buckets = min(_MAX_BUCKETS, max(1, -(-(n_rows + n_rem + n_pack) // per_bucket)))
 
     rows_b = _BucketFiles(spill, "rows", pa.schema([("_row", pa.int64()), ("id", pa.large_string())]), n_buckets)
     try:
@@ -283,6 +339,7 @@ def _join_buckets(d: Stages, stratify_rows: Path, spill: Path, memory_gb: float 
             ids = b.column(0).cast(pa.large_string())
             rows_b.write(pa.table({"_row": pa.array(np.arange(at, at + len(ids), dtype=np.int64)), "id": ids}))
             at += len(ids)
+            del ids, b
     finally:
         rows_b.close()
     rem_b = _BucketFiles(spill, "rem", _REM_SCHEMA, n_buckets)
@@ -295,26 +352,30 @@ def _join_buckets(d: Stages, stratify_rows: Path, spill: Path, memory_gb: float 
                 n = b.num_rows
                 cols = {c: b.column(c).cast(pa.large_string()) for c in ("id", "reason", "detail", "duplicate_of")}
                 rem_b.write(pa.table({"_rem": pa.array(np.arange(at, at + n, dtype=np.int64)), "id": cols["id"],
-                                      "stage": pa.array([st] * n, pa.large_string()), "reason": cols["reason"],
-                                      "detail": cols["detail"], "duplicate_of": cols["duplicate_of"]},
-                                     schema=_REM_SCHEMA))
+                                      "stage": pa.repeat(pa.scalar(st, pa.large_string()), n),
+                                      "reason": cols["reason"], "detail": cols["detail"],
+                                      "duplicate_of": cols["duplicate_of"]}, schema=_REM_SCHEMA))
                 at += n
+                del cols, b
     finally:
         rem_b.close()
     pack_b = _BucketFiles(spill, "packed", pa.schema([("id", pa.large_string())]), n_buckets)
     try:
         for f in shards:
-            with ipc.open_file(pa.memory_map(str(f), "r")) as r:
+            with pa.OSFile(str(f), "rb") as src:  # read, not mapped: a mapped shard's pages stay in the RSS
+                r = ipc.open_file(src)
                 sids = r.schema.get_field_index("sample_ids")
                 for i in range(r.num_record_batches):
                     ids = r.get_batch(i).column(sids).flatten().cast(pa.large_string())
                     for lo in range(0, len(ids), batch):
                         pack_b.write(pa.table({"id": ids.slice(lo, batch)}))
+                    del ids
     finally:
         pack_b.close()
 
-    # the joined rows of every bucket are read back a chunk at a time, all buckets at once: a batch in all
-    chunk = min(1 << 16, max(1024, batch // n_buckets))
+    n_ranges = max(1, -(-n_rows // range_rows))
+    bounds = np.arange(n_ranges + 1, dtype=np.int64) * range_rows
+    batch_of = np.full((n_buckets, n_ranges), -1, np.int32)
     results, twice, stray = [], [], 0
     for k in range(n_buckets):
         rows = pl.from_arrow(_read_ipc(rows_b.paths[k]))
@@ -326,35 +387,44 @@ def _join_buckets(d: Stages, stratify_rows: Path, spill: Path, memory_gb: float 
                   .select("_rem", "id").rows())
         rem_first = (rem.unique("id", keep="first", maintain_order=True).drop("_rem")
                      .with_columns(_r=pl.lit(True)))
+        del rem
         counts = (packed["id"].value_counts(name="times_packed")
                   .with_columns(pl.col("times_packed").cast(pl.UInt32)))
+        del packed
         stray += counts.join(rows, on="id", how="anti").height
         res = (rows.join(rem_first, on="id", how="left").join(counts, on="id", how="left")
                .filter(pl.col("_r").is_not_null() | pl.col("times_packed").is_not_null())
                .sort("_row"))
-        del rows, rem, packed, rem_first, counts
+        del rows, rem_first, counts
         path = spill / f"joined-{k:04d}.arrow"
         t = res.to_arrow()
         del res
+        cuts = np.searchsorted(t.column("_row").to_numpy(), bounds)
         with pa.OSFile(str(path), "wb") as snk, ipc.new_file(snk, t.schema) as w:
-            for lo in range(0, max(1, t.num_rows), chunk):
-                w.write_table(t.slice(lo, chunk))
+            written = 0
+            for j in range(n_ranges):
+                if cuts[j + 1] > cuts[j]:
+                    w.write_batch(t.slice(int(cuts[j]), int(cuts[j + 1] - cuts[j])).combine_chunks().to_batches()[0])
+                    batch_of[k, j] = written
+                    written += 1
         del t
         results.append(path)
+        pa.default_memory_pool().release_unused()
     twice_ids = [i for _, i in sorted(twice)[:20]]
-    return results, twice_ids, stray
+    return results, batch_of, twice_ids, stray
 
 
 def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.PathLike | None = None, *,
                     memory_gb: float | None = None, progress: bool = False,
-                    bucket_entries: int | None = None) -> tuple[dict, dict | None]:
+                    bucket_entries: int | None = None, batch_rows: int | None = None,
+                    range_rows: int | None = None) -> tuple[dict, dict | None]:
     """`build` with the stratified rows read a batch at a time: the per-row lineage is written to
     `rows_path` row group by row group (byte-identical to `build`'s table written whole) and the
     summary is summed over the batches. Returns (summary, file record of rows_path or None).
     The removals and packed ids are joined with the stratified rows out of core (`_join_buckets`:
-    buckets of about `bucket_entries` ids, by default the batch the memory budget gives), so that what
-    is held is a batch of rows and a bucket, whatever the row count; the report keeps counts and the
-    first few examples only."""
+    buckets of about `bucket_entries` ids, by default budget.LINEAGE_SHARE of the budget), so that what
+    is held is a batch of rows (`batch_rows`, by default budget.LINEAGE_SHARE of the budget), a bucket
+    and a range of the joined rows (`range_rows`), whatever the row count; the report keeps counts and the first few examples only."""
     import shutil
     import tempfile
 
@@ -362,16 +432,17 @@ def build_streaming(run_dir: str | os.PathLike | Stages, rows_path: str | os.Pat
     for st in ("normalize", "stratify", "pack"):
         if st not in d or not (d[st] / "manifest.json").exists():
             raise LineageError(f"lineage: no finished {st} stage folder ({d.get(st, 'missing')})")
+    range_rows = range_rows or _range_rows(memory_gb)
     spill = Path(tempfile.mkdtemp(prefix=".lineage-spill-", dir=Path(rows_path).parent if rows_path else None))
     try:
-        joined, removed_twice, stray = _join_buckets(d, d["stratify"] / "rows.parquet", spill, memory_gb,
-                                                     bucket_entries)
-        cursors = [_ResultCursor(q) for q in joined]
+        joined, batch_of, removed_twice, stray = _join_buckets(d, d["stratify"] / "rows.parquet", spill, memory_gb,
+                                                               bucket_entries, range_rows)
+        ranges = _JoinedRanges(joined, batch_of, range_rows)
         try:
-            return _stream_rows(d, rows_path, cursors, removed_twice, stray, memory_gb, progress)
+            return _stream_rows(d, rows_path, ranges, removed_twice, stray, batch_rows or _batch_rows(memory_gb),
+                                progress)
         finally:
-            for c in cursors:
-                c.close()
+            ranges.close()
     finally:
         shutil.rmtree(spill, ignore_errors=True)
 
@@ -380,14 +451,13 @@ _EMPTY_REM = {"id": pl.String, "stage": pl.String, "reason": pl.String, "detail"
               "duplicate_of": pl.String}
 
 
-def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twice: list[str], stray: int,
-                 memory_gb: float | None, progress: bool) -> tuple[dict, dict | None]:
+def _stream_rows(d: Stages, rows_path, ranges: _JoinedRanges, removed_twice: list[str], stray: int,
+                 batch_rows: int, progress: bool) -> tuple[dict, dict | None]:
     """The per-row lineage and the summary, the stratified rows a batch at a time, each batch joined with
-    the bucket results of its rows (`cursors`)."""
+    the joined rows of its rows (`ranges`)."""
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from . import budget
     from .io import RowGroupWriter
 
     pf = pq.ParquetFile(d["stratify"] / "rows.parquet", pre_buffer=False)
@@ -402,17 +472,17 @@ def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twi
     empty_rem = pl.DataFrame(schema=_EMPTY_REM)
     empty_packed = pl.DataFrame(schema={"id": pl.String, "times_packed": pl.UInt32})
     writer = RowGroupWriter(rows_path, None) if rows_path is not None else None
+    pool = pa.default_memory_pool()
     bar = tqdm(total=n_rows, desc="lineage", unit="row", unit_scale=True, disable=not progress)
     at = 0
     try:
         if writer is not None:
             writer.__enter__()
-        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, _ROW_BYTES),
-                                     columns=["id", "source", "stratum"], use_threads=False):
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=["id", "source", "stratum"], use_threads=False):
             rows = pl.from_arrow(pa.Table.from_batches([batch]))
             at += batch.num_rows
-            parts = [p for c in cursors for p in c.take(at) if p.height]
-            hits = pl.concat(parts) if parts else None
+            parts = ranges.take(at)
+            hits = pl.from_arrow(pa.concat_tables(parts)) if parts else None
             if hits is not None:
                 rem_sub = (hits.filter(pl.col("_r").is_not_null()).select(list(_EMPTY_REM))
                            .unique("id", keep="first", maintain_order=True))
@@ -450,6 +520,8 @@ def _stream_rows(d: Stages, rows_path, cursors: list[_ResultCursor], removed_twi
                 if len(got) < 3:
                     got += sub.head(3 - len(got)).select("id", "source", "detail", "duplicate_of").to_dicts()
             bar.update(batch.num_rows)
+            del rows, hits, parts, df, removed
+            pool.release_unused()  # the batch's Arrow buffers back to the system: a flat peak over the batches
         if writer is not None:
             if writer.schema is None:  # no stratified row: the empty table's schema
                 writer.schema = _lineage_batch(pl.from_arrow(pf.schema_arrow.empty_table().select(

@@ -142,6 +142,82 @@ def word_hashes(
     return h, word_off
 
 
+def joined_word_hashes(
+    first: pa.Array | pa.ChunkedArray | Sequence[str],
+    second: pa.Array | pa.ChunkedArray | Sequence[str],
+    lowercase: bool = True,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`word_hashes` of the texts first[d] + "\n" + second[d] for d in `rows` (default: all, in order),
+    without joining them: the newline is a word separator, so the joined text's words are the first
+    text's then the second's, each hashed alone (a word's hash depends on its bytes only, and the
+    lowercasing and the Unicode preparation act on each character alone). As for the joined texts, a
+    null in either column (whose join is null) gives a document without words."""
+    a, b = _as_pair_array(first), _as_pair_array(second)
+    if len(a) != len(b):
+        raise ValueError(f"joined_word_hashes: {len(a)} first texts but {len(b)} second texts")
+    if a.null_count or b.null_count:
+        null = pc.or_(pc.is_null(a), pc.is_null(b))
+        a = pc.if_else(null, pa.scalar("", a.type), a)
+        b = pc.if_else(null, pa.scalar("", b.type), b)
+    ha, oa = word_hashes(a, lowercase)
+    hb, ob = word_hashes(b, lowercase)
+    r = np.arange(len(a), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    # document k's words: the segment ha[oa[r_k]:oa[r_k+1]] then hb[ob[r_k]:ob[r_k+1]], gathered from
+    # [ha, hb] at once (2k segments)
+    lengths = np.empty((r.size, 2), np.int64)
+    lengths[:, 0] = oa[r + 1] - oa[r]
+    lengths[:, 1] = ob[r + 1] - ob[r]
+    starts = np.empty((r.size, 2), np.int64)
+    starts[:, 0] = oa[r]
+    starts[:, 1] = ob[r] + ha.shape[0]
+    seg = lengths.ravel()
+    word_off = np.zeros(r.size + 1, np.int64)
+    np.cumsum(lengths.sum(axis=1), out=word_off[1:])
+    W = int(word_off[-1])
+    if W == 0:
+        return np.zeros(0, U64), word_off
+    seg_start = np.zeros(seg.size, np.int64)  # each segment's first position in the output
+    np.cumsum(seg[:-1], out=seg_start[1:])
+    src = np.repeat(starts.ravel() - seg_start, seg) + np.arange(W, dtype=np.int64)
+    return np.concatenate([ha, hb])[src], word_off
+
+
+def take_rows(col: pa.Array | pa.ChunkedArray, idx: np.ndarray) -> pa.Array:
+    """col[idx] (any order) as one array, taken chunk by chunk: Arrow's take of a chunked string array
+    first concatenates all its chunks (a copy of the whole column per call)."""
+    idx = np.asarray(idx, np.int64)
+    if isinstance(col, pa.Array):
+        return col.take(pa.array(idx))
+    if col.num_chunks == 1:
+        return col.chunk(0).take(pa.array(idx))
+    starts = np.cumsum([0] + [len(c) for c in col.chunks])
+    which = np.searchsorted(starts, idx, side="right") - 1
+    got, where = [], []
+    for k in np.unique(which).tolist():
+        sel = np.flatnonzero(which == k)
+        got.append(col.chunk(k).take(pa.array(idx[sel] - starts[k])))
+        where.append(sel)
+    if not got:
+        return pa.array([], col.type)
+    at = np.concatenate(where)
+    inv = np.empty_like(at)
+    inv[at] = np.arange(at.size)
+    out = pa.concat_arrays(got)
+    return out if np.array_equal(at, np.arange(at.size)) else out.take(pa.array(inv))
+
+
+def _as_pair_array(texts) -> pa.Array:
+    """A string array with its nulls (no fill: `joined_word_hashes` needs them)."""
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
+    elif not isinstance(texts, pa.Array):
+        texts = pa.array(list(texts), pa.large_string())
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        raise TypeError(f"texts must be strings, got {texts.type}")
+    return texts
+
+
 _BYTE_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], U64)  # keep the low k bytes
 
 
@@ -292,6 +368,31 @@ class MinHasher:
             wh, wo = word_hashes(part, self.lowercase)
             sh, so = shingle_hashes(wh, wo, self.ngram)
             sig[i : i + len(part)] = minhash(sh, so, self.a, self.b)
+        return sig
+
+    def joined_signatures(
+        self,
+        first: pa.Array | pa.ChunkedArray | Sequence[str],
+        second: pa.Array | pa.ChunkedArray | Sequence[str],
+        rows: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`signatures` of the texts first[d] + "\n" + second[d] for d in `rows` (default: all), equal
+        to those of the joined texts (`joined_word_hashes`), in chunks of about chunk_docs documents.
+        Rows close together (ascending, few left out) are hashed from slices of the columns; scattered
+        rows are taken from them first. Chunked columns are never combined whole (only a chunk's slice
+        that spans chunks is)."""
+        a, b = (x if isinstance(x, pa.ChunkedArray) else _as_pair_array(x) for x in (first, second))
+        r = np.arange(len(a), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        sig = np.empty((r.size, self.num_perm), np.uint32)
+        for i in range(0, r.size, self.chunk_docs):
+            part = r[i : i + self.chunk_docs]
+            lo, hi = int(part.min()), int(part.max()) + 1
+            if hi - lo <= 2 * part.size:
+                wh, wo = joined_word_hashes(a.slice(lo, hi - lo), b.slice(lo, hi - lo), self.lowercase, part - lo)
+            else:
+                wh, wo = joined_word_hashes(take_rows(a, part), take_rows(b, part), self.lowercase)
+            sh, so = shingle_hashes(wh, wo, self.ngram)
+            sig[i : i + part.size] = minhash(sh, so, self.a, self.b)
         return sig
 
 

@@ -189,7 +189,10 @@ class RowReader:
     lines included, so a bar of the kept rows may stop short of it; None for gzip).
     `arrow=False` parses every JSONL line alone in Python (the reference the tests compare with);
     `json_threads=False` has Arrow parse each block on the calling thread (for a caller whose other
-    processes keep every core busy; the tables are the same)."""
+    processes keep every core busy; the tables are the same).
+    `id_bytes` and `spill_dir` (both given): the JSONL id set holds `id_bytes` of ids in memory and
+    spills the rest to sorted run files in a temporary folder of `spill_dir` (`_IdSet`; the same
+    rejections), removed at the end of the iteration or by `close()`."""
 
     def __init__(
         self,
@@ -202,6 +205,8 @@ class RowReader:
         block_bytes: int = JSONL_BLOCK_BYTES,
         arrow: bool = True,
         json_threads: bool = True,
+        id_bytes: int | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ):
         self.path = p = resolve_rows_path(path)
         self.required, self.stage = tuple(required), stage
@@ -225,10 +230,14 @@ class RowReader:
             self._pf = pq.ParquetFile(p, pre_buffer=False)  # pre-buffering reads ahead whole row groups
             self._total_rows = self._pf.metadata.num_rows
             self._check_parquet_schema(self._pf.schema_arrow)
-        self._seen = _IdSet()
+        self._seen = _IdSet(id_bytes, spill_dir)  # (JSONL) past id_bytes of ids: spilled to spill_dir
         self._keys: set[str] = set()  # JSONL: every key of every parsed object
         self._parsed = 0  # JSONL: objects parsed
         self._first_cols: set[str] | None = None  # JSONL: the keys of the first kept row
+
+    def close(self) -> None:
+        """Drop the id set (and remove its spilled files) before the iteration's end."""
+        self._seen.close()
 
     @property
     def total_rows(self) -> int | None:
@@ -247,6 +256,7 @@ class RowReader:
         for table in self._iter_jsonl():
             if table.num_rows:
                 yield table
+        self._seen.close()  # every id checked: its spilled files removed
         if self._parsed:
             absent = [c for c in self.required if c in CONTENT_FIELDS and c not in self._keys]
             if absent:
@@ -544,13 +554,177 @@ def _has_temporal(t: pa.DataType) -> bool:
     return False
 
 
-class _IdSet:
-    """The ids kept so far, as 128-bit hashes (two seeded 64-bit polars hashes) in runs sorted by the
-    first hash that are merged as they grow (so each check is a few binary searches and the runs cost
-    16 bytes per id)."""
+ID_BLOCK = 256  # records (16 bytes each: h0, h1) of a spilled run read at once (4 KB); the fence holds every 256th h0
+BLOOM_BITS = 12  # bits an id of a spilled run's Bloom filter (~1% of new ids read a block)
+BLOOM_PROBES = 8  # bits set per key, all in one 64-bit word of the filter (one memory access a lookup)
+_READ_BLOCKS = 256  # blocks of a spilled run read at most at once by a lookup (1 MB)
+_SPILL_CHUNK = 1 << 16  # records of each spilled run read at a time when two are merged on disk
+_MUL = np.uint64(0x9E3779B97F4A7C15)
 
-    def __init__(self) -> None:
+
+SPILL_PREFIX = ".id-set-"  # the temporary folder of an id set's spilled runs, in the folder it is given
+
+
+def remove_spills(folder: str | os.PathLike) -> None:
+    """Remove the spill folders an id set left in FOLDER (a run killed before its end): a stage calls
+    this on its output folder before it starts, so a rerun there never finishes with them in it."""
+    import shutil
+
+    p = Path(folder)
+    if p.is_dir():
+        for d in p.glob(SPILL_PREFIX + "*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+class _SpilledRun:
+    """A sorted run of (h0, h1) pairs on disk (little-endian uint64 pairs, sorted by h0), with what is
+    held of it in memory: the h0 of every ID_BLOCK-th record (the fence: which block a key can be in)
+    and a Bloom filter of its keys (BLOOM_BITS bits an id), so that a new id almost never reads it."""
+
+    def __init__(self, path: Path, n: int, fence: np.ndarray, bloom: np.ndarray):
+        import weakref
+
+        self.path, self.n, self.fence, self.bloom = path, n, fence, bloom
+        self.fd = os.open(path, os.O_RDONLY)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)  # also when freed without close()
+
+    @staticmethod
+    def bloom_words(n: int) -> int:
+        return max(1, -(-n * BLOOM_BITS // 64))
+
+    @staticmethod
+    def bloom_keys(h0: np.ndarray, h1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(word hash, mask) of each key for every run's filter: the word from h1, the BLOOM_PROBES bits
+        set within it from a mix of h0 (a blocked Bloom filter)."""
+        b = h0 * _MUL
+        mask = np.zeros(h0.shape[0], np.uint64)
+        for j in range(BLOOM_PROBES):
+            mask |= np.left_shift(np.uint64(1), (b >> np.uint64(6 * j + 16)) & np.uint64(63))
+        return h1, mask
+
+    @staticmethod
+    def word_of(wh: np.ndarray, words: int) -> np.ndarray:
+        """The filter word (< words) of each word hash: its high 32 bits times `words` (% past 2**32 words)."""
+        if words < 2**32:
+            return ((wh >> np.uint64(32)) * np.uint64(words) >> np.uint64(32)).astype(np.intp)
+        return (wh % np.uint64(words)).astype(np.intp)
+
+    @classmethod
+    def add_to_bloom(cls, bloom: np.ndarray, h0: np.ndarray, h1: np.ndarray) -> None:
+        wh, mask = cls.bloom_keys(h0, h1)
+        np.bitwise_or.at(bloom, cls.word_of(wh, bloom.shape[0]), mask)
+
+    def maybe(self, wh: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(n,) bool: False for a key (given by `bloom_keys`) surely not in the run."""
+        return self.bloom[self.word_of(wh, self.bloom.shape[0])] & mask == mask
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Records [start, stop) as an (k, 2) uint64 array (one pread: no mapping of the file)."""
+        start, stop = max(0, start), min(self.n, stop)
+        if stop <= start:
+            return np.zeros((0, 2), np.uint64)
+        raw = os.pread(self.fd, (stop - start) * 16, start * 16)
+        return np.frombuffer(raw, "<u8").astype(np.uint64, copy=False).reshape(-1, 2)
+
+    def contains(self, h0: np.ndarray, h1: np.ndarray, wh: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(n,) bool: whether each key is in the run: the Bloom filter (`wh`, `mask`: `bloom_keys`), then
+        the blocks a key can be in (read _READ_BLOCKS at most at a time, consecutive blocks in one read)."""
+        found = np.zeros(h0.shape[0], bool)
+        cand = np.flatnonzero(self.maybe(wh, mask))
+        if not cand.size:
+            return found
+        cand = cand[np.argsort(h0[cand], kind="stable")]
+        k0, k1 = h0[cand], h1[cand]
+        # blocks first..last: from the one before the first fence >= the key (the key's range of equal
+        # h0 can start there) to the last one whose first key is <= it (nearly always the same block)
+        first = np.maximum(np.searchsorted(self.fence, k0, side="left") - 1, 0)
+        last = np.maximum(np.searchsorted(self.fence, k0, side="right") - 1, 0)
+        s = 0
+        while s < cand.size:
+            e = min(cand.size, s + _READ_BLOCKS)
+            span = last[s:e] - first[s:e] + 1
+            within = np.arange(int(span.sum())) - np.repeat(np.cumsum(span) - span, span)
+            blocks = np.unique(np.repeat(first[s:e], span) + within)
+            runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)  # consecutive blocks: one read
+            recs = np.concatenate([self.read(int(r[0]) * ID_BLOCK, (int(r[-1]) + 1) * ID_BLOCK) for r in runs])
+            q0, q1 = k0[s:e], k1[s:e]
+            lo = np.searchsorted(recs[:, 0], q0, side="left")
+            hi = np.searchsorted(recs[:, 0], q0, side="right")
+            one = hi - lo == 1  # the common case: one record with the key's h0
+            hit = np.zeros(e - s, bool)
+            hit[one] = recs[lo[one], 1] == q1[one]
+            for i in np.flatnonzero(hi - lo > 1).tolist():  # equal h0 (another id): compare h1 over the range
+                hit[i] = bool((recs[lo[i] : hi[i], 1] == q1[i]).any())
+            found[cand[s:e][hit]] = True
+            s = e
+        return found
+
+    def close(self) -> None:
+        self._close_fd()
+        self.fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+class _RunWriter:
+    """Writes a sorted run of (h0, h1) pairs chunk by chunk, keeping its fence (every ID_BLOCK-th h0)
+    and building its Bloom filter (sized for `n` keys, known up front)."""
+
+    def __init__(self, path: Path, n: int):
+        self.path, self.n, self.at = path, n, 0
+        self.f = open(path, "wb")
+        self.fence: list[np.ndarray] = []
+        self.bloom = np.zeros(_SpilledRun.bloom_words(n), np.uint64)
+
+    def write(self, h0: np.ndarray, h1: np.ndarray) -> None:
+        k = h0.shape[0]
+        if not k:
+            return
+        first = -self.at % ID_BLOCK  # the chunk's first record that starts a block
+        self.fence.append(h0[first::ID_BLOCK].copy())
+        _SpilledRun.add_to_bloom(self.bloom, h0, h1)
+        rec = np.empty((k, 2), "<u8")
+        rec[:, 0], rec[:, 1] = h0, h1
+        rec.tofile(self.f)
+        self.at += k
+
+    def finish(self) -> _SpilledRun:
+        self.f.close()
+        assert self.at == self.n, (self.at, self.n)
+        fence = np.concatenate(self.fence) if self.fence else np.zeros(0, np.uint64)
+        return _SpilledRun(self.path, self.n, fence.astype(np.uint64), self.bloom)
+
+
+class _IdSet:
+    """The ids kept so far, as 128-bit hashes (two seeded 64-bit polars hashes), for exact repeat checks.
+
+    In memory: runs sorted by the first hash, merged as they grow (each check a few binary searches,
+    16 bytes an id held, about 37 at the largest merge). With a `spill_dir` (a folder of the stage's
+    output) and `run_bytes`, once the runs in memory hold more than `run_bytes` they are merged into
+    one and spilled to a file there (`_SpilledRun`: sorted (h0, h1) pairs; held in memory: a fence of
+    every ID_BLOCK-th key and a Bloom filter of BLOOM_BITS bits an id), and spilled runs of about the
+    same size are merged on disk as they grow (a few runs at any time). A lookup reads from disk only
+    the blocks of keys the Bloom filter lets through (repeats and ~1% of new ids). So a set of N ids
+    holds at most ~3x `run_bytes` plus ~1.5 bytes an id (the Bloom filters), whatever N. The answers
+    are the same with or without spilling (the same keys, looked up exactly). Without a `spill_dir`
+    everything stays in memory. `close()` removes the spilled files (also done when the set is freed).
+    """
+
+    def __init__(self, run_bytes: int | None = None, spill_dir: str | os.PathLike | None = None) -> None:
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (h0 sorted, h1 in the same order)
+        self.run_bytes = run_bytes
+        self.spill_root = Path(spill_dir) if spill_dir is not None and run_bytes is not None else None
+        self.spilled: list[_SpilledRun] = []
+        self._dir: Path | None = None  # made at the first spill
+        self._files = 0
+        self._finalizer = None
+
+    @property
+    def held(self) -> int:
+        """Ids held in the in-memory runs."""
+        return sum(r[0].shape[0] for r in self.runs)
+
+    def __len__(self) -> int:
+        return self.held + sum(r.n for r in self.spilled)
 
     def add_new(self, ids: pa.Array) -> np.ndarray:
         """(n,) bool: True for an id seen before (earlier in `ids` or in an earlier call); the others
@@ -562,6 +736,37 @@ class _IdSet:
         s = pl.Series(ids)
         return self.add_new_hashes(s.hash(seed=11).to_numpy(), s.hash(seed=12).to_numpy())
 
+    def contains_hashes(self, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
+        """(n,) bool: whether each key (two 64-bit hashes, each (n,) uint64) is in the set."""
+        found = np.zeros(h0.shape[0], bool)
+        if h0.shape[0] == 0:
+            return found
+        if self.runs:
+            # looked up in ascending order: numpy's binary search then starts each search where the
+            # previous one ended (far fewer cache misses in a run of millions than random order)
+            order = np.argsort(h0)
+            q = h0[order]
+            for r0, r1 in self.runs:
+                pos = np.empty_like(order)
+                pos[order] = np.searchsorted(r0, q)
+                hit = np.flatnonzero(pos < r0.shape[0])
+                hit = hit[r0[pos[hit]] == h0[hit]]
+                for i in hit.tolist():  # an equal h0 (nearly always an equal key): compare h1 over the range
+                    j = int(pos[i])
+                    while j < r0.shape[0] and r0[j] == h0[i]:
+                        if r1[j] == h1[i]:
+                            found[i] = True
+                            break
+                        j += 1
+        if self.spilled:
+            wh, mask = _SpilledRun.bloom_keys(h0, h1)
+            for run in self.spilled:
+                rest = np.flatnonzero(~found)
+                if not rest.size:
+                    break
+                found[rest[run.contains(h0[rest], h1[rest], wh[rest], mask[rest])]] = True
+        return found
+
     def add_new_hashes(self, h0: np.ndarray, h1: np.ndarray) -> np.ndarray:
         """`add_new` of keys given by their two 64-bit hashes, each (n,) uint64."""
         import polars as pl
@@ -570,29 +775,23 @@ class _IdSet:
         if n == 0:
             return np.zeros(0, bool)
         dup = ~pl.DataFrame({"a": h0, "b": h1}).select(pl.struct("a", "b").is_first_distinct()).to_series().to_numpy()
-        # looked up in ascending order: numpy's binary search then starts each search where the
-        # previous one ended (far fewer cache misses in a run of millions than random order)
-        order = np.argsort(h0)
-        q = h0[order]
-        for r0, r1 in self.runs:
-            pos = np.empty_like(order)
-            pos[order] = np.searchsorted(r0, q)
-            hit = np.flatnonzero(pos < r0.shape[0])
-            hit = hit[r0[pos[hit]] == h0[hit]]
-            for i in hit.tolist():  # an equal h0 (nearly always an equal key): compare h1 over the range
-                j = int(pos[i])
-                while j < r0.shape[0] and r0[j] == h0[i]:
-                    if r1[j] == h1[i]:
-                        dup[i] = True
-                        break
-                    j += 1
+        first = np.flatnonzero(~dup)
+        dup[first[self.contains_hashes(h0[first], h1[first])]] = True
         keep = ~dup
-        self._push(h0[keep], h1[keep], np.argsort(h0[keep]))
+        self.insert_hashes(h0[keep], h1[keep])
+        return dup
+
+    def insert_hashes(self, h0: np.ndarray, h1: np.ndarray) -> None:
+        """Add keys the caller knows are new and distinct (no lookup)."""
+        if h0.shape[0] == 0:
+            return
+        self._push(h0, h1, np.argsort(h0))
         while len(self.runs) > 1 and self.runs[-2][0].shape[0] <= 2 * self.runs[-1][0].shape[0]:
             (a0, a1), (b0, b1) = self.runs.pop(), self.runs.pop()
             self.runs.append(self._merge(b0, b1, a0, a1))
             del a0, a1, b0, b1
-        return dup
+        if self.spill_root is not None and 16 * self.held > self.run_bytes:
+            self._spill()
 
     @staticmethod
     def _merge(b0, b1, a0, a1) -> tuple[np.ndarray, np.ndarray]:
@@ -614,6 +813,75 @@ class _IdSet:
     def _push(self, h0: np.ndarray, h1: np.ndarray, order: np.ndarray) -> None:
         """A run sorted by h0 alone (`order`): the lookup compares h1 over each range of equal h0."""
         self.runs.append((np.ascontiguousarray(h0[order]), np.ascontiguousarray(h1[order])))
+
+    # ---------------------------------------------------------------------------------------------
+    # spilling
+    # ---------------------------------------------------------------------------------------------
+    def _new_path(self) -> Path:
+        if self._dir is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            self.spill_root.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self.spill_root))
+            self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        self._files += 1
+        return self._dir / f"run-{self._files:06d}.u64"
+
+    def _spill(self) -> None:
+        """The in-memory runs merged into one and written out; spilled runs of about the same size merged."""
+        while len(self.runs) > 1:
+            (a0, a1), (b0, b1) = self.runs.pop(), self.runs.pop()
+            self.runs.append(self._merge(b0, b1, a0, a1))
+            del a0, a1, b0, b1
+        h0, h1 = self.runs.pop()
+        w = _RunWriter(self._new_path(), h0.shape[0])
+        for s in range(0, h0.shape[0], _SPILL_CHUNK):
+            w.write(h0[s : s + _SPILL_CHUNK], h1[s : s + _SPILL_CHUNK])
+        del h0, h1
+        self.spilled.append(w.finish())
+        while len(self.spilled) > 1 and self.spilled[-2].n <= 2 * self.spilled[-1].n:
+            a, b = self.spilled.pop(), self.spilled.pop()
+            self.spilled.append(self._merge_spilled(b, a))
+
+    def _merge_spilled(self, b: _SpilledRun, a: _SpilledRun) -> _SpilledRun:
+        """Two spilled runs merged on disk, _SPILL_CHUNK records of each read at a time (their Bloom
+        filters dropped first: no lookup meanwhile, and the merged run's is built as it is written)."""
+        a.bloom = b.bloom = None
+        w = _RunWriter(self._new_path(), a.n + b.n)
+        pa_, pb = 0, 0  # the run's record at the start of its buffer
+        ra, rb = a.read(0, _SPILL_CHUNK), b.read(0, _SPILL_CHUNK)
+        while ra.shape[0] and rb.shape[0]:
+            bound = min(ra[-1, 0], rb[-1, 0])  # all up to it from both: the buffer with the smaller last is used up
+            ka = int(np.searchsorted(ra[:, 0], bound, side="right"))
+            kb = int(np.searchsorted(rb[:, 0], bound, side="right"))
+            m0, m1 = self._merge(rb[:kb, 0], rb[:kb, 1], ra[:ka, 0], ra[:ka, 1])
+            w.write(m0, m1)
+            del m0, m1
+            ra, pa_, rb, pb = ra[ka:], pa_ + ka, rb[kb:], pb + kb
+            if not ra.shape[0]:
+                ra = a.read(pa_, pa_ + _SPILL_CHUNK)
+            if not rb.shape[0]:
+                rb = b.read(pb, pb + _SPILL_CHUNK)
+        for r, run, p in ((ra, a, pa_), (rb, b, pb)):
+            while r.shape[0]:
+                w.write(np.ascontiguousarray(r[:, 0]), np.ascontiguousarray(r[:, 1]))
+                p += r.shape[0]
+                r = run.read(p, p + _SPILL_CHUNK)
+        a.close()
+        b.close()
+        return w.finish()
+
+    def close(self) -> None:
+        """Drop every id and remove the spilled files."""
+        self.runs = []
+        for r in self.spilled:
+            r.close()
+        self.spilled = []
+        if self._finalizer is not None:
+            self._finalizer()
+            self._dir = None
 
 
 def _fill_parquet(table: pa.Table, p: Path, required: tuple[str, ...], defaults: RowDefaults, start: int = 0) -> pa.Table:

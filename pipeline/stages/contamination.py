@@ -638,11 +638,19 @@ def iter_training(path: Path, batch_rows: int, lo: int = 0, hi: int | None = Non
             return
 
 
-def _packed_rows(pack_dir: Path, out: Path) -> tuple[Path, Path]:
+def _packed_rows(pack_dir: Path, out: Path, memory_gb: float | None = None) -> tuple[Path, Path]:
     """The training rows a pack folder holds (the tokenized rows it read, kept when at least one of their
     samples was packed), written once to `<out>/.inputs/packed-<pack version>.parquet`; with the tokenizer
-    folder they were made with."""
+    folder they were made with.
+
+    Streams: the packed sample ids go, a shard's record batch at a time, into an id set that spills
+    past its share of the budget (`rows._IdSet`: 128-bit hashes of the ids), then the tokenized rows
+    are read a row group at a time and those whose id is in the set are written as they come."""
+    import polars as pl
     import pyarrow.ipc as ipc
+
+    from pipeline import budget
+    from pipeline.rows import _IdSet
 
     man = io.read_json(pack_dir / "manifest.json")
     tok_dir = Path(man.get("inputs", {}).get("tokenized", ""))
@@ -651,23 +659,38 @@ def _packed_rows(pack_dir: Path, out: Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"contamination: the pack {pack_dir} was made from {tok_dir}, which has no "
                                 f"{TOKENIZED_FILE} any more")
     dest = out / ".inputs" / f"packed-{io.sha256_json(man.get('outputs', {}))[:16]}.parquet"
-    if not dest.exists():
-        ids: set[str] = set()
+    if dest.exists():
+        return dest, tok_dir
+
+    def hashes(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        s = pl.Series(ids)
+        return s.hash(seed=11).to_numpy(), s.hash(seed=12).to_numpy()
+
+    ids = _IdSet(run_bytes=budget.id_set_bytes(memory_gb), spill_dir=out / ".inputs")
+    try:
         for f in sorted(pack_dir.glob("shard-*.arrow")):
-            with ipc.open_file(pa.memory_map(str(f), "r")) as r:
-                t = r.read_all()
-            ids.update(t.column("sample_ids").combine_chunks().flatten().to_pylist())
-        table = pq.read_table(src)
-        keep = pa.array([i in ids for i in table.column("id").to_pylist()])
-        io.write_parquet(table.filter(keep), dest)
+            with pa.memory_map(str(f), "r") as m, ipc.open_file(m) as r:
+                for b in range(r.num_record_batches):
+                    sample_ids = r.get_batch(b).column("sample_ids").flatten()
+                    if len(sample_ids):
+                        ids.add_new_hashes(*hashes(sample_ids))  # a sample id repeats across sequences
+        pf = pq.ParquetFile(src)
+        with io.RowGroupWriter(dest, pf.schema_arrow) as w:
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g)
+                if t.num_rows:
+                    w.write(t.filter(pa.array(ids.contains_hashes(*hashes(t.column("id").combine_chunks())))))
+    finally:
+        ids.close()
     return dest, tok_dir
 
 
-def _resolve_training(train_path, tokenizer_path, out: Path, progress: bool) -> tuple[Path, Path]:
+def _resolve_training(train_path, tokenizer_path, out: Path, progress: bool,
+                      memory_gb: float | None = None) -> tuple[Path, Path]:
     """(tokenized.parquet, tokenizer folder or file) for the input; rows files are tokenized first."""
     p = Path(train_path)
     if p.is_dir() and (p / "manifest.json").exists() and io.read_json(p / "manifest.json").get("stage") == "pack":
-        return _packed_rows(p, out)
+        return _packed_rows(p, out, memory_gb)
     if p.is_dir():
         f = p / TOKENIZED_FILE
         if not f.exists():
@@ -1068,7 +1091,7 @@ def run(
     local = _local_benchmarks(benchmarks_dir)  # checked before any work
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_file, tok_path = _resolve_training(train_path, tokenizer_path, out, progress)
+    train_file, tok_path = _resolve_training(train_path, tokenizer_path, out, progress, memory_gb)
     fp = _fingerprint(train_file, tok_path, benchmarks_dir, local, cfg)
     out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:

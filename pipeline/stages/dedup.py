@@ -11,7 +11,9 @@ kept; every other row is written to removals.parquet with the id of the kept row
            >= cfg.threshold. Five steps that talk through files in the output folder so each can be
            rerun or scaled out alone:
    a. signatures  signatures/part-NNNNN.npy: (rows, num_perm) uint32 per part of PART_ROWS documents,
-                  computed by cfg.workers processes from signatures/docs.arrow (the texts, rank order).
+                  computed by cfg.workers processes from signatures/docs.arrow (the texts, rank order),
+                  or, for a JSONL input, from the rows the first pass spilled (`SpillDocs`: the
+                  instruction and response hashed without being joined; the same signatures).
    b. buckets     buckets/candidates.parquet (a, b, estimated_jaccard): the pairs sharing an LSH bucket.
    c. verify      verify/pairs.parquet (a, b, jaccard, accepted): each candidate's similarity and
                   whether it is a near duplicate (see below).
@@ -48,10 +50,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -67,7 +67,6 @@ from tqdm import tqdm
 from .. import minhash
 from ..config import DedupConfig
 from ..io import (
-    RowGroupWriter,
     atomic_path,
     open_stage,
     code_hash,
@@ -78,6 +77,7 @@ from ..io import (
     write_parquet,
 )
 from .. import budget
+from ..parquet_parallel import ParallelRowGroupWriter
 from ..parts import MapParts
 from ..rows import RowReader, _IdSet
 from ..schema import REMOVAL_SCHEMA
@@ -91,7 +91,9 @@ VERIFY_PAIRS = 8192  # candidate pairs whose texts are shingled at once by exact
 MIN_RECALL = 0.99  # default banding: candidate probability at the threshold itself
 DOCS_FILE = "docs.arrow"
 EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
-BAND_SHARE = 1 / 4  # of the budget: one band's keys and their sort in the LSH bucket step
+BAND_SHARE = 1 / 4  # of the budget: the bands' keys and their sorts in the LSH bucket step
+WRITE_PIECE = 16_384  # rows filtered at once by the second pass
+TAIL_THREADS = min(2, os.cpu_count() or 1)  # threads of the bucket and verify steps (bands, blocks of pairs)
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
 )
@@ -109,10 +111,13 @@ def run(
     `output_dir`; returns the manifest (from a finished identical run without recomputing, if any).
 
     The rows stream (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches): a first
-    pass hashes each batch for the exact step and writes its joined texts to a file; the near step
-    works from files (signatures/, buckets/, verify/); a second pass writes the kept rows row group by
-    row group. Held in memory throughout: a few numbers per row (hashes, priority, the duplicate
-    links), and the ids of the rows the outputs name.
+    pass hashes each batch for the exact step and writes its joined texts to a file (Parquet input; a
+    JSONL input's rows are spilled as they are and read from there); the near step works from files
+    (signatures/, buckets/, verify/); a second pass writes the kept rows row group by row group. Nothing
+    is held per row (issue 13, `dedup_ooc`): the exact hashes, priorities and strata go to spill files,
+    the id sets spill past their share of the budget, the LSH bands are split by key range when they
+    pass theirs, and what is held is per duplicate (the removals and clusters, the ids they name) -- but
+    for an input whose priorities decrease somewhere, whose rank order is held (8 bytes a row).
 
     With cfg.workers > 1 the signature parts are computed by processes started with multiprocessing's
     forkserver method, so a script calling this must guard its entry point (if __name__ == "__main__").
@@ -188,12 +193,16 @@ def run(
         if isinstance(docmap, dedup_ooc.ComplementRows) and np.array_equal(first.skipped, ex_rows):
             if eager is not None:  # its parts are this docs file's (the workers read it by its path)
                 eager.finish(D)
-            docs.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(first.texts, docs)
+            if first.texts is not None:
+                docs.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(first.texts, docs)
         else:
             if eager is not None:
                 eager.abandon()
-            write_docs(_gather_docs(first.texts, first.skipped, docmap), docs)
+            if first.texts is not None:
+                write_docs(_gather_docs(first.texts, first.skipped, docmap), docs)
+        if first.texts is None:  # JSONL: the texts are read from the spilled rows
+            docs = first.spill_docs(docmap)
         res = near_clusters(docs, out, cfg, key=fp, progress=progress, map_parts=map_parts, memory_gb=memory_gb)
         lsh_info = res.info
         dup = np.flatnonzero(res.root != res.docs)
@@ -267,13 +276,20 @@ class FirstPass:
     priority: dedup_ooc.Column | None  # the priority column (nulls after every value), if any, on disk
     in_order: bool  # the rows came in rank order (no priority, or priorities that never decrease)
     exact: dedup_ooc.ExactSpill | None  # every row's exact-dedup hash (cfg.exact), on disk
-    texts: Path  # Arrow IPC file: instruction + newline + response of every row but `skipped`, input order
+    texts: Path | None  # Arrow IPC file: instruction + newline + response of every row but `skipped`, input
+    # order (Parquet input; a JSONL input's near step reads the texts from the spilled rows: `spill_docs`)
     skipped: np.ndarray  # (k,) ascending: rows whose text was not written (exact copies seen in order)
     strata: dedup_ooc.Column | None  # the int32 code of each row's stratum, if the column exists, on disk
     strata_dict: list[str]
     schema: pa.Schema | None  # of the rows (JSONL: every batch's types unified)
     spilled: list[Path]  # JSONL: the rows batch by batch (read once; Parquet is read again instead)
     reader_kind: str
+    spill_starts: np.ndarray | None = None  # JSONL: (len(spilled)+1,) the first row of each spill file
+
+    def spill_docs(self, docmap) -> "SpillDocs":
+        """The documents of `docmap` (document -> row: dedup_ooc.ComplementRows/DenseRows), read from the
+        spill files."""
+        return SpillDocs([str(f) for f in self.spilled], self.spill_starts, docmap)
 
     def rank(self) -> np.ndarray:
         """Row indices best first: by `priority` (lower first) when present, then by input order
@@ -283,10 +299,14 @@ class FirstPass:
         return np.argsort(self.priority.read_all(), kind="stable").astype(np.int64)
 
 
-def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048, json_threads: bool = True) -> RowReader:
+def _reader(input_path, memory_gb: float | None, row_bytes: float = 2048, json_threads: bool = True,
+            spill_dir: Path | None = None) -> RowReader:
+    """The rows in batches sized from the budget; with `spill_dir`, the reader's id set (repeated ids of
+    a JSONL input) spills there past its share of the budget."""
     return RowReader(
         input_path, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
         batch_rows=budget.batch_rows(memory_gb, row_bytes), json_threads=json_threads,
+        id_bytes=budget.id_set_bytes(memory_gb) if spill_dir is not None else None, spill_dir=spill_dir,
     )
 
 
@@ -300,7 +320,10 @@ class _EagerSignatures:
     the next batches overlap with it. `finish` (before the texts file is moved) writes
     signatures/meta.json with the stage's key, so `signature_step` finds the parts done; `abandon` (the
     rows stopped coming in rank order) waits for the workers and leaves no meta, so the parts are
-    computed again there."""
+    computed again there.
+    With a JSONL input (`add_rows`) there is no texts file: a part is made of pieces (spill file, rows
+    of it) and the worker hashes those rows' instruction and response (`SpillDocs`).
+    """
 
     PENDING = 2  # parts waiting per worker before the reader waits for the oldest
 
@@ -327,6 +350,17 @@ class _EagerSignatures:
         self.buffered += rows
         if self.buffered >= PART_ROWS:
             self._submit()
+
+    def add_rows(self, path: Path, rows: np.ndarray) -> None:
+        """The texts of these `rows` (ascending) of the spill file `path` are the next documents."""
+        s = 0
+        while self.active and s < rows.size:
+            k = min(rows.size - s, PART_ROWS - self.buffered)
+            self.pieces.append((str(path), rows[s : s + k]))
+            self.buffered += k
+            s += k
+            if self.buffered >= PART_ROWS:
+                self._submit()
 
     def _submit(self) -> None:
         if self.pool is None:
@@ -424,17 +458,108 @@ def _read_pieces(path: Path, pieces: list[tuple[int, int]]) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, pa.large_string())
 
 
-def _signature_pieces(path: Path, pieces: list[tuple[int, int]], n: int, out_path: Path, job: dict) -> None:
+def _signature_pieces(path: Path, pieces: list[tuple], n: int, out_path: Path, job: dict) -> None:
+    if pieces and isinstance(pieces[0][0], str):  # (spill file, rows): see _EagerSignatures.add_rows
+        hasher = minhash.MinHasher(**job)
+        sig = np.concatenate([_spill_signatures(f, rows, hasher) for f, rows in pieces])
+        assert sig.shape == (n, hasher.num_perm), "a signature part's rows"
+        _write_signatures(sig, out_path)
+        return
     texts = _read_pieces(path, pieces)
     assert len(texts) == n, "a signature part's texts"
     _save_signatures(texts, out_path, **job)
+
+
+def _spill_signatures(path: str, rows: np.ndarray, hasher: minhash.MinHasher) -> np.ndarray:
+    """Signatures of instruction + newline + response of `rows` (any order) of a spill file, without
+    joining the texts (`MinHasher.joined_signatures`); only the pages of the rows' span are read."""
+    if not rows.size:
+        return np.empty((0, hasher.num_perm), np.uint32)
+    lo, hi = int(rows.min()), int(rows.max()) + 1
+    with pa.memory_map(path) as src:
+        t = pa.ipc.open_file(src).read_all().slice(lo, hi - lo)
+        return hasher.joined_signatures(t["instruction"], t["response"], rows - lo)
+
+
+@dataclass
+class SpillDocs:
+    """The near step's documents (instruction + newline + response, as `_joined_texts` joins them) of
+    a JSONL input, read from the first pass's spill files of its rows instead of a docs file: document
+    i is the row rows[i] (`rows`: an array of row indices of the input, or a document map whose
+    rows(docs) gives them without an array per document; starts (files+1,): the first row of each file).
+    Signatures are computed from the two columns without joining them; the few texts verification
+    needs are joined when read (`read_texts`). Small to pickle once cut to a part (`sub`)."""
+
+    files: list[str]
+    starts: np.ndarray
+    rows: "np.ndarray | dedup_ooc.ComplementRows | dedup_ooc.DenseRows"
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def _rows(self, docs: np.ndarray) -> np.ndarray:
+        docs = np.asarray(docs, np.int64)
+        return self.rows[docs] if isinstance(self.rows, np.ndarray) else self.rows.rows(docs)
+
+    def sub(self, start: int, stop: int) -> "SpillDocs":
+        return SpillDocs(self.files, self.starts, self._rows(np.arange(start, stop, dtype=np.int64)))
+
+    def _by_file(self, rows: np.ndarray):
+        """(file index, positions in `rows`, rows of that file) for each file some of `rows` are in."""
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for k in np.unique(which).tolist():
+            sel = np.flatnonzero(which == k)
+            yield k, sel, rows[sel] - self.starts[k]
+
+    def signatures(self, start: int, stop: int, hasher: minhash.MinHasher) -> np.ndarray:
+        rows = self._rows(np.arange(start, stop, dtype=np.int64))
+        sig = np.empty((rows.size, hasher.num_perm), np.uint32)
+        for k, sel, local in self._by_file(rows):
+            sig[sel] = _spill_signatures(self.files[k], local, hasher)
+        return sig
+
+    def texts(self, idx: np.ndarray) -> pa.ChunkedArray:
+        """The joined texts of documents idx, in that order: each file mapped alone (then unmapped), and
+        only its record batches that hold some of the rows read (a spill file has one per ~1,400 rows:
+        reading all of them costs ~2 ms a file, for each block of pairs verification reads)."""
+        rows = self._rows(idx)
+        got, where = [], []
+        big = pa.large_string()
+        for k, sel, local in self._by_file(rows):
+            with pa.memory_map(self.files[k]) as src:
+                reader = pa.ipc.open_file(src)
+                starts = self._batch_starts(k, reader)
+                which = np.searchsorted(starts, local, side="right") - 1
+                for j in np.unique(which).tolist():
+                    at = np.flatnonzero(which == j)
+                    batch = reader.get_batch(j)
+                    take = pa.array(local[at] - starts[j])
+                    got.append(pc.binary_join_element_wise(  # a copy
+                        batch.column("instruction").take(take).cast(big),
+                        batch.column("response").take(take).cast(big), pa.scalar("\n", big)))
+                    where.append(sel[at])
+                    del batch
+                del reader
+        if not got:
+            return pa.chunked_array([], big)
+        at = np.concatenate(where)
+        inv = np.empty_like(at)
+        inv[at] = np.arange(at.size)
+        return pa.chunked_array([pa.concat_arrays(got).take(pa.array(inv))], big)
+
+    def _batch_starts(self, k: int, reader: pa.ipc.RecordBatchFileReader) -> np.ndarray:
+        """(batches+1,) the first row of each record batch of file k (its metadata read once, kept)."""
+        cache = self.__dict__.setdefault("_starts_of", {})
+        if k not in cache:
+            cache[k] = np.cumsum([0] + [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
+        return cache[k]
 
 
 def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | None, progress: bool,
                 eager: _EagerSignatures | None = None) -> FirstPass:
     # with the eager signature workers busy on every core, Arrow's threads only add to the JSON parse's
     # CPU (10-40% measured on a busy 2-core machine; the same tables)
-    reader = _reader(input_path, memory_gb, json_threads=eager is None)
+    reader = _reader(input_path, memory_gb, json_threads=eager is None, spill_dir=spill)
     prio: dedup_ooc.Column | None = None
     exact = dedup_ooc.ExactSpill(spill / "exact") if cfg.exact else None
     strata: dedup_ooc.Column | None = None
@@ -448,10 +573,12 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     # exact-dedup key was seen before can never be kept: its text is not written, and the texts file
     # is the near step's docs file as it is. Once a priority decreases, every later text is written.
     in_order, last_prio = True, None
-    seen = _IdSet() if cfg.exact else None
+    seen = _IdSet(budget.id_set_bytes(memory_gb), spill) if cfg.exact else None  # spills past its share
     skipped: list[np.ndarray] = []  # rows whose text is not in the texts file, ascending
     bar = None  # opened at the first batch: an input that fails before any row shows no bar
-    texts = _TextsFile(texts_path, eager)
+    # a JSONL input's rows are spilled: the near step reads their texts from there (SpillDocs), no texts file
+    texts = _TextsFile(texts_path, eager) if reader.kind != "jsonl" else None
+    spill_starts = [0]
     try:
         for batch in reader:
             if bar is None:
@@ -494,17 +621,22 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
                 gone = np.ones(batch.num_rows, bool)
                 gone[sel] = False
                 skipped.append(n + np.flatnonzero(gone))
-            texts.write(_joined_texts(batch, sel))
+            if texts is not None:
+                texts.write(_joined_texts(batch, sel))
             if reader.kind == "jsonl":  # JSONL is parsed once: its rows wait in a file for the second pass
                 f = spill / f"rows-{len(spilled):05d}.arrow"
                 with pa.OSFile(str(f), "wb") as rs, pa.ipc.new_file(rs, batch.schema) as w:
                     w.write_table(batch)
                 spilled.append(f)
+                spill_starts.append(n + batch.num_rows)
+                if eager is not None and in_order:
+                    eager.add_rows(f, sel)
             schemas.append(batch.schema)
             n += batch.num_rows
             bar.update(batch.num_rows)
     finally:
-        texts.close()
+        if texts is not None:
+            texts.close()
         for col in (prio, strata):
             if col is not None:
                 col.close()
@@ -521,6 +653,8 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
     # the keys seen (16 bytes a row here and in the reader) freed, and each list freed once joined,
     # before the next is joined
     rejects, kind = reader.rejects, reader.kind
+    if seen is not None:
+        seen.close()
     del seen, reader
 
     def cat(parts: list, **kw) -> np.ndarray:
@@ -534,13 +668,14 @@ def _first_pass(input_path, spill: Path, cfg: DedupConfig, memory_gb: float | No
         priority=prio,
         in_order=in_order,
         exact=exact,
-        texts=texts_path,
+        texts=texts_path if texts is not None else None,
         skipped=cat(skipped) if skipped else np.zeros(0, np.int64),
         strata=strata,
         strata_dict=list(strata_dict),
         schema=schema_rows,
         spilled=spilled,
         reader_kind=kind,
+        spill_starts=np.asarray(spill_starts, np.int64) if kind == "jsonl" else None,
     )
 
 
@@ -648,20 +783,22 @@ def _second_pass(
     ids, sources = [], []
     s = 0
     bar = tqdm(total=first.rows, desc="dedup write", unit="row", unit_scale=True, disable=not progress)
-    with RowGroupWriter(path, first.schema) as w:
-        writer = _WriterThread(w.write)  # encodes a batch's row groups while the next one is read
-        try:
-            for t in batches():
-                m = t.num_rows
-                writer.put(t.filter(pa.array(keep[s : s + m])))
-                sel = np.flatnonzero(need[s : s + m])
-                if sel.size:
-                    ids.append(t["id"].take(pa.array(sel)))
-                    sources.append(t["source"].take(pa.array(sel)))
-                s += m
-                bar.update(m)
-        finally:
-            writer.close()
+    # the row groups are encoded TAIL_THREADS at a time in the writer's threads (the same bytes as
+    # RowGroupWriter's) while the next batches are read and filtered here
+    with ParallelRowGroupWriter(path, first.schema, threads=TAIL_THREADS) as w:
+        for t in batches():
+            m = t.num_rows
+            # filtered here (a copy: the writer then holds only the rows kept, not the mapped spill files,
+            # while they wait to be encoded), in pieces, each freed once its rows are in a row group
+            for a in range(0, m, WRITE_PIECE):
+                piece = t.slice(a, WRITE_PIECE)
+                w.write(piece.filter(pa.array(keep[s + a : s + a + piece.num_rows])))
+            sel = np.flatnonzero(need[s : s + m])
+            if sel.size:
+                ids.append(t["id"].take(pa.array(sel)))
+                sources.append(t["source"].take(pa.array(sel)))
+            s += m
+            bar.update(m)
     bar.close()
     assert s == first.rows, "the rows changed between the two passes"
 
@@ -671,38 +808,6 @@ def _second_pass(
         return pa.chunked_array([c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]).combine_chunks()
 
     return w.record, IdLookup(need, cat(ids), cat(sources))
-
-
-class _WriterThread:
-    """`write(item)` for each item put, in order, in a thread of its own (Parquet encoding and
-    compression release the GIL), so that the caller reads and filters the next batch meanwhile. At
-    most `depth` items wait. `close` waits for the thread and raises its error, if any (`put` raises
-    it too, once it happened)."""
-
-    def __init__(self, write, depth: int = 1):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(write,), name="dedup-write", daemon=True)
-        self.thread.start()
-
-    def _run(self, write) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    write(item)
-                except BaseException as e:  # handed to the caller
-                    self.error = e
-
-    def put(self, item) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def priority_order(table: pa.Table) -> np.ndarray:
@@ -731,12 +836,39 @@ def _normalized_columns(table: pa.Table, lowercase: bool) -> tuple[pl.Series, pl
     def norm(c: str) -> pl.Series:
         a = table[c]
         s = pl.from_arrow(a).alias(c)
-        ascii_only = bool((s.str.len_bytes() == s.str.len_chars()).all())
+        # from the values' bytes (the bytes behind nulls too: they can only make a check say yes)
+        ascii_only, controls, edge_space = _byte_checks(a)
         if lowercase:  # ASCII texts: Arrow's ASCII lowercase is polars' Unicode one there, 4x faster
             s = pl.from_arrow(pc.ascii_lower(a)).alias(c) if ascii_only else s.str.to_lowercase()
-        return collapse_whitespace(s, ascii_only=ascii_only).str.strip_chars(" ")
+        out = collapse_whitespace(s, ascii_only=ascii_only, controls=controls)
+        if out is s and not edge_space:  # unchanged, and no text starts or ends with a space: nothing to strip
+            return out
+        return out.str.strip_chars(" ")
 
     return norm("instruction"), norm("response")
+
+
+def _byte_checks(col: pa.Array | pa.ChunkedArray) -> tuple[bool, bool, bool]:
+    """(every byte ASCII, some byte an ASCII control character (< 0x20: tab, newline, ...), some text
+    starts or ends with a space) of a string column, from its values' bytes: a few numpy reductions
+    instead of a scan of the texts per question. The bytes of null slots count too (a null slot has
+    none in practice): a check can say yes wrongly, never no."""
+    ascii_only, controls, edge = True, False, False
+    for ch in col.chunks if isinstance(col, pa.ChunkedArray) else [col]:
+        if not len(ch):
+            continue
+        off_t = np.int64 if pa.types.is_large_string(ch.type) else np.int32
+        bufs = ch.buffers()
+        off = np.frombuffer(bufs[1], off_t)[ch.offset : ch.offset + len(ch) + 1]
+        if off[-1] == off[0] or bufs[2] is None:
+            continue
+        data = np.frombuffer(bufs[2], np.uint8)
+        x = data[off[0] : off[-1]]
+        ascii_only &= bool(x.max() < 128)
+        controls |= bool(x.min() < 32)
+        nonempty = off[1:] > off[:-1]
+        edge |= bool((data[off[:-1][nonempty]] == 32).any() or (data[off[1:][nonempty] - 1] == 32).any())
+    return ascii_only, controls, edge
 
 
 _PAIR_MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -763,6 +895,9 @@ def exact_hashes(table: pa.Table, lowercase: bool) -> np.ndarray:
         m = ins.hash(seed=si).to_numpy() * _PAIR_MIX
         m ^= resp.hash(seed=sr).to_numpy()
         h[half] = minhash._fmix64(m)
+    # SEP is a control character: a column whose bytes have none (_byte_checks) has no SEP
+    if not (_byte_checks(table["instruction"])[1] or _byte_checks(table["response"])[1]):
+        return h
     sep = (ins.str.contains(SEP, literal=True) | resp.str.contains(SEP, literal=True)).to_numpy()
     if sep.any():
         idx = np.flatnonzero(sep)
@@ -777,16 +912,18 @@ _ASCII_SPACE = ["\t", "\n", "\x0b", "\x0c", "\r"]  # the ASCII whitespace (Unico
 _WHITESPACE_RUN = r"\s{2,}|[^\S ]"  # every maximal run of whitespace, a single space alone excepted
 
 
-def collapse_whitespace(s: pl.Series, ascii_only: bool = False) -> pl.Series:
+def collapse_whitespace(s: pl.Series, ascii_only: bool = False, controls: bool = True) -> pl.Series:
     r"""= s.str.replace_all(r"\s{2,}|[^\S ]", " "): every maximal run of (Unicode) whitespace becomes one
     space. That regex scans every byte through a Unicode class (about half of the exact step's time);
     here, in ASCII texts, each ASCII whitespace character that is not a space becomes a space (the runs
     keep their lengths; a literal search per character, only for the characters some text has) and
     runs of two or more spaces become one (a search for two spaces), and only the texts with a non-ASCII
     character (where other whitespace can be) go through the regex (none when `ascii_only`: the caller
-    knows every text is ASCII)."""
+    knows every text is ASCII). `controls` False: the caller knows no text has an ASCII control
+    character (the ASCII whitespace but the space are among them), so none is searched for. Returns `s`
+    itself when nothing changed."""
     out = s
-    for c in _ASCII_SPACE:
+    for c in _ASCII_SPACE if controls else ():
         if out.str.contains(c, literal=True).any():
             out = out.str.replace_all(c, " ", literal=True)
     if out.str.contains("  ", literal=True).any():
@@ -1020,8 +1157,7 @@ def signature_step(
     """One signature part per `part_rows` documents of the docs file, computed by cfg.workers processes,
     or handed to `map_parts` (`signature_part_job`) when given (parts of a run with the same `key`
     already there are kept); returns the part paths in order."""
-    with pa.memory_map(str(docs)) as src:
-        n_docs = pa.ipc.open_file(src).read_all().num_rows
+    n_docs = _num_docs(docs)
     meta = {"key": key, "docs": n_docs, "part_rows": part_rows}
     sig_dir.mkdir(parents=True, exist_ok=True)
     meta_path = sig_dir / "meta.json"
@@ -1036,7 +1172,7 @@ def signature_step(
         job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
         bar = tqdm(total=len(todo), desc="dedup signatures", unit="part", disable=not progress)
         if map_parts is not None:
-            map_parts(signature_part_job, [(docs, *bounds[i], parts[i], job) for i in todo])
+            map_parts(signature_part_job, [(*_part_docs(docs, *bounds[i]), parts[i], job) for i in todo])
             bar.update(len(todo))
         elif cfg.workers == 1 or len(todo) == 1:
             for i in todo:
@@ -1048,12 +1184,24 @@ def signature_step(
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo)), mp_context=ctx) as pool:
-                futures = [pool.submit(signature_part, docs, *bounds[i], parts[i], **job) for i in todo]
+                futures = [pool.submit(signature_part, *_part_docs(docs, *bounds[i]), parts[i], **job) for i in todo]
                 for f in as_completed(futures):
                     f.result()
                     bar.update()
         bar.close()
     return parts
+
+
+def _num_docs(docs: "Path | SpillDocs") -> int:
+    if isinstance(docs, SpillDocs):
+        return len(docs)
+    with pa.memory_map(str(docs)) as src:
+        return pa.ipc.open_file(src).read_all().num_rows
+
+
+def _part_docs(docs: "Path | SpillDocs", start: int, stop: int) -> tuple:
+    """(docs, start, stop) of a part, as sent to a process: SpillDocs cut to the part's rows."""
+    return (docs.sub(start, stop), 0, stop - start) if isinstance(docs, SpillDocs) else (docs, start, stop)
 
 
 def signature_part_job(docs: Path, start: int, stop: int, out_path: Path, job: dict) -> str:
@@ -1065,7 +1213,11 @@ def signature_part_job(docs: Path, start: int, stop: int, out_path: Path, job: d
 def signature_part(
     docs: Path, start: int, stop: int, out_path: Path, *, num_perm: int, ngram: int, seed: int, lowercase: bool
 ) -> None:
-    """One part: documents [start, stop) of the docs file -> out_path, (stop-start, num_perm) uint32."""
+    """One part: documents [start, stop) of the docs file (or SpillDocs) -> out_path, (stop-start, num_perm) uint32."""
+    if isinstance(docs, SpillDocs):
+        hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
+        _write_signatures(docs.signatures(start, stop, hasher), out_path)
+        return
     with pa.memory_map(str(docs)) as src:  # only this part's pages are read; unmapped when done
         texts = pa.ipc.open_file(src).read_all()["text"].slice(start, stop - start)
         _save_signatures(texts, out_path, num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
@@ -1077,6 +1229,10 @@ def _save_signatures(
     hasher = minhash.MinHasher(num_perm=num_perm, ngram=ngram, seed=seed, lowercase=lowercase)
     sig = hasher.signatures(texts)
     assert sig.shape == (len(texts), num_perm)
+    _write_signatures(sig, out_path)
+
+
+def _write_signatures(sig: np.ndarray, out_path: Path) -> None:
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
         np.save(f, sig)
 
@@ -1127,32 +1283,41 @@ def bucket_step(parts: list[Path], bucket_dir: Path, bands: int, rows: int, memo
 
     Out of core: each part's band keys are appended to one file per band (bucket_dir/band-NN.u64), then
     each band's keys alone give that band's pairs (`dedup_ooc.band_pairs`: in memory while a band's keys
-    fit a share of the budget, else split on disk by key range); the pairs of all bands are merged. Held
-    at once: one part's signatures and keys, then one band's keys or one key range of them, and the
-    pairs."""
+    fit its share of the budget, else split on disk by key range); the pairs of all bands are merged.
+    Held at once: TAIL_THREADS parts' signatures and keys, then TAIL_THREADS bands' keys (or key ranges
+    of them), and the pairs."""
     bucket_dir.mkdir(parents=True, exist_ok=True)
     band_files = [bucket_dir / f"band-{j:02d}.u64" for j in range(bands)]
     invalid = [np.zeros(0, np.int64)]  # documents without a shingle: never a near duplicate
     D = 0
     sinks = [open(f, "wb") for f in band_files]
+
+    def part_keys(p: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(bands, n) band keys of a part; (n,) whether each document has shingles"""
+        sig = np.load(p, mmap_mode="r")
+        return minhash.band_keys(sig, bands, rows), sig[:, 0] != minhash.EMPTY
+
     try:
-        for p in parts:
-            sig = np.load(p, mmap_mode="r")
-            keys = minhash.band_keys(sig, bands, rows)  # (bands, n)
-            for j in range(bands):
-                keys[j].tofile(sinks[j])
-            invalid.append(D + np.flatnonzero(sig[:, 0] == minhash.EMPTY))
-            D += sig.shape[0]
-            del sig, keys
+        for w in range(0, len(parts), TAIL_THREADS):  # TAIL_THREADS parts at once, written in order
+            for keys, ok_part in _ordered_map(part_keys, parts[w : w + TAIL_THREADS]):
+                for j in range(bands):
+                    keys[j].tofile(sinks[j])
+                invalid.append(D + np.flatnonzero(~ok_part))
+                D += ok_part.size
+                del keys
     finally:
         for f in sinks:
             f.close()
     bad = np.concatenate(invalid)
-    share = int(budget.usable_bytes(memory_gb) * BAND_SHARE)
-    edges = [np.zeros((0, 2), np.int64)]
-    for f in band_files:
-        edges.append(dedup_ooc.band_pairs(f, D, bad, share))
+    share = int(budget.usable_bytes(memory_gb) * BAND_SHARE / TAIL_THREADS)
+
+    def band_pairs(f: Path) -> np.ndarray:
+        e = dedup_ooc.band_pairs(f, D, bad, share)
         f.unlink()
+        return e
+
+    # the bands' sorts release the GIL: TAIL_THREADS bands at once
+    edges = [np.zeros((0, 2), np.int64), *_ordered_map(band_pairs, band_files)]
     e = np.concatenate(edges)
     code = np.unique(e[:, 0] * np.int64(max(D, 1)) + e[:, 1])  # as candidate_pairs merges its bands
     pairs = np.stack([code // max(D, 1), code % max(D, 1)], axis=1)
@@ -1209,20 +1374,39 @@ def exact_jaccard(docs: Path, u: np.ndarray, v: np.ndarray, cfg: DedupConfig) ->
     the sets intersected with `minhash.set_overlap`."""
     assert u.shape == v.shape
     out = np.empty(u.shape[0], np.float64)
-    for s in range(0, u.shape[0], VERIFY_PAIRS):
+
+    def block(s: int) -> None:
         bu, bv = u[s : s + VERIFY_PAIRS], v[s : s + VERIFY_PAIRS]
         need = np.unique(np.concatenate([bu, bv]))  # (K,) documents of this block, ascending
         values, offsets = minhash.shingle_sets(read_texts(docs, need), cfg.ngram, cfg.lowercase)
         inter, union = minhash.set_overlap(values, offsets, np.searchsorted(need, bu), np.searchsorted(need, bv))
         out[s : s + bu.shape[0]] = inter / np.maximum(union, 1)
+
+    _ordered_map(block, range(0, u.shape[0], VERIFY_PAIRS))  # TAIL_THREADS blocks at once (numpy, Arrow)
     return out
+
+
+def _ordered_map(fn, items) -> list:
+    """[fn(x) for x in items], TAIL_THREADS calls at a time in threads (numpy's and Arrow's kernels
+    release the GIL: the steps after the signatures would otherwise use one core); results in order,
+    the first error raised."""
+    items = list(items)
+    threads = min(TAIL_THREADS, len(items))
+    if threads <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="dedup-tail") as ex:
+        return list(ex.map(fn, items))
 
 
 def read_texts(docs: Path, idx: np.ndarray) -> pa.ChunkedArray:
     """The texts idx (ascending) of the docs file, copied out one record batch at a time, each through
     a memory map of its own that is unmapped when done. (A gather through one map of the whole file
     keeps every page it touched mapped, and the kernel maps ~64 KiB around each: 16k texts of 1M
-    raised the process's RSS by 1.4 GB, 0.1 GB this way.)"""
+    raised the process's RSS by 1.4 GB, 0.1 GB this way.) `docs` may be SpillDocs (a JSONL input)."""
+    if isinstance(docs, SpillDocs):
+        return docs.texts(idx)
     with pa.memory_map(str(docs)) as src:
         reader = pa.ipc.open_file(src)
         sizes = [reader.get_batch(k).num_rows for k in range(reader.num_record_batches)]  # metadata only

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from .. import budget, generators
 from ..config import SourceSpec
 from ..io import atomic_path, code_hash, finish_stage, open_stage, read_json, sha256_file, sha256_json
-from ..io import MANIFEST, RowGroupWriter
+from ..io import MANIFEST, ROW_GROUP, RowGroupWriter
 from ..parts import MapParts, serial
 
 STAGE = "ingest"
@@ -100,11 +100,13 @@ def local_files(path: str, source: str | None = None) -> list[Path]:
 
 class _JsonlLines:
     """A JSONL file's raw lines (`_json`, `_file`, `_row` = line number) a block of about `block` bytes
-    at a time; blank lines are skipped, a BOM at the start dropped. Only the first `keep` lines are
-    yielded (None: all), but every line is counted (`rows`)."""
+    and at most `lines` lines at a time (a Parquet row group: each block is then written as it comes,
+    with no remainder left in the writer that varies block to block); blank lines are skipped, a BOM at
+    the start dropped. Only the first `keep` lines are yielded (None: all), but every line is counted
+    (`rows`)."""
 
-    def __init__(self, f: Path, name: str, block: int, keep: int | None = None):
-        self.f, self.name, self.block, self.keep = f, name, block, keep
+    def __init__(self, f: Path, name: str, block: int, keep: int | None = None, lines: int | None = None):
+        self.f, self.name, self.block, self.keep, self.max_lines = f, name, block, keep, lines or ROW_GROUP
         self.rows = 0
 
     def _table(self, lines: list[bytes], rows: list[int]) -> pa.Table:
@@ -130,7 +132,7 @@ class _JsonlLines:
                 lines.append(raw.rstrip(b"\r\n"))
                 rows.append(lineno)
                 size += len(raw)
-                if size >= self.block:
+                if size >= self.block or len(lines) >= self.max_lines:
                     yield self._table(lines, rows)
                     lines, rows, size = [], [], 0
         if lines:
@@ -194,9 +196,10 @@ def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[
                         rg = pf.metadata.row_group(0)
                         row_bytes = max(row_bytes, rg.total_byte_size / max(1, rg.num_rows))
                     start = 0
+                    rows = budget.batch_rows(memory_gb, row_bytes * 2)
+                    rows = rows // ROW_GROUP * ROW_GROUP or rows  # whole row groups where one fits (see _JsonlLines)
                     if left is None or left > 0:
-                        for batch in pf.iter_batches(batch_size=budget.batch_rows(memory_gb, row_bytes * 2),
-                                                     use_threads=False):
+                        for batch in pf.iter_batches(batch_size=rows, use_threads=False):
                             t = _with_meta(pa.Table.from_batches([batch]), name, start)
                             start += t.num_rows
                             if left is not None:
@@ -204,6 +207,8 @@ def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[
                                 left -= t.num_rows
                             w.write(_conform(t, schema))
                             total += t.num_rows
+                            del t
+                            pa.default_memory_pool().release_unused()
                             if left == 0:
                                 break
                 except (pa.ArrowException, OSError) as e:
@@ -214,6 +219,8 @@ def _ingest_local(src: SourceSpec, dst: Path, memory_gb: float | None) -> tuple[
                     for t in lines:
                         w.write(_conform(t, schema))
                         total += t.num_rows
+                        del t
+                        pa.default_memory_pool().release_unused()  # the block's buffers back (mimalloc keeps them)
                 except (OSError, EOFError) as e:  # gone since listed, no permission, corrupt gzip
                     raise IngestError(f"source '{src.name}': cannot read {f}: {type(e).__name__}: {e}") from None
                 n_file = lines.rows

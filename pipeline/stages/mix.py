@@ -64,6 +64,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -381,106 +382,138 @@ def _utf8(arr: pa.Array) -> tuple[memoryview, np.ndarray]:
     return vals, off - off[0]
 
 
-class _IdFile:
-    """The ids of the tokenized rows in a spill file, in row order (their UTF-8 one after the other),
-    with their offsets in memory (uint32 while the file is under 4 GiB, else int64): no id string stays
-    in memory. `take(rows)` reads the ids of any rows back a window of the file at a time."""
+class _RowFiles:
+    """Per-row columns of the tokenized rows in spill files, in row order: the ids (their UTF-8 one after
+    the other, `ids`) with their n+1 int64 end offsets (`off`), and the rows' stratum and source codes
+    (int32, in order of first appearance). Nothing is kept in memory: `window(r0, r1)` reads the ids of a
+    range of rows back (two sequential reads), `codes(kind, r0, r1)` a range of codes."""
 
-    def __init__(self, path: Path, window_bytes: int):
-        self.path, self.window = path, int(window_bytes)
-        self._f = open(path, "wb")
-        self._lens: list[np.ndarray] = []
-        self.off = np.zeros(1, np.int64)
+    def __init__(self, tmp: Path):
+        self.paths = {k: tmp / f"rows.{k}" for k in ("ids", "off", "stratum", "source")}
+        self._f = {k: open(p, "wb") for k, p in self.paths.items()}
+        self._f["off"].write(np.zeros(1, np.int64).tobytes())
+        self.total = 0
+        self.n = 0
 
-    def add(self, ids: pa.Array) -> None:
+    def add(self, ids: pa.Array, stratum: np.ndarray, source: np.ndarray) -> None:
         vals, off = _utf8(ids)
-        self._f.write(vals)
-        self._lens.append(np.diff(off).astype(np.int32))
+        self._f["ids"].write(vals)
+        self._f["off"].write((off[1:] + self.total).astype(np.int64).tobytes())
+        self._f["stratum"].write(np.asarray(stratum, np.int32).tobytes())
+        self._f["source"].write(np.asarray(source, np.int32).tobytes())
+        self.total += int(off[-1])
+        self.n += len(ids)
 
     def finish(self) -> None:
-        self._f.close()
-        total = int(sum(int(x.sum(dtype=np.int64)) for x in self._lens))
-        self.off = np.zeros(sum(len(x) for x in self._lens) + 1, np.uint32 if total < 2**32 else np.int64)
-        at = 1
-        while self._lens:  # chunk by chunk: no int64 array of all the lengths
-            x = self._lens.pop(0)
-            np.cumsum(x, dtype=self.off.dtype, out=self.off[at : at + len(x)])
-            self.off[at : at + len(x)] += self.off[at - 1]
-            at += len(x)
+        for f in self._f.values():
+            f.close()
 
-    def take(self, rows: np.ndarray) -> pa.Array:
-        """The ids of `rows` (in that order) as a large_string array. The rows are visited in file order:
-        each read (pread) covers the next rows wanted up to `window` bytes of the file (the rows between
-        them included), the ids are taken out of it by Arrow, and the result is put back in the order
-        asked. Reads are disjoint, so a batch reads the file once at most, in at most len(rows) reads."""
-        rows = np.asarray(rows, np.int64)
-        if not len(rows):
-            return pa.array([], pa.large_string())
-        o = np.argsort(rows, kind="stable")
-        sr = rows[o]
-        start = self.off[sr].astype(np.int64)
-        end = self.off[sr + 1].astype(np.int64)
-        pieces = []
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            j = 0
-            while j < len(sr):
-                j1 = max(j + 1, int(np.searchsorted(end, start[j] + self.window, side="right")))
-                r0, r1 = int(sr[j]), int(sr[j1 - 1]) + 1
-                base, size = int(start[j]), int(end[j1 - 1] - start[j])
-                buf = os.pread(fd, size, base)
-                if len(buf) != size:
-                    raise OSError(f"mix: {self.path}: short read at byte {base}")
-                offs = self.off[r0 : r1 + 1].astype(np.int64) - base
-                win = pa.Array.from_buffers(pa.large_string(), r1 - r0, [None, pa.py_buffer(offs), pa.py_buffer(buf)])
-                pieces.append(win.take(pa.array(sr[j:j1] - r0)))
-                j = j1
-        finally:
-            os.close(fd)
-        inv = np.empty(len(o), np.int64)
-        inv[o] = np.arange(len(o))
-        return pa.concat_arrays(pieces).take(pa.array(inv))
+    def _read(self, kind: str, start: int, size: int) -> pa.Buffer:
+        """Bytes of a file, into an Arrow buffer (Arrow's memory pool: not the interpreter's heap, which
+        keeps the pages of large freed reads)."""
+        buf = pa.allocate_buffer(size)
+        with open(self.paths[kind], "rb") as f:
+            f.seek(start)
+            got = f.readinto(memoryview(buf).cast("B")) if size else 0
+        if got != size:
+            raise OSError(f"mix: {self.paths[kind]}: short read at byte {start}")
+        return buf
 
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-        self.path.unlink(missing_ok=True)
+    def window(self, r0: int, r1: int) -> pa.Array:
+        """The ids of rows r0 .. r1-1 as a large_string array."""
+        off = np.frombuffer(self._read("off", 8 * r0, 8 * (r1 - r0 + 1)), np.int64)
+        data = self._read("ids", int(off[0]), int(off[-1] - off[0]))
+        return pa.Array.from_buffers(pa.large_string(), r1 - r0, [None, pa.py_buffer(off - off[0]), data])
+
+    def codes(self, kind: str, r0: int, r1: int) -> np.ndarray:
+        return np.frombuffer(self._read(kind, 4 * r0, 4 * (r1 - r0)), np.int32)
 
 
-# sizes of the out-of-core id sort and of the id file's reads (the budget sets them; tests lower the floors)
-_RUN_ROW_BYTES = 128  # memory per row of a run while it is sorted
+# sizes of the out-of-core steps (the budget sets them; tests raise the bytes per item or lower the floors)
+_RUN_ROW_BYTES = 256  # memory per row of a run of the id sort while it is sorted (id, row, tokens, stratum; tests raise it)
 _MIN_MERGE_BATCH = 256  # rows per batch of a spilled run
-_MIN_WINDOW = 1 << 20  # bytes of the id file read at once
-_RUN_SCHEMA = pa.schema([pa.field("id", pa.large_string()), pa.field("row", pa.int64())])
+_JOIN_ITEM_BYTES = 512  # memory per row or sample of a range of an epoch's id join (tests raise it)
+_RANGE_ITEM_BYTES = 256  # memory per row of a range of the removals (tests raise it)
+_MAX_PARTS = 4096
+POS_REC = np.dtype([("pos", "<i8"), ("row", "<i8")])
+POS_ID_REC = np.dtype([("pos", "<i8"), ("len", "<i8")])
+UNUSED_REC = np.dtype([("row", "<i8"), ("stratum", "<i8")])
+
+
+def _n_parts(items: int, memory_gb: float | None, item_bytes: int) -> int:
+    """Parts of `items` things of `item_bytes` each so that one fits in budget.JOIN_SHARE of the budget."""
+    part = max(budget.MIN_JOIN_PART, int(budget.usable_bytes(memory_gb) * budget.JOIN_SHARE))
+    return int(min(_MAX_PARTS, max(1, -(-items * item_bytes // part))))
+
+
+def _append(path: Path, *data) -> None:
+    with open(path, "ab") as f:
+        for d in data:
+            f.write(d)
+
+
+def _spread(tmp: Path, kind: str, rec: np.ndarray, key: np.ndarray, size: int, ids: pa.Array | None = None) -> None:
+    """Append `rec` (and the UTF-8 of `ids`, one per record) to the range files of key // size."""
+    p = key // size
+    o = np.argsort(p, kind="stable")
+    rec, p = rec[o], p[o]
+    if ids is not None:
+        vals, off = _utf8(ids.take(pa.array(o)))
+    cut = np.flatnonzero(np.diff(p)) + 1
+    for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(p)]):
+        _append(tmp / f"{kind}-{int(p[a])}", memoryview(np.ascontiguousarray(rec[a:b])).cast("B"))
+        if ids is not None:
+            _append(tmp / f"{kind}ids-{int(p[a])}", vals[int(off[a]) : int(off[b])])
+
+
+def _load(path: Path, dtype, with_ids: bool = False):
+    """A range file's records (and their ids, as a large_string array), the files removed."""
+    rec = np.fromfile(path, dtype) if path.exists() else np.zeros(0, dtype)
+    path.unlink(missing_ok=True)
+    if not with_ids:
+        return rec
+    id_path = path.with_name(path.name.replace("-", "ids-", 1))
+    off = np.zeros(len(rec) + 1, np.int64)
+    np.cumsum(rec["len"], out=off[1:])
+    data = id_path.read_bytes() if id_path.exists() else b""
+    id_path.unlink(missing_ok=True)
+    return rec, pa.Array.from_buffers(pa.large_string(), len(rec), [None, pa.py_buffer(off), pa.py_buffer(data)])
 
 
 class _IdRuns:
     """The ids sorted out of core: runs of rows (as many as the budget allows) are sorted by id in
     memory and, when there is more than one, spilled to one Arrow IPC file in batches; `merge` then
-    goes through them all in id order (a k-way merge a batch per run at a time)."""
+    goes through them all in id order (a k-way merge a batch per run at a time). Each row may carry
+    integer columns along (`cols`, as int64)."""
 
     def __init__(self, path: Path, batch: int):
         self.path, self.batch = path, max(1, int(batch))
-        self.mem: tuple[pa.Array, np.ndarray] | None = None  # the only run, kept in memory
+        self.mem: tuple | None = None  # the only run, kept in memory
         self.runs: list[tuple[int, int]] = []  # per spilled run: its batches [a, b) in the file
         self._writer = None
         self._nb = 0
 
-    def add(self, ids: pa.Array, first_row: int, last: bool) -> None:
-        """One run: `ids` of the rows first_row, first_row+1, ...; `last`: no run follows."""
+    def add(self, ids: pa.Array, first_row: int, last: bool, cols: tuple = ()) -> None:
+        """One run: `ids` of the rows first_row, first_row+1, ... (and their `cols`); `last`: no run follows."""
         idx = pc.sort_indices(ids)
         sids = ids.take(idx)
-        rows = idx.to_numpy().astype(np.int64) + first_row
+        o = idx.to_numpy().astype(np.int64)
+        extra = [np.asarray(c)[o].astype(np.int64) for c in cols]
+        rows = o + first_row
+        del o
         if last and self._writer is None:
-            self.mem = (sids, rows)
+            self.mem = (sids, rows, *extra)
             return
         if self._writer is None:
+            self._schema = pa.schema([pa.field("id", pa.large_string()), pa.field("row", pa.int64())]
+                                     + [pa.field(f"c{i}", pa.int64()) for i in range(len(extra))])
             self._sink = pa.OSFile(str(self.path), "wb")
-            self._writer = pa.ipc.new_file(self._sink, _RUN_SCHEMA)
+            self._writer = pa.ipc.new_file(self._sink, self._schema)
         a = self._nb
         for s0 in range(0, len(rows), self.batch):
-            self._writer.write_batch(pa.record_batch([sids.slice(s0, self.batch), pa.array(rows[s0 : s0 + self.batch])],
-                                                     schema=_RUN_SCHEMA))
+            self._writer.write_batch(pa.record_batch(
+                [sids.slice(s0, self.batch), *(pa.array(x[s0 : s0 + self.batch]) for x in (rows, *extra))],
+                schema=self._schema))
             self._nb += 1
         self.runs.append((a, self._nb))
         if last:
@@ -488,44 +521,44 @@ class _IdRuns:
             self._sink.close()
 
     def merge(self):
-        """Yield (ids, rows) chunks, together all rows in id order (equal ids: in row order)."""
+        """Yield (ids, rows, *cols) chunks, together all rows in id order (equal ids: in row order)."""
         if self.mem is not None:
-            sids, rows = self.mem
+            cols = self.mem
             self.mem = None
-            for s0 in range(0, len(rows), self.batch):
-                yield sids.slice(s0, self.batch), rows[s0 : s0 + self.batch]
+            for s0 in range(0, len(cols[1]), self.batch):
+                yield (cols[0].slice(s0, self.batch), *(c[s0 : s0 + self.batch] for c in cols[1:]))
             return
         if not self.runs:
             return
         with pa.OSFile(str(self.path), "rb") as src:
             reader = pa.ipc.open_file(src)
             nxt = [a for a, _ in self.runs]
-            bufs: list[tuple[pa.Array, np.ndarray] | None] = [None] * len(self.runs)
+            bufs: list[tuple | None] = [None] * len(self.runs)
             while True:
                 for k, (a, b) in enumerate(self.runs):  # refill the runs whose batch is used up
                     if bufs[k] is None and nxt[k] < b:
                         rb = reader.get_batch(nxt[k])
                         nxt[k] += 1
-                        bufs[k] = (rb.column(0), rb.column(1).to_numpy())
+                        bufs[k] = (rb.column(0), *(rb.column(i).to_numpy() for i in range(1, rb.num_columns)))
                 live = [k for k in range(len(bufs)) if bufs[k] is not None]
                 if not live:
                     return
                 # every row up to the smallest of the batches' last ids can go: no run has a smaller one left
                 bound = min((bufs[k][0][-1].as_py() for k in live), key=lambda s: s.encode())
-                ids, rows = [], []
+                parts = []
                 for k in live:  # in run order, so that equal ids stay in row order (a stable sort)
-                    bi, br = bufs[k]
-                    m = int(pc.sum(pc.less_equal(bi, pa.scalar(bound, pa.large_string()))).as_py() or 0)
+                    buf = bufs[k]
+                    m = int(pc.sum(pc.less_equal(buf[0], pa.scalar(bound, pa.large_string()))).as_py() or 0)
                     if m:
-                        ids.append(bi.slice(0, m))
-                        rows.append(br[:m])
-                    bufs[k] = (bi.slice(m), br[m:]) if m < len(br) else None
-                ids_c = pa.concat_arrays(ids)
-                rows_c = np.concatenate(rows)
-                if len(ids) > 1:
+                        parts.append((buf[0].slice(0, m), *(x[:m] for x in buf[1:])))
+                    bufs[k] = (buf[0].slice(m), *(x[m:] for x in buf[1:])) if m < len(buf[1]) else None
+                ids_c = pa.concat_arrays([p[0] for p in parts])
+                rest = [np.concatenate([p[i] for p in parts]) for i in range(1, len(parts[0]))]
+                if len(parts) > 1:
                     o = pc.sort_indices(ids_c)
-                    ids_c, rows_c = ids_c.take(o), rows_c[o.to_numpy()]
-                yield ids_c, rows_c
+                    on = o.to_numpy()
+                    ids_c, rest = ids_c.take(o), [x[on] for x in rest]
+                yield (ids_c, *rest)
 
     def close(self) -> None:
         if self._writer is not None and not self._sink.closed:
@@ -535,42 +568,44 @@ class _IdRuns:
 
 @dataclass
 class _Keys:
-    """The per-row keys mix keeps in memory, in the file's row order; the ids are in `ids` (a spill
-    file), and `order` is the rows grouped by stratum (in name order) and, within one, in id order."""
+    """What the read pass leaves: the per-row spill files, and per stratum (codes in name order) its rows
+    in id order with their tokens in a file (`stratum_files`), its row count and token sum."""
 
-    ids: _IdFile
-    order: np.ndarray  # int32 (int64 from 2**31 rows)
-    tokens: np.ndarray  # int32: prompt_tokens + response_tokens of one row (sums are taken in int64)
-    stratum: np.ndarray  # int8/16/32 codes into stratum_names (sorted, so code order = name order)
-    source: np.ndarray  # int8/16/32 codes into source_names
+    files: _RowFiles
+    n: int
+    row_t: Any  # the dtype of a row number: int32 (int64 from 2**31 rows)
+    rec_t: np.dtype  # a stratum file's records: (row, tok)
     stratum_names: list[str]
     source_names: list[str]
+    stratum_remap: np.ndarray  # first-appearance code -> code in name order
+    source_remap: np.ndarray
     rules_of: dict[int, list[str]]  # stratum code -> the rules its rows name
+    stratum_files: dict[int, Path]
+    rows_of: np.ndarray  # per stratum code
+    tokens_of: np.ndarray
 
-    @property
-    def n(self) -> int:
-        return len(self.tokens)
 
-
-def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None, progress: bool) -> _Keys:
-    """One pass over the tokenized rows a batch at a time: token counts and stratum/source codes kept,
-    ids written to the id file and sorted in runs (`_IdRuns`); then the runs merged, the ids checked for
-    repeats in id order (a repeat is next to its first) and the rows placed by stratum."""
+def _read_keys(src: Path, cols: list[str], tmp: Path, memory_gb: float | None, progress: bool) -> _Keys:
+    """One pass over the tokenized rows a batch at a time: ids and stratum/source codes written to the
+    row files, ids sorted in runs (`_IdRuns`) with their rows' token counts and strata; then the runs
+    merged, the ids checked for repeats in id order (a repeat is next to its first), and each stratum's
+    rows appended in id order to its file."""
     from tqdm.auto import tqdm
 
-    usable = budget.usable_bytes(memory_gb)
-    run_rows = budget.batch_rows(memory_gb, row_bytes=_RUN_ROW_BYTES)  # a run's ids are sorted in memory at once
-    run_bytes = max(1 << 20, int(usable * budget.BATCH_SHARE / 2))
+    part = max(budget.MIN_JOIN_PART, budget.usable_bytes(memory_gb) * budget.JOIN_SHARE)
+    run_rows = min(budget.MAX_ROWS, max(budget.MIN_ROWS, int(part / _RUN_ROW_BYTES)))  # sorted in memory at once
+    run_bytes = max(1 << 20, int(part / 2))
     pf = pq.ParquetFile(src, pre_buffer=False)
     n_all = pf.metadata.num_rows
-    ids = _IdFile(spill.with_suffix(".ids"), window_bytes=min(64 << 20, max(_MIN_WINDOW, usable // 64)))
-    runs = _IdRuns(spill.with_suffix(".runs"), batch=max(_MIN_MERGE_BATCH, run_rows // 16))
+    files = _RowFiles(tmp)
+    runs = _IdRuns(tmp / "runs", batch=max(_MIN_MERGE_BATCH, run_rows // 16))
     try:
-        tok = np.empty(n_all, np.int32)  # int64 from the first row with 2**31 tokens or more
-        raw: dict[str, list[np.ndarray]] = {"stratum": [], "source": []}
+        big_tok = False  # a row with 2**31 tokens or more
         seen: dict[str, dict[str, int]] = {k: {} for k in ("stratum", "source", "rule")}
         pairs: set[tuple[int, int]] = set()
         run_ids: list[pa.Array] = []
+        run_tok: list[np.ndarray] = []
+        run_st: list[np.ndarray] = []
         run_first = run_n = run_b = 0
         done = 0
         bar = tqdm(total=n_all, desc="mix read", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
@@ -580,11 +615,8 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
                 k = int(np.flatnonzero(pc.is_null(id_col).to_numpy(zero_copy_only=False))[0])
                 raise ValueError(f"mix: {src}: row {done + k}: id is null")
             id_col = id_col.cast(pa.large_string())
-            ids.add(id_col)
             t = _row_tokens(b.column("prompt_tokens").to_numpy(), b.column("response_tokens").to_numpy())
-            if t.dtype == np.int64 and tok.dtype != np.int64:
-                tok = tok.astype(np.int64)
-            tok[done : done + b.num_rows] = t
+            big_tok = big_tok or t.dtype == np.int64
             local: dict[str, np.ndarray] = {}
             for k in ("stratum", "source", "rule"):
                 enc = b.column(k).dictionary_encode()
@@ -592,36 +624,32 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
                 local[k] = m[enc.indices.to_numpy(zero_copy_only=False)] if len(m) else np.zeros(0, np.int32)
             sr = np.unique((local["stratum"].astype(np.int64) << 32) | local["rule"].astype(np.int64))
             pairs.update(zip((sr >> 32).tolist(), (sr & 0xFFFFFFFF).tolist()))
-            for k in raw:  # kept in the smallest type the codes so far fit (1 byte a row, nearly always)
-                raw[k].append(local[k].astype(_code_dtype(len(seen[k]))))
+            files.add(id_col, local["stratum"], local["source"])
             run_ids.append(id_col)
+            run_tok.append(t)
+            run_st.append(local["stratum"])
             run_n += b.num_rows
             run_b += id_col.nbytes
             done += b.num_rows
             bar.update(b.num_rows)
             if (run_n >= run_rows or run_b >= run_bytes) and done < n_all:
-                runs.add(pa.concat_arrays(run_ids), run_first, last=False)
-                run_ids, run_first, run_n, run_b = [], done, 0, 0
+                runs.add(pa.concat_arrays(run_ids), run_first, last=False,
+                         cols=(np.concatenate(run_tok), np.concatenate(run_st)))
+                run_ids, run_tok, run_st, run_first, run_n, run_b = [], [], [], done, 0, 0
         bar.close()
         if run_ids or runs.runs:
-            runs.add(pa.concat_arrays(run_ids) if run_ids else pa.array([], pa.large_string()), run_first, last=True)
-        del run_ids
-        ids.finish()
+            cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+            runs.add(pa.concat_arrays(run_ids) if run_ids else pa.array([], pa.large_string()), run_first, last=True,
+                     cols=(cat(run_tok), cat(run_st)))
+        del run_ids, run_tok, run_st
+        files.finish()
         names: dict[str, list[str]] = {}
-        codes: dict[str, np.ndarray] = {}
-        for k in raw:  # first-appearance codes -> codes in name order, chunk by chunk
+        remap: dict[str, np.ndarray] = {}
+        for k in ("stratum", "source"):  # first-appearance codes -> codes in name order
             first = list(seen[k])
             names[k] = sorted(first)
             pos = {v: j for j, v in enumerate(names[k])}
-            dt = _code_dtype(len(first))
-            remap = np.array([pos[v] for v in first], dt) if first else np.zeros(0, dt)
-            out = np.empty(n_all, dt)
-            at = 0
-            while raw[k]:
-                x = raw[k].pop(0)
-                out[at : at + len(x)] = remap[x]
-                at += len(x)
-            codes[k] = out
+            remap[k] = np.array([pos[v] for v in first], np.int64) if first else np.zeros(0, np.int64)
         spos = {v: j for j, v in enumerate(names["stratum"])}
         rule_first = list(seen["rule"])
         rules_of: dict[int, list[str]] = {}
@@ -631,14 +659,15 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
         for v in rules_of.values():
             v.sort()
 
-        # the rows in id order, checked for repeats, placed by stratum (a counting sort: stable)
-        strat = codes["stratum"]
+        # the rows in id order, checked for repeats, appended to their stratum's file (in id order)
         row_t = np.int32 if n_all < 2**31 else np.int64
-        order = np.empty(n_all, row_t)
-        cursor = np.zeros(len(names["stratum"]) + 1, np.int64)
-        np.cumsum(np.bincount(strat, minlength=len(names["stratum"])), out=cursor[1:])
+        rec_t = np.dtype([("row", row_t), ("tok", np.int64 if big_tok else np.int32)])
+        n_st = len(names["stratum"])
+        rows_of = np.zeros(n_st, np.int64)
+        tokens_of = np.zeros(n_st, np.int64)
+        stratum_files = {c: tmp / f"stratum-{c}" for c in range(n_st)}
         prev: tuple[Any, int] | None = None  # the last id of the previous chunk, and its row
-        for cids, crows in runs.merge():
+        for cids, crows, ctok, cst in runs.merge():
             if not len(crows):
                 continue
             same = pc.equal(cids[1:], cids[:-1]).to_numpy(zero_copy_only=False)
@@ -650,19 +679,20 @@ def _read_keys(src: Path, cols: list[str], spill: Path, memory_gb: float | None,
                 a, b = sorted((int(crows[x]), int(crows[x + 1])))
                 raise ValueError(f"mix: {src}: ids are not unique: rows {a} and {b} both have id {cids[x].as_py()!r}")
             prev = (cids[-1].as_py(), int(crows[-1]))
-            c = strat[crows]
+            c = remap["stratum"][cst]
             o = np.argsort(c, kind="stable")
-            c, r = c[o], crows[o]
+            c, r, tk = c[o], crows[o], ctok[o]
             cut = np.flatnonzero(np.diff(c)) + 1
-            for a, b in zip(np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [len(c)]]).tolist()):
+            for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(c)]):
                 s = int(c[a])
-                order[cursor[s] : cursor[s] + b - a] = r[a:b]
-                cursor[s] += b - a
-        return _Keys(ids=ids, order=order, tokens=tok, stratum=strat, source=codes["source"],
-                     stratum_names=names["stratum"], source_names=names["source"], rules_of=rules_of)
-    except BaseException:
-        ids.close()
-        raise
+                rec = np.empty(b - a, rec_t)
+                rec["row"], rec["tok"] = r[a:b], tk[a:b]
+                _append(stratum_files[s], memoryview(rec).cast("B"))
+                rows_of[s] += b - a
+                tokens_of[s] += int(tk[a:b].sum())
+        return _Keys(files=files, n=n_all, row_t=row_t, rec_t=rec_t, stratum_names=names["stratum"],
+                     source_names=names["source"], stratum_remap=remap["stratum"], source_remap=remap["source"],
+                     rules_of=rules_of, stratum_files=stratum_files, rows_of=rows_of, tokens_of=tokens_of)
     finally:
         runs.close()
 
@@ -679,13 +709,16 @@ def run(
 ) -> dict:
     """Select and order the samples of every epoch; return the stage manifest.
 
-    Streams, with a few bytes a row in memory (about 20-30: the token count, the stratum and source
-    codes, the rows in stratum/id order, the id file's offsets, a used flag, and while an epoch is
-    shuffled its samples as row numbers): the tokenized rows are read a batch at a time (the texts and
-    token lists never), the ids go to a spill file and are sorted out of core (sorted runs merged), the
-    permutations are of row numbers, each epoch's samples are spilled until it is shuffled, and the
-    sample list and the removals are written a batch at a time with their ids read back from the spill
-    file (`memory_gb` sizes the runs and batches). The outputs do not depend on the batch sizes."""
+    Out of core: what is held per row is only what a permutation needs, one at a time: a stratum's rows
+    with their token counts while it is permuted and its epoch windows taken (8 bytes a row of that
+    stratum), and an epoch's samples (a row number each) while they are shuffled. The tokenized rows are
+    read a batch at a time (the texts and token lists never); their ids, stratum and source codes go to
+    spill files in row order; the ids are sorted out of core (sorted runs merged) with each row's token
+    count and stratum, and each stratum's rows go in id order to a file of its own. Each epoch's samples
+    are spilled until it is shuffled; the shuffled samples are joined to their ids by ranges of rows
+    (the id file read a range at a time) and put back in order by ranges of places, and the sample list
+    is written a range at a time; the rows never used are written in row order a range of rows at a
+    time (`memory_gb` sizes the runs, ranges and batches). The outputs do not depend on the sizes."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -711,59 +744,56 @@ def run(
         raise ValueError(f"mix: {src}: missing column(s) {missing}; expected at least {cols}, found {names}")
     if pq.ParquetFile(src).metadata.num_rows == 0:
         raise ValueError(f"mix: {src} has no rows")
-    spill = out / ".mix-spill"
-    keys = _read_keys(src, cols, spill, memory_gb, progress)
-    epoch_files = [spill.with_suffix(f".epoch{e}") for e in range(cfg.epochs)]
+    tmp = out / ".mix-spill"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
-        manifest = _mix(keys, src, out, cfg, rules, seed, max_repeat, fp, params, epoch_files, memory_gb, progress,
-                        tqdm)
+        keys = _read_keys(src, cols, tmp, memory_gb, progress)
+        manifest = _mix(keys, src, out, tmp, cfg, rules, seed, max_repeat, fp, params, memory_gb, progress, tqdm)
     finally:
-        keys.ids.close()
-        for f in epoch_files:
-            f.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
 
-def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, max_repeat, fp, params,
-         epoch_files: list[Path], memory_gb, progress: bool, tqdm) -> dict:
+def _mix(keys: _Keys, src: Path, out: Path, tmp: Path, cfg: MixConfig, rules, seed: int, max_repeat, fp, params,
+         memory_gb, progress: bool, tqdm) -> dict:
     n_all = keys.n
-    tokens = keys.tokens
-    order = keys.order
-    bounds = np.zeros(len(keys.stratum_names) + 1, np.int64)
-    np.cumsum(np.bincount(keys.stratum, minlength=len(keys.stratum_names)), out=bounds[1:])
-    groups: dict[str, np.ndarray] = {}
     stats: dict[str, StratumStats] = {}
-    for code, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
-        if a == b:
+    code_of: dict[str, int] = {}
+    for code, name in enumerate(keys.stratum_names):
+        n = int(keys.rows_of[code])
+        if n == 0:
             continue
-        idx = order[a:b]
-        name = keys.stratum_names[code]
         labels = keys.rules_of[code]
         if len(labels) != 1:
             raise ValueError(
                 f"mix: stratum {name!r} has rows with different rules {sorted(labels)}; one rule per stratum"
             )
-        groups[name] = idx
-        stats[name] = StratumStats(rows=len(idx), mean_tokens=float(tokens[idx].mean()), rule=labels[0])
+        code_of[name] = code
+        stats[name] = StratumStats(rows=n, mean_tokens=float(np.float64(keys.tokens_of[code]) / n), rule=labels[0])
 
     mp = plan(stats, cfg, rules, max_repeat=max_repeat)
 
     # per stratum: persistent permutation, epoch windows, copies; each epoch's samples (row numbers) are
-    # appended to its spill file, stratum after stratum
+    # appended to its spill file, stratum after stratum; the rows never used go to files by row range
     E = cfg.epochs
-    row_t = order.dtype
-    used = np.zeros(n_all, dtype=bool)
+    row_t = keys.row_t
+    epoch_files = [tmp / f"epoch-{e}" for e in range(E)]
+    unused_size = -(-n_all // _n_parts(n_all, memory_gb, _RANGE_ITEM_BYTES))
     per_stratum: dict[str, dict] = {}
     sinks = [open(f, "wb") for f in epoch_files]
     try:
-        for name in tqdm(sorted(groups), desc="mix strata", unit="stratum", disable=not progress):
-            idx = groups[name]
+        for name in tqdm(sorted(stats), desc="mix strata", unit="stratum", disable=not progress):
+            code = code_of[name]
             sp = mp.strata[name]
-            n = len(idx)
-            # idx[rng.permutation(n)], shuffled in place (the same swaps, so the same order)
-            perm = idx.copy()
-            np.random.default_rng(derive_seed(seed, "perm", name)).shuffle(perm)
-            tok_perm = tokens[perm]
+            # the stratum's (row, tokens) in id order, shuffled together (the same swaps as a shuffle of the
+            # rows alone: idx[rng.permutation(n)])
+            recs = np.fromfile(keys.stratum_files[code], keys.rec_t)
+            keys.stratum_files[code].unlink()
+            n = len(recs)
+            np.random.default_rng(derive_seed(seed, "perm", name)).shuffle(recs)
+            perm, tok_perm = recs["row"], recs["tok"]
+            used = np.zeros(n, dtype=bool)  # by place in the permutation
             cap = n if sp.cap_rows is None else min(n, sp.cap_rows)
             r = sp.repeat
             full = int(math.floor(r + 1e-12))
@@ -780,81 +810,87 @@ def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, ma
                 carry_x += frac * w
                 x = min(w, max(0, _round(carry_x) - carry_n))
                 carry_n += x
-                if full == 0:  # downsample: the first x rows of the window; the pointer moves by x
-                    win = _wrap(perm, ptr, x)
-                    ptr = (ptr + x) % n
-                    sel = [win]
-                else:
-                    win = _wrap(perm, ptr, w)
-                    ptr = (ptr + w) % n
-                    sel = [win] * full
-                    if x:
-                        pick = np.random.default_rng(derive_seed(seed, "extra", name, e)).choice(w, size=x, replace=False)
-                        sel.append(win[np.sort(pick)])
-                used[win] = True
+                size = x if full == 0 else w  # downsample: the first x rows of the window; the pointer moves by x
+                win, win_tok = _wrap(perm, ptr, size), _wrap(tok_perm, ptr, size)
+                end = ptr + size
+                used[ptr:end] = True
+                if end > n:
+                    used[: end - n] = True
+                ptr = end % n
                 k = 0
-                for s in sel:
+                if full == 0:
+                    sel = [(win, win_tok)]
+                else:
+                    sel = [(win, win_tok)] * full
+                    if x:
+                        pick = np.sort(np.random.default_rng(derive_seed(seed, "extra", name, e)).choice(w, size=x, replace=False))
+                        sel.append((win[pick], win_tok[pick]))
+                for s, st in sel:
                     s.astype(row_t, copy=False).tofile(sinks[e])
                     k += len(s)
-                    seen_tok += int(tokens[s].sum(dtype=np.int64))
+                    seen_tok += int(st.sum(dtype=np.int64))
                 seen_per_epoch.append(k)
-            del perm, tok_perm
-            u = used[idx]
+                del win, win_tok, sel
+            n_used = int(used.sum())
+            for a in range(0, n, unused_size):  # the rows never used, a range of places at a time
+                un = a + np.flatnonzero(~used[a : a + unused_size])
+                if len(un):
+                    rec = np.empty(len(un), UNUSED_REC)
+                    rec["row"], rec["stratum"] = perm[un], code
+                    _spread(tmp, "unused", rec, rec["row"], unused_size)
+                    del rec
             per_stratum[name] = {
                 "rule": sp.rule,
                 "rows_available": n,
-                "tokens_available": int(tokens[idx].sum(dtype=np.int64)),
+                "tokens_available": int(keys.tokens_of[code]),
                 "window_rows": cap if sp.cap_tokens is None else None,
                 "cap_rows": sp.cap_rows,
                 "cap_tokens": sp.cap_tokens,
                 "repeat": sp.repeat,
-                "unique_rows": int(u.sum()),
-                "unique_tokens": int(tokens[idx][u].sum(dtype=np.int64)),
+                "unique_rows": n_used,
+                "unique_tokens": int(tok_perm[used].sum(dtype=np.int64)),
                 "seen_rows": int(sum(seen_per_epoch)),
                 "seen_tokens": seen_tok,
                 "seen_rows_per_epoch": seen_per_epoch,
-                "rows_never_used": int(n - u.sum()),
+                "rows_never_used": int(n - n_used),
             }
             ps = per_stratum[name]
             ps["effective_repeat"] = ps["seen_tokens"] / ps["unique_tokens"] if ps["unique_tokens"] else 0.0
+            del recs, perm, tok_perm, used
     finally:
         for f in sinks:
             f.close()
-    del groups, idx
-    keys.order = order = None  # no longer needed: the epochs' samples are in their files
 
-    # global shuffle per epoch, the sample list written a batch at a time (one chunk per epoch, as the
+    # global shuffle per epoch; the shuffled samples joined to their ids by ranges of rows and put back in
+    # order by ranges of places; the sample list written a range at a time (one chunk per epoch, as the
     # whole table of all epochs was written before)
-    ids = keys.ids
-    mean_id = float(ids.off[-1]) / max(1, n_all)
-    # a batch of samples costs about 12 int64 per sample (row numbers, their order, file offsets, ...)
-    # and its ids 3 times over (read, taken, cast), and again in the writer's row group buffer
+    files = keys.files
+    mean_id = float(files.total) / max(1, n_all)
+    # a batch of samples costs its ids 3 times over (read, taken, cast), and again in the writer's row group buffer
     step = budget.batch_rows(memory_gb, row_bytes=96 + 4 * (mean_id + 8))
     seen_rows_per_epoch = []
     with io.RowGroupWriter(out / MIX_FILE, MIX_SCHEMA) as w:
         for e in range(E):
-            part = np.fromfile(epoch_files[e], dtype=row_t)
-            epoch_files[e].unlink()
-            np.random.default_rng(derive_seed(seed, "shuffle", e)).shuffle(part)  # = part[rng.permutation(len)]
-            seen_rows_per_epoch.append(int(len(part)))
+            m, ranges = _epoch_ids(epoch_files[e], np.random.default_rng(derive_seed(seed, "shuffle", e)), row_t,
+                                   files, tmp, memory_gb)
+            seen_rows_per_epoch.append(int(m))
             w.new_chunk()
-            for s0 in range(0, len(part), step):
-                p = part[s0 : s0 + step]
-                w.write(
-                    pa.Table.from_arrays(
-                        [
-                            pa.array(np.full(len(p), e, dtype=np.int32)),
-                            pa.array(np.arange(s0, s0 + len(p), dtype=np.int64)),
-                            ids.take(p).cast(pa.string()),
-                        ],
-                        schema=MIX_SCHEMA,
+            for pos0, ids in ranges:
+                for s0 in range(0, len(ids), step):
+                    k = min(step, len(ids) - s0)
+                    w.write(
+                        pa.Table.from_arrays(
+                            [
+                                pa.array(np.full(k, e, dtype=np.int32)),
+                                pa.array(np.arange(pos0 + s0, pos0 + s0 + k, dtype=np.int64)),
+                                ids.slice(s0, k).cast(pa.string()),
+                            ],
+                            schema=MIX_SCHEMA,
+                        )
                     )
-                )
-            del part
     mix_record = w.record
 
     # removals: never selected (in row order, a range of rows at a time)
-    rows_capped = int(n_all - used.sum())
     detail = {
         name: f"stratum {name!r} (rule {p['rule']!r}): in none of the {E} epoch windows "
         f"({p['unique_rows']} of {p['rows_available']} rows used)"
@@ -863,26 +899,37 @@ def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, ma
     details = pa.array([detail.get(x, "") for x in keys.stratum_names], pa.string())
     sources = pa.array(keys.source_names, pa.string())
     with io.RowGroupWriter(out / REMOVALS_FILE, REMOVAL_SCHEMA) as w:
-        for s0 in range(0, n_all, step):
-            nv = s0 + np.flatnonzero(~used[s0 : s0 + step])
-            if not len(nv):
+        for q in range(-(-n_all // unused_size)):
+            rec = _load(tmp / f"unused-{q}", UNUSED_REC)
+            if not len(rec):
                 continue
-            w.write(
-                pa.Table.from_arrays(
-                    [
-                        ids.take(nv).cast(pa.string()),
-                        sources.take(pa.array(keys.source[nv])),
-                        pa.array([STAGE] * len(nv), pa.string()),
-                        pa.array(["capped"] * len(nv), pa.string()),
-                        details.take(pa.array(keys.stratum[nv])),
-                        pa.nulls(len(nv), pa.string()),
-                    ],
-                    schema=REMOVAL_SCHEMA,
+            rec = rec[np.argsort(rec["row"], kind="stable")]
+            r0, r1 = q * unused_size, min(n_all, (q + 1) * unused_size)
+            local = rec["row"] - r0
+            ids = files.window(r0, r1).take(pa.array(local))
+            src_codes = keys.source_remap[files.codes("source", r0, r1)[local]]
+            for s0 in range(0, len(rec), step):
+                sl = slice(s0, s0 + step)
+                w.write(
+                    pa.Table.from_arrays(
+                        [
+                            ids.slice(s0, step).cast(pa.string()),
+                            sources.take(pa.array(src_codes[sl])),
+                            pa.array([STAGE] * len(rec[sl]), pa.string()),
+                            pa.array(["capped"] * len(rec[sl]), pa.string()),
+                            details.take(pa.array(rec["stratum"][sl])),
+                            pa.nulls(len(rec[sl]), pa.string()),
+                        ],
+                        schema=REMOVAL_SCHEMA,
+                    )
                 )
-            )
+            del rec, local, ids, src_codes
+            pa.default_memory_pool().release_unused()  # the freed pages of the range back (mimalloc keeps them)
     removals_record = w.record
 
-    unique_tokens = int(tokens[used].sum())
+    rows_used = sum(p["unique_rows"] for p in per_stratum.values())
+    rows_capped = int(n_all - rows_used)
+    unique_tokens = sum(p["unique_tokens"] for p in per_stratum.values())
     seen_tokens = sum(p["seen_tokens"] for p in per_stratum.values())
     rules_report = {}
     for lab, info in mp.rules.items():
@@ -900,9 +947,9 @@ def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, ma
         "max_repeat": max_repeat,
         "totals": {
             "rows_available": n_all,
-            "rows_used": int(used.sum()),
+            "rows_used": rows_used,
             "rows_capped": rows_capped,
-            "tokens_available": int(tokens.sum()),
+            "tokens_available": int(sum(p["tokens_available"] for p in per_stratum.values())),
             "unique_tokens": unique_tokens,
             "seen_rows": int(sum(seen_rows_per_epoch)),
             "seen_tokens": seen_tokens,
@@ -944,3 +991,47 @@ def _mix(keys: _Keys, src: Path, out: Path, cfg: MixConfig, rules, seed: int, ma
         "counts": counts,
     }
     return manifest
+
+
+def _epoch_ids(path: Path, rng: np.random.Generator, row_t, files: _RowFiles, tmp: Path, memory_gb):
+    """An epoch's samples (row numbers, from their spill file) shuffled, and their ids in that order:
+    (number of samples, an iterator of (first place, ids) ranges in order). When the rows' ids and the
+    samples fit in budget.JOIN_SHARE, one range from the whole id file; else the samples go with their
+    places to files by range of rows (the shuffled row numbers are then dropped), each range of rows is
+    joined to its ids (one window of the id file), and the (place, id) pairs go to files by range of
+    places, read back in order."""
+    part = np.fromfile(path, dtype=row_t)
+    path.unlink()
+    rng.shuffle(part)  # = part[rng.permutation(len(part))]
+    n, m = files.n, len(part)
+    k = _n_parts(n + m, memory_gb, _JOIN_ITEM_BYTES)
+    if k == 1:
+        return m, iter([(0, files.window(0, n).take(pa.array(part)))])
+    rr, pr = -(-n // k), -(-max(1, m) // k)
+    rec = None
+    for s0 in range(0, m, pr):
+        rec = np.empty(min(pr, m - s0), POS_REC)
+        rec["pos"] = np.arange(s0, s0 + len(rec), dtype=np.int64)
+        rec["row"] = part[s0 : s0 + len(rec)]
+        _spread(tmp, "byrow", rec, rec["row"], rr)
+    del part, rec
+
+    def ranges():
+        for q in range(-(-n // rr)):
+            rec = _load(tmp / f"byrow-{q}", POS_REC)
+            if not len(rec):
+                continue
+            ids = files.window(q * rr, min(n, (q + 1) * rr)).take(pa.array(rec["row"] - q * rr))
+            out = np.empty(len(rec), POS_ID_REC)
+            out["pos"] = rec["pos"]
+            out["len"] = np.diff(_utf8(ids)[1])
+            _spread(tmp, "bypos", out, out["pos"], pr, ids)
+            del rec, ids, out
+        for q in range(-(-m // pr)):
+            rec, ids = _load(tmp / f"bypos-{q}", POS_ID_REC, with_ids=True)
+            o = np.argsort(rec["pos"], kind="stable")
+            if not np.array_equal(rec["pos"][o], np.arange(q * pr, q * pr + len(rec))):
+                raise AssertionError(f"mix: epoch samples {q * pr}..: places lost in the id join")
+            yield q * pr, ids.take(pa.array(o))
+
+    return m, ranges()

@@ -59,7 +59,7 @@ from ..config import NormalizeConfig, SourceSpec
 from .. import budget
 from ..io import MANIFEST, RowGroupWriter, open_stage, code_hash, finish_stage, fingerprint, read_json
 from ..parts import MapParts
-from ..rows import ROWS_FILE
+from ..rows import ROWS_FILE, _IdSet, remove_spills
 from ..schema import CONDITION_SEP, NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA, check_condition, parse_condition
 from .ingest import EmptySourcesError
 
@@ -300,55 +300,44 @@ def _iter_raw(table: pa.Table):
 
 
 class _Seen:
-    """The ids claimed so far, as 128-bit hashes (two seeded 64-bit polars hashes, 16 bytes per id) in
-    sorted runs merged as they grow: `contains` is a few binary searches per id."""
+    """The ids claimed so far, as 128-bit hashes (two seeded 64-bit polars hashes) in a `rows._IdSet`:
+    sorted runs in memory up to `run_bytes` of them, past that (with a `spill_dir`) spilled to sorted
+    run files there (a fence and a Bloom filter held per file), so the check holds a few MB and ~1.5
+    bytes an id whatever the source's size. The same answers as the set held in memory."""
 
-    def __init__(self) -> None:
-        self.runs: list[np.ndarray] = []  # each (k, 2) uint64, sorted by (h0, h1)
+    def __init__(self, run_bytes: int | None = None, spill_dir: Path | None = None) -> None:
+        self.ids = _IdSet(run_bytes, spill_dir)
 
     @staticmethod
-    def _hash(ids: list[str]) -> np.ndarray:
+    def _hash(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         import polars as pl
 
         s = pl.Series(ids, dtype=pl.String)
-        return np.stack([s.hash(seed=21).to_numpy(), s.hash(seed=22).to_numpy()], axis=1)
+        return s.hash(seed=21).to_numpy(), s.hash(seed=22).to_numpy()
 
     def contains(self, ids: list[str]) -> np.ndarray:
-        found = np.zeros(len(ids), bool)
-        if not ids or not self.runs:
-            return found
-        h = self._hash(ids)
-        for run in self.runs:
-            pos = np.searchsorted(run[:, 0], h[:, 0])
-            hit = np.flatnonzero(pos < run.shape[0])
-            hit = hit[run[pos[hit], 0] == h[hit, 0]]
-            for i in hit.tolist():  # an equal h0 (nearly always the same id): compare h1 over the range
-                j = int(pos[i])
-                while j < run.shape[0] and run[j, 0] == h[i, 0]:
-                    if run[j, 1] == h[i, 1]:
-                        found[i] = True
-                        break
-                    j += 1
-        return found
+        if not ids or not len(self.ids):
+            return np.zeros(len(ids), bool)
+        return self.ids.contains_hashes(*self._hash(ids))
 
     def add(self, ids: list[str]) -> None:
-        if not ids:
-            return
-        h = self._hash(ids)
-        self.runs.append(h[np.lexsort((h[:, 1], h[:, 0]))])
-        while len(self.runs) > 1 and self.runs[-2].shape[0] <= 2 * self.runs[-1].shape[0]:
-            m = np.concatenate([self.runs.pop(), self.runs.pop()])
-            self.runs.append(m[np.lexsort((m[:, 1], m[:, 0]))])
+        """Ids not claimed before, each once."""
+        if ids:
+            self.ids.insert_hashes(*self._hash(ids))
+
+    def close(self) -> None:
+        self.ids.close()
 
 
 class _SourceNormalizer:
     """Normalizes one source's raw rows a batch at a time (the batches in file order give the rows and
     rejects of the whole table at once). Held across batches: the hashed ids (`_Seen`) and counts."""
 
-    def __init__(self, src: SourceSpec, cfg: NormalizeConfig, columns: list[str] | None, many: bool):
+    def __init__(self, src: SourceSpec, cfg: NormalizeConfig, columns: list[str] | None, many: bool,
+                 id_bytes: int | None = None, spill_dir: Path | None = None):
         self.src, self.many = src, many
         self.mapper = _Mapper(src, cfg, columns, many)
-        self.seen = _Seen()
+        self.seen = _Seen(id_bytes, spill_dir)
         self.copies = 0
 
     def batch(self, table: pa.Table) -> tuple[list[dict], list[dict]]:
@@ -469,15 +458,26 @@ def _warn_empty(ingest_warnings: list[dict], per_source: dict) -> list[dict]:
 
 
 def _normalize_source(s: SourceSpec, cfg: NormalizeConfig, path: Path, rows_per_batch: int, progress: bool,
-                      w_rows: RowGroupWriter, w_rej: RowGroupWriter) -> tuple[dict, Counter]:
+                      w_rows: RowGroupWriter, w_rej: RowGroupWriter, id_bytes: int | None = None,
+                      spill_dir: Path | None = None) -> tuple[dict, Counter]:
     """Source `s`'s ingested rows (`path`) mapped and written to w_rows / w_rej; returns (its counts,
-    its reject reasons)."""
+    its reject reasons). The ids past `id_bytes` of them are spilled to a temporary folder in
+    `spill_dir` (removed when the source is done)."""
     pf = pq.ParquetFile(path, pre_buffer=False)
     n_in = pf.metadata.num_rows
     names = pf.schema_arrow.names
     # columns known up front (Parquet/Hub/generator) are checked against the spec; an empty source has none
     columns = None if "_json" in names or n_in == 0 else names
-    norm = _SourceNormalizer(s, cfg, columns, n_in > 0 and _source_files(pf, rows_per_batch) > 1)
+    norm = _SourceNormalizer(s, cfg, columns, n_in > 0 and _source_files(pf, rows_per_batch) > 1, id_bytes, spill_dir)
+    try:
+        return _normalize_batches(s, pf, norm, rows_per_batch, progress, w_rows, w_rej)
+    finally:
+        norm.seen.close()
+
+
+def _normalize_batches(s: SourceSpec, pf: pq.ParquetFile, norm: _SourceNormalizer, rows_per_batch: int,
+                       progress: bool, w_rows: RowGroupWriter, w_rej: RowGroupWriter) -> tuple[dict, Counter]:
+    n_in = pf.metadata.num_rows
     kept = rejected = 0
     src_reasons: Counter = Counter()
     bar = tqdm(total=n_in, desc=f"normalize {s.name}", unit="row", unit_scale=True, file=sys.stderr,
@@ -500,12 +500,12 @@ def _normalize_source(s: SourceSpec, cfg: NormalizeConfig, path: Path, rows_per_
 
 
 def normalize_source_part(s: SourceSpec, cfg: NormalizeConfig, path: Path, parts: Path, rows_per_batch: int,
-                          progress: bool) -> tuple[dict, Counter]:
+                          progress: bool, id_bytes: int | None = None) -> tuple[dict, Counter]:
     """One part of the stage: source `s` into parts/<name>.rows.parquet and .rejects.parquet (the rows
     `_normalize_source` would write for it); returns what `_normalize_source` returns."""
     with RowGroupWriter(parts / f"{s.name}.{ROWS_FILE}", NORMALIZED_FULL_SCHEMA) as w_rows, \
             RowGroupWriter(parts / f"{s.name}.{REJECTS_FILE}", REMOVAL_SCHEMA) as w_rej:
-        return _normalize_source(s, cfg, path, rows_per_batch, progress, w_rows, w_rej)
+        return _normalize_source(s, cfg, path, rows_per_batch, progress, w_rows, w_rej, id_bytes, parts)
 
 
 def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: list[SourceSpec],
@@ -518,8 +518,10 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
     fingerprint): each source's raw rows are read a batch at a time (Parquet row groups), mapped, and
     the kept rows and rejects written row group by row group (byte-identical to writing them all at
-    once). Held across a source's batches: its ids as 128-bit hashes (16 bytes per id) for the
-    duplicate check."""
+    once). Held across a source's batches: its ids as 128-bit hashes for the duplicate check, in memory
+    up to `budget.id_set_bytes` of them (16 bytes an id), past that spilled to sorted run files in a
+    temporary folder of the output (removed when the source is done; ~1.5 bytes an id kept in memory):
+    so the stage's peak does not grow with the row count."""
     ingest_dir, out = Path(ingest_dir), Path(output_dir)
     inputs = {s.name: ingest_dir / f"{s.name}.parquet" for s in sources}
     for name, p in inputs.items():
@@ -532,19 +534,21 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
     out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
+    remove_spills(out)  # an id set's spill folder left by a killed run
     t0 = time.time()
     per_source = {}
     reasons: Counter = Counter()
     rows_per_batch = budget.batch_rows(memory_gb, 8192)  # a raw row costs a few KB as Python objects
+    id_bytes = budget.id_set_bytes(memory_gb)  # the ids held in memory by the duplicate check; the rest spilled
     with RowGroupWriter(out / ROWS_FILE, NORMALIZED_FULL_SCHEMA) as w_rows, \
             RowGroupWriter(out / REJECTS_FILE, REMOVAL_SCHEMA) as w_rej:
         if map_parts is None:  # every source straight into the stage's files
-            stats = [_normalize_source(s, cfg, inputs[s.name], rows_per_batch, progress, w_rows, w_rej)
+            stats = [_normalize_source(s, cfg, inputs[s.name], rows_per_batch, progress, w_rows, w_rej, id_bytes, out)
                      for s in sources]
         else:  # one part per source into parts/, then the parts appended in the spec's order
             parts = out / "parts"
             parts.mkdir(exist_ok=True)
-            stats = map_parts(normalize_source_part, [(s, cfg, inputs[s.name], parts, rows_per_batch, progress)
+            stats = map_parts(normalize_source_part, [(s, cfg, inputs[s.name], parts, rows_per_batch, progress, id_bytes)
                                                       for s in sources])
             for s in sources:
                 for f, w in ((parts / f"{s.name}.{ROWS_FILE}", w_rows), (parts / f"{s.name}.{REJECTS_FILE}", w_rej)):

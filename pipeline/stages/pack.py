@@ -50,6 +50,7 @@ its entry of the stage manifest's outputs.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,6 @@ META_FILE = "tokenizer_meta.json"
 MIX_FILE = "mix.parquet"
 REMOVALS_FILE = "removals.parquet"
 OPEN_BINS = 32
-OFF_BLOCK = 1024  # rows per int64 base of the spill files' offsets (_Offsets)
 FORMAT = "hrm-pack/1"
 
 
@@ -116,20 +116,19 @@ def _list(lengths: list[int], values: pa.Array) -> pa.Array:
 
 
 class _ShardWriter:
-    """Collects the plan of packed sequences (each sample's row, offset, lengths; no tokens) and hands a
-    shard's plan out every `rows_per_shard` sequences: `write_shard` gathers its tokens and ids from the
+    """Collects the plan of packed sequences (each sample's file offsets and lengths; no tokens) and hands
+    a shard's plan out every `rows_per_shard` sequences: `write_shard` gathers its tokens and ids from the
     spill files and writes it. Without `map_parts` each shard is written as its plan fills (one shard's
     tokens in memory); with it, each plan goes to a small file in the output folder and the shards are
     written at the end as parts (`write_shard_part`), merged in shard order (`finish`)."""
 
-    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, keys: "_RowKeys",
-                 map_parts=None):
+    def __init__(self, out: Path, seq_len: int, pad_id: int, rows_per_shard: int, files: tuple[str, str, str],
+                 source_names: list[str], map_parts=None):
         self.out, self.seq_len, self.pad = out, seq_len, pad_id
         self.rows_per_shard = rows_per_shard
-        self.keys, self.map_parts = keys, map_parts
+        self.files, self.source_names, self.map_parts = files, source_names, map_parts
         self.records: list[tuple[str, dict]] = []
         self.plans: list[tuple] = []  # with map_parts: one part's arguments per shard
-        self.files = (str(keys.prompt_file), str(keys.response_file), str(keys.id_file))
         self.k = 0
         self._reset()
 
@@ -137,23 +136,23 @@ class _ShardWriter:
         self.starts: list[int] = []
         self.lens: list[int] = []
         self.plens: list[int] = []
-        self.rows: list[int] = []
+        self.where: list[tuple[int, int, int, int]] = []  # per sample: prompt, response, id offsets; id length
         self.per_row: list[int] = []
         self.epochs: list[int] = []
         self.sources: dict[str, int] = {}
         self.answer = 0
         self.truncated = 0
 
-    def add(self, starts, lens, plens, rows, epoch: int, truncated: int) -> None:
+    def add(self, starts, lens, plens, where, srcs, epoch: int, truncated: int) -> None:
         self.starts += starts
         self.lens += lens
         self.plens += plens
-        self.rows += rows
+        self.where += where
         self.per_row.append(len(starts))
         self.epochs.append(epoch)
-        names, src = self.keys.source_names, self.keys.src
-        for j in rows:
-            name = names[int(src[j])]
+        names = self.source_names
+        for s in srcs:
+            name = names[s]
             self.sources[name] = self.sources.get(name, 0) + 1
         self.answer += sum(lens) - sum(plens)
         self.truncated += truncated
@@ -163,13 +162,12 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.per_row:
             return
-        keys = self.keys
-        rows = np.asarray(self.rows, dtype=np.int64)
+        where = np.asarray(self.where, dtype=np.int64).reshape(-1, 4)
         lens = np.asarray(self.lens, dtype=np.int32)
         plens = np.asarray(self.plens, dtype=np.int32)
         plan = {
-            "p_start": keys.p_off[rows], "r_start": keys.r_off[rows], "i_start": keys.i_off[rows],
-            "i_len": keys.i_off[rows + 1] - keys.i_off[rows],
+            "p_start": where[:, 0].copy(), "r_start": where[:, 1].copy(), "i_start": where[:, 2].copy(),
+            "i_len": where[:, 3].copy(),
             "starts": np.asarray(self.starts, dtype=np.int32), "lens": lens, "plens": plens,
             "per_row": np.asarray(self.per_row, dtype=np.int64), "epochs": np.asarray(self.epochs, dtype=np.int32),
         }
@@ -260,173 +258,6 @@ def _check_columns(path: Path, cols: list[str]) -> None:
         raise ValueError(f"pack: {path}: missing column(s) {missing}; found {schema.names}")
 
 
-class _RowKeys:
-    """The per-row keys of the tokenized rows, read row group by row group. The token lists go to two
-    flat int32 files (prompts, responses) and the ids to a bytes file (the UTF-8 of each id, one after
-    the other), from which the packer gathers them in batches; no id string stays in memory.
-
-    Held per row: prompt and response lengths (int32 each), the row's offsets into the three files
-    (`_Offsets`: 4 bytes each), a source code (uint16), and until the mix is matched (`drop_index`) a
-    64-bit hash of the id, sorted, with its row (int32 below 2**31 rows): 22 bytes a row, 34 while
-    matching, whatever the lengths of the texts and ids. A hash only proposes a row: the id itself is
-    compared (read back from the file)."""
-
-    def __init__(self, tok_file: Path, spill: Path, eoa: int, batch_rows: int, progress: bool):
-        from tqdm.auto import tqdm
-
-        pf = pq.ParquetFile(tok_file, pre_buffer=False)
-        n = pf.metadata.num_rows
-        self.prompt_file, self.response_file = spill.with_suffix(".prompts"), spill.with_suffix(".responses")
-        self.id_file = spill.with_suffix(".ids")
-        # filled in place batch by batch (no list of batches concatenated: that held each twice)
-        self.P, self.R = np.empty(n, np.int32), np.empty(n, np.int32)
-        self.src = np.empty(n, np.uint16)  # widened past 65,536 sources
-        self.p_off, self.r_off, self.i_off = _Offsets(n), _Offsets(n), _Offsets(n)
-        h = np.empty(n, np.int64)
-        self.source_names: list[str] = []
-        code: dict[str, int] = {}
-        first_bad, n_bad = None, 0
-        bar = tqdm(total=n, desc="pack read", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
-        done = 0
-        with open(self.prompt_file, "wb") as fp, open(self.response_file, "wb") as fr, open(self.id_file, "wb") as fi:
-            for b in pf.iter_batches(batch_size=batch_rows, columns=["id", "source", "prompt_ids", "response_ids"],
-                                     use_threads=False):
-                p_vals, p_off = _flat(b.column("prompt_ids"))
-                r_vals, r_off = _flat(b.column("response_ids"))
-                p_vals.tofile(fp)
-                r_vals.tofile(fr)
-                p_len, r_len = np.diff(p_off), np.diff(r_off)
-                last = r_vals[np.maximum(r_off[1:] - 1, 0)] if len(r_vals) else np.zeros(len(r_len), np.int32)
-                bad = np.flatnonzero((r_len == 0) | (last != eoa))
-                if len(bad):
-                    if first_bad is None:
-                        first_bad = b.column("id")[int(bad[0])].as_py()
-                    n_bad += len(bad)
-                m = len(p_len)
-                if done + m > n:
-                    raise ValueError(f"pack: {tok_file}: more rows than its metadata's {n}")
-                self.P[done : done + m] = p_len
-                self.R[done : done + m] = r_len
-                self.p_off.extend(p_len)
-                self.r_off.extend(r_len)
-                id_col = b.column("id")
-                if id_col.null_count:
-                    k = int(np.flatnonzero(pc.is_null(id_col).to_numpy(zero_copy_only=False))[0])
-                    raise ValueError(f"pack: {tok_file}: row {done + k}: id is null")
-                id_vals, id_off = _utf8(id_col)
-                fi.write(id_vals)
-                self.i_off.extend(np.diff(id_off))
-                h[done : done + m] = _hash(id_col)
-                sources = b.column("source")
-                uniq = pc.unique(sources).to_pylist()
-                for s in uniq:
-                    if s not in code:
-                        code[s] = len(self.source_names)
-                        self.source_names.append(s)
-                idx = pc.index_in(sources, value_set=pa.array(uniq, sources.type)).to_numpy(zero_copy_only=False)
-                if len(self.source_names) > np.iinfo(self.src.dtype).max + 1:
-                    self.src = self.src.astype(np.int32)
-                self.src[done : done + m] = np.asarray([code[s] for s in uniq], dtype=np.int64)[idx]
-                done += b.num_rows
-                bar.update(b.num_rows)
-        bar.close()
-        if first_bad is not None:
-            raise ValueError(
-                f"pack: {tok_file}: row {first_bad!r} (and {n_bad - 1} more): response_ids "
-                f"must end with <|eoa|> (id {eoa})"
-            )
-        if done != n:
-            raise ValueError(f"pack: {tok_file}: {done} rows read, its metadata says {n}")
-        self.row_dtype = np.int32 if n < 2**31 else np.int64
-        by_hash = np.argsort(h, kind="stable")  # equal hashes: rows in file order
-        self.H_row = by_hash.astype(self.row_dtype)
-        del by_hash
-        h.sort()  # in place: the values of h[by_hash]
-        self.H = h
-
-    def drop_index(self) -> None:
-        """The hash index (12 bytes a row) is no longer needed: every id of the mix is matched."""
-        self.H = self.H_row = None
-
-    def ids(self, rows: np.ndarray) -> pa.Array:
-        """The ids of `rows` (in that order), a large_string array read from the id file."""
-        start = self.i_off[rows]
-        vals, off = _take(self.id_file, start, self.i_off[rows + 1] - start, np.uint8)
-        return pa.Array.from_buffers(pa.large_string(), len(rows), [None, pa.py_buffer(off), pa.py_buffer(vals)])
-
-    def find(self, ids: pa.Array) -> np.ndarray:
-        """The row of each of `ids` (the first row with that id, as `pc.index_in` finds it), -1 where
-        no row has it: candidates by hash, then the ids compared."""
-        q = _hash(ids)
-        lo = np.searchsorted(self.H, q, side="left")
-        hi = np.searchsorted(self.H, q, side="right")
-        res = np.full(len(q), -1, np.int64)
-        one = np.flatnonzero(hi - lo == 1)
-        if len(one):
-            rows = self.H_row[lo[one]].astype(np.int64)
-            same = pc.equal(self.ids(rows), ids.take(pa.array(one)).cast(pa.large_string()))
-            ok = same.to_numpy(zero_copy_only=False)
-            res[one[ok]] = rows[ok]
-        for x in np.flatnonzero(hi - lo > 1).tolist():  # the same hash for several rows (or equal ids)
-            want = ids[x].as_py()
-            cand = np.sort(self.H_row[lo[x] : hi[x]].astype(np.int64))
-            for j, got in zip(cand.tolist(), self.ids(cand).to_pylist()):
-                if got == want:
-                    res[x] = j
-                    break
-        return res
-
-    def close(self) -> None:
-        for f in (self.prompt_file, self.response_file, self.id_file):
-            if f.exists():
-                f.unlink()
-
-
-class _Offsets:
-    """The n+1 offsets of n consecutive ranges (row j's is [off[j], off[j+1])), appended batch by batch
-    as lengths: an int64 base per block of OFF_BLOCK rows and a uint32 offset within the block per row
-    (4 bytes a row, not 8; a block spanning 2**32 values or more switches to plain int64 offsets).
-    `off[rows]` (an integer array) gives the int64 offsets."""
-
-    def __init__(self, n: int):
-        self.base = np.zeros(n // OFF_BLOCK + 1, np.int64)
-        self.local = np.zeros(n + 1, np.uint32)
-        self.full: np.ndarray | None = None
-        self.pos = 0  # offsets set: [0, pos]
-        self.total = 0
-
-    def extend(self, lengths: np.ndarray) -> None:
-        m = len(lengths)
-        off = np.empty(m + 1, np.int64)
-        off[0] = self.total
-        np.cumsum(lengths, out=off[1:])
-        off[1:] += self.total
-        idx = np.arange(self.pos, self.pos + m + 1, dtype=np.int64)
-        if self.full is not None:
-            self.full[idx] = off
-        else:
-            first = idx[idx % OFF_BLOCK == 0]
-            self.base[first // OFF_BLOCK] = off[first - self.pos]
-            loc = off - self.base[idx // OFF_BLOCK]
-            if m and int(loc.max()) >= 2**32:
-                self.full = np.zeros(len(self.local), np.int64)
-                done = np.arange(self.pos, dtype=np.int64)
-                self.full[: self.pos] = self.base[done // OFF_BLOCK] + self.local[: self.pos]
-                del done
-                self.full[idx] = off
-                self.base = self.local = None
-            else:
-                self.local[idx] = loc
-        self.pos += m
-        self.total = int(off[-1])
-
-    def __getitem__(self, rows) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        if self.full is not None:
-            return self.full[rows]
-        return self.base[rows // OFF_BLOCK] + self.local[rows]
-
-
 def _utf8(col) -> tuple[memoryview, np.ndarray]:
     """(bytes, offsets from 0) of a string column."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -484,6 +315,314 @@ def _sum_sources(recs: list[dict]) -> dict[str, int]:
     return dict(sorted(tot.items()))
 
 
+# The out-of-core join of the mix's ids to the tokenized rows. Every row's keys (a 64-bit hash of its id,
+# its row number, lengths, file offsets and source code) and every sample's (the hash, its place in mix
+# order, its epoch) are written with their ids to partition files by hash; one partition at a time is
+# then joined in memory (a sorted hash, the ids compared), and its samples go to files by their place in
+# mix order (read back one range at a time to be packed) and its rows named by the mix but dropped to
+# files by row range (the removals, written in row order). Nothing is held per row or per sample.
+ROW_REC = np.dtype([("h", "<i8"), ("row", "<i8"), ("p_off", "<i8"), ("r_off", "<i8"), ("i_off", "<i8"),
+                    ("p", "<i4"), ("r", "<i4"), ("i_len", "<i4"), ("src", "<i4")])
+MIX_REC = np.dtype([("h", "<i8"), ("s", "<i8"), ("e", "<i4"), ("len", "<i4")])  # s: the place in mix order
+SAMPLE_REC = np.dtype([("s", "<i8"), ("p_off", "<i8"), ("r_off", "<i8"), ("i_off", "<i8"), ("p", "<i4"),
+                       ("r", "<i4"), ("i_len", "<i4"), ("src", "<i4"), ("e", "<i4"), ("_", "<i4")])
+GONE_REC = np.dtype([("row", "<i8"), ("occ", "<i8"), ("p", "<i4"), ("r", "<i4"), ("i_off", "<i8"),
+                     ("i_len", "<i4"), ("src", "<i4")])
+_JOIN_ITEM_BYTES = 256  # memory per row or sample of a partition while it is joined (tests raise it)
+_RANGE_ITEM_BYTES = 192  # memory per sample of a range of samples being packed, per dropped row of a range
+_MAX_PARTS = 4096
+
+
+def _n_parts(items: int, memory_gb: float | None, item_bytes: int) -> int:
+    """Partitions of `items` things of `item_bytes` each so that one fits in budget.JOIN_SHARE of the budget."""
+    part = max(budget.MIN_JOIN_PART, int(budget.usable_bytes(memory_gb) * budget.JOIN_SHARE))
+    return int(min(_MAX_PARTS, max(1, -(-items * item_bytes // part))))
+
+
+def _append(path: Path, *data) -> None:
+    with open(path, "ab") as f:
+        for d in data:
+            f.write(d)
+
+
+def _scatter(tmp: Path, kind: str, rec: np.ndarray, ids, parts: int) -> None:
+    """Append `rec` and the UTF-8 of `ids` (one per record) to the partition files of their hash."""
+    p = (rec["h"].astype(np.uint64) % np.uint64(parts)).astype(np.int64)
+    o = np.argsort(p, kind="stable")
+    rec = rec[o]
+    vals, off = _utf8(ids.take(pa.array(o)))
+    cut = np.searchsorted(p[o], np.arange(parts + 1))
+    for k in np.flatnonzero(np.diff(cut)).tolist():
+        a, b = int(cut[k]), int(cut[k + 1])
+        _append(tmp / f"{kind}-{k}", memoryview(rec[a:b]).cast("B"))
+        _append(tmp / f"{kind}ids-{k}", vals[int(off[a]) : int(off[b])])
+
+
+def _spread(tmp: Path, kind: str, rec: np.ndarray, key: np.ndarray, size: int) -> None:
+    """Append `rec` to the range files of key // size (in the order given within one file)."""
+    p = key // size
+    o = np.argsort(p, kind="stable")
+    rec, p = rec[o], p[o]
+    cut = np.flatnonzero(np.diff(p)) + 1
+    for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(p)]):
+        _append(tmp / f"{kind}-{int(p[a])}", memoryview(rec[a:b]).cast("B"))
+
+
+def _load(path: Path, dtype, id_file: Path | None = None, len_field: str = "len"):
+    """A partition's records (and their ids as a large_string array)."""
+    rec = np.fromfile(path, dtype) if path.exists() else np.zeros(0, dtype)
+    if id_file is None:
+        return rec
+    off = np.zeros(len(rec) + 1, np.int64)
+    np.cumsum(rec[len_field], out=off[1:])
+    data = id_file.read_bytes() if id_file.exists() else b""
+    ids = pa.Array.from_buffers(pa.large_string(), len(rec), [None, pa.py_buffer(off), pa.py_buffer(data)])
+    return rec, ids
+
+
+def _match(H: np.ndarray, order: np.ndarray, row_ids: pa.Array, q: np.ndarray, ids: pa.Array) -> np.ndarray:
+    """For each id of `ids` (hash `q`) the first row (index into row_ids) with that id, -1 if none: `H` is
+    the rows' hashes sorted, `order` the rows in that order (equal hashes: in row order). A hash only
+    proposes rows: the ids themselves are compared, candidate after candidate."""
+    lo = np.searchsorted(H, q, side="left")
+    hi = np.searchsorted(H, q, side="right")
+    res = np.full(len(q), -1, np.int64)
+    live = np.flatnonzero(hi > lo)
+    t = 0
+    while len(live):
+        cand = order[lo[live] + t]
+        eq = pc.equal(row_ids.take(pa.array(cand)), ids.take(pa.array(live))).to_numpy(zero_copy_only=False)
+        res[live[eq]] = cand[eq]
+        t += 1
+        live = live[~eq & (lo[live] + t < hi[live])]
+    return res
+
+
+class _Tally:
+    """The figures of the rows named by the mix, summed partition by partition."""
+
+    def __init__(self):
+        self.rows_in = self.rows_packed = self.kept_samples = self.samples_truncated = self.tokens_truncated = 0
+        self.min_len: int | None = None
+        self.reason_rows: dict[str, int] = {}
+        self.reason_samples: dict[str, int] = {}
+        self.missing = 0
+        self.first_missing: list[tuple[int, str]] = []  # the first 3 in mix order: (place, id)
+
+
+def _spill_rows(tok_file: Path, tmp: Path, eoa: int, batch_rows: int, parts: int, progress: bool) -> dict:
+    """Read the tokenized rows a batch at a time: their tokens to two flat int32 files (prompts,
+    responses), their ids to a bytes file (the UTF-8 of each, one after the other), and each row's keys
+    with its id to the partition files of its id's hash. Returns the spill file paths and source names."""
+    from tqdm.auto import tqdm
+
+    pf = pq.ParquetFile(tok_file, pre_buffer=False)
+    n = pf.metadata.num_rows
+    files = (tmp / "prompts", tmp / "responses", tmp / "ids")
+    source_names: list[str] = []
+    code: dict[str, int] = {}
+    first_bad, n_bad = None, 0
+    p_tot = r_tot = i_tot = 0
+    bar = tqdm(total=n, desc="pack read", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
+    done = 0
+    with open(files[0], "wb") as fp, open(files[1], "wb") as fr, open(files[2], "wb") as fi:
+        for b in pf.iter_batches(batch_size=batch_rows, columns=["id", "source", "prompt_ids", "response_ids"],
+                                 use_threads=False):
+            p_vals, p_off = _flat(b.column("prompt_ids"))
+            r_vals, r_off = _flat(b.column("response_ids"))
+            p_vals.tofile(fp)
+            r_vals.tofile(fr)
+            p_len, r_len = np.diff(p_off), np.diff(r_off)
+            last = r_vals[np.maximum(r_off[1:] - 1, 0)] if len(r_vals) else np.zeros(len(r_len), np.int32)
+            bad = np.flatnonzero((r_len == 0) | (last != eoa))
+            if len(bad):
+                if first_bad is None:
+                    first_bad = b.column("id")[int(bad[0])].as_py()
+                n_bad += len(bad)
+            m = len(p_len)
+            if done + m > n:
+                raise ValueError(f"pack: {tok_file}: more rows than its metadata's {n}")
+            id_col = b.column("id")
+            if id_col.null_count:
+                k = int(np.flatnonzero(pc.is_null(id_col).to_numpy(zero_copy_only=False))[0])
+                raise ValueError(f"pack: {tok_file}: row {done + k}: id is null")
+            id_vals, id_off = _utf8(id_col)
+            fi.write(id_vals)
+            rec = np.empty(m, ROW_REC)
+            rec["row"] = np.arange(done, done + m, dtype=np.int64)
+            rec["p"], rec["r"] = p_len, r_len
+            rec["p_off"] = p_off[:-1] + p_tot
+            rec["r_off"] = r_off[:-1] + r_tot
+            rec["i_off"] = id_off[:-1] + i_tot
+            rec["i_len"] = np.diff(id_off)
+            p_tot, r_tot, i_tot = p_tot + int(p_off[-1]), r_tot + int(r_off[-1]), i_tot + int(id_off[-1])
+            rec["h"] = _hash(id_col)
+            sources = b.column("source")
+            uniq = pc.unique(sources).to_pylist()
+            for s in uniq:
+                if s not in code:
+                    code[s] = len(source_names)
+                    source_names.append(s)
+            idx = pc.index_in(sources, value_set=pa.array(uniq, sources.type)).to_numpy(zero_copy_only=False)
+            rec["src"] = np.asarray([code[s] for s in uniq], dtype=np.int64)[idx]
+            _scatter(tmp, "rows", rec, id_col, parts)
+            done += m
+            bar.update(m)
+    bar.close()
+    if first_bad is not None:
+        raise ValueError(
+            f"pack: {tok_file}: row {first_bad!r} (and {n_bad - 1} more): response_ids "
+            f"must end with <|eoa|> (id {eoa})"
+        )
+    if done != n:
+        raise ValueError(f"pack: {tok_file}: {done} rows read, its metadata says {n}")
+    return {"files": tuple(str(f) for f in files), "source_names": source_names, "rows": n}
+
+
+def _mix_in_order(mix_pf: pq.ParquetFile, batch: int) -> bool:
+    """Whether the mix's samples are in (epoch, order) order already (as the mix stage writes them)."""
+    prev = None
+    for mb in mix_pf.iter_batches(batch_size=batch, columns=["epoch", "order"], use_threads=False):
+        e = mb.column("epoch").to_numpy().astype(np.int64)
+        o = mb.column("order").to_numpy().astype(np.int64)
+        if prev is not None:
+            e, o = np.concatenate([[prev[0]], e]), np.concatenate([[prev[1]], o])
+        de, do = np.diff(e), np.diff(o)
+        if ((de < 0) | ((de == 0) & (do <= 0))).any():
+            return False
+        if len(e):
+            prev = (e[-1], o[-1])
+    return True
+
+
+def _spill_mix(mix_file: Path, tmp: Path, batch: int, parts: int) -> int:
+    """The mix's samples, a batch at a time, with their place in mix order (for a mix not in (epoch, order)
+    order the places come from one sort of all its (epoch, order) pairs in memory, 20 bytes a sample), to
+    the partition files of their id's hash. Returns the number of samples."""
+    mix_pf = pq.ParquetFile(mix_file, pre_buffer=False)
+    place = None
+    if not _mix_in_order(mix_pf, batch):
+        eo = pq.read_table(mix_file, columns=["epoch", "order"])
+        perm = np.lexsort((eo["order"].to_numpy().astype(np.int64), eo["epoch"].to_numpy().astype(np.int32)))
+        del eo
+        place = np.empty(len(perm), np.int64)
+        place[perm] = np.arange(len(perm), dtype=np.int64)
+        del perm
+    s0 = 0
+    for mb in mix_pf.iter_batches(batch_size=batch, columns=["epoch", "id"], use_threads=False):
+        ids = mb.column("id")
+        if ids.null_count:
+            k = int(np.flatnonzero(pc.is_null(ids).to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"pack: {mix_file}: sample {s0 + k}: id is null")
+        m = mb.num_rows
+        rec = np.empty(m, MIX_REC)
+        rec["h"] = _hash(ids)
+        rec["s"] = np.arange(s0, s0 + m, dtype=np.int64) if place is None else place[s0 : s0 + m]
+        rec["e"] = mb.column("epoch").to_numpy()
+        rec["len"] = np.diff(_utf8(ids)[1])
+        _scatter(tmp, "mix", rec, ids, parts)
+        s0 += m
+    return s0
+
+
+def _join(tmp: Path, parts: int, n_rows: int, n_samples: int, memory_gb, seq_len: int, min_resp: int,
+          progress: bool) -> tuple[_Tally, int, int]:
+    """Join each hash partition's samples to its rows (the first row with the sample's id); the samples
+    with their rows' keys go to range files by place in mix order (`samp-k`, range_size places each), the
+    rows named by the mix but dropped to range files by row (`gone-k`, gone_size rows each); the rows'
+    figures are summed in a _Tally. Returns (tally, range_size, gone_size)."""
+    from tqdm.auto import tqdm
+
+    range_size = -(-max(1, n_samples) // _n_parts(n_samples, memory_gb, _RANGE_ITEM_BYTES))
+    gone_size = -(-max(1, n_rows) // _n_parts(n_rows, memory_gb, _RANGE_ITEM_BYTES))
+    t = _Tally()
+    for k in tqdm(range(parts), desc="pack join", unit="part", disable=not progress or parts < 2):
+        rows, row_ids = _load(tmp / f"rows-{k}", ROW_REC, tmp / f"rowsids-{k}", "i_len")
+        (tmp / f"rows-{k}").unlink(missing_ok=True)
+        (tmp / f"rowsids-{k}").unlink(missing_ok=True)
+        smp, ids = _load(tmp / f"mix-{k}", MIX_REC, tmp / f"mixids-{k}")
+        (tmp / f"mix-{k}").unlink(missing_ok=True)
+        (tmp / f"mixids-{k}").unlink(missing_ok=True)
+        order = np.argsort(rows["h"], kind="stable")  # the file has the rows in row order
+        j = _match(rows["h"][order], order, row_ids, smp["h"], ids)
+        del order, row_ids
+        miss = np.flatnonzero(j < 0)
+        if len(miss):
+            t.missing += len(miss)
+            first = miss[np.argsort(smp["s"][miss], kind="stable")[:3]]
+            t.first_missing = sorted(t.first_missing + list(zip(smp["s"][first].tolist(),
+                                                                ids.take(pa.array(first)).to_pylist())))[:3]
+            continue  # an error once every partition is joined
+        del ids
+        # the samples, with their rows' keys, to the files of their range of places
+        r = rows[j]
+        s = np.empty(len(smp), SAMPLE_REC)
+        s["s"], s["e"], s["_"] = smp["s"], smp["e"], 0
+        for f in ("p_off", "r_off", "i_off", "p", "r", "i_len", "src"):
+            s[f] = r[f]
+        del r
+        _spread(tmp, "samp", s, s["s"], range_size)
+        del s, smp
+        # the rows' figures
+        occ = np.bincount(j, minlength=len(rows)).astype(np.int64)
+        del j
+        P, R = rows["p"].astype(np.int64), rows["r"].astype(np.int64)
+        in_mix = occ > 0
+        dropped = (R < min_resp + 1) | (P >= seq_len - min_resp)
+        kept = in_mix & ~dropped
+        keep = np.minimum(R, seq_len - P)
+        t.rows_in += int(in_mix.sum())
+        t.rows_packed += int(kept.sum())
+        if kept.any():
+            m = int((P + keep)[kept].min())
+            t.min_len = m if t.min_len is None else min(t.min_len, m)
+        ko = np.where(kept, occ, 0)
+        t.kept_samples += int(ko.sum())
+        t.samples_truncated += int(ko[keep < R].sum())
+        t.tokens_truncated += int((ko * (R - keep)).sum())
+        gone = np.flatnonzero(in_mix & dropped)
+        if len(gone):
+            g = np.empty(len(gone), GONE_REC)
+            g["occ"] = occ[gone]
+            for f in ("row", "p", "r", "i_off", "i_len", "src"):
+                g[f] = rows[f][gone]
+            _spread(tmp, "gone", g, g["row"], gone_size)
+    return t, range_size, gone_size
+
+
+def _removals(tmp: Path, id_file: Path, path: Path, source_names: list[str], n_rows: int, gone_size: int,
+              seq_len: int, min_resp: int, step: int, tally: _Tally) -> dict:
+    """removals.parquet: the rows the mix names but that are dropped, one line per row in row order (a
+    range of rows at a time), with the number of their occurrences in the mix."""
+    names = pa.array(source_names, pa.string())
+    with io.RowGroupWriter(path, REMOVAL_SCHEMA) as w:
+        for k in range(-(-n_rows // gone_size)):
+            g = _load(tmp / f"gone-{k}", GONE_REC)
+            (tmp / f"gone-{k}").unlink(missing_ok=True)
+            g = g[np.argsort(g["row"], kind="stable")]
+            for a in range(0, len(g), step):
+                x = g[a : a + step]
+                vals, off = _take(id_file, x["i_off"], x["i_len"].astype(np.int64), np.uint8)
+                ids = pa.Array.from_buffers(pa.large_string(), len(x), [None, pa.py_buffer(off), pa.py_buffer(vals)])
+                reasons, details = [], []
+                for p, r, occ in zip(x["p"].tolist(), x["r"].tolist(), x["occ"].tolist()):
+                    if r < min_resp + 1:
+                        reason = "short_response"
+                        detail = f"{r - 1} response token(s) (EOA excluded) < min_response_tokens {min_resp}"
+                    else:
+                        reason = "prompt_too_long"
+                        detail = f"prompt of {p} tokens >= seq_len {seq_len} - min_response_tokens {min_resp}"
+                    reasons.append(reason)
+                    details.append(f"{detail}; {occ} occurrence(s) in the mix")
+                    tally.reason_rows[reason] = tally.reason_rows.get(reason, 0) + 1
+                    tally.reason_samples[reason] = tally.reason_samples.get(reason, 0) + occ
+                w.write(pa.Table.from_arrays(
+                    [ids.cast(pa.string()), names.take(pa.array(x["src"])), pa.array([STAGE] * len(x), pa.string()),
+                     pa.array(reasons, pa.string()), pa.array(details, pa.string()), pa.nulls(len(x), pa.string())],
+                    schema=REMOVAL_SCHEMA))
+    return w.record
+
+
 def run(
     tokenized_dir: str | os.PathLike,
     mix_dir: str | os.PathLike,
@@ -495,23 +634,21 @@ def run(
 ) -> dict:
     """Pack the mixed samples into fixed-length sequences; return the stage manifest.
 
-    Streams (`memory_gb`, default `ResourcesConfig().memory_gb`, sizes the batches; never part of the
-    fingerprint): the tokenized rows are read row group by row group into per-row keys (`_RowKeys`:
-    lengths, file offsets, source code, a sorted 64-bit hash of the id; 34 bytes a row, 22 once the mix
-    is matched) while their tokens and ids go to three flat files in the output folder (removed at the
-    end). The mix is read a batch at a time, its ids matched to rows (hash, then the id compared), each
-    row's occurrences counted (int32 a row) and each sample's (row, epoch) spilled to two files in the
-    output folder, read back a batch at a time (held in memory, with the order and a sort, only for a mix
-    not in (epoch, order)); a row's fate is a bool a row, its sample length is taken per batch.
-    The samples are then placed in mix order a batch at a time (at most `open_bins` sequences open):
-    this plan (which sample goes where: row, offset, lengths) is made here, and writing a shard (its
-    tokens gathered from the spill files into place, its ids read back from the id file, the Arrow file,
-    its record) is a part (`write_shard`), one shard's tokens in memory at a time. With
-    `map_parts` (pipeline.parts) the shards are handed to it as parts after the plan is made and merged
-    in shard order: the same shards and manifest as the single-process path, which writes each shard as
-    its plan fills. The spill files are in the output folder: the workers must see it."""
-    from tqdm.auto import tqdm
-
+    Out of core, nothing held per row or per sample (`memory_gb`, default `ResourcesConfig().memory_gb`,
+    sizes the batches and partitions; never part of the fingerprint): the tokenized rows are read a batch
+    at a time, their tokens and ids written to three flat files in the output folder (removed at the end)
+    and each row's keys (a 64-bit hash of its id, lengths, file offsets, source code) with its id to
+    partition files by hash; the mix's samples likewise, with their place in mix order. Each partition
+    is joined in memory (the hash proposes rows, the ids are compared; a sample's row is the first with
+    its id), its samples written with their rows' keys to files by range of places, and its rows' figures
+    summed (occurrences, drops, truncation, the shortest kept sample). The samples are then placed one
+    range at a time in mix order (at most `open_bins` sequences open): this plan (which sample goes where:
+    file offsets, lengths) is made here, and writing a shard (its tokens gathered from the spill files
+    into place, its ids read back from the id file, the Arrow file, its record) is a part
+    (`write_shard`), one shard's tokens in memory at a time. With `map_parts` (pipeline.parts) the shards
+    are handed to it as parts after the plan is made and merged in shard order: the same shards and
+    manifest as the single-process path, which writes each shard as its plan fills. The spill files are
+    in the output folder: the workers must see it."""
     t0 = time.time()
     out = Path(output_dir)
     tok_file, meta_file, mix_file = (
@@ -522,7 +659,6 @@ def run(
     for f in (tok_file, meta_file, mix_file):
         if not f.exists():
             raise FileNotFoundError(f"pack: {f} not found")
-    open_bins = cfg.open_bins
     params = {"cfg": cfg.model_dump()}
     inputs = {"tokenized": tokenized_dir, "mix": mix_dir}
     fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
@@ -534,139 +670,78 @@ def run(
 
     meta = io.read_json(meta_file)
     pad, eoa = int(meta["pad_id"]), int(meta["eoa_id"])
-    seq_len, min_resp = cfg.seq_len, cfg.min_response_tokens
-
     _check_columns(tok_file, ["id", "source", "prompt_ids", "response_ids"])
     _check_columns(mix_file, ["epoch", "order", "id"])
-    # a tokenized row costs its token lists (about seq_len / 2 tokens of 4 bytes, at most) a few times over
-    read_rows = budget.batch_rows(memory_gb, row_bytes=4 * 3 * max(64, seq_len // 2))
-    keys = _RowKeys(tok_file, out / ".pack-spill", eoa, read_rows, progress)
+    tmp = out / ".pack-spill"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
-        manifest = _pack(keys, tok_file, mix_file, out, cfg, fp, params, inputs, pad, seq_len, min_resp, open_bins,
-                         read_rows, progress, tqdm, memory_gb, map_parts)
+        manifest = _pack(tok_file, mix_file, out, tmp, cfg, fp, params, inputs, pad, eoa, progress, memory_gb,
+                         map_parts)
     finally:
-        keys.close()  # before finish_stage renames a versioned folder into place
-        for f in (out / ".pack-mix.rows", out / ".pack-mix.epochs"):
-            f.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # before finish_stage renames a versioned folder into place
     return io.finish_stage(out, manifest, {"total_s": round(time.time() - t0, 3)})
 
 
-def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, params, inputs, pad: int,
-          seq_len: int, min_resp: int, open_bins: int, batch: int, progress: bool, tqdm, memory_gb,
-          map_parts: MapParts | None = None) -> dict:
+def _pack(tok_file: Path, mix_file: Path, out: Path, tmp: Path, cfg: PackConfig, fp, params, inputs, pad: int,
+          eoa: int, progress: bool, memory_gb, map_parts: MapParts | None = None) -> dict:
     """The packing itself; returns the manifest (written by `run`)."""
-    P, R = keys.P, keys.R
-    n_rows = len(P)
+    from tqdm.auto import tqdm
 
-    # rows: their fate (a bool a row); the lengths are taken per batch from P and R (`lengths`)
-    dropped = (R < min_resp + 1) | (P >= seq_len - min_resp)  # short response (EOA excluded) or prompt too long
-
-    def lengths(rows):
-        """(kept sample length, truncated) of `rows`: the response keeps seq_len - prompt tokens at most."""
-        p, r = P[rows], R[rows]
-        keep = np.minimum(r, seq_len - p)
-        return p + keep, keep < r
-
-    # samples, in mix order
-    # the mix read a batch at a time: each batch's ids matched to rows (no id of the mix is kept). A mix
-    # written by the mix stage is already in (epoch, order): then (row, epoch) of each sample are spilled
-    # (int32 each below 2**31 rows); otherwise kept with the order, and the samples sorted by (epoch, order).
-    # Matching a batch costs ~150 bytes a sample (its ids as Python strings, their hashes, the rows' ids
-    # read back): the batch is sized at 1 KB a sample (at 4 GB ~235k samples; was 64 B: 1M, ~140 MB)
-    mix_pf = pq.ParquetFile(mix_file, pre_buffer=False)
-    mb_rows = budget.batch_rows(memory_gb, 1024)
-    in_order, prev = True, None
-    for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order"], use_threads=False):
-        e = mb.column("epoch").to_numpy().astype(np.int64)
-        o = mb.column("order").to_numpy().astype(np.int64)
-        if prev is not None:
-            e, o = np.concatenate([[prev[0]], e]), np.concatenate([[prev[1]], o])
-        de, do = np.diff(e), np.diff(o)
-        if ((de < 0) | ((de == 0) & (do <= 0))).any():
-            in_order = False
-            break
-        if len(e):
-            prev = (e[-1], o[-1])
-    # in mix order the samples' (row, epoch) go to two spill files in the output folder, read back a
-    # batch at a time to place them (nothing held per sample); a mix out of order is sorted in memory
-    ep_l, ord_l, j_l, missing = [], [], [], []
-    occ = np.zeros(n_rows, np.int32)  # occurrences of each row in the mix
-    n_samples = 0
-    spill_j, spill_e = out / ".pack-mix.rows", out / ".pack-mix.epochs"
-    with open(spill_j, "wb") as fj, open(spill_e, "wb") as fe:
-        for mb in mix_pf.iter_batches(batch_size=mb_rows, columns=["epoch", "order", "id"], use_threads=False):
-            j_of = keys.find(mb.column("id"))
-            if (j_of < 0).any():
-                miss = pa.array(j_of < 0)
-                missing.append(pa.Table.from_batches([mb]).filter(miss))
-                j_of[j_of < 0] = 0
-            u, c = np.unique(j_of, return_counts=True)
-            occ[u] += c.astype(np.int32)
-            n_samples += len(j_of)
-            if in_order:
-                j_of.astype(keys.row_dtype).tofile(fj)
-                mb.column("epoch").to_numpy().astype(np.int32).tofile(fe)
-            else:
-                ep_l.append(mb.column("epoch").to_numpy().astype(np.int32))
-                ord_l.append(mb.column("order").to_numpy().astype(np.int64))
-                j_l.append(j_of.astype(keys.row_dtype))
-    keys.drop_index()
-    if missing:
-        miss = pa.concat_tables(missing).sort_by([("epoch", "ascending"), ("order", "ascending")])["id"]
+    seq_len, min_resp, open_bins = cfg.seq_len, cfg.min_response_tokens, cfg.open_bins
+    n_rows = pq.ParquetFile(tok_file).metadata.num_rows
+    n_mix = pq.ParquetFile(mix_file).metadata.num_rows
+    parts = _n_parts(n_rows + n_mix, memory_gb, _JOIN_ITEM_BYTES)
+    # a tokenized row costs its token lists (about seq_len / 2 tokens of 4 bytes, at most) a few times over
+    batch = budget.batch_rows(memory_gb, row_bytes=4 * 3 * max(64, seq_len // 2))
+    rows_info = _spill_rows(tok_file, tmp, eoa, batch, parts, progress)
+    # a batch of the mix costs ~150 bytes a sample (its ids, their hashes, the records): sized at 1 KB a sample
+    n_samples = _spill_mix(mix_file, tmp, budget.batch_rows(memory_gb, 1024), parts)
+    tally, range_size, gone_size = _join(tmp, parts, n_rows, n_samples, memory_gb, seq_len, min_resp, progress)
+    if tally.missing:
         raise ValueError(
-            f"pack: {mix_file} names {len(miss)} sample(s) not in {tok_file}, e.g. {miss.slice(0, 3).to_pylist()}: "
-            f"the mix was made from another tokenizer output"
+            f"pack: {mix_file} names {tally.missing} sample(s) not in {tok_file}, e.g. "
+            f"{[x for _, x in tally.first_missing]}: the mix was made from another tokenizer output"
         )
-    if not in_order:
-        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-        EP, J = cat(ep_l, np.int32), cat(j_l, keys.row_dtype)
-        del ep_l, j_l
-        perm = np.lexsort((cat(ord_l, np.int64), EP))  # (epoch, order): the mix order
-        J, EP = J[perm], EP[perm]
-        del perm, ord_l
+    min_len = seq_len if tally.min_len is None else tally.min_len
 
-    def samples():
-        """(rows, epochs) of the samples in mix order, `batch` at a time."""
-        if not in_order:
-            for i0 in range(0, n_samples, batch):
-                yield J[i0 : i0 + batch].astype(np.int64), EP[i0 : i0 + batch]
-            return
-        with open(spill_j, "rb") as fj, open(spill_e, "rb") as fe:
-            for i0 in range(0, n_samples, batch):
-                k = min(batch, n_samples - i0)
-                yield (np.fromfile(fj, keys.row_dtype, count=k).astype(np.int64),
-                       np.fromfile(fe, np.int32, count=k))
-
-    min_len = seq_len
-    for r0 in range(0, n_rows, batch):  # the shortest kept sample
-        rows = np.flatnonzero((occ[r0 : r0 + batch] > 0) & ~dropped[r0 : r0 + batch]) + r0
-        if len(rows):
-            min_len = min(min_len, int(lengths(rows)[0].min()))
-
-    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), keys, map_parts)
+    files = rows_info["files"]
+    writer = _ShardWriter(out, seq_len, pad, max(1, cfg.shard_tokens // seq_len), files, rows_info["source_names"],
+                          map_parts)
 
     class _Bin:  # an open sequence: its samples so far (their tokens are gathered when the shard is written)
-        __slots__ = ("pos", "starts", "lens", "plens", "rows", "trunc")
+        __slots__ = ("pos", "starts", "lens", "plens", "where", "srcs", "trunc")
 
         def __init__(self):
             self.pos = 0
-            self.starts, self.lens, self.plens, self.rows = [], [], [], []
+            self.starts, self.lens, self.plens, self.where, self.srcs = [], [], [], [], []
             self.trunc = 0
 
     def emit(b: _Bin, epoch: int) -> None:
         assert b.pos <= seq_len
-        writer.add(b.starts, b.lens, b.plens, b.rows, epoch, b.trunc)
+        writer.add(b.starts, b.lens, b.plens, b.where, b.srcs, epoch, b.trunc)
+
+    def samples():
+        """The samples with their rows' keys in mix order, `batch` at a time (a range file at a time)."""
+        for k in range(-(-n_samples // range_size)):
+            s = _load(tmp / f"samp-{k}", SAMPLE_REC)
+            (tmp / f"samp-{k}").unlink(missing_ok=True)
+            s = s[np.argsort(s["s"], kind="stable")]
+            for a in range(0, len(s), batch):
+                yield s[a : a + batch]
 
     bins: list[_Bin] = []
     free: list[int] = []
     cur_epoch = None
     bar = tqdm(total=n_samples, desc="pack", unit="row", unit_scale=True, disable=not progress, mininterval=1.0)
-    for Jb, EPb in samples():
-        kb = ~dropped[Jb]
-        # the batch's lengths as Python ints (lists per batch: per row they would cost ~36 bytes each)
-        Lb, Tb = lengths(Jb)
-        Lb, Pb, Tb = Lb.tolist(), P[Jb].tolist(), Tb.tolist()
-        for x, (j, e, kept) in enumerate(zip(Jb.tolist(), EPb.tolist(), kb.tolist())):
+    for sb in samples():
+        P, R = sb["p"].astype(np.int64), sb["r"].astype(np.int64)
+        kb = ~((R < min_resp + 1) | (P >= seq_len - min_resp))
+        keep = np.minimum(R, seq_len - P)
+        # the batch's figures as Python ints (lists per batch: per sample they would cost ~36 bytes each)
+        Lb, Pb, Tb = (P + keep).tolist(), P.tolist(), (keep < R).tolist()
+        where = np.stack([sb["p_off"], sb["r_off"], sb["i_off"], sb["i_len"].astype(np.int64)], axis=1).tolist()
+        for x, (e, kept, src) in enumerate(zip(sb["e"].tolist(), kb.tolist(), sb["src"].tolist())):
             if e != cur_epoch:
                 for b in bins:
                     emit(b, cur_epoch)
@@ -689,85 +764,46 @@ def _pack(keys: _RowKeys, tok_file, mix_file, out: Path, cfg: PackConfig, fp, pa
             b.starts.append(b.pos)
             b.lens.append(need)
             b.plens.append(Pb[x])
-            b.rows.append(j)
+            b.where.append(where[x])
+            b.srcs.append(src)
             b.trunc += Tb[x]
             b.pos += need
             while bins and free[0] < min_len:
                 emit(bins.pop(0), cur_epoch)
                 free.pop(0)
-        bar.update(len(Jb))
+        bar.update(len(sb))
     bar.close()
     for b in bins:
         emit(b, cur_epoch)
-    spill_j.unlink(missing_ok=True)
-    spill_e.unlink(missing_ok=True)
-    J = EP = None
     writer.finish()
 
     # accounting
-    in_mix = occ > 0
-    removals = []
-    reason_rows: dict[str, int] = {}
-    reason_samples: dict[str, int] = {}
-    gone = np.flatnonzero(in_mix & dropped)
-    gone_ids = keys.ids(gone).to_pylist() if len(gone) else []
-    for j, rid in zip(gone.tolist(), gone_ids):
-        if R[j] < min_resp + 1:
-            reason = "short_response"
-            detail = f"{int(R[j]) - 1} response token(s) (EOA excluded) < min_response_tokens {min_resp}"
-        else:
-            reason = "prompt_too_long"
-            detail = f"prompt of {int(P[j])} tokens >= seq_len {seq_len} - min_response_tokens {min_resp}"
-        detail += f"; {int(occ[j])} occurrence(s) in the mix"
-        removals.append(
-            {
-                "id": rid,
-                "source": keys.source_names[int(keys.src[j])],
-                "stage": STAGE,
-                "reason": reason,
-                "detail": detail,
-                "duplicate_of": None,
-            }
-        )
-        reason_rows[reason] = reason_rows.get(reason, 0) + 1
-        reason_samples[reason] = reason_samples.get(reason, 0) + int(occ[j])
-
     outputs: dict[str, dict] = {}
     for name, rec in writer.records:
         outputs[name] = rec
         js = Path(name).with_suffix(".json").name
         outputs[js] = io.file_record(out / js)
-    outputs[REMOVALS_FILE] = io.write_parquet(
-        pa.Table.from_pylist(removals, schema=REMOVAL_SCHEMA), out / REMOVALS_FILE
-    )
+    outputs[REMOVALS_FILE] = _removals(tmp, Path(files[2]), out / REMOVALS_FILE, rows_info["source_names"], n_rows,
+                                       gone_size, seq_len, min_resp, budget.batch_rows(memory_gb, 1024), tally)
+    rows_removed = sum(tally.reason_rows.values())
 
     recs = [r for _, r in writer.records]
     samples_packed = int(sum(r["samples"] for r in recs))
-    rows_in = int(in_mix.sum())
-    rows_packed = int((in_mix & ~dropped).sum())
     sequences = int(sum(r["rows"] for r in recs))
     tokens = sequences * seq_len
     non_pad = int(sum(r["non_pad_tokens"] for r in recs))
-    kept_samples = samples_truncated = tokens_truncated = 0
-    for r0 in range(0, n_rows, batch):  # per batch of rows: occurrences of each kept row
-        kept_occ = np.where(dropped[r0 : r0 + batch], 0, occ[r0 : r0 + batch]).astype(np.int64)
-        rows = np.arange(r0, r0 + len(kept_occ), dtype=np.int64)
-        L_b, trunc = lengths(rows)
-        kept_samples += int(kept_occ.sum())
-        samples_truncated += int(kept_occ[trunc].sum())
-        tokens_truncated += int((kept_occ * (R[rows] - (L_b - P[rows])).astype(np.int64)).sum())
-    assert samples_packed == kept_samples
-    assert rows_in == rows_packed + len(removals)
+    assert samples_packed == tally.kept_samples
+    assert tally.rows_in == tally.rows_packed + rows_removed
     counts = {
-        "rows_in": rows_in,
-        "rows_packed": rows_packed,
-        "rows_removed": len(removals),
-        "removed_by_reason": dict(sorted(reason_rows.items())),
+        "rows_in": tally.rows_in,
+        "rows_packed": tally.rows_packed,
+        "rows_removed": rows_removed,
+        "removed_by_reason": dict(sorted(tally.reason_rows.items())),
         "samples_in": int(n_samples),
         "samples_packed": samples_packed,
-        "samples_removed_by_reason": dict(sorted(reason_samples.items())),
-        "samples_truncated": samples_truncated,
-        "tokens_truncated": tokens_truncated,
+        "samples_removed_by_reason": dict(sorted(tally.reason_samples.items())),
+        "samples_truncated": tally.samples_truncated,
+        "tokens_truncated": tally.tokens_truncated,
         "sequences": sequences,
         "shards": len(recs),
         "tokens": tokens,

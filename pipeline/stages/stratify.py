@@ -25,7 +25,7 @@ from ..config import StratumRule
 from tqdm import tqdm
 
 from .. import budget
-from ..io import RowGroupWriter, open_stage, code_hash, file_record, finish_stage, fingerprint
+from ..io import ROW_GROUP, RowGroupWriter, open_stage, code_hash, file_record, finish_stage, fingerprint
 from ..io import write_json, write_parquet
 from ..rows import ROWS_FILE, RowReader, resolve_rows_path
 from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
@@ -91,12 +91,17 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     if done is not None:
         return done
     t0 = time.time()
+    # batches of whole row groups where the budget allows one: the writer flushes each batch as it comes (a
+    # batch that is not would leave a varying remainder buffered in the writer: a peak that varies batch to
+    # batch, so that more batches meet a higher one)
+    rows = budget.batch_rows(memory_gb, 2048)
     reader = RowReader(src_file, NORMALIZED_FIELDS, stage=STAGE, block_bytes=budget.block_bytes(memory_gb),
-                       batch_rows=budget.batch_rows(memory_gb, 2048))
+                       batch_rows=rows // ROW_GROUP * ROW_GROUP or rows)
     order = list(source_order or [])
     stats = _StrataStats()
     by_rule: dict[str, int] = {}
     bar = None  # opened at the first batch: an input that fails before any row shows no bar
+    pool = pa.default_memory_pool()
     with RowGroupWriter(out / ROWS_FILE, STRATIFIED_SCHEMA) as w:
         for batch in reader:
             if bar is None:
@@ -117,6 +122,8 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
             for r in df.group_by("rule").len().to_dicts():
                 by_rule[r["rule"]] = by_rule.get(r["rule"], 0) + r["len"]
             bar.update(batch.num_rows)
+            del df, batch
+            pool.release_unused()  # the batch's Arrow buffers back to the system (mimalloc keeps them)
     if bar is not None:
         bar.close()
     kept = w.record["rows"]

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 
 from pipeline import budget, io
 from pipeline.config import TokenizerConfig
-from pipeline.rows import RowReader, _IdSet
+from pipeline.rows import RowReader, _IdSet, remove_spills
 from pipeline.schema import CONDITION_SEP, NORMALIZED_FIELDS, REMOVAL_SCHEMA, parse_condition
 
 STAGE = "tokenizer"
@@ -225,7 +225,7 @@ class _Prepared:
 
     def __init__(self, input_path, conditions: list[str], memory_gb: float | None, keep_ids: bool = False,
                  spill_dir: Path | None = None, dup_rows: np.ndarray | None = None):
-        self.input_path, self.memory_gb = input_path, memory_gb
+        self.input_path, self.memory_gb, self.spill_dir = input_path, memory_gb, spill_dir
         self.reader = self._reader()
         self.conditions, self.known = list(conditions), set(conditions)
         self.keep_ids = keep_ids
@@ -237,12 +237,20 @@ class _Prepared:
         # (a JSONL reader rejects a repeated id itself, with its own id set: a second one here would find
         # nothing and double the memory of the check)
         self._dup_rows = dup_rows
-        self._seen = _IdSet() if dup_rows is None and self.reader.kind != "jsonl" else None
+        self._seen = (_IdSet(budget.id_set_bytes(memory_gb), spill_dir)  # past its budget: spilled to spill_dir
+                      if dup_rows is None and self.reader.kind != "jsonl" else None)
         self._dups: list[tuple[int, str, str]] = []  # (row, id, source) of each duplicate
         self._cond_removals: list[dict] = []
         self._cond_memo: dict[str, tuple[str | None, str | None, str | None]] = {}
         self.removals: list[dict] = []
         self.rows_in = 0
+
+    def close(self) -> None:
+        """Drop the pass's id sets (their spilled files removed)."""
+        if self._seen is not None:
+            self._seen.close()
+            self._seen = None
+        self.reader.close()
 
     def dup_rows(self) -> np.ndarray:
         """After a pass: the rows (numbered as the duplicate details) of the duplicate ids, sorted."""
@@ -251,7 +259,8 @@ class _Prepared:
     def _reader(self) -> RowReader:
         return RowReader(self.input_path, NORMALIZED_FIELDS, stage=STAGE,
                          block_bytes=budget.block_bytes(self.memory_gb),
-                         batch_rows=budget.batch_rows(self.memory_gb, 4096))
+                         batch_rows=budget.batch_rows(self.memory_gb, 4096),
+                         id_bytes=budget.id_set_bytes(self.memory_gb), spill_dir=self.spill_dir)
 
     def _first_rows(self, dup_ids: list[str]) -> list[int]:
         """The row (numbered as the duplicate details) where each of `dup_ids` first appears: a second
@@ -340,7 +349,7 @@ class _Prepared:
                 self.ids.add(t["id"].combine_chunks())
             if t.num_rows:
                 yield t
-        self._seen = None  # (16 bytes an id: not kept past the pass)
+        self.close()  # (the id set: not kept past the pass)
         self.removals = [dict(r, stage=STAGE) for r in reader.rejects]
         if self._dups and self._dup_rows is None:  # (a later pass: only the rows matter)
             first = self._first_rows([d[1] for d in self._dups])
@@ -354,7 +363,8 @@ class _Prepared:
 
 
 ID_RUN_BYTES = 8 << 20  # kept ids held before a sorted run of them is spilled (the training sample's ids)
-_MERGE_ROWS = 8192  # rows of each spilled run read at a time by the merge
+_MERGE_ROWS = 1024  # rows of each spilled run read at a time by the merge (~100 KB of Python objects a run: one run
+# per ID_RUN_BYTES of ids, so at 8192 rows the merge held ~3 bytes an id)
 
 
 class _IdRuns:
@@ -616,6 +626,7 @@ def run(
     out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done
+    remove_spills(out)  # an id set's spill folder left by a killed run
 
     first = _Prepared(input_path, list(conditions), memory_gb, keep_ids=cfg.kind == "train", spill_dir=out)
     try:
@@ -624,6 +635,7 @@ def run(
     finally:
         if first.ids is not None:
             first.ids.close()
+        first.close()
 
 
 def _run(first: "_Prepared", input_path, out: Path, cfg: TokenizerConfig, conditions, seed: int, progress: bool,
@@ -646,7 +658,8 @@ def _run(first: "_Prepared", input_path, out: Path, cfg: TokenizerConfig, condit
         ids.close()
         sample_sha = hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()
         del sample_ids
-        sub = _gather(_Prepared(input_path, list(conditions), memory_gb, dup_rows=first.dup_rows()), sample)
+        sub = _gather(_Prepared(input_path, list(conditions), memory_gb, spill_dir=out, dup_rows=first.dup_rows()),
+                      sample)
         texts = chain.from_iterable(zip(sub["instruction"].to_pylist(), sub["response"].to_pylist()))
         tok = _train(texts, 2 * len(sample), cfg, specials, progress)
         del sub
@@ -694,7 +707,7 @@ def _run(first: "_Prepared", input_path, out: Path, cfg: TokenizerConfig, condit
     with io.atomic_path(tok_path_out) as tmp:
         writer = pq.ParquetWriter(tmp, TOKENIZED_SCHEMA, compression="zstd")
         try:
-            rows = _Prepared(input_path, list(conditions), memory_gb, dup_rows=first.dup_rows())
+            rows = _Prepared(input_path, list(conditions), memory_gb, spill_dir=out, dup_rows=first.dup_rows())
             for b in _blocks(rows, BATCH_ROWS):
                 conds = b["condition"].to_pylist()
                 instr = _encode(tok, b["instruction"].to_pylist())

@@ -332,3 +332,52 @@ def test_http_status_decides_whether_a_hub_error_is_transient():
     wrapped = RuntimeError("datasets wrapped it")
     wrapped.__cause__ = httpx.ConnectError("no route to host")
     assert is_transient(wrapped)
+
+
+def test_jsonl_blocks_of_row_groups_same_bytes(tmp_path, monkeypatch):
+    """A local JSONL source is read in blocks of at most a row group of lines (so that the writer flushes
+    each block and holds no remainder): blocks of 64 lines (two files, blank lines, a BOM, max_rows
+    mid-file) give the same raw Parquet bytes and manifest as the default run (one block a file)."""
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(
+        (b"\n" if i % 97 == 5 else b"") + json.dumps({"q": f"q{i}", "a": f"a {i}"}).encode() + b"\n"
+        for i in range(700)))
+    (d / "b.jsonl").write_text("".join(json.dumps({"q": f"r{i}", "a": "x" * (i % 50)}) + "\n" for i in range(500)))
+    srcs = [SourceSpec(name="s", kind="local", path=str(d), fields={"instruction": "q", "response": "a"}),
+            SourceSpec(name="m", kind="local", path=str(d), max_rows=900, fields={"instruction": "q", "response": "a"})]
+    a = ingest.run(srcs, tmp_path / "a", progress=False)
+    blocks = []
+    table = ingest._JsonlLines._table
+    monkeypatch.setattr(ingest._JsonlLines, "_table", lambda self, lines, rows: (blocks.append(len(lines)),
+                                                                                  table(self, lines, rows))[1])
+    monkeypatch.setattr(ingest, "ROW_GROUP", 64)
+    b = ingest.run(srcs, tmp_path / "b", progress=False)
+    assert max(blocks) == 64 and sum(blocks) == 700 + 500 + 900
+    for name in ("s.parquet", "m.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert a["sources"] == b["sources"] and a["sources"]["m"]["rows"] == 900
+
+
+def test_parquet_batches_of_row_groups_same_bytes(tmp_path, monkeypatch):
+    """A local Parquet source read in batches of whole row groups (of 128 rows here: batches of 384 where
+    the budget gives 400), with max_rows mid-batch: the same raw Parquet bytes and manifest as the default
+    run (one batch)."""
+    f = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"q": [f"q{i}" for i in range(3000)], "a": ["x" * (i % 300) for i in range(3000)]}),
+                   f, row_group_size=500)
+    srcs = [SourceSpec(name="p", kind="local", path=str(f), fields={"instruction": "q", "response": "a"}),
+            SourceSpec(name="m", kind="local", path=str(f), max_rows=2900, fields={"instruction": "q", "response": "a"})]
+    a = ingest.run(srcs, tmp_path / "a", progress=False)
+    from pipeline import budget
+
+    monkeypatch.setattr(budget, "batch_rows", lambda *a, **k: 400)  # the budget's batch: 400 rows
+    monkeypatch.setattr(ingest, "ROW_GROUP", 128)  # read as 3 row groups of 128
+    sizes = []
+    conform = ingest._conform
+    monkeypatch.setattr(ingest, "_conform", lambda t, s: (sizes.append(t.num_rows), conform(t, s))[1])
+    b = ingest.run(srcs, tmp_path / "b", progress=False)
+    assert sizes[:3] == [384] * 3 and len(sizes) == 8 + 8 and all(n == 384 for n in sizes[:7] + sizes[8:15]), sizes
+    for name in ("p.parquet", "m.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert a["sources"] == b["sources"]

@@ -291,23 +291,3 @@ def test_one_token_responses_kept_by_default(pipeline_dirs, tmp_path):
     assert seen == one & used
     assert man["counts"]["rows_packed"] == man["counts"]["rows_in"] - 1
 
-
-def test_offsets_compact_and_exact(monkeypatch):
-    """The spill files' offsets (4 bytes a row: an int64 base per block and uint32 within it) give the
-    cumulative sums exactly, across batches and blocks, and switch to int64 when a block spans 2**32."""
-    monkeypatch.setattr(P, "OFF_BLOCK", 8)
-    rng = np.random.default_rng(3)
-    lengths = rng.integers(0, 1000, 100)
-    want = np.concatenate([[0], np.cumsum(lengths)])
-    off = P._Offsets(len(lengths))
-    for a, b in ((0, 3), (3, 3), (3, 40), (40, 100)):
-        off.extend(lengths[a:b])
-    assert off.full is None and off.local.dtype == np.uint32
-    assert off[np.arange(101)].tolist() == want.tolist()
-    big = np.array([5, 2**31, 2**31, 7, 1], np.int64)
-    off = P._Offsets(6)
-    off.extend(big[:1])
-    off.extend(big[1:])
-    off.extend(np.array([2], np.int64))
-    assert off.full is not None
-    assert off[[6, 0, 3, 1]].tolist() == [2**32 + 15, 0, 2**32 + 5, 5]

@@ -62,3 +62,30 @@ def test_reserved_rule_name(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         stratify.run(rows_file(tmp_path, [row(0, "a")]), tmp_path / "o", [StratumRule(match="*", name="default")],
                      progress=False)
+
+
+def test_batches_of_whole_row_groups_same_bytes(tmp_path, monkeypatch):
+    """Stratify reads its input in batches of whole Parquet row groups (so the writer flushes each batch
+    and holds no remainder): under a tiny budget and 128-row groups for the batch sizing (batches of 512 rows),
+    rows.parquet, strata.json and rejects.parquet are byte-identical to the default run (one batch)."""
+    import pyarrow as pa
+
+    from pipeline import budget
+
+    rows = [row(i, f"s{i % 3}", f"s{i % 3}/f{i % 5}") for i in range(3000)]
+    rows[7]["response"] = " "  # a rejected row
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src, row_group_size=500)
+    rules = [StratumRule(match="s0/", stratum="source"), StratumRule(match="s1/f1", name="one", stratum="rule")]
+    a = stratify.run(src, tmp_path / "a", rules, source_order=["s2"], progress=False)
+    monkeypatch.setattr(budget, "MIN_ROWS", 1)
+    monkeypatch.setattr(stratify, "ROW_GROUP", 128)
+    batches = []
+    add = stratify._StrataStats.add
+    monkeypatch.setattr(stratify._StrataStats, "add", lambda self, df: (batches.append(df.height), add(self, df)))
+    b = stratify.run(src, tmp_path / "b", rules, source_order=["s2"], progress=False, memory_gb=0.001)
+    assert budget.batch_rows(0.001, 2048, multiple=128) == 512
+    assert batches == [511, 512, 512, 512, 512, 440]  # (the first batch's rejected row dropped)
+    for name in ("rows.parquet", "strata.json", "rejects.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert a["outputs"] == b["outputs"] and a["counts"]["rejected"] == 1

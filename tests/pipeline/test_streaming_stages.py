@@ -173,29 +173,31 @@ def test_dedup_exact_groups_match_the_group_by(tmp_path):
 def test_mix_id_sort_out_of_core(tmp_path):
     """mix's out-of-core id sort (sorted runs spilled in batches, k-way merged) gives the rows in the
     order of one in-memory sort of all the ids, with non-ASCII ids and ids that are prefixes of others,
-    and its id file reads back any rows' ids (windows smaller than one id too)."""
+    the columns carried along in the same order, and its row files read back any range of rows' ids."""
     rng = np.random.default_rng(3)
     alphabet = ["a", "b", "z", "é", "ß", "中", "😀", "/", "0", "9"]
     ids = list({"".join(rng.choice(alphabet, int(rng.integers(1, 6)))) for _ in range(3000)})
     rng.shuffle(ids)
     arr = pa.array(ids, pa.large_string())
-    want = pc.sort_indices(arr).to_numpy()
+    want = pc.sort_indices(arr).to_numpy().astype(np.int64)
     for run, batch in ((100, 7), (1000, 64), (len(ids), 5000)):
         runs = mix._IdRuns(tmp_path / f"runs-{run}", batch=batch)
         for a in range(0, len(ids), run):
-            runs.add(arr.slice(a, run), a, last=a + run >= len(ids))
-        got = [(c.to_pylist(), r) for c, r in runs.merge()]
+            x = np.arange(a, min(a + run, len(ids)))
+            runs.add(arr.slice(a, run), a, last=a + run >= len(ids), cols=(x * 3, -x))
+        got = [(c.to_pylist(), r, t, u) for c, r, t, u in runs.merge()]
         runs.close()
-        assert np.array_equal(np.concatenate([r for _, r in got]), want)
-        assert [x for c, _ in got for x in c] == [ids[i] for i in want]
-    for window in (1, 40, 1 << 20):
-        f = mix._IdFile(tmp_path / f"ids-{window}", window)
-        for a in range(0, len(ids), 700):
-            f.add(arr.slice(a, 700))
-        f.finish()
-        rows = rng.integers(0, len(ids), 5000)
-        assert f.take(rows).to_pylist() == [ids[i] for i in rows]
-        f.close()
+        assert np.array_equal(np.concatenate([r for _, r, _, _ in got]), want)
+        assert np.array_equal(np.concatenate([t for _, _, t, _ in got]), want * 3)
+        assert np.array_equal(np.concatenate([u for _, _, _, u in got]), -want)
+        assert [x for c, _, _, _ in got for x in c] == [ids[i] for i in want]
+    files = mix._RowFiles(tmp_path)  # the row files read back any range of rows' ids and codes
+    for a in range(0, len(ids), 700):
+        files.add(arr.slice(a, 700), np.arange(a, min(a + 700, len(ids))), np.zeros(min(700, len(ids) - a)))
+    files.finish()
+    for r0, r1 in ((0, len(ids)), (5, 6), (17, 17), (699, 1401), (len(ids) - 3, len(ids))):
+        assert files.window(r0, r1).to_pylist() == ids[r0:r1]
+        assert files.codes("stratum", r0, r1).tolist() == list(range(r0, r1))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,17 +308,40 @@ def test_pack_matches_ids_exactly_when_hashes_collide(tokenized, tmp_path, monke
     pq.write_table(m.set_column(2, "id", pa.array(ids)), bad / "mix.parquet")
     with pytest.raises(ValueError, match=r"names 1 sample\(s\) not in .*'r-not-there'"):
         pack.run(d / "tok", bad, tmp_path / "c", cfg, progress=False)
-    # the same id on two rows: the first one's row is the sample's (its tokens), as pc.index_in finds it
-    t = pq.read_table(d / "tok" / "tokenized.parquet").slice(0, 40)
-    dup = t.set_column(0, "id", pa.array(t["id"].to_pylist()[:20] * 2))
-    pq.write_table(dup, tmp_path / "dup.parquet")
-    meta = json.loads((d / "tok" / "tokenizer_meta.json").read_text())
-    keys = pack._RowKeys(tmp_path / "dup.parquet", tmp_path / ".spill", int(meta["eoa_id"]), 16, False)
-    try:
-        want = dup["id"].to_pylist()[:20] + ["absent"]
-        assert keys.find(pa.array(want)).tolist() == list(range(20)) + [-1]
-    finally:
-        keys.close()
+    # the same id on two rows: the first one's row is the sample's (its tokens), as pc.index_in finds it;
+    # candidates of one hash are tried in row order
+    row_ids = pa.array([f"x{i % 20}" for i in range(40)], pa.large_string())
+    h = np.array([len(x) % 3 for x in row_ids.to_pylist()], np.int64)
+    order = np.argsort(h, kind="stable")
+    want = pa.array([f"x{i}" for i in range(20)] + ["absent", "x3"], pa.large_string())
+    q = np.array([len(x) % 3 for x in want.to_pylist()], np.int64)
+    assert pack._match(h[order], order, row_ids, q, want).tolist() == list(range(20)) + [-1, 3]
+
+
+def test_pack_partitioned_join_byte_identical(tokenized, tmp_path, monkeypatch, small_batches):
+    """Pack's out-of-core join: with the rows and samples split into 7 hash partitions, the samples into 6
+    ranges of places and the dropped rows into 3 row ranges (a tiny budget, larger sizes per item), the
+    shards, removals and manifest are the bytes of one partition; a mix whose samples are not in
+    (epoch, order) order (shuffled) packs to the same bytes as the ordered one; no spill file is left."""
+    d, _ = tokenized
+    cfg = PackConfig(seq_len=256, min_response_tokens=2, shard_tokens=400 * 256)
+    a = pack.run(d / "tok", d / "mix", tmp_path / "a", cfg, progress=False)
+    n_mix = pq.ParquetFile(d / "mix" / "mix.parquet").metadata.num_rows
+    assert pack._n_parts(3000 + n_mix, None, pack._JOIN_ITEM_BYTES) == 1
+    monkeypatch.setattr(pack, "_JOIN_ITEM_BYTES", 6400)
+    monkeypatch.setattr(pack, "_RANGE_ITEM_BYTES", 8000)
+    assert [pack._n_parts(x, TINY, b) for x, b in ((3000 + n_mix, 6400), (n_mix, 8000), (3000, 8000))] == [7, 6, 3]
+    pack.run(d / "tok", d / "mix", tmp_path / "b", cfg, progress=False, memory_gb=TINY)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
+    assert a["counts"]["rows_removed"] > 20 and a["counts"]["shards"] > 3
+    m = pq.read_table(d / "mix" / "mix.parquet")
+    (tmp_path / "shuffled").mkdir()
+    pq.write_table(m.take(pa.array(np.random.default_rng(4).permutation(m.num_rows))),
+                   tmp_path / "shuffled" / "mix.parquet", row_group_size=1000)
+    pack.run(d / "tok", tmp_path / "shuffled", tmp_path / "c", cfg, progress=False, memory_gb=TINY)
+    assert _files(tmp_path / "a") == _files(tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []
 
 
 def test_mix_streams_byte_identical(tokenized, tmp_path, monkeypatch):
@@ -353,7 +378,9 @@ def test_mix_streams_byte_identical(tokenized, tmp_path, monkeypatch):
     monkeypatch.setattr(budget, "MIN_ROWS", 64)
     monkeypatch.setattr(mix, "_RUN_ROW_BYTES", 1 << 40)
     monkeypatch.setattr(mix, "_MIN_MERGE_BATCH", 16)
-    monkeypatch.setattr(mix, "_MIN_WINDOW", 256)
+    monkeypatch.setattr(mix, "_JOIN_ITEM_BYTES", 5600)  # each epoch's id join in 5-10 ranges of rows / places
+    monkeypatch.setattr(mix, "_RANGE_ITEM_BYTES", 12000)  # the removals in 5 ranges of rows
+    assert mix._n_parts(3000 + 3000, TINY, 5600) == 5 and mix._n_parts(3000, TINY, 12000) == 5
     mix.run(tmp_path / "tok", tmp_path / "b", cfg, rules=rules, seed=7, progress=False, memory_gb=TINY)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
@@ -383,12 +410,12 @@ resources: {memory_gb: 0.3}
 
 def test_hrm_stage_pack_stays_within_a_low_memory_budget(tmp_path):
     """`hrm stage pack` on 400k tokenized rows (64M tokens: 243 MB as int32; the whole-table pack of
-    the code before issue 13 peaked at 909 MB on them) under a 0.3 GB budget stays under 360 MB
-    (measured: 270-315 MB from run to run, of which about 90 MB is the interpreter with pyarrow/numpy/the CLI), peak
-    RSS by getrusage in a waiter process. What stays in memory is per row: lengths, file offsets, a
-    source code and a sorted 64-bit hash of the id (about 52 bytes; the ids are in a spill file), and per
-    mix sample its row and epoch (int32 each); the tokens and ids are gathered from the spill files a
-    batch of samples at a time."""
+    the code before issue 13 peaked at 909 MB on them, the streaming pack with a hash index in memory
+    270-315 MB) under a 0.3 GB budget stays under the budget, 300 MB (measured: 193-195 MB, of which about
+    90 MB is the interpreter with pyarrow/numpy/the CLI), peak RSS by getrusage in a waiter process.
+    Nothing is held per row or per sample: the rows' and samples' keys are joined one hash partition at a
+    time on disk, the samples packed one range of mix places at a time, the tokens and ids gathered from
+    the spill files a shard at a time."""
     n = 400_000
     rng = np.random.default_rng(0)
 
@@ -424,7 +451,7 @@ def test_hrm_stage_pack_stays_within_a_low_memory_budget(tmp_path):
     counts = json.loads(r["out"])["counts"]
     assert counts["samples_packed"] == n and counts["sequences"] > 50_000
     assert tokens > 240 * 2**20
-    assert r["maxrss_mb"] < 360, r["maxrss_mb"]
+    assert r["maxrss_mb"] < 300, r["maxrss_mb"]
 
 
 MIX_SPEC = """
@@ -439,11 +466,12 @@ resources: {memory_gb: 0.25}
 
 def test_hrm_stage_mix_stays_within_a_low_memory_budget(tmp_path):
     """`hrm stage mix` on 1M tokenized rows (ids in random order, 4 strata: one capped, one repeated
-    x2.5) under a 0.25 GB budget peaks under the budget, 256 MB (measured: 215-220 MB; the mix of the
-    code before, which held every id in memory, 265 MB here and 376 MB on 2M rows), peak RSS by
-    getrusage in a waiter process. Held per row: the token count, stratum and source codes, the row in
-    stratum/id order, the id file's offset, a used flag (about 15 bytes); the ids are sorted out of core
-    and read back from a spill file."""
+    x2.5) under a 0.25 GB budget peaks under the budget, 256 MB (measured: 195-198 MB; the mix with ~15
+    bytes a row in memory 215-220 MB, the one before that, which held every id in memory, 265 MB here and
+    376 MB on 2M rows), peak RSS by getrusage in a waiter process. Held per row: only a permutation's
+    (a stratum's rows and token counts while it is permuted, an epoch's samples while they are shuffled);
+    the ids are sorted out of core, each stratum's rows spilled in id order, and the shuffled samples
+    joined to their ids by ranges of rows and of places."""
     n = 1_000_000
     rng = np.random.default_rng(0)
     i = np.arange(n)
