@@ -212,7 +212,8 @@ def run(
         members, member_root = docmap.rows(res.docs), docmap.rows(res.root)
         timing.update({f"near_{k}": v for k, v in res.timing.items()})
         del res
-        docs.unlink()  # a copy of the input text
+        if isinstance(docs, Path):
+            docs.unlink()  # a copy of the input text
     else:  # no near step this time: no step files of an earlier run left behind
         if eager is not None:
             eager.abandon()
