@@ -356,14 +356,16 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{args.rows:,} rows; seconds = the stage's own time in its process (imports excluded); "
           "peak RSS = getrusage(RUSAGE_CHILDREN) maxrss of the stage's process tree's largest process")
-    hdr = f"{'stage':<10}{'code':<6}{'seconds':>9}{'rows/s':>11}{'peak RSS MB':>13}"
+    print("CPU s = user + system of the stage's process and its workers; own CPU s = of the stage's process")
+    hdr = f"{'stage':<10}{'code':<6}{'seconds':>9}{'rows/s':>11}{'CPU s':>8}{'own CPU s':>11}{'peak RSS MB':>13}"
     print(hdr)
     print("-" * len(hdr))
     for stage, name, r in results:
         if "error" in r:
             print(f"{stage:<10}{name:<6}  failed: {r['error']}")
             continue
-        print(f"{stage:<10}{name:<6}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>11,.0f}{r['maxrss_mb']:>13,.0f}")
+        print(f"{stage:<10}{name:<6}{r['seconds']:>9.1f}{r['rows'] / r['seconds']:>11,.0f}{r.get('cpu_s', 0):>8.1f}"
+              f"{r.get('cpu_self_s', 0):>11.1f}{r['maxrss_mb']:>13,.0f}")
     for stage, name, r in results:
         if r.get("timing"):
             print(f"{stage} ({name}) steps, seconds: {r['timing']}")
