@@ -8,6 +8,8 @@ peak RSS, the streaming code beside the in-memory code of an earlier commit run 
     python benchmarks/scale.py --rows 1000000 --memory-gb 1        # a lower memory budget
     python benchmarks/scale.py --stages dedup,library --repeat 3   # alternated 3 times, best of each
     python benchmarks/scale.py --rows 10000000 --flow              # the whole data flow, stage by stage
+    python benchmarks/scale.py --growth 1000000,10000000           # per stage: peak RSS at both sizes, its
+                                                                   # growth in B/row, CPU/row ratio (saved runs)
 
 Corpus (not timed): JSONL rows {id, instruction, response, source, domain, condition} with an
 instruction of 8-30 and a response of 30-120 words drawn from a 20,000-word vocabulary with Zipf
@@ -304,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="dedup signature processes")
     ap.add_argument("--repeat", type=int, default=1, help="run the stages this many times, alternating (on a "
                     "shared machine: each stage's best time is the one least slowed by others' work)")
+    ap.add_argument("--growth", default=None, metavar="N1,N2", help="print, from the saved --flow results of two "
+                    "corpus sizes (flow-results*.json under <work>/<rows>-<seed>), each stage's peak RSS at both, its "
+                    "growth in bytes a row between them and its CPU a row at N2 over N1; runs nothing")
     ap.add_argument("--flow", action="store_true", help="the whole data flow, stage by stage (see above)")
     ap.add_argument("--flow-stages", default=None, help="--flow: only these stages (comma list), on the "
                     "folders a previous --flow run left for the stages before them")
@@ -317,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.child:
         child(args.__class__(**{**vars(args), "stage": args.child}))
+        return
+    if args.growth:
+        growth(args.work, [int(x) for x in args.growth.split(",")], args.seed)
         return
     sys.path.insert(0, str(ROOT))
     from pipeline.config import ResourcesConfig
@@ -427,6 +435,44 @@ def run_flow(args: argparse.Namespace, work: Path, jsonl: Path, budget: float) -
     (work / f"flow-results{'-' + args.flow_stages if args.flow_stages else ''}.json").write_text(json.dumps({"rows": args.rows, "budget_gb": budget,
                                                         "stages": dict(results)}, indent=1))
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+def _saved_flow(work: Path, rows: int, seed: int) -> dict:
+    """stage -> the latest saved --flow result of a corpus size (every flow-results*.json, oldest first)."""
+    folder = work / f"{rows}-{seed}"
+    files = sorted(folder.glob("flow-results*.json"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"--growth: no saved --flow results in {folder} (run --flow --rows {rows} first)")
+    out: dict = {}
+    for f in files:
+        out.update(json.loads(f.read_text())["stages"])
+    return out
+
+
+def growth(work: Path, sizes: list[int], seed: int) -> None:
+    """Peak RSS and CPU a row of each stage at two corpus sizes, from saved --flow results: what a stage
+    holds per row shows as bytes a row of growth (0 when its memory is flat in the row count)."""
+    if len(sizes) != 2:
+        raise SystemExit("--growth takes two sizes, e.g. --growth 1000000,10000000")
+    (n1, n2) = sizes
+    a, b = _saved_flow(work, n1, seed), _saved_flow(work, n2, seed)
+    def short(n: int) -> str:
+        return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1e3:g}k"
+
+    k1, k2 = short(n1), short(n2)
+    hdr = (f"{'stage':<14}{f'peak MB {k1}':>14}{f'peak MB {k2}':>14}{'growth B/row':>14}"
+           f"{f'CPU us/row {k1}':>17}{f'CPU us/row {k2}':>17}{f'{k2}/{k1}':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for stage in FLOW:
+        if stage not in a or stage not in b or "error" in a[stage] or "error" in b[stage]:
+            continue
+        ra, rb = a[stage], b[stage]
+        grow = (rb["maxrss_mb"] - ra["maxrss_mb"]) * 2**20 / max(1, rb["rows"] - ra["rows"])
+        ca = 1e6 * ra.get("cpu_s", 0.0) / max(ra["rows"], 1)
+        cb = 1e6 * rb.get("cpu_s", 0.0) / max(rb["rows"], 1)
+        print(f"{stage:<14}{ra['maxrss_mb']:>14,.0f}{rb['maxrss_mb']:>14,.0f}{grow:>14.1f}{ca:>17.1f}{cb:>17.1f}"
+              f"{cb / ca if ca else float('nan'):>8.2f}x")
 
 
 if __name__ == "__main__":
