@@ -36,6 +36,7 @@ def batch_rows(memory_gb: float | None, row_bytes: float = 1024, multiple: int =
     return max(multiple, rows // multiple * multiple)
 ID_SET_SHARE = 1 / 512  # of the budget: the ids an id set holds in memory before it spills them (rows._IdSet)
 MIN_ID_SET, MAX_ID_SET = 1 << 20, 64 << 20
+MAX_JOIN_PARTS = 4096  # partitions or ranges of one out-of-core join at most
 JOIN_SHARE = 1 / 64  # of the budget: one partition of an out-of-core join, or one range of its results (mix, pack)
 MIN_JOIN_PART = 8 << 20  # bytes: the smallest such partition (fewer, larger ones under a low budget)
 
@@ -44,3 +45,11 @@ def id_set_bytes(memory_gb: float | None) -> int:
     """Bytes of ids (16 each) an id set holds in memory before it spills them to sorted run files (it
     peaks at about 3x that while merging, plus ~1.5 bytes an id of Bloom filters for the spilled ones)."""
     return int(min(MAX_ID_SET, max(MIN_ID_SET, usable_bytes(memory_gb) * ID_SET_SHARE)))
+
+
+def join_parts(items: int, memory_gb: float | None, item_bytes: int) -> int:
+    """Partitions (or ranges) of `items` things of `item_bytes` each so that one fits in JOIN_SHARE of
+    the budget (at least MIN_JOIN_PART bytes a part, at most MAX_JOIN_PARTS parts): mix's and pack's
+    out-of-core joins."""
+    part = max(MIN_JOIN_PART, int(usable_bytes(memory_gb) * JOIN_SHARE))
+    return int(min(MAX_JOIN_PARTS, max(1, -(-items * item_bytes // part))))

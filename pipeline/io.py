@@ -68,6 +68,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def append_bytes(path: str | os.PathLike, *data) -> None:
+    """Append each bytes-like of `data` to the file at `path` (spill files written piece by piece)."""
+    with open(path, "ab") as f:
+        for d in data:
+            f.write(d)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")

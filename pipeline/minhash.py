@@ -57,12 +57,8 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
 # 1. words
 # ------------------------------------------------------------------------------------------------
 def _as_string_array(texts: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks() if texts.num_chunks != 1 else texts.chunk(0)
-    elif not isinstance(texts, pa.Array):
-        texts = pa.array(list(texts), pa.large_string())
-    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-        raise TypeError(f"texts must be strings, got {texts.type}")
+    """One string array, nulls as empty texts."""
+    texts = _as_pair_array(texts)
     if texts.null_count:
         texts = pc.fill_null(texts, "")
     return texts

@@ -434,22 +434,9 @@ _RUN_ROW_BYTES = 256  # memory per row of a run of the id sort while it is sorte
 _MIN_MERGE_BATCH = 256  # rows per batch of a spilled run
 _JOIN_ITEM_BYTES = 512  # memory per row or sample of a range of an epoch's id join (tests raise it)
 _RANGE_ITEM_BYTES = 256  # memory per row of a range of the removals (tests raise it)
-_MAX_PARTS = 4096
 POS_REC = np.dtype([("pos", "<i8"), ("row", "<i8")])
 POS_ID_REC = np.dtype([("pos", "<i8"), ("len", "<i8")])
 UNUSED_REC = np.dtype([("row", "<i8"), ("stratum", "<i8")])
-
-
-def _n_parts(items: int, memory_gb: float | None, item_bytes: int) -> int:
-    """Parts of `items` things of `item_bytes` each so that one fits in budget.JOIN_SHARE of the budget."""
-    part = max(budget.MIN_JOIN_PART, int(budget.usable_bytes(memory_gb) * budget.JOIN_SHARE))
-    return int(min(_MAX_PARTS, max(1, -(-items * item_bytes // part))))
-
-
-def _append(path: Path, *data) -> None:
-    with open(path, "ab") as f:
-        for d in data:
-            f.write(d)
 
 
 def _spread(tmp: Path, kind: str, rec: np.ndarray, key: np.ndarray, size: int, ids: pa.Array | None = None) -> None:
@@ -461,9 +448,9 @@ def _spread(tmp: Path, kind: str, rec: np.ndarray, key: np.ndarray, size: int, i
         vals, off = _utf8(ids.take(pa.array(o)))
     cut = np.flatnonzero(np.diff(p)) + 1
     for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(p)]):
-        _append(tmp / f"{kind}-{int(p[a])}", memoryview(np.ascontiguousarray(rec[a:b])).cast("B"))
+        io.append_bytes(tmp / f"{kind}-{int(p[a])}", memoryview(np.ascontiguousarray(rec[a:b])).cast("B"))
         if ids is not None:
-            _append(tmp / f"{kind}ids-{int(p[a])}", vals[int(off[a]) : int(off[b])])
+            io.append_bytes(tmp / f"{kind}ids-{int(p[a])}", vals[int(off[a]) : int(off[b])])
 
 
 def _load(path: Path, dtype, with_ids: bool = False):
@@ -687,7 +674,7 @@ def _read_keys(src: Path, cols: list[str], tmp: Path, memory_gb: float | None, p
                 s = int(c[a])
                 rec = np.empty(b - a, rec_t)
                 rec["row"], rec["tok"] = r[a:b], tk[a:b]
-                _append(stratum_files[s], memoryview(rec).cast("B"))
+                io.append_bytes(stratum_files[s], memoryview(rec).cast("B"))
                 rows_of[s] += b - a
                 tokens_of[s] += int(tk[a:b].sum())
         return _Keys(files=files, n=n_all, row_t=row_t, rec_t=rec_t, stratum_names=names["stratum"],
@@ -779,7 +766,7 @@ def _mix(keys: _Keys, src: Path, out: Path, tmp: Path, cfg: MixConfig, rules, se
     E = cfg.epochs
     row_t = keys.row_t
     epoch_files = [tmp / f"epoch-{e}" for e in range(E)]
-    unused_size = -(-n_all // _n_parts(n_all, memory_gb, _RANGE_ITEM_BYTES))
+    unused_size = -(-n_all // budget.join_parts(n_all, memory_gb, _RANGE_ITEM_BYTES))
     per_stratum: dict[str, dict] = {}
     sinks = [open(f, "wb") for f in epoch_files]
     try:
@@ -1004,7 +991,7 @@ def _epoch_ids(path: Path, rng: np.random.Generator, row_t, files: _RowFiles, tm
     path.unlink()
     rng.shuffle(part)  # = part[rng.permutation(len(part))]
     n, m = files.n, len(part)
-    k = _n_parts(n + m, memory_gb, _JOIN_ITEM_BYTES)
+    k = budget.join_parts(n + m, memory_gb, _JOIN_ITEM_BYTES)
     if k == 1:
         return m, iter([(0, files.window(0, n).take(pa.array(part)))])
     rr, pr = -(-n // k), -(-max(1, m) // k)

@@ -330,19 +330,6 @@ GONE_REC = np.dtype([("row", "<i8"), ("occ", "<i8"), ("p", "<i4"), ("r", "<i4"),
                      ("i_len", "<i4"), ("src", "<i4")])
 _JOIN_ITEM_BYTES = 256  # memory per row or sample of a partition while it is joined (tests raise it)
 _RANGE_ITEM_BYTES = 192  # memory per sample of a range of samples being packed, per dropped row of a range
-_MAX_PARTS = 4096
-
-
-def _n_parts(items: int, memory_gb: float | None, item_bytes: int) -> int:
-    """Partitions of `items` things of `item_bytes` each so that one fits in budget.JOIN_SHARE of the budget."""
-    part = max(budget.MIN_JOIN_PART, int(budget.usable_bytes(memory_gb) * budget.JOIN_SHARE))
-    return int(min(_MAX_PARTS, max(1, -(-items * item_bytes // part))))
-
-
-def _append(path: Path, *data) -> None:
-    with open(path, "ab") as f:
-        for d in data:
-            f.write(d)
 
 
 def _scatter(tmp: Path, kind: str, rec: np.ndarray, ids, parts: int) -> None:
@@ -354,8 +341,8 @@ def _scatter(tmp: Path, kind: str, rec: np.ndarray, ids, parts: int) -> None:
     cut = np.searchsorted(p[o], np.arange(parts + 1))
     for k in np.flatnonzero(np.diff(cut)).tolist():
         a, b = int(cut[k]), int(cut[k + 1])
-        _append(tmp / f"{kind}-{k}", memoryview(rec[a:b]).cast("B"))
-        _append(tmp / f"{kind}ids-{k}", vals[int(off[a]) : int(off[b])])
+        io.append_bytes(tmp / f"{kind}-{k}", memoryview(rec[a:b]).cast("B"))
+        io.append_bytes(tmp / f"{kind}ids-{k}", vals[int(off[a]) : int(off[b])])
 
 
 def _spread(tmp: Path, kind: str, rec: np.ndarray, key: np.ndarray, size: int) -> None:
@@ -365,7 +352,7 @@ def _spread(tmp: Path, kind: str, rec: np.ndarray, key: np.ndarray, size: int) -
     rec, p = rec[o], p[o]
     cut = np.flatnonzero(np.diff(p)) + 1
     for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(p)]):
-        _append(tmp / f"{kind}-{int(p[a])}", memoryview(rec[a:b]).cast("B"))
+        io.append_bytes(tmp / f"{kind}-{int(p[a])}", memoryview(rec[a:b]).cast("B"))
 
 
 def _load(path: Path, dtype, id_file: Path | None = None, len_field: str = "len"):
@@ -533,8 +520,8 @@ def _join(tmp: Path, parts: int, n_rows: int, n_samples: int, memory_gb, seq_len
     figures are summed in a _Tally. Returns (tally, range_size, gone_size)."""
     from tqdm.auto import tqdm
 
-    range_size = -(-max(1, n_samples) // _n_parts(n_samples, memory_gb, _RANGE_ITEM_BYTES))
-    gone_size = -(-max(1, n_rows) // _n_parts(n_rows, memory_gb, _RANGE_ITEM_BYTES))
+    range_size = -(-max(1, n_samples) // budget.join_parts(n_samples, memory_gb, _RANGE_ITEM_BYTES))
+    gone_size = -(-max(1, n_rows) // budget.join_parts(n_rows, memory_gb, _RANGE_ITEM_BYTES))
     t = _Tally()
     for k in tqdm(range(parts), desc="pack join", unit="part", disable=not progress or parts < 2):
         rows, row_ids = _load(tmp / f"rows-{k}", ROW_REC, tmp / f"rowsids-{k}", "i_len")
@@ -691,7 +678,7 @@ def _pack(tok_file: Path, mix_file: Path, out: Path, tmp: Path, cfg: PackConfig,
     seq_len, min_resp, open_bins = cfg.seq_len, cfg.min_response_tokens, cfg.open_bins
     n_rows = pq.ParquetFile(tok_file).metadata.num_rows
     n_mix = pq.ParquetFile(mix_file).metadata.num_rows
-    parts = _n_parts(n_rows + n_mix, memory_gb, _JOIN_ITEM_BYTES)
+    parts = budget.join_parts(n_rows + n_mix, memory_gb, _JOIN_ITEM_BYTES)
     # a tokenized row costs its token lists (about seq_len / 2 tokens of 4 bytes, at most) a few times over
     batch = budget.batch_rows(memory_gb, row_bytes=4 * 3 * max(64, seq_len // 2))
     rows_info = _spill_rows(tok_file, tmp, eoa, batch, parts, progress)

@@ -30,6 +30,19 @@ def _batches(seed: int, n: int = 200_000, batch: int = 5_000):
         yield pool0[idx], pool1[idx]
 
 
+def _count_spills(monkeypatch) -> list[int]:
+    """The sizes of the id sets at each spill, appended as they spill."""
+    spills: list[int] = []
+    spill = rows._IdSet._spill
+
+    def counted(self):
+        spills.append(len(self))
+        spill(self)
+
+    monkeypatch.setattr(rows._IdSet, "_spill", counted)
+    return spills
+
+
 @pytest.mark.parametrize("block", [rows.ID_BLOCK, 3])
 def test_spilled_id_set_gives_the_in_memory_answers(tmp_path, monkeypatch, block):
     monkeypatch.setattr(rows, "ID_BLOCK", block)  # 3: ranges of equal h0 across block ends
@@ -94,14 +107,7 @@ def test_normalize_with_spilled_ids_writes_the_same_bytes(tmp_path, monkeypatch)
     cfg = NormalizeConfig()
     a = normalize.run(tmp_path / "ingest", tmp_path / "a", sources, cfg, progress=False)
 
-    spills = []
-    spill = rows._IdSet._spill
-
-    def counted(self):
-        spills.append(len(self))
-        spill(self)
-
-    monkeypatch.setattr(rows._IdSet, "_spill", counted)
+    spills = _count_spills(monkeypatch)
     monkeypatch.setattr(rows, "ID_BLOCK", 4)
     monkeypatch.setattr(budget, "MIN_ROWS", 50)
     monkeypatch.setattr(budget, "id_set_bytes", lambda gb: 16 * 300)
@@ -149,14 +155,7 @@ def test_tokenizer_with_spilled_ids_writes_the_same_bytes(tmp_path, monkeypatch,
         src.write_text("".join(json.dumps(r) + "\n" for r in recs))
     cfg = TokenizerConfig(vocab_size=300, sample_rows=500)
     a = tokenize.run(src, tmp_path / "a", cfg, conditions=["cot", "direct"], seed=1, progress=False)
-    spills = []
-    spill = rows._IdSet._spill
-
-    def counted(self):
-        spills.append(len(self))
-        spill(self)
-
-    monkeypatch.setattr(rows._IdSet, "_spill", counted)
+    spills = _count_spills(monkeypatch)
     monkeypatch.setattr(budget, "MIN_ROWS", 50)
     monkeypatch.setattr(budget, "id_set_bytes", lambda gb: 16 * 200)
     monkeypatch.setattr(budget, "block_bytes", lambda gb: 24576)  # JSONL blocks of ~130 lines

@@ -327,10 +327,10 @@ def test_pack_partitioned_join_byte_identical(tokenized, tmp_path, monkeypatch, 
     cfg = PackConfig(seq_len=256, min_response_tokens=2, shard_tokens=400 * 256)
     a = pack.run(d / "tok", d / "mix", tmp_path / "a", cfg, progress=False)
     n_mix = pq.ParquetFile(d / "mix" / "mix.parquet").metadata.num_rows
-    assert pack._n_parts(3000 + n_mix, None, pack._JOIN_ITEM_BYTES) == 1
+    assert budget.join_parts(3000 + n_mix, None, pack._JOIN_ITEM_BYTES) == 1
     monkeypatch.setattr(pack, "_JOIN_ITEM_BYTES", 6400)
     monkeypatch.setattr(pack, "_RANGE_ITEM_BYTES", 8000)
-    assert [pack._n_parts(x, TINY, b) for x, b in ((3000 + n_mix, 6400), (n_mix, 8000), (3000, 8000))] == [7, 6, 3]
+    assert [budget.join_parts(x, TINY, b) for x, b in ((3000 + n_mix, 6400), (n_mix, 8000), (3000, 8000))] == [7, 6, 3]
     pack.run(d / "tok", d / "mix", tmp_path / "b", cfg, progress=False, memory_gb=TINY)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
@@ -380,7 +380,7 @@ def test_mix_streams_byte_identical(tokenized, tmp_path, monkeypatch):
     monkeypatch.setattr(mix, "_MIN_MERGE_BATCH", 16)
     monkeypatch.setattr(mix, "_JOIN_ITEM_BYTES", 5600)  # each epoch's id join in 5-10 ranges of rows / places
     monkeypatch.setattr(mix, "_RANGE_ITEM_BYTES", 12000)  # the removals in 5 ranges of rows
-    assert mix._n_parts(3000 + 3000, TINY, 5600) == 5 and mix._n_parts(3000, TINY, 12000) == 5
+    assert budget.join_parts(3000 + 3000, TINY, 5600) == 5 and budget.join_parts(3000, TINY, 12000) == 5
     mix.run(tmp_path / "tok", tmp_path / "b", cfg, rules=rules, seed=7, progress=False, memory_gb=TINY)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
