@@ -130,7 +130,7 @@ def run(
     # the fingerprint's hash of the input
     pool = _signature_pool(cfg.workers) if cfg.near and cfg.workers > 1 and map_parts is None else None
     try:
-        fp = fingerprint(STAGE, code_hash(minhash, sys.modules[__name__]), params, {"input": input_path})
+        fp = fingerprint(STAGE, code_hash(minhash, dedup_ooc, sys.modules[__name__]), params, {"input": input_path})
         out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     except BaseException:
         if pool is not None:
@@ -1081,22 +1081,11 @@ def write_docs(texts: pa.Array | pa.ChunkedArray | Iterable[pa.Array], path: Pat
     return rows
 
 
-def near_duplicates(
-    docs: Path,
-    work_dir: str | os.PathLike,
-    cfg: DedupConfig,
-    *,
-    key: str | None = None,
-    part_rows: int | None = None,
-    progress: bool = False,
-    map_parts: MapParts | None = None,
-    memory_gb: float | None = None,
-) -> NearResult:
+def near_duplicates(docs: Path, work_dir: str | os.PathLike, cfg: DedupConfig, **kw) -> NearResult:
     """Near-duplicate clusters of the texts in `docs` (see `write_docs`; best-ranked first): writes
-    signatures/ and buckets/ into work_dir. With `key`, signature parts of an interrupted run with the
-    same key are reused. Per document arrays: `near_clusters` gives them for the clustered ones only."""
-    return near_clusters(docs, work_dir, cfg, key=key, part_rows=part_rows, progress=progress,
-                         map_parts=map_parts, memory_gb=memory_gb).dense()
+    signatures/ and buckets/ into work_dir; `kw` as `near_clusters` takes them. Per document arrays:
+    `near_clusters` gives them for the clustered ones only."""
+    return near_clusters(docs, work_dir, cfg, **kw).dense()
 
 
 def near_clusters(
@@ -1110,7 +1099,8 @@ def near_clusters(
     map_parts: MapParts | None = None,
     memory_gb: float | None = None,
 ) -> NearClusters:
-    """`near_duplicates` with its per-document values for the documents in a cluster only."""
+    """`near_duplicates` with its per-document values for the documents in a cluster only. With `key`,
+    signature parts of an interrupted run with the same key are reused."""
     work = Path(work_dir)
     part_rows = part_rows or PART_ROWS
     t0 = time.perf_counter()
@@ -1469,14 +1459,16 @@ def _rejects(rejects: list[dict]) -> pa.Table:
 
 
 def _strata_counts(codes: dedup_ooc.Column, names: list[str], ex_rows: np.ndarray, near_rows: np.ndarray) -> dict:
-    """Per stratum (by name): rows in, kept, exact and near duplicates, from the stratum codes on disk."""
+    """Per stratum (by name): rows in, kept, exact and near duplicates, from one read of the stratum
+    codes on disk."""
     k = len(names)
-    n_in = np.zeros(k, np.int64)
-    for _, v in codes.chunks():
+    n_in, n_ex, n_near = (np.zeros(k, np.int64) for _ in range(3))
+    near_rows = np.sort(near_rows)
+    for s, v in codes.chunks():
         n_in += np.bincount(v, minlength=k)
-    n_ex = np.bincount(codes.at(ex_rows), minlength=k) if ex_rows.size else np.zeros(k, np.int64)
-    near_sorted = np.sort(near_rows)
-    n_near = np.bincount(codes.at(near_sorted), minlength=k) if near_sorted.size else np.zeros(k, np.int64)
+        for rows, count in ((ex_rows, n_ex), (near_rows, n_near)):
+            lo, hi = np.searchsorted(rows, [s, s + v.size])
+            count += np.bincount(v[rows[lo:hi] - s], minlength=k)
     codes.unlink()
     return {
         names[c]: {"in": int(n_in[c]), "kept": int(n_in[c] - n_ex[c] - n_near[c]), "exact": int(n_ex[c]),

@@ -6,7 +6,7 @@ for the rows that are duplicates, so its memory does not grow with the row count
   finds, in each group of equal hashes, the best-ranked row (lowest priority, then first in the input)
   and the others: memory for one file's rows, and 16 bytes per duplicate.
 - `Column`: a per-row number column (priority, stratum code) written batch by batch to a file and read
-  back in chunks, or at given rows.
+  back in chunks.
 - `ComplementRows`: the near step's documents are the rows that are not exact duplicates, in input
   order, when the input is in rank order: document d is the d-th such row, computed from the sorted
   duplicate rows alone.
@@ -25,6 +25,16 @@ from .. import minhash
 PART_BITS = 8  # 256 exact-hash partition files: 400k rows each at 100M rows
 RECORD = np.dtype([("h0", "<u8"), ("h1", "<u8"), ("prio", "<i8"), ("row", "<i8")])
 CHUNK = 1 << 20  # rows of a spilled column read at once
+
+
+def _scatter(rec: np.ndarray, key: np.ndarray, bits: int, files: list) -> None:
+    """Append each record to the file of its key's top `bits` bits (records keep their order in a file)."""
+    part = (key >> np.uint64(64 - bits)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(len(files) + 1))
+    rec = rec[order]
+    for p in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+        rec[bounds[p] : bounds[p + 1]].tofile(files[p])
 
 
 class ExactSpill:
@@ -46,12 +56,7 @@ class ExactSpill:
         rec["h0"], rec["h1"] = h[0], h[1]
         rec["prio"] = 0 if prio is None else prio
         rec["row"] = np.arange(row0, row0 + k, dtype=np.int64)
-        part = (h[0] >> np.uint64(64 - PART_BITS)).astype(np.int64)
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange((1 << PART_BITS) + 1))
-        rec = rec[order]
-        for p in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
-            rec[bounds[p] : bounds[p + 1]].tofile(self.files[p])
+        _scatter(rec, h[0], PART_BITS, self.files)
         self.rows += k
 
     def close(self) -> None:
@@ -118,14 +123,6 @@ class Column:
     def read_all(self) -> np.ndarray:
         self.close()
         return np.fromfile(self.path, self.dtype, count=self.rows)
-
-    def at(self, rows: np.ndarray) -> np.ndarray:
-        """The values at `rows` (ascending)."""
-        out = np.empty(rows.size, self.dtype)
-        for s, v in self.chunks():
-            lo, hi = np.searchsorted(rows, [s, s + v.size])
-            out[lo:hi] = v[rows[lo:hi] - s]
-        return out
 
     def unlink(self) -> None:
         self.close()
@@ -240,12 +237,7 @@ def band_pairs(band_file: Path, n_docs: int, invalid: np.ndarray, max_bytes: int
                 rec["key"], rec["doc"] = k, np.arange(s, s + k.size, dtype=np.int64)
                 if invalid.size:
                     rec = rec[~in_sorted(invalid, rec["doc"])]
-                part = (rec["key"] >> np.uint64(64 - bits)).astype(np.int64)
-                o = np.argsort(part, kind="stable")
-                bounds = np.searchsorted(part[o], np.arange(parts + 1))
-                rec = rec[o]
-                for p in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
-                    rec[bounds[p] : bounds[p + 1]].tofile(files[p])
+                _scatter(rec, rec["key"], bits, files)
     finally:
         for f in files:
             f.close()
