@@ -3,7 +3,7 @@
 Prefect's default policy includes the flow-run id, so every new run recomputes everything. The stages
 pass folder paths between them, and a path says nothing about what is in it, so `StageCache` hashes:
 - the content of every path argument (a stage folder by its manifest's output records, a file by its
-  sha256: `pipeline.io.content_hash`),
+  XXH3-128 hash: `pipeline.io.content_hash`),
 - every other argument (configs by their JSON dump),
 - the source code of the task function and of the pipeline modules that do the work.
 An unchanged rerun hits the cache for every task; a changed dedup threshold changes the dedup task's

@@ -185,17 +185,34 @@ def code_hash(*objs: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """A file's content hash for fingerprints: "xxh3_128:" and the XXH3 128-bit hash of its bytes.
+    Not a checksum to publish (records keep sha256: `file_record`), but as sure to change with the
+    bytes for data nobody crafts to collide, and 4x faster than sha256 here (a 730 MB JSONL from the
+    page cache: 0.11 s, the copy out of the cache, against 0.47 s), which a stage reading a file of
+    tens of GB pays at every start."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return "xxh3_128:" + h.hexdigest()
+
+
 def content_hash(path: str | os.PathLike) -> str:
-    """Content hash of an input: a file's sha256, or for a stage folder the hash of its manifest's
-    output records (cheap, and changes whenever any output file changes)."""
+    """Content hash of an input: a file's `file_digest`, or for a stage folder the hash of its
+    manifest's output records (cheap, and changes whenever any output file changes)."""
     p = Path(path)
     if p.is_dir():
         m = p / MANIFEST
         if not m.exists():
             files = sorted(x for x in p.rglob("*") if x.is_file())
-            return sha256_json({str(f.relative_to(p)): sha256_file(f) for f in files})
+            return sha256_json({str(f.relative_to(p)): file_digest(f) for f in files})
         return sha256_json(read_json(m).get("outputs", {}))
-    return sha256_file(p)
+    return file_digest(p)
 
 
 def fingerprint(stage: str, code: str, params: Any, inputs: dict[str, str | os.PathLike]) -> str:

@@ -92,7 +92,6 @@ MIN_RECALL = 0.99  # default banding: candidate probability at the threshold its
 DOCS_FILE = "docs.arrow"
 EXACT_SLICE = 65_536  # rows whose normalized texts exist at once
 BAND_SHARE = 1 / 4  # of the budget: the bands' keys and their sorts in the LSH bucket step
-WRITE_PIECE = 16_384  # rows filtered at once by the second pass
 TAIL_THREADS = min(2, os.cpu_count() or 1)  # threads of the bucket and verify steps (bands, blocks of pairs)
 CLUSTERS_SCHEMA = pa.schema(
     [pa.field("id", pa.string(), nullable=False), pa.field("cluster_id", pa.string(), nullable=False)]
@@ -126,19 +125,15 @@ def run(
     pass; cfg.workers is then not used)."""
     # workers only changes how fast the signatures are computed, never the outputs
     params = cfg.model_dump(exclude={"workers"})
-    # the eager signature workers start now: the forkserver's import of this module (~1 s) overlaps
-    # the fingerprint's hash of the input
-    pool = _signature_pool(cfg.workers) if cfg.near and cfg.workers > 1 and map_parts is None else None
-    try:
-        fp = fingerprint(STAGE, code_hash(minhash, dedup_ooc, sys.modules[__name__]), params, {"input": input_path})
-        out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        raise
+    # the eager signature workers' forkserver starts now: its import of this module overlaps the
+    # fingerprint's hash of the input and the first rows' parse; the workers are forked from it when
+    # the first signature part is ready (`_EagerSignatures` starts its pool then)
+    eager_on = cfg.near and cfg.workers > 1 and map_parts is None
+    if eager_on:
+        _start_forkserver()
+    fp = fingerprint(STAGE, code_hash(minhash, dedup_ooc, sys.modules[__name__]), params, {"input": input_path})
+    out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
         return done
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -150,14 +145,12 @@ def run(
     # with several workers, the signature parts are computed while the rows are read (_EagerSignatures)
     eager = None
     try:
-        if pool is not None:
-            eager = _EagerSignatures(spill / "texts.arrow", out / "signatures", cfg, fp, pool)
+        if eager_on:
+            eager = _EagerSignatures(spill / "texts.arrow", out / "signatures", cfg, fp)
         first = _first_pass(input_path, spill, cfg, memory_gb, progress, eager)
     except BaseException:
         if eager is not None:
             eager.abandon()
-        elif pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
         raise
     n, rejects = first.rows, first.rejects
     timing["load"] = time.perf_counter() - t0
@@ -396,6 +389,15 @@ class _EagerSignatures:
             self._submit()
         self._close()
         write_json({"key": self.key, "docs": n_docs, "part_rows": PART_ROWS}, self.sig_dir / "meta.json")
+
+
+def _start_forkserver() -> None:
+    """Start multiprocessing's forkserver with this module preloaded, without waiting for its import
+    (forking a worker from it waits: `_signature_pool`)."""
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    forkserver.ensure_running()
 
 
 def _signature_pool(workers: int) -> ProcessPoolExecutor:
@@ -784,16 +786,13 @@ def _second_pass(
     ids, sources = [], []
     s = 0
     bar = tqdm(total=first.rows, desc="dedup write", unit="row", unit_scale=True, disable=not progress)
-    # the row groups are encoded TAIL_THREADS at a time in the writer's threads (the same bytes as
-    # RowGroupWriter's) while the next batches are read and filtered here
+    # the row groups are assembled from the kept rows and encoded TAIL_THREADS at a time in the
+    # writer's threads (the same bytes as RowGroupWriter's) while the next batches are read here; a
+    # batch (a mapped spill file, or a Parquet input's batch) is held until its last kept row is encoded
     with ParallelRowGroupWriter(path, first.schema, threads=TAIL_THREADS) as w:
         for t in batches():
             m = t.num_rows
-            # filtered here (a copy: the writer then holds only the rows kept, not the mapped spill files,
-            # while they wait to be encoded), in pieces, each freed once its rows are in a row group
-            for a in range(0, m, WRITE_PIECE):
-                piece = t.slice(a, WRITE_PIECE)
-                w.write(piece.filter(pa.array(keep[s + a : s + a + piece.num_rows])))
+            w.write(t, keep[s : s + m])
             sel = np.flatnonzero(need[s : s + m])
             if sel.size:
                 ids.append(t["id"].take(pa.array(sel)))
