@@ -419,16 +419,25 @@ class RowReader:
                 table = table.append_column(c, pa.nulls(n, pa.string()))
             elif pa.types.is_null(table[c].type):
                 table = table.set_column(table.column_names.index(c), c, table[c].cast(pa.string()))
-        line_str = pa.array(linenos.astype(np.int64)).cast(pa.string())
+        line_str = None  # the line numbers as strings, made only for a block that needs them
+
+        def lines() -> pa.Array:
+            nonlocal line_str
+            if line_str is None:
+                line_str = pa.array(linenos.astype(np.int64)).cast(pa.string())
+            return line_str
+
         for c in required:
             if c not in FILLED_FIELDS:
                 continue
-            if c == "id":
-                default = pc.binary_join_element_wise(pa.scalar(f"{stem}/"), line_str, pa.scalar(""))
-            else:
-                default = pa.repeat(pa.scalar(self.fill[c], pa.string()), n)  # (np.full + pa.array: 12 ms)
             col = table[c]
             blank = pc.fill_null(_all_space(col), True)
+            if not pc.any(blank).as_py():  # nothing to fill (the usual case): the column as it is
+                continue
+            if c == "id":
+                default = pc.binary_join_element_wise(pa.scalar(f"{stem}/"), lines(), pa.scalar(""))
+            else:
+                default = pa.repeat(pa.scalar(self.fill[c], pa.string()), n)  # (np.full + pa.array: 12 ms)
             table = table.set_column(table.column_names.index(c), c, pc.if_else(blank, default, col))
         missing, empty = {}, {}  # per required column: (n,) bool
         for c in required:
@@ -441,12 +450,14 @@ class RowReader:
         for c in required:
             bad |= missing[c] | empty[c]
         # the id a row is known by: its id when a non-empty string, else "<file>:<line>"
-        where = pc.binary_join_element_wise(pa.scalar(f"{name}:"), line_str, pa.scalar(""))
+        has_id = None
         if "id" in table.column_names and pa.types.is_string(table["id"].type):
             has_id = pc.fill_null(pc.greater(pc.utf8_length(table["id"]), 0), False)
-            rid = pc.if_else(has_id, table["id"], where)
+        if has_id is not None and pc.all(has_id).as_py():
+            rid = table["id"]
         else:
-            rid = where
+            where = pc.binary_join_element_wise(pa.scalar(f"{name}:"), lines(), pa.scalar(""))
+            rid = where if has_id is None else pc.if_else(has_id, table["id"], where)
         rid = rid.combine_chunks() if isinstance(rid, pa.ChunkedArray) else rid
         problems: dict[int, tuple[str, str]] = {}
         for i in np.flatnonzero(bad).tolist():

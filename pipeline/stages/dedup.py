@@ -830,14 +830,17 @@ def normalized_text(table: pa.Table, lowercase: bool) -> pl.Series:
     return pl.DataFrame([ins, resp]).select(pl.concat_str([pl.col(ins.name), pl.col(resp.name)], separator=SEP)).to_series()
 
 
-def _normalized_columns(table: pa.Table, lowercase: bool) -> tuple[pl.Series, pl.Series]:
-    """The instruction and response of `normalized_text`, before they are joined."""
+def _normalized_columns(table: pa.Table, lowercase: bool, checks: dict | None = None) -> tuple[pl.Series, pl.Series]:
+    """The instruction and response of `normalized_text`, before they are joined; `checks`, if given,
+    gets each column's `_byte_checks`."""
 
     def norm(c: str) -> pl.Series:
         a = table[c]
         s = pl.from_arrow(a).alias(c)
         # from the values' bytes (the bytes behind nulls too: they can only make a check say yes)
         ascii_only, controls, edge_space = _byte_checks(a)
+        if checks is not None:
+            checks[c] = (ascii_only, controls, edge_space)
         if lowercase:  # ASCII texts: Arrow's ASCII lowercase is polars' Unicode one there, 4x faster
             s = pl.from_arrow(pc.ascii_lower(a)).alias(c) if ascii_only else s.str.to_lowercase()
         out = collapse_whitespace(s, ascii_only=ascii_only, controls=controls)
@@ -884,7 +887,8 @@ def exact_hashes(table: pa.Table, lowercase: bool) -> np.ndarray:
     (the key alone no longer tells where the instruction ends) hashes its joined key instead, marked
     apart, so that such keys are compared as keys. A slice with a null text hashes the joined keys
     (null keys, equal to each other, as `normalized_text` makes them)."""
-    ins, resp = _normalized_columns(table, lowercase)
+    checks: dict = {}
+    ins, resp = _normalized_columns(table, lowercase, checks)
     n = len(ins)
     h = np.empty((2, n), np.uint64)
     if ins.null_count() or resp.null_count():
@@ -896,7 +900,7 @@ def exact_hashes(table: pa.Table, lowercase: bool) -> np.ndarray:
         m ^= resp.hash(seed=sr).to_numpy()
         h[half] = minhash._fmix64(m)
     # SEP is a control character: a column whose bytes have none (_byte_checks) has no SEP
-    if not (_byte_checks(table["instruction"])[1] or _byte_checks(table["response"])[1]):
+    if not (checks["instruction"][1] or checks["response"][1]):
         return h
     sep = (ins.str.contains(SEP, literal=True) | resp.str.contains(SEP, literal=True)).to_numpy()
     if sep.any():
