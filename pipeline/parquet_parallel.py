@@ -218,7 +218,8 @@ def _kept_slices(table: pa.Table, mask: np.ndarray | None) -> list[pa.Table]:
 def _encode(pieces: list[tuple[pa.Table, np.ndarray | None]], schema: pa.Schema, row_group: int) -> tuple[bytes, bytes]:
     """(column-chunk bytes, footer) of the rows of `pieces` (each a table and the mask of its rows to
     keep, None: all) written alone, as RowGroupWriter writes a row group: one contiguous chunk. The
-    bytes are copied out of the stream's buffer, which grows by doubling (up to twice their size).
+    column-chunk bytes are a view of the stream's buffer (which grows by doubling: up to twice their
+    size), held until they are written.
     `pieces` is emptied (the executor holds the list until the call returns: the pieces are freed
     once the row group is assembled)."""
     mine = list(pieces)
@@ -235,9 +236,9 @@ def _encode(pieces: list[tuple[pa.Table, np.ndarray | None]], schema: pa.Schema,
     data = memoryview(buf)
     n = int.from_bytes(data[-8:-4], "little")
     assert bytes(data[:4]) == MAGIC and bytes(data[-4:]) == MAGIC, "a Parquet file"
-    out = bytes(data[4 : len(data) - 8 - n]), bytes(data[len(data) - 8 - n : len(data) - 8])
-    del data, buf, sink
-    return out
+    footer = bytes(data[len(data) - 8 - n : len(data) - 8])
+    del data
+    return buf.slice(4, buf.size - 12 - n), footer  # the chunks: a view of the buffer, not a copy
 
 
 class ParallelRowGroupWriter(RowGroupWriter):
@@ -300,7 +301,7 @@ class ParallelRowGroupWriter(RowGroupWriter):
         self.pending.append(self.pool.submit(_encode, spec, self.schema, self.row_group))
         self.rows += k
 
-    def _put(self, data: bytes) -> None:
+    def _put(self, data: bytes | pa.Buffer) -> None:
         """Write to the file, hashing as it goes (the record's sha256 without reading the file again)."""
         self.sink.write(data)
         self.sha.update(data)
