@@ -5,7 +5,8 @@ pass folder paths between them, and a path says nothing about what is in it, so 
 - the content of every path argument (a stage folder by its manifest's output records, a file by its
   XXH3-128 hash: `pipeline.io.content_hash`),
 - every other argument (configs by their JSON dump),
-- the source code of the task function and of the pipeline modules that do the work.
+- the source code of the task function and of the pipeline modules that do the work (with every
+  pipeline module they use: `pipeline.io.code_modules`).
 An unchanged rerun hits the cache for every task; a changed dedup threshold changes the dedup task's
 key, its output manifest changes, and so does the key of every task downstream of it.
 """
@@ -21,7 +22,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
-from pipeline.io import code_hash, content_hash, sha256_json
+from pipeline.io import code_hash, code_modules, content_hash, sha256_json
 
 
 def _plain(v: Any) -> Any:
@@ -61,5 +62,7 @@ class StageCache(CachePolicy):
                 key[name] = _plain(val)
         fn = task_ctx.task.fn
         key["__task__"] = code_hash(fn)
-        key["__modules__"] = {m: code_hash(importlib.import_module(m)) for m in self.modules}
+        # each module with the pipeline modules it uses (io.code_modules): the shared reader and writers too
+        key["__modules__"] = {m.__name__: code_hash(m) for m in
+                              code_modules(*(importlib.import_module(x) for x in self.modules))}
         return sha256_json(key)

@@ -178,11 +178,37 @@ def read_parquet(path: str | os.PathLike) -> pa.Table:
 
 
 def code_hash(*objs: Any) -> str:
-    """Hash of the source code of modules/functions: part of every stage fingerprint."""
+    """Hash of the source code of modules/functions (`code_closure` for a stage's fingerprint)."""
     h = hashlib.sha256()
     for o in objs:
         h.update(inspect.getsource(o).encode())
     return h.hexdigest()[:16]
+
+
+def code_modules(*modules: Any, package: str = "pipeline") -> list[Any]:
+    """The modules given and every module of `package` they use, transitively (by name): a module, or a
+    function or class of one, bound at a module's top level. A stage's outputs depend on the shared
+    code it calls (the row reader, the Parquet writers, the configs) as much as on its own."""
+    import sys as _sys
+
+    seen: dict[str, Any] = {}
+    todo = list(modules)
+    while todo:
+        m = todo.pop()
+        if m.__name__ in seen:
+            continue
+        seen[m.__name__] = m
+        for v in list(vars(m).values()):
+            dep = v if inspect.ismodule(v) else _sys.modules.get(getattr(v, "__module__", None) or "")
+            if dep is not None and dep.__name__.split(".")[0] == package and dep.__name__ not in seen:
+                if getattr(dep, "__file__", None):  # (a package's __init__ counts; a namespace has no file)
+                    todo.append(dep)
+    return [seen[k] for k in sorted(seen)]
+
+
+def code_closure(*modules: Any) -> str:
+    """code_hash of `code_modules(*modules)`: a change to any of them makes a new fingerprint."""
+    return code_hash(*code_modules(*modules))
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

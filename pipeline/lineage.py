@@ -28,7 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from .io import code_hash, file_record, finish_stage, fingerprint, open_stage
+from .io import code_closure, file_record, finish_stage, fingerprint, open_stage
 from .io import read_json, write_json
 from .runs import RUN_MANIFEST, read_run, stage_dir
 
@@ -588,7 +588,7 @@ def run(run_dir: str | os.PathLike | Stages, output_dir: str | os.PathLike | Non
     d = stage_dirs(run_dir)
     name = title or (Path(run_dir).name if not isinstance(run_dir, dict) else "run")
     inputs = {st: str(d[st]) for st in ("normalize", "stratify", *removal_stages(d)) if st in d}
-    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {}, inputs)
+    fp = fingerprint(STAGE, code_closure(sys.modules[__name__]), {}, inputs)
     out, done = open_stage(output_dir or Path(run_dir) / STAGE, fp, versioned=versioned, force=force)
     if done is not None:
         return done

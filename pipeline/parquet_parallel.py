@@ -245,8 +245,9 @@ class ParallelRowGroupWriter(RowGroupWriter):
     """`RowGroupWriter` (same bytes) whose row groups are built and encoded `threads` at a time, in
     threads of its own: `write` returns while they encode (it waits only when `threads` are pending).
     `write(table, mask)` writes the rows of `table` where `mask` is true: they are picked in those
-    threads too, as the row group is assembled (its one copy of the rows). Holds the tables written until their rows are
-    encoded, and up to `threads` row groups being encoded. Needs the schema up front."""
+    threads too, as the row group is assembled (its one copy of the rows). Holds the tables written
+    until their rows are encoded, and up to `threads` row groups being encoded. Needs the schema up
+    front."""
 
     def __init__(self, path: str | os.PathLike, schema: pa.Schema, row_group: int = ROW_GROUP, threads: int = 2):
         if schema is None:

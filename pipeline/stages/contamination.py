@@ -1061,7 +1061,7 @@ def _fingerprint(train_file: Path, tok_path: Path, benchmarks_dir, local: bool, 
         inputs["benchmarks"] = benchmarks_dir
     else:  # Hub benchmarks by name
         params["hub_benchmarks"] = sorted(benchmarks_dir)
-    return io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
+    return io.fingerprint(STAGE, io.code_closure(sys.modules[__name__]), params, inputs)
 
 
 def run(

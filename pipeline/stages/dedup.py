@@ -69,7 +69,7 @@ from ..config import DedupConfig
 from ..io import (
     atomic_path,
     open_stage,
-    code_hash,
+    code_closure,
     fingerprint,
     finish_stage,
     read_json,
@@ -131,7 +131,7 @@ def run(
     eager_on = cfg.near and cfg.workers > 1 and map_parts is None
     if eager_on:
         _start_forkserver()
-    fp = fingerprint(STAGE, code_hash(minhash, dedup_ooc, sys.modules[__name__]), params, {"input": input_path})
+    fp = fingerprint(STAGE, code_closure(sys.modules[__name__]), params, {"input": input_path})
     out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from .. import budget, generators
 from ..config import SourceSpec
-from ..io import atomic_path, code_hash, finish_stage, open_stage, read_json, sha256_file, sha256_json
+from ..io import atomic_path, code_closure, finish_stage, open_stage, read_json, sha256_file, sha256_json
 from ..io import MANIFEST, ROW_GROUP, RowGroupWriter
 from ..parts import MapParts, serial
 
@@ -398,7 +398,7 @@ def _file_names(src: SourceSpec, files: list[Path]) -> list[str]:
 
 
 def _source_fingerprint(src: SourceSpec, seed: int) -> str:
-    ident: dict = {"spec": src.model_dump(), "code": code_hash(sys.modules[__name__])}
+    ident: dict = {"spec": src.model_dump(), "code": code_closure(sys.modules[__name__])}
     if src.kind == "local":
         from .. import storage
 
@@ -407,7 +407,7 @@ def _source_fingerprint(src: SourceSpec, seed: int) -> str:
         ident["files"] = {k: sha256_file(f) for k, f in zip(keys, files)}
     elif src.kind == "generator":
         ident["seed"] = seed
-        ident["generator_code"] = code_hash(generators)
+        ident["generator_code"] = code_closure(generators)
     return sha256_json(ident)
 
 

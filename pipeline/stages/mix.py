@@ -719,7 +719,7 @@ def run(
         "seed": seed,
         "max_repeat": max_repeat,
     }
-    fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, {"tokenized": src})
+    fp = io.fingerprint(STAGE, io.code_closure(sys.modules[__name__]), params, {"tokenized": src})
     out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done

@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from ..config import NormalizeConfig, SourceSpec
 from .. import budget
-from ..io import MANIFEST, RowGroupWriter, open_stage, code_hash, finish_stage, fingerprint, read_json
+from ..io import MANIFEST, RowGroupWriter, open_stage, code_closure, finish_stage, fingerprint, read_json
 from ..parts import MapParts
 from ..rows import ROWS_FILE, _IdSet, remove_spills
 from ..schema import CONDITION_SEP, NORMALIZED_FULL_SCHEMA, REMOVAL_SCHEMA, check_condition, parse_condition
@@ -529,7 +529,7 @@ def run(ingest_dir: str | os.PathLike, output_dir: str | os.PathLike, sources: l
             raise FileNotFoundError(f"normalize: no ingested data for source '{name}' ({p}); run ingest first")
     params = {"sources": [s.model_dump() for s in sources], "cfg": cfg.model_dump()}
     ingest_warnings = _ingest_warnings(ingest_dir, {s.name for s in sources})
-    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), {**params, "ingest_warnings": ingest_warnings},
+    fp = fingerprint(STAGE, code_closure(sys.modules[__name__]), {**params, "ingest_warnings": ingest_warnings},
                      {k: str(v) for k, v in inputs.items()})
     out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:

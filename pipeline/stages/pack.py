@@ -648,7 +648,7 @@ def run(
             raise FileNotFoundError(f"pack: {f} not found")
     params = {"cfg": cfg.model_dump()}
     inputs = {"tokenized": tokenized_dir, "mix": mix_dir}
-    fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
+    fp = io.fingerprint(STAGE, io.code_closure(sys.modules[__name__]), params, inputs)
     out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done

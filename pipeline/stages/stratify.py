@@ -25,7 +25,7 @@ from ..config import StratumRule
 from tqdm import tqdm
 
 from .. import budget
-from ..io import ROW_GROUP, RowGroupWriter, open_stage, code_hash, file_record, finish_stage, fingerprint
+from ..io import ROW_GROUP, RowGroupWriter, open_stage, code_closure, file_record, finish_stage, fingerprint
 from ..io import write_json, write_parquet
 from ..rows import ROWS_FILE, RowReader, resolve_rows_path
 from ..schema import NORMALIZED_FIELDS, REMOVAL_SCHEMA, STRATIFIED_SCHEMA
@@ -86,7 +86,7 @@ def run(input_path: str | os.PathLike, output_dir: str | os.PathLike, rules: lis
     out = Path(output_dir)
     src_file = resolve_rows_path(input_path)
     params = {"rules": [r.model_dump() for r in rules], "source_order": source_order}
-    fp = fingerprint(STAGE, code_hash(sys.modules[__name__]), params, {"rows": str(src_file)})
+    fp = fingerprint(STAGE, code_closure(sys.modules[__name__]), params, {"rows": str(src_file)})
     out, done = open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done

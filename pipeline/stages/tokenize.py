@@ -622,7 +622,7 @@ def run(
     local = _local_pretrained_file(cfg)
     if local is not None:
         inputs["pretrained"] = local
-    fp = io.fingerprint(STAGE, io.code_hash(sys.modules[__name__]), params, inputs)
+    fp = io.fingerprint(STAGE, io.code_closure(sys.modules[__name__]), params, inputs)
     out, done = io.open_stage(output_dir, fp, versioned=versioned, force=force)
     if done is not None:
         return done

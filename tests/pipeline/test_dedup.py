@@ -203,6 +203,32 @@ def test_idempotent_rerun_returns_manifest_without_recomputing(planted, monkeypa
         dedup.run(planted["input"], out, DedupConfig(threshold=0.7), progress=False)
 
 
+def test_a_change_to_shared_code_is_a_new_run(planted, tmp_path, monkeypatch):
+    """The fingerprint covers the pipeline modules the stage uses (io.code_modules), not only its own:
+    an edited row reader or Parquet writer never returns an older run's outputs as done."""
+    import inspect
+    import shutil
+
+    from pipeline import io, parquet_parallel
+
+    names = {m.__name__ for m in io.code_modules(dedup)}
+    assert {"pipeline.rows", "pipeline.parquet_parallel", "pipeline.minhash", "pipeline.stages.dedup_ooc",
+            "pipeline.io", "pipeline.config"} <= names
+    out = tmp_path / "out"
+    shutil.copytree(planted["out"], out)
+    cfg = DedupConfig(workers=1)
+    assert dedup.run(planted["input"], out, cfg, progress=False)["counts"] == planted["manifest"]["counts"]
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(dedup, "RowReader", boom)
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda o: real(o) + ("\n# edited" if o is parquet_parallel else ""))
+    with pytest.raises(AssertionError, match="recomputed"):
+        dedup.run(planted["input"], out, cfg, progress=False)
+
+
 def test_deterministic_across_runs_and_workers(tmp_path, monkeypatch):
     rows = gsm8k_rows(3000)
     rows += [{**r, "id": f"copy/{i}", "response": r["response"] + " Done."} for i, r in enumerate(rows[:200:7])]
