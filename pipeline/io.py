@@ -199,7 +199,8 @@ def code_modules(*modules: Any, package: str = "pipeline") -> list[Any]:
             continue
         seen[m.__name__] = m
         for v in list(vars(m).values()):
-            dep = v if inspect.ismodule(v) else _sys.modules.get(getattr(v, "__module__", None) or "")
+            name = getattr(v, "__module__", None)
+            dep = v if inspect.ismodule(v) else _sys.modules.get(name) if isinstance(name, str) else None
             if dep is not None and dep.__name__.split(".")[0] == package and dep.__name__ not in seen:
                 if getattr(dep, "__file__", None):  # (a package's __init__ counts; a namespace has no file)
                     todo.append(dep)
