@@ -32,15 +32,18 @@ os.umask(_UMASK)
 TIMING = "timing.json"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+def _file_hash(path: str | os.PathLike, h: Any, chunk: int = 1 << 20) -> str:
+    """`h` (a hashlib-style object) fed the file's bytes, read into one reused buffer; its hexdigest."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    return _file_hash(path, hashlib.sha256(), chunk)
 
 
 def sha256_json(obj: Any) -> str:
@@ -220,13 +223,7 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     tens of GB pays at every start."""
     import xxhash
 
-    h = xxhash.xxh3_128()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return "xxh3_128:" + h.hexdigest()
+    return "xxh3_128:" + _file_hash(path, xxhash.xxh3_128(), chunk)
 
 
 def content_hash(path: str | os.PathLike) -> str:

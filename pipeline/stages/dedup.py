@@ -321,14 +321,14 @@ class _EagerSignatures:
 
     PENDING = 2  # parts waiting per worker before the reader waits for the oldest
 
-    def __init__(self, texts: Path, sig_dir: Path, cfg: DedupConfig, key: str, pool: ProcessPoolExecutor | None = None):
+    def __init__(self, texts: Path, sig_dir: Path, cfg: DedupConfig, key: str):
         self.texts, self.sig_dir, self.key = texts, sig_dir, key
         self.workers = cfg.workers
         self.job = dict(num_perm=cfg.num_perm, ngram=cfg.ngram, seed=cfg.seed, lowercase=cfg.lowercase)
         self.pieces: list[tuple[int, int]] = []  # (offset, bytes) of the current part's record batches
         self.buffered = 0
         self.parts = 0
-        self.pool = pool  # (started by the caller, or at the first part)
+        self.pool: ProcessPoolExecutor | None = None  # started at the first part
         self.pending: list = []
         self.active = True
         sig_dir.mkdir(parents=True, exist_ok=True)
