@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .io import replace_dir
+from .io import replace_dir, sha256_file
 
 INDEX = "_files.json"  # a published folder's file list, uploaded last: the folder exists when it does
 BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
@@ -170,14 +170,6 @@ def sha256_url(url: str) -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _download(url: str, dst: Path) -> str:
     """Stream URL into DST; returns the sha256 of the bytes written."""
     fs, path = fs_for(url)
@@ -205,7 +197,7 @@ def tree_index(local_dir: str | os.PathLike) -> dict:
         rel = f.relative_to(root).as_posix()
         if not f.is_file() or rel == INDEX or any(part.startswith(".") for part in Path(rel).parts):
             continue
-        files[rel] = {"sha256": _sha256_file(f), "bytes": f.stat().st_size}
+        files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
     return {"format": 1, "files": files}
 
 
@@ -262,7 +254,7 @@ def local_matches(local_dir: Path, index: dict) -> bool:
         return False
     for rel, rec in index["files"].items():
         f = local_dir / rel
-        if not f.is_file() or f.stat().st_size != rec["bytes"] or _sha256_file(f) != rec["sha256"]:
+        if not f.is_file() or f.stat().st_size != rec["bytes"] or sha256_file(f) != rec["sha256"]:
             return False
     return True
 
